@@ -1,0 +1,383 @@
+//! The lowered graph IR: what one architecture computes for one concrete
+//! `config.json`. Every attribute here is a concrete number; symbolic
+//! expressions were evaluated during lowering.
+//!
+//! Activations are 2-D `[tokens, width]` row-major tensors. Head-structured
+//! ops (`rope`, per-head `rms_norm`, `attention`) view the width as
+//! `heads × head_dim`.
+
+use std::fmt;
+
+/// Every op kind the spec language knows. Drivers report which they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum OpKind {
+    Embedding,
+    Linear,
+    RmsNorm,
+    Rope,
+    Attention,
+    Add,
+    Mul,
+    Scale,
+    Glu,
+    Activation,
+    Softcap,
+    Split,
+    Moe,
+    GatedDeltaNet,
+    Mamba2,
+    MlaAttention,
+}
+
+impl OpKind {
+    pub const ALL: [OpKind; 16] = [
+        OpKind::Embedding,
+        OpKind::Linear,
+        OpKind::RmsNorm,
+        OpKind::Rope,
+        OpKind::Attention,
+        OpKind::Add,
+        OpKind::Mul,
+        OpKind::Scale,
+        OpKind::Glu,
+        OpKind::Activation,
+        OpKind::Softcap,
+        OpKind::Split,
+        OpKind::Moe,
+        OpKind::GatedDeltaNet,
+        OpKind::Mamba2,
+        OpKind::MlaAttention,
+    ];
+
+    /// The name used in spec files (`op = "rms_norm"`).
+    pub fn spec_name(self) -> &'static str {
+        match self {
+            OpKind::Embedding => "embedding",
+            OpKind::Linear => "linear",
+            OpKind::RmsNorm => "rms_norm",
+            OpKind::Rope => "rope",
+            OpKind::Attention => "attention",
+            OpKind::Add => "add",
+            OpKind::Mul => "mul",
+            OpKind::Scale => "scale",
+            OpKind::Glu => "glu",
+            OpKind::Activation => "activation",
+            OpKind::Softcap => "softcap",
+            OpKind::Split => "split",
+            OpKind::Moe => "moe",
+            OpKind::GatedDeltaNet => "gated_delta_net",
+            OpKind::Mamba2 => "mamba2",
+            OpKind::MlaAttention => "mla_attention",
+        }
+    }
+
+    pub fn from_spec_name(name: &str) -> Option<OpKind> {
+        OpKind::ALL.into_iter().find(|k| k.spec_name() == name)
+    }
+}
+
+impl fmt::Display for OpKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.spec_name())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbeddingAttrs {
+    pub vocab: usize,
+    pub hidden: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinearAttrs {
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+/// `y = x / rms(x) * (offset + w)`, computed independently over each group of
+/// `group` consecutive features (`group == width` for a plain norm,
+/// `group == head_dim` for per-head q/k norms).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RmsNormAttrs {
+    pub width: usize,
+    pub group: usize,
+    pub eps: f32,
+    pub offset: f32,
+}
+
+/// Which features a rotation pairs up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Feature `j` pairs with `j + rotary_dim/2` (GPT-NeoX / HF `rotate_half`).
+    Half,
+    /// Feature `2j` pairs with `2j + 1` (GPT-J / llama.cpp's GGUF layout).
+    Interleaved,
+}
+
+/// Frequency scaling schemes, parsed from `rope_scaling` / `rope_parameters`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    Linear {
+        factor: f64,
+    },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position: f64,
+    },
+    Yarn {
+        factor: f64,
+        original_max_position: f64,
+        beta_fast: f64,
+        beta_slow: f64,
+        mscale: f64,
+        mscale_all_dim: f64,
+    },
+    LongRope {
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        original_max_position: f64,
+        max_position: f64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeAttrs {
+    pub heads: usize,
+    pub head_dim: usize,
+    pub rotary_dim: usize,
+    pub theta: f64,
+    pub scaling: RopeScaling,
+    pub style: RopeStyle,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionAttrs {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub v_head_dim: usize,
+    pub scale: f32,
+    /// Sliding window: a query at position p sees keys at positions > p - window.
+    pub window: Option<usize>,
+    pub softcap: Option<f32>,
+    /// Index of this op's KV cache slot among all attention ops of the model.
+    pub cache_slot: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScaleAttrs {
+    pub factor: f32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActivationFn {
+    Silu,
+    Gelu,
+    GeluTanh,
+    Relu,
+    Relu2,
+    Sigmoid,
+}
+
+impl ActivationFn {
+    pub fn from_spec_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "silu" => Self::Silu,
+            "gelu" => Self::Gelu,
+            "gelu_tanh" => Self::GeluTanh,
+            "relu" => Self::Relu,
+            "relu2" => Self::Relu2,
+            "sigmoid" => Self::Sigmoid,
+            _ => return None,
+        })
+    }
+    pub fn spec_name(self) -> &'static str {
+        match self {
+            Self::Silu => "silu",
+            Self::Gelu => "gelu",
+            Self::GeluTanh => "gelu_tanh",
+            Self::Relu => "relu",
+            Self::Relu2 => "relu2",
+            Self::Sigmoid => "sigmoid",
+        }
+    }
+    pub const NAMES: [&'static str; 6] = ["silu", "gelu", "gelu_tanh", "relu", "relu2", "sigmoid"];
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActivationAttrs {
+    pub func: ActivationFn,
+    pub width: usize,
+}
+
+/// `out = act(gate) * up`; with `limit`, the clamped SwiGLU of GPT-OSS.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GluAttrs {
+    pub func: ActivationFn,
+    pub width: usize,
+    pub limit: Option<f32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SoftcapAttrs {
+    pub cap: f32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SplitAttrs {
+    pub sizes: Vec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ElementwiseAttrs {
+    pub width: usize,
+}
+
+/// A concrete attribute value of a composite op.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttrValue {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Str(String),
+    List(Vec<AttrValue>),
+}
+
+/// Attributes of composite ops (`moe`, `gated_delta_net`, `mamba2`,
+/// `mla_attention`) in spec order; which keys each op needs is checked
+/// during lowering (see `ops.rs`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CompositeAttrs {
+    pub attrs: Vec<(String, AttrValue)>,
+}
+
+impl CompositeAttrs {
+    pub fn get(&self, key: &str) -> Option<&AttrValue> {
+        self.attrs.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+}
+
+// ------------------------------------------------------------- the model graph
+
+use crate::value::Value;
+
+/// One architecture bound to one config: the graph a driver runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Model {
+    pub arch: String,
+    pub spec_path: String,
+    /// Every parameter's bound value, in declaration order.
+    pub params: Vec<(String, Value)>,
+    pub hidden: usize,
+    pub vocab: usize,
+    pub prologue: Vec<Node>,
+    pub layers: Vec<Layer>,
+    pub epilogue: Vec<Node>,
+    /// One entry per attention op, in execution order.
+    pub kv_slots: Vec<KvSlot>,
+}
+
+impl Model {
+    pub fn param(&self, name: &str) -> Option<&Value> {
+        self.params.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
+    /// Every node of the model, in execution order.
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.prologue
+            .iter()
+            .chain(self.layers.iter().flat_map(|l| l.nodes.iter()))
+            .chain(self.epilogue.iter())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Layer {
+    pub index: usize,
+    /// Name and position of the `[[layer]]` block this layer instantiates.
+    pub block: String,
+    pub block_index: usize,
+    pub nodes: Vec<Node>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvSlot {
+    pub layer: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub v_head_dim: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    pub op: NodeOp,
+    /// False when the op's `if` evaluated to false: it passes its input on.
+    pub enabled: bool,
+    pub inputs: Vec<String>,
+    pub outputs: Vec<String>,
+    pub weights: Vec<WeightBinding>,
+    pub out_widths: Vec<usize>,
+    /// `spec.toml:line:col` of the op, for messages.
+    pub origin: String,
+}
+
+impl Node {
+    pub fn kind(&self) -> OpKind {
+        self.op.kind()
+    }
+    pub fn weight(&self, key: &str) -> Option<&WeightBinding> {
+        self.weights.iter().find(|w| w.key == key)
+    }
+}
+
+/// A weight an op uses: its tensor name in the checkpoint (None when the
+/// weight's `if` is false) and the shape the op requires (None where the op
+/// does not fix it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightBinding {
+    pub key: String,
+    pub name: Option<String>,
+    /// The name with the layer index left as `{i}`, for display.
+    pub template: Option<String>,
+    pub shape: Option<Vec<usize>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeOp {
+    Embedding(EmbeddingAttrs),
+    Linear(LinearAttrs),
+    RmsNorm(RmsNormAttrs),
+    Rope(RopeAttrs),
+    Attention(AttentionAttrs),
+    Add(ElementwiseAttrs),
+    Mul(ElementwiseAttrs),
+    Scale(ScaleAttrs),
+    Glu(GluAttrs),
+    Activation(ActivationAttrs),
+    Softcap(SoftcapAttrs),
+    Split(SplitAttrs),
+    Composite(OpKind, CompositeAttrs),
+}
+
+impl NodeOp {
+    pub fn kind(&self) -> OpKind {
+        match self {
+            NodeOp::Embedding(_) => OpKind::Embedding,
+            NodeOp::Linear(_) => OpKind::Linear,
+            NodeOp::RmsNorm(_) => OpKind::RmsNorm,
+            NodeOp::Rope(_) => OpKind::Rope,
+            NodeOp::Attention(_) => OpKind::Attention,
+            NodeOp::Add(_) => OpKind::Add,
+            NodeOp::Mul(_) => OpKind::Mul,
+            NodeOp::Scale(_) => OpKind::Scale,
+            NodeOp::Glu(_) => OpKind::Glu,
+            NodeOp::Activation(_) => OpKind::Activation,
+            NodeOp::Softcap(_) => OpKind::Softcap,
+            NodeOp::Split(_) => OpKind::Split,
+            NodeOp::Composite(k, _) => *k,
+        }
+    }
+}

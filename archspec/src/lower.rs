@@ -1,0 +1,475 @@
+//! Lowering: a validated spec plus bound parameters become the concrete
+//! graph IR (`ir::Model`): every attribute evaluated, every activation's
+//! width known, every weight named with the shape its op needs.
+
+use std::collections::HashMap;
+
+use crate::bind::{bind, eval_expr, BindError};
+use crate::ir::*;
+use crate::spec::{AttrValue, OpDecl, Section, Spec, SpecExpr};
+use crate::validate::LAYER_INDEX;
+use crate::value::Value;
+
+/// Binds `spec` to `config` and lowers it.
+pub fn lower(spec: &Spec, config: &serde_json::Value, config_path: &str) -> Result<Model, BindError> {
+    let bindings = bind(spec, config, config_path)?;
+    let params: Vec<(String, Value)> = bindings.values.iter().map(|(n, v, _)| (n.clone(), v.clone())).collect();
+    let param_map: HashMap<String, Value> = params.iter().cloned().collect();
+    let get_usize = |name: &str| -> Result<usize, BindError> {
+        match param_map.get(name).and_then(Value::as_i64) {
+            Some(v) if v > 0 => Ok(v as usize),
+            _ => Err(BindError(format!(
+                "{config_path}: parameter `{name}` must be a positive integer, found {}",
+                param_map.get(name).map(|v| v.to_string()).unwrap_or_default()
+            ))),
+        }
+    };
+    let hidden = get_usize("hidden")?;
+    let vocab = get_usize("vocab")?;
+    let layers = get_usize("layers")?;
+    let mut lw = Lowerer {
+        spec,
+        params: &param_map,
+        layer: None,
+        kv_slots: Vec::new(),
+    };
+    let prologue = lw.section(&spec.prologue, &mut HashMap::new())?;
+    let mut layer_list = Vec::with_capacity(layers);
+    for i in 0..layers {
+        lw.layer = Some(i);
+        let (block_index, block) = lw.select_block(i)?;
+        let mut widths = HashMap::from([("x".to_string(), hidden)]);
+        let nodes = lw.section(block, &mut widths)?;
+        layer_list.push(Layer {
+            index: i,
+            block: block.name.clone(),
+            block_index,
+            nodes,
+        });
+    }
+    lw.layer = None;
+    let epilogue = lw.section(&spec.epilogue, &mut HashMap::from([("x".to_string(), hidden)]))?;
+    let logits_width = epilogue
+        .iter()
+        .rev()
+        .find_map(|n| n.outputs.iter().position(|o| o == "logits").map(|p| n.out_widths[p]));
+    if logits_width != Some(vocab) {
+        return Err(BindError(format!(
+            "{}: the epilogue's `logits` has width {:?}, expected vocab = {vocab}",
+            spec.source.path, logits_width
+        )));
+    }
+    Ok(Model {
+        arch: spec.name.clone(),
+        spec_path: spec.source.path.clone(),
+        params,
+        hidden,
+        vocab,
+        prologue,
+        layers: layer_list,
+        epilogue,
+        kv_slots: lw.kv_slots,
+    })
+}
+
+struct Lowerer<'a> {
+    spec: &'a Spec,
+    params: &'a HashMap<String, Value>,
+    layer: Option<usize>,
+    kv_slots: Vec<KvSlot>,
+}
+
+impl<'a> Lowerer<'a> {
+    fn lookup(&self, name: &str) -> Option<Value> {
+        if name == LAYER_INDEX {
+            return self.layer.map(|i| Value::Int(i as i64));
+        }
+        self.params.get(name).cloned()
+    }
+
+    fn eval(&self, e: &SpecExpr, what: &str) -> Result<Value, BindError> {
+        let what = match self.layer {
+            Some(i) => format!("layer {i}: {what}"),
+            None => what.to_string(),
+        };
+        eval_expr(self.spec, e, &|n| self.lookup(n), &what)
+    }
+
+    fn at(&self, span: &std::ops::Range<usize>) -> String {
+        let (line, col) = self.spec.source.line_col(span.start);
+        format!("{}:{line}:{col}", self.spec.source.path)
+    }
+
+    fn fail<T>(&self, op: &OpDecl, msg: impl std::fmt::Display) -> Result<T, BindError> {
+        let layer = self.layer.map(|i| format!(" (layer {i})")).unwrap_or_default();
+        Err(BindError(format!("{}: `{}`{layer}: {msg}", self.at(&op.span), op.kind)))
+    }
+
+    fn select_block(&self, i: usize) -> Result<(usize, &'a Section), BindError> {
+        let mut matches = Vec::new();
+        for (bi, block) in self.spec.layers.iter().enumerate() {
+            let selected = match &block.when {
+                None => true,
+                Some(e) => match self.eval(e, &format!("`when` of layer block `{}`", block.name))?.truthy() {
+                    Some(b) => b,
+                    None => {
+                        return Err(BindError(format!(
+                            "{}: `when` must be a bool expression",
+                            self.at(&e.span)
+                        )))
+                    }
+                },
+            };
+            if selected {
+                matches.push((bi, block));
+            }
+        }
+        match matches.len() {
+            1 => Ok(matches[0]),
+            0 => Err(BindError(format!(
+                "{}: layer {i} matches no [[layer]] block (check the blocks' `when` against the config)",
+                self.spec.source.path
+            ))),
+            _ => Err(BindError(format!(
+                "{}: layer {i} matches several [[layer]] blocks: {}",
+                self.spec.source.path,
+                matches.iter().map(|(_, b)| format!("`{}`", b.name)).collect::<Vec<_>>().join(", ")
+            ))),
+        }
+    }
+
+    fn section(&mut self, s: &Section, widths: &mut HashMap<String, usize>) -> Result<Vec<Node>, BindError> {
+        let mut nodes = Vec::with_capacity(s.ops.len());
+        for op in &s.ops {
+            let node = self.op(s, op, widths)?;
+            for (name, w) in node.outputs.iter().zip(&node.out_widths) {
+                widths.insert(name.clone(), *w);
+            }
+            nodes.push(node);
+        }
+        Ok(nodes)
+    }
+
+    // ---------------------------------------------------------- attributes
+
+    fn attr(&self, op: &OpDecl, key: &str) -> Result<Option<Value>, BindError> {
+        match op.attr(key) {
+            Some(AttrValue::Expr(e)) => Ok(Some(self.eval(e, &format!("`{key}` of `{}`", op.kind))?)),
+            Some(AttrValue::Name(n)) => Ok(Some(Value::Str(n.value.clone()))),
+            Some(AttrValue::List(items)) => Ok(Some(Value::List(
+                items
+                    .iter()
+                    .map(|e| self.eval(e, &format!("`{key}` of `{}`", op.kind)))
+                    .collect::<Result<_, _>>()?,
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    fn usize_attr(&self, op: &OpDecl, key: &str, default: Option<usize>) -> Result<usize, BindError> {
+        match self.attr(op, key)? {
+            Some(v) => match v.as_i64() {
+                Some(n) if n > 0 => Ok(n as usize),
+                _ => self.fail(op, format!("`{key}` must be a positive integer, found {v}")),
+            },
+            None => match default {
+                Some(d) => Ok(d),
+                None => self.fail(op, format!("missing `{key}`")),
+            },
+        }
+    }
+
+    fn f64_attr(&self, op: &OpDecl, key: &str, default: Option<f64>) -> Result<f64, BindError> {
+        match self.attr(op, key)? {
+            Some(v) => match v.as_f64() {
+                Some(x) => Ok(x),
+                None => self.fail(op, format!("`{key}` must be a number, found {v}")),
+            },
+            None => match default {
+                Some(d) => Ok(d),
+                None => self.fail(op, format!("missing `{key}`")),
+            },
+        }
+    }
+
+    /// A number that may be null/absent (`window`, `softcap`).
+    fn opt_f64_attr(&self, op: &OpDecl, key: &str) -> Result<Option<f64>, BindError> {
+        match self.attr(op, key)? {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(x) => Ok(Some(x)),
+                None => self.fail(op, format!("`{key}` must be a number or null, found {v}")),
+            },
+        }
+    }
+
+    fn name_attr(&self, op: &OpDecl, key: &str, default: &str) -> String {
+        match op.attr(key) {
+            Some(AttrValue::Name(n)) => n.value.clone(),
+            _ => default.to_string(),
+        }
+    }
+
+    // ---------------------------------------------------------- weights
+
+    fn weight(&self, s: &Section, op: &OpDecl, key: &str, shape: Option<Vec<usize>>) -> Result<WeightBinding, BindError> {
+        let Some(w) = op.weight(key) else {
+            return Ok(WeightBinding { key: key.into(), name: None, template: None, shape });
+        };
+        if let Some(cond) = &w.cond {
+            let v = self.eval(cond, &format!("`if` of weight `{key}`"))?;
+            if v.truthy() != Some(true) {
+                return Ok(WeightBinding { key: key.into(), name: None, template: None, shape });
+            }
+        }
+        if let (Some(to), Some(cond)) = (&w.tied_to, &w.tied_if) {
+            if self.eval(cond, &format!("`tied_if` of weight `{key}`"))?.truthy() == Some(true) {
+                return Ok(WeightBinding {
+                    key: key.into(),
+                    name: Some(to.value.clone()),
+                    template: Some(to.value.clone()),
+                    shape,
+                });
+            }
+        }
+        let template = match &s.prefix {
+            Some(p) => format!("{p}.{}", w.name.value),
+            None => w.name.value.clone(),
+        };
+        let name = match self.layer {
+            Some(i) => template.replace("{i}", &i.to_string()),
+            None => template.clone(),
+        };
+        Ok(WeightBinding { key: key.into(), name: Some(name), template: Some(template), shape })
+    }
+
+    // ---------------------------------------------------------- ops
+
+    fn op(&mut self, s: &Section, op: &OpDecl, widths: &HashMap<String, usize>) -> Result<Node, BindError> {
+        let enabled = match &op.cond {
+            Some(c) => self.eval(c, &format!("`if` of `{}`", op.kind))?.truthy() == Some(true),
+            None => true,
+        };
+        let inputs: Vec<String> = op.inputs.iter().flat_map(|(_, names)| names.iter().map(|n| n.value.clone())).collect();
+        let in_widths: Vec<usize> = inputs.iter().map(|n| widths[n.as_str()]).collect();
+        let outputs: Vec<String> = op.outputs.iter().map(|o| o.value.clone()).collect();
+        let origin = self.at(&op.span);
+        let w0 = in_widths.first().copied().unwrap_or(0);
+        if !enabled {
+            // Validation guarantees a conditional op maps `in` to itself.
+            return Ok(Node {
+                op: self.disabled_op(op, w0),
+                enabled,
+                inputs,
+                outputs,
+                weights: Vec::new(),
+                out_widths: vec![w0],
+                origin,
+            });
+        }
+        let mut weights = Vec::new();
+        let (node_op, out_widths) = match op.kind {
+            OpKind::Embedding => {
+                let vocab = self.usize_attr(op, "vocab", self.params.get("vocab").and_then(Value::as_i64).map(|v| v as usize))?;
+                let hidden = self.usize_attr(op, "hidden", self.params.get("hidden").and_then(Value::as_i64).map(|v| v as usize))?;
+                weights.push(self.weight(s, op, "weight", Some(vec![vocab, hidden]))?);
+                (NodeOp::Embedding(EmbeddingAttrs { vocab, hidden }), vec![hidden])
+            }
+            OpKind::Linear => {
+                let features = self.usize_attr(op, "features", None)?;
+                weights.push(self.weight(s, op, "weight", Some(vec![features, w0]))?);
+                weights.push(self.weight(s, op, "bias", Some(vec![features]))?);
+                (NodeOp::Linear(LinearAttrs { in_features: w0, out_features: features }), vec![features])
+            }
+            OpKind::RmsNorm => {
+                let group = self.usize_attr(op, "group", Some(w0))?;
+                if w0 % group != 0 {
+                    return self.fail(op, format!("`group` = {group} does not divide the input width {w0}"));
+                }
+                let eps = self.f64_attr(op, "eps", None)? as f32;
+                let offset = self.f64_attr(op, "offset", Some(0.0))? as f32;
+                weights.push(self.weight(s, op, "weight", Some(vec![group]))?);
+                (NodeOp::RmsNorm(RmsNormAttrs { width: w0, group, eps, offset }), vec![w0])
+            }
+            OpKind::Rope => {
+                let head_dim = self.usize_attr(op, "head_dim", None)?;
+                let rotary_dim = self.usize_attr(op, "rotary_dim", Some(head_dim))?;
+                if w0 % head_dim != 0 || rotary_dim > head_dim || rotary_dim % 2 != 0 {
+                    return self.fail(op, format!("input width {w0}, head_dim {head_dim} and rotary_dim {rotary_dim} do not fit (width = heads × head_dim, even rotary_dim ≤ head_dim)"));
+                }
+                let theta = self.f64_attr(op, "theta", None)?;
+                let scaling = match self.attr(op, "scaling")? {
+                    None | Some(Value::Null) => RopeScaling::None,
+                    Some(v) => parse_rope_scaling(&v).or_else(|m| self.fail(op, m))?,
+                };
+                let style = match self.name_attr(op, "style", "half").as_str() {
+                    "interleaved" => RopeStyle::Interleaved,
+                    _ => RopeStyle::Half,
+                };
+                (NodeOp::Rope(RopeAttrs { heads: w0 / head_dim, head_dim, rotary_dim, theta, scaling, style }), vec![w0])
+            }
+            OpKind::Attention => {
+                let heads = self.usize_attr(op, "heads", None)?;
+                let kv_heads = self.usize_attr(op, "kv_heads", None)?;
+                let head_dim = self.usize_attr(op, "head_dim", None)?;
+                let v_head_dim = self.usize_attr(op, "v_head_dim", Some(head_dim))?;
+                let expect = [heads * head_dim, kv_heads * head_dim, kv_heads * v_head_dim];
+                for ((name, got), want) in inputs.iter().zip(&in_widths).zip(expect) {
+                    if *got != want {
+                        return self.fail(op, format!("input `{name}` has width {got}, expected {want} (heads={heads}, kv_heads={kv_heads}, head_dim={head_dim})"));
+                    }
+                }
+                if heads % kv_heads != 0 {
+                    return self.fail(op, format!("heads = {heads} is not a multiple of kv_heads = {kv_heads}"));
+                }
+                let scale = self.f64_attr(op, "scale", Some(1.0 / (head_dim as f64).sqrt()))? as f32;
+                let window = self.opt_f64_attr(op, "window")?.filter(|w| *w > 0.0).map(|w| w as usize);
+                let softcap = self.opt_f64_attr(op, "softcap")?.filter(|c| *c > 0.0).map(|c| c as f32);
+                weights.push(self.weight(s, op, "sinks", Some(vec![heads]))?);
+                let cache_slot = self.kv_slots.len();
+                self.kv_slots.push(KvSlot { layer: self.layer.unwrap_or(0), kv_heads, head_dim, v_head_dim });
+                (
+                    NodeOp::Attention(AttentionAttrs { heads, kv_heads, head_dim, v_head_dim, scale, window, softcap, cache_slot }),
+                    vec![heads * v_head_dim],
+                )
+            }
+            OpKind::Add | OpKind::Mul => {
+                if in_widths[0] != in_widths[1] {
+                    return self.fail(op, format!("inputs have widths {} and {}", in_widths[0], in_widths[1]));
+                }
+                let a = ElementwiseAttrs { width: w0 };
+                (if op.kind == OpKind::Add { NodeOp::Add(a) } else { NodeOp::Mul(a) }, vec![w0])
+            }
+            OpKind::Scale => (NodeOp::Scale(ScaleAttrs { factor: self.f64_attr(op, "factor", None)? as f32 }), vec![w0]),
+            OpKind::Softcap => (NodeOp::Softcap(SoftcapAttrs { cap: self.f64_attr(op, "cap", None)? as f32 }), vec![w0]),
+            OpKind::Glu => {
+                if in_widths[0] != in_widths[1] {
+                    return self.fail(op, format!("`gate` has width {} but `up` has width {}", in_widths[0], in_widths[1]));
+                }
+                let func = ActivationFn::from_spec_name(&self.name_attr(op, "act", "silu")).unwrap_or(ActivationFn::Silu);
+                let limit = self.opt_f64_attr(op, "limit")?.map(|l| l as f32);
+                (NodeOp::Glu(GluAttrs { func, width: w0, limit }), vec![w0])
+            }
+            OpKind::Activation => {
+                let func = ActivationFn::from_spec_name(&self.name_attr(op, "fn", "silu")).unwrap_or(ActivationFn::Silu);
+                (NodeOp::Activation(ActivationAttrs { func, width: w0 }), vec![w0])
+            }
+            OpKind::Split => {
+                let sizes: Vec<usize> = match self.attr(op, "sizes")? {
+                    Some(Value::List(items)) => items
+                        .iter()
+                        .map(|v| v.as_i64().filter(|n| *n > 0).map(|n| n as usize))
+                        .collect::<Option<_>>()
+                        .map_or_else(|| self.fail(op, "`sizes` must be positive integers"), Ok)?,
+                    _ => return self.fail(op, "`sizes` must be a list"),
+                };
+                if sizes.iter().sum::<usize>() != w0 || sizes.len() != outputs.len() {
+                    return self.fail(op, format!("sizes {sizes:?} must sum to the input width {w0} and match the {} outputs", outputs.len()));
+                }
+                (NodeOp::Split(SplitAttrs { sizes: sizes.clone() }), sizes)
+            }
+            OpKind::Moe | OpKind::GatedDeltaNet | OpKind::Mamba2 | OpKind::MlaAttention => {
+                let schema = crate::ops::schema_of(op.kind);
+                let mut attrs = CompositeAttrs::default();
+                for a in schema.attrs {
+                    if let Some(v) = self.attr(op, a.key)? {
+                        attrs.attrs.push((a.key.to_string(), to_attr_value(&v).or_else(|m| self.fail(op, format!("`{}`: {m}", a.key)))?));
+                    }
+                }
+                // Expert weight names keep `{e}` for the driver to expand.
+                for w in schema.weights {
+                    weights.push(self.weight(s, op, w.key, None)?);
+                }
+                let hidden = self.usize_attr(op, "hidden", None)?;
+                if op.kind == OpKind::MlaAttention {
+                    let kv_lora = self.usize_attr(op, "kv_lora_rank", None)?;
+                    let rope = self.usize_attr(op, "qk_rope_head_dim", None)?;
+                    // The latent cache holds one compressed vector plus the
+                    // shared rope key per token, whatever the head count.
+                    let cache_slot = self.kv_slots.len();
+                    self.kv_slots.push(KvSlot { layer: self.layer.unwrap_or(0), kv_heads: 1, head_dim: kv_lora + rope, v_head_dim: 0 });
+                    attrs.attrs.push(("cache_slot".into(), crate::ir::AttrValue::Int(cache_slot as i64)));
+                }
+                (NodeOp::Composite(op.kind, attrs), vec![hidden])
+            }
+        };
+        Ok(Node { op: node_op, enabled, inputs, outputs, weights, out_widths, origin })
+    }
+
+    /// The IR of a skipped conditional op: an identity of the input's width.
+    fn disabled_op(&self, op: &OpDecl, width: usize) -> NodeOp {
+        match op.kind {
+            OpKind::Scale => NodeOp::Scale(ScaleAttrs { factor: 1.0 }),
+            OpKind::Softcap => NodeOp::Softcap(SoftcapAttrs { cap: 0.0 }),
+            OpKind::RmsNorm => NodeOp::RmsNorm(RmsNormAttrs { width, group: width, eps: 0.0, offset: 0.0 }),
+            OpKind::Linear => NodeOp::Linear(LinearAttrs { in_features: width, out_features: width }),
+            kind => NodeOp::Composite(kind, CompositeAttrs::default()),
+        }
+    }
+}
+
+fn to_attr_value(v: &Value) -> Result<crate::ir::AttrValue, String> {
+    use crate::ir::AttrValue as A;
+    Ok(match v {
+        Value::Null => A::List(Vec::new()),
+        Value::Bool(b) => A::Bool(*b),
+        Value::Int(i) => A::Int(*i),
+        Value::Float(f) => A::Float(*f),
+        Value::Str(s) => A::Str(s.clone()),
+        Value::List(items) => A::List(items.iter().map(to_attr_value).collect::<Result<_, _>>()?),
+        Value::Object(o) => A::Str(serde_json::Value::Object(o.clone()).to_string()),
+    })
+}
+
+/// Reads a Hugging Face `rope_scaling` / `rope_parameters` object.
+pub fn parse_rope_scaling(v: &Value) -> Result<RopeScaling, String> {
+    let Value::Object(obj) = v else {
+        return Err(format!("rope scaling must be an object or null, found {v}"));
+    };
+    let kind = obj
+        .get("rope_type")
+        .or_else(|| obj.get("type"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("default");
+    let num = |key: &str| -> Result<f64, String> {
+        obj.get(key)
+            .and_then(|x| x.as_f64())
+            .ok_or_else(|| format!("rope scaling `{kind}` needs a number `{key}`"))
+    };
+    let num_or = |key: &str, d: f64| obj.get(key).and_then(|x| x.as_f64()).unwrap_or(d);
+    let list = |key: &str| -> Result<Vec<f64>, String> {
+        obj.get(key)
+            .and_then(|x| x.as_array())
+            .and_then(|a| a.iter().map(|x| x.as_f64()).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| format!("rope scaling `{kind}` needs a list of numbers `{key}`"))
+    };
+    Ok(match kind {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear { factor: num("factor")? },
+        "llama3" => RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position: num("original_max_position_embeddings")?,
+        },
+        "yarn" => RopeScaling::Yarn {
+            factor: num("factor")?,
+            original_max_position: num("original_max_position_embeddings")?,
+            beta_fast: num_or("beta_fast", 32.0),
+            beta_slow: num_or("beta_slow", 1.0),
+            mscale: num_or("mscale", 1.0),
+            mscale_all_dim: num_or("mscale_all_dim", 0.0),
+        },
+        "longrope" | "su" => RopeScaling::LongRope {
+            short_factor: list("short_factor")?,
+            long_factor: list("long_factor")?,
+            original_max_position: num("original_max_position_embeddings")?,
+            max_position: num_or("max_position_embeddings", 0.0),
+        },
+        other => {
+            return Err(format!(
+                "rope scaling type `{other}` is not supported (supported: default, linear, llama3, yarn, longrope)"
+            ))
+        }
+    })
+}

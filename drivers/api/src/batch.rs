@@ -1,0 +1,78 @@
+//! One forward call's inputs: the tokens of several sequences laid end to
+//! end, with each sequence's positions and KV page table.
+
+/// A contiguous run of tokens of one sequence inside a [`ForwardBatch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqChunk {
+    /// Index of the chunk's first token in `ForwardBatch::tokens`.
+    pub start: usize,
+    pub len: usize,
+    /// Position of the chunk's first token; earlier positions are already in
+    /// the KV pages.
+    pub first_pos: usize,
+    /// Page ids holding this sequence's KV, in position order; must cover
+    /// positions `0 .. first_pos + len`.
+    pub pages: Vec<u32>,
+}
+
+impl SeqChunk {
+    pub fn kv_len(&self) -> usize {
+        self.first_pos + self.len
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ForwardBatch {
+    pub tokens: Vec<u32>,
+    /// Position of every token (same length as `tokens`).
+    pub positions: Vec<u32>,
+    pub seqs: Vec<SeqChunk>,
+}
+
+impl ForwardBatch {
+    /// A batch from per-sequence chunks given as `(tokens, first_pos, pages)`.
+    pub fn new(chunks: Vec<(Vec<u32>, usize, Vec<u32>)>) -> Self {
+        let mut batch = ForwardBatch::default();
+        for (tokens, first_pos, pages) in chunks {
+            let start = batch.tokens.len();
+            let len = tokens.len();
+            batch
+                .positions
+                .extend((first_pos..first_pos + len).map(|p| p as u32));
+            batch.tokens.extend(tokens);
+            batch.seqs.push(SeqChunk {
+                start,
+                len,
+                first_pos,
+                pages,
+            });
+        }
+        batch
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Index of each sequence's last token: the rows whose logits sample the
+    /// next token.
+    pub fn last_rows(&self) -> Vec<usize> {
+        self.seqs.iter().map(|s| s.start + s.len - 1).collect()
+    }
+}
+
+/// Shape of one attention op's cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvSlotShape {
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub v_head_dim: usize,
+}
+
+/// What to allocate for a model's KV cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvLayout {
+    pub page_size: usize,
+    pub num_pages: usize,
+    pub slots: Vec<KvSlotShape>,
+}

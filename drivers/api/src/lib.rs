@@ -1,0 +1,137 @@
+//! The boundary every driver implements and every generated model calls.
+//!
+//! Generated model code (see `pie-codegen`) is a straight-line sequence of
+//! calls on [`Driver`]. A driver owns weight memory and KV pages and runs one
+//! [`ForwardBatch`] — several sequences with ragged token counts, each with
+//! its own page table — per forward call.
+
+mod batch;
+mod tensor;
+
+pub use batch::{ForwardBatch, KvLayout, KvSlotShape, SeqChunk};
+pub use pie_archspec::ir;
+pub use tensor::{DType, TensorView, WeightSource};
+
+use ir::*;
+
+/// What a driver call can fail with. Messages are for users: they name the
+/// tensor, op or limit involved and what was expected.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("op `{op}` is not supported by the `{driver}` driver yet")]
+    Unsupported { op: OpKind, driver: &'static str },
+    #[error("tensor `{name}`: expected shape {expected:?}, found {found:?}")]
+    Shape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("tensor `{name}`: dtype {found} is not supported by the `{driver}` driver (supported: {supported})")]
+    DType {
+        name: String,
+        found: DType,
+        driver: &'static str,
+        supported: &'static str,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = DriverError> = std::result::Result<T, E>;
+
+/// How a loaded weight is used, so a driver can pick its storage
+/// (matrices stay in their file dtype; vectors are widened once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightRole {
+    /// `[rows, cols]` used as `x · Wᵀ` or as an embedding table.
+    Matrix,
+    /// Per-feature parameters: norm weights, biases, sinks.
+    Vector,
+}
+
+/// The op set generated code calls. One method per IR op; composite ops a
+/// driver has not implemented yet default to [`DriverError::Unsupported`],
+/// and the runtime checks [`Driver::supports`] at model load so users see
+/// that error before any work is done.
+pub trait Driver: Send + Sync {
+    /// A weight tensor in driver memory.
+    type Weight: Send + Sync;
+    /// An activation tensor `[tokens, width]`.
+    type Act;
+    /// KV cache pages for every attention op of a model.
+    type Kv;
+
+    fn name(&self) -> &'static str;
+    fn supports(&self, op: OpKind) -> bool;
+
+    /// Copies `view` into driver memory. `expected` is the shape the spec
+    /// requires; a mismatch is a [`DriverError::Shape`].
+    fn load_weight(
+        &self,
+        name: &str,
+        view: &TensorView<'_>,
+        expected: &[usize],
+        role: WeightRole,
+    ) -> Result<Self::Weight>;
+
+    fn new_kv(&self, layout: &KvLayout) -> Result<Self::Kv>;
+
+    fn embedding(
+        &self,
+        table: &Self::Weight,
+        batch: &ForwardBatch,
+        a: &EmbeddingAttrs,
+    ) -> Result<Self::Act>;
+    fn linear(
+        &self,
+        x: &Self::Act,
+        w: &Self::Weight,
+        bias: Option<&Self::Weight>,
+        a: &LinearAttrs,
+    ) -> Result<Self::Act>;
+    fn rms_norm(
+        &self,
+        x: &Self::Act,
+        w: Option<&Self::Weight>,
+        a: &RmsNormAttrs,
+    ) -> Result<Self::Act>;
+    fn rope(&self, x: &Self::Act, batch: &ForwardBatch, a: &RopeAttrs) -> Result<Self::Act>;
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        q: &Self::Act,
+        k: &Self::Act,
+        v: &Self::Act,
+        sinks: Option<&Self::Weight>,
+        kv: &mut Self::Kv,
+        batch: &ForwardBatch,
+        a: &AttentionAttrs,
+    ) -> Result<Self::Act>;
+    fn add(&self, x: &Self::Act, y: &Self::Act, a: &ElementwiseAttrs) -> Result<Self::Act>;
+    fn mul(&self, x: &Self::Act, y: &Self::Act, a: &ElementwiseAttrs) -> Result<Self::Act>;
+    fn scale(&self, x: &Self::Act, a: &ScaleAttrs) -> Result<Self::Act>;
+    fn glu(&self, gate: &Self::Act, up: &Self::Act, a: &GluAttrs) -> Result<Self::Act>;
+    fn activation(&self, x: &Self::Act, a: &ActivationAttrs) -> Result<Self::Act>;
+    fn softcap(&self, x: &Self::Act, a: &SoftcapAttrs) -> Result<Self::Act>;
+    fn split(&self, x: &Self::Act, a: &SplitAttrs) -> Result<Vec<Self::Act>>;
+
+    /// Composite ops: attributes and weights as the spec named them.
+    fn composite(
+        &self,
+        op: OpKind,
+        _inputs: &[&Self::Act],
+        _weights: &[Option<&Self::Weight>],
+        _a: &CompositeAttrs,
+        _kv: &mut Self::Kv,
+        _batch: &ForwardBatch,
+    ) -> Result<Self::Act> {
+        Err(DriverError::Unsupported {
+            op,
+            driver: self.name(),
+        })
+    }
+
+    /// Copies the given token rows of `x` (a `[tokens, vocab]` logits
+    /// activation) to host memory, row after row.
+    fn read_rows(&self, x: &Self::Act, rows: &[usize]) -> Result<Vec<f32>>;
+}
