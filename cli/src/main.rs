@@ -1,1 +1,43 @@
-fn main() {}
+//! `pie`: spec tools (`pie spec check|show|codegen`) and running models
+//! (`pie logits`, `pie generate`).
+
+mod model_cmds;
+mod spec_cmds;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "pie", version, about = "Specialized LLM inference engines from declarative architecture specs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check, inspect and compile architecture specs.
+    #[command(subcommand)]
+    Spec(spec_cmds::SpecCommand),
+    /// Print the logits of every position of a token sequence.
+    Logits(model_cmds::LogitsArgs),
+    /// Generate text or token ids from a prompt.
+    Generate(model_cmds::GenerateArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Spec(cmd) => spec_cmds::run(cmd),
+        Command::Logits(args) => model_cmds::logits(args),
+        Command::Generate(args) => model_cmds::generate(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -6,6 +6,7 @@
 //! its own page table — per forward call.
 
 mod batch;
+pub mod loader;
 mod tensor;
 
 pub use batch::{ForwardBatch, KvLayout, KvSlotShape, SeqChunk};
@@ -134,4 +135,10 @@ pub trait Driver: Send + Sync {
     /// Copies the given token rows of `x` (a `[tokens, vocab]` logits
     /// activation) to host memory, row after row.
     fn read_rows(&self, x: &Self::Act, rows: &[usize]) -> Result<Vec<f32>>;
+}
+
+/// A loaded model of any architecture, as the runtime drives it.
+pub trait ModelForward<D: Driver>: Send + Sync {
+    /// Logits (`[tokens, vocab]`) for every token of `batch`.
+    fn forward(&self, d: &D, kv: &mut D::Kv, batch: &ForwardBatch) -> Result<D::Act>;
 }

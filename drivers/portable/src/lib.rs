@@ -1,1 +1,171 @@
+//! The portable CPU driver: the correctness reference and the embedded
+//! default. Activations are f32; weights stay in their file dtype (f32,
+//! bf16, f16) and are widened inside the matmul kernels.
 
+mod attention;
+mod elementwise;
+mod kv;
+mod rope;
+mod tensor;
+
+use pie_driver::ir::*;
+use pie_driver::{
+    Driver, DriverError, ForwardBatch, KvLayout, Result, TensorView, WeightRole,
+};
+
+pub use kv::KvCache;
+pub use tensor::{Act, Weight};
+
+/// The portable driver. Stateless apart from its configuration; weights and
+/// KV pages live in the values it hands out.
+#[derive(Debug, Clone, Default)]
+pub struct PortableDriver;
+
+impl PortableDriver {
+    pub fn new() -> Self {
+        PortableDriver
+    }
+}
+
+/// Ops this driver runs. Composite ops (MoE, Gated DeltaNet, Mamba2, MLA)
+/// come with their own issues; until then models using them are refused at
+/// load.
+const SUPPORTED: [OpKind; 12] = [
+    OpKind::Embedding,
+    OpKind::Linear,
+    OpKind::RmsNorm,
+    OpKind::Rope,
+    OpKind::Attention,
+    OpKind::Add,
+    OpKind::Mul,
+    OpKind::Scale,
+    OpKind::Glu,
+    OpKind::Activation,
+    OpKind::Softcap,
+    OpKind::Split,
+];
+
+impl Driver for PortableDriver {
+    type Weight = Weight;
+    type Act = Act;
+    type Kv = KvCache;
+
+    fn name(&self) -> &'static str {
+        "portable"
+    }
+
+    fn supports(&self, op: OpKind) -> bool {
+        SUPPORTED.contains(&op)
+    }
+
+    fn load_weight(
+        &self,
+        name: &str,
+        view: &TensorView<'_>,
+        expected: &[usize],
+        role: WeightRole,
+    ) -> Result<Weight> {
+        Weight::from_view(name, view, expected, role)
+    }
+
+    fn new_kv(&self, layout: &KvLayout) -> Result<KvCache> {
+        KvCache::new(layout)
+    }
+
+    fn embedding(&self, table: &Weight, batch: &ForwardBatch, a: &EmbeddingAttrs) -> Result<Act> {
+        if let Some(&bad) = batch.tokens.iter().find(|&&t| t as usize >= a.vocab) {
+            return Err(DriverError::Invalid(format!(
+                "token id {bad} is out of range: the model's vocabulary has {} tokens (ids 0..={})",
+                a.vocab,
+                a.vocab - 1
+            )));
+        }
+        let mut out = Act::zeros(batch.tokens.len(), a.hidden);
+        pie_kernels::gather_rows(table.matrix(), a.hidden, &batch.tokens, &mut out.data);
+        Ok(out)
+    }
+
+    fn linear(&self, x: &Act, w: &Weight, bias: Option<&Weight>, a: &LinearAttrs) -> Result<Act> {
+        x.expect_width(a.in_features, "linear")?;
+        let mut out = Act::zeros(x.rows, a.out_features);
+        pie_kernels::matmul(&x.data, x.rows, a.in_features, w.matrix(), a.out_features, &mut out.data);
+        if let Some(b) = bias {
+            elementwise::add_bias(&mut out, b.vector());
+        }
+        Ok(out)
+    }
+
+    fn rms_norm(&self, x: &Act, w: Option<&Weight>, a: &RmsNormAttrs) -> Result<Act> {
+        x.expect_width(a.width, "rms_norm")?;
+        Ok(elementwise::rms_norm(x, w.map(Weight::vector), a))
+    }
+
+    fn rope(&self, x: &Act, batch: &ForwardBatch, a: &RopeAttrs) -> Result<Act> {
+        x.expect_width(a.heads * a.head_dim, "rope")?;
+        rope::apply(x, &batch.positions, a)
+    }
+
+    fn attention(
+        &self,
+        q: &Act,
+        k: &Act,
+        v: &Act,
+        sinks: Option<&Weight>,
+        kv: &mut KvCache,
+        batch: &ForwardBatch,
+        a: &AttentionAttrs,
+    ) -> Result<Act> {
+        attention::paged_attention(q, k, v, sinks.map(Weight::vector), kv, batch, a)
+    }
+
+    fn add(&self, x: &Act, y: &Act, a: &ElementwiseAttrs) -> Result<Act> {
+        elementwise::zip(x, y, a.width, |p, q| p + q)
+    }
+
+    fn mul(&self, x: &Act, y: &Act, a: &ElementwiseAttrs) -> Result<Act> {
+        elementwise::zip(x, y, a.width, |p, q| p * q)
+    }
+
+    fn scale(&self, x: &Act, a: &ScaleAttrs) -> Result<Act> {
+        Ok(elementwise::map(x, |v| v * a.factor))
+    }
+
+    fn glu(&self, gate: &Act, up: &Act, a: &GluAttrs) -> Result<Act> {
+        if a.limit.is_some() {
+            return Err(DriverError::Invalid(
+                "glu with `limit` (clamped SwiGLU) is not implemented by the portable driver yet".into(),
+            ));
+        }
+        let f = elementwise::activation_fn(a.func);
+        elementwise::zip(gate, up, a.width, |g, u| f(g) * u)
+    }
+
+    fn activation(&self, x: &Act, a: &ActivationAttrs) -> Result<Act> {
+        let f = elementwise::activation_fn(a.func);
+        Ok(elementwise::map(x, f))
+    }
+
+    fn softcap(&self, x: &Act, a: &SoftcapAttrs) -> Result<Act> {
+        let cap = a.cap;
+        Ok(elementwise::map(x, |v| (v / cap).tanh() * cap))
+    }
+
+    fn split(&self, x: &Act, a: &SplitAttrs) -> Result<Vec<Act>> {
+        x.expect_width(a.sizes.iter().sum(), "split")?;
+        Ok(elementwise::split(x, &a.sizes))
+    }
+
+    fn read_rows(&self, x: &Act, rows: &[usize]) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(rows.len() * x.width);
+        for &r in rows {
+            if r >= x.rows {
+                return Err(DriverError::Invalid(format!(
+                    "row {r} requested from an activation of {} rows",
+                    x.rows
+                )));
+            }
+            out.extend_from_slice(x.row(r));
+        }
+        Ok(out)
+    }
+}

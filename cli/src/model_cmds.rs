@@ -1,0 +1,137 @@
+//! `pie logits` and `pie generate`: load a model directory and run it on the
+//! portable driver.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use pie_driver_portable::PortableDriver;
+use pie_runtime::chat_template::ChatMessage;
+use pie_runtime::sampling::Sampler;
+use pie_runtime::{Engine, LoadOptions};
+
+#[derive(Args)]
+pub struct ModelArgs {
+    /// A Hugging Face model directory (config.json + safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// Tokens per KV cache page.
+    #[arg(long, default_value_t = 32)]
+    kv_page_size: usize,
+}
+
+#[derive(Args)]
+pub struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Comma-separated token ids.
+    #[arg(long, value_delimiter = ',', required = true)]
+    ids: Vec<u32>,
+    /// Print `{"ids": [...], "logits": [[...], ...]}`.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Comma-separated prompt token ids.
+    #[arg(long, value_delimiter = ',', conflicts_with = "prompt", required_unless_present = "prompt")]
+    ids: Option<Vec<u32>>,
+    /// Prompt text (needs tokenizer.json in the model directory).
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Wrap the prompt as a user message with the model's chat template.
+    #[arg(long, requires = "prompt")]
+    chat: bool,
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print `{"ids": [generated ids], "text": "..."}`.
+    #[arg(long)]
+    json: bool,
+}
+
+fn load(args: &ModelArgs) -> Result<Engine<PortableDriver>, String> {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("loading {bar:30} {pos}/{len} tensors {msg}")
+            .expect("valid template"),
+    );
+    let progress = |done: usize, total: usize, name: &str| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        bar.set_message(name.to_string());
+    };
+    let opts = LoadOptions { page_size: args.kv_page_size };
+    let engine = Engine::load(&args.model, PortableDriver::new(), &opts, Some(&progress));
+    bar.finish_and_clear();
+    engine.map_err(|e| e.to_string())
+}
+
+pub fn logits(args: LogitsArgs) -> Result<(), String> {
+    let mut engine = load(&args.model)?;
+    let rows = engine.prompt_logits(std::slice::from_ref(&args.ids)).map_err(|e| e.to_string())?.remove(0);
+    if args.json {
+        let out = serde_json::json!({ "ids": args.ids, "logits": rows });
+        println!("{out}");
+    } else {
+        for (pos, (id, row)) in args.ids.iter().zip(&rows).enumerate() {
+            let best = pie_runtime::sampling::argmax(row);
+            println!("position {pos}: input {id} -> argmax {best} (logit {:.4})", row[best as usize]);
+        }
+    }
+    Ok(())
+}
+
+pub fn generate(args: GenerateArgs) -> Result<(), String> {
+    let mut engine = load(&args.model)?;
+    let prompt_ids = match (&args.ids, &args.prompt) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(text)) => {
+            let tokenizer = engine.tokenizer.as_ref().ok_or_else(|| {
+                format!("{}: no tokenizer.json; pass --ids instead of --prompt", args.model.model.display())
+            })?;
+            if args.chat {
+                let template = engine.chat_template.as_ref().ok_or_else(|| {
+                    format!("{}: no chat template in tokenizer_config.json or chat_template.jinja", args.model.model.display())
+                })?;
+                let rendered = template
+                    .render(&[ChatMessage { role: "user".into(), content: text.clone() }], true)
+                    .map_err(|e| e.to_string())?;
+                tokenizer.encode(&rendered, false).map_err(|e| e.to_string())?
+            } else {
+                tokenizer.encode(text, true).map_err(|e| e.to_string())?
+            }
+        }
+        (None, None) => unreachable!("clap requires --ids or --prompt"),
+    };
+    let sampler = Sampler { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
+    let ids = engine.generate(&[prompt_ids], args.max_tokens, &sampler).map_err(|e| e.to_string())?.remove(0);
+    let text = match &engine.tokenizer {
+        Some(t) => Some(t.decode(&ids, true).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    if args.json {
+        let mut out = serde_json::json!({ "ids": ids });
+        if let Some(text) = text {
+            out["text"] = serde_json::Value::String(text);
+        }
+        println!("{out}");
+    } else {
+        match text {
+            Some(text) => println!("{text}"),
+            None => println!("{}", ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,314 @@
+//! Code for one spec section (prologue, a `[[layer]]` block, epilogue): a
+//! struct holding its weights and op attributes, its loader and its forward.
+
+use proc_macro2::{Ident, TokenStream};
+use quote::{format_ident, quote};
+
+use pie_archspec::ir::OpKind;
+use pie_archspec::ops::schema_of;
+use pie_archspec::spec::{OpDecl, Section};
+
+use crate::naming::{weight_field, Names};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Prologue,
+    Layer,
+    Epilogue,
+}
+
+/// A weight an op reads, as a struct field.
+struct WeightField {
+    key: &'static str,
+    field: Ident,
+    /// `Option<Arc<W>>` (conditional) rather than `Arc<W>`.
+    optional: bool,
+    doc: String,
+}
+
+struct OpGen<'a> {
+    index: usize,
+    decl: &'a OpDecl,
+    attrs: Ident,
+    weights: Vec<WeightField>,
+}
+
+pub struct SectionGen<'a> {
+    pub ty: Ident,
+    role: Role,
+    section: &'a Section,
+    ops: Vec<OpGen<'a>>,
+}
+
+impl<'a> SectionGen<'a> {
+    pub fn new(section: &'a Section, ty: &str, role: Role) -> Self {
+        let mut names = Names::default();
+        let ops = section
+            .ops
+            .iter()
+            .enumerate()
+            .map(|(index, decl)| {
+                let attrs = format_ident!("{}", names.unique(format!("n{index}_{}", decl.kind.spec_name())));
+                let schema = schema_of(decl.kind);
+                let weights = schema
+                    .weights
+                    .iter()
+                    .filter_map(|ws| {
+                        let wref = decl.weight(ws.key)?;
+                        let field = names.unique(weight_field(&wref.name.value));
+                        Some(WeightField {
+                            key: ws.key,
+                            field: format_ident!("{field}"),
+                            optional: decl.cond.is_some() || wref.cond.is_some(),
+                            doc: match &section.prefix {
+                                Some(p) => format!("`{p}.{}`", wref.name.value),
+                                None => format!("`{}`", wref.name.value),
+                            },
+                        })
+                    })
+                    .collect();
+                OpGen { index, decl, attrs, weights }
+            })
+            .collect();
+        SectionGen { ty: format_ident!("{ty}"), role, section, ops }
+    }
+
+    pub fn items(&self) -> TokenStream {
+        let ty = &self.ty;
+        let doc = match self.role {
+            Role::Prologue => "Ops before the first layer.".to_string(),
+            Role::Epilogue => "Ops after the last layer, ending in the logits.".to_string(),
+            Role::Layer => format!("Layer block `{}`.", self.section.name),
+        };
+        let fields = self.ops.iter().flat_map(|op| {
+            let attrs = &op.attrs;
+            let attr_ty = attr_type(op.decl.kind);
+            let attr_field = if op.decl.cond.is_some() {
+                quote!(pub #attrs: Option<#attr_ty>,)
+            } else {
+                quote!(pub #attrs: #attr_ty,)
+            };
+            let weights = op.weights.iter().map(|w| {
+                let (f, d) = (&w.field, &w.doc);
+                if w.optional {
+                    quote!(#[doc = #d] pub #f: Option<Arc<D::Weight>>,)
+                } else {
+                    quote!(#[doc = #d] pub #f: Arc<D::Weight>,)
+                }
+            });
+            std::iter::once(attr_field).chain(weights).collect::<Vec<_>>()
+        });
+        let load = self.load_fn();
+        let forward = self.forward_fn();
+        quote! {
+            #[doc = #doc]
+            pub struct #ty<D: Driver> {
+                #(#fields)*
+            }
+            impl<D: Driver> #ty<D> {
+                #load
+                #forward
+            }
+        }
+    }
+
+    fn load_fn(&self) -> TokenStream {
+        let steps = self.ops.iter().map(|op| {
+            let i = op.index;
+            let attrs = &op.attrs;
+            let getter = attr_getter(op.decl.kind);
+            let weights = op.weights.iter().map(|w| {
+                let (f, key) = (&w.field, w.key);
+                if w.optional {
+                    quote!(let #f = if enabled { store.optional(n, #key)? } else { None };)
+                } else {
+                    quote!(let #f = store.required(n, #key)?;)
+                }
+            });
+            let attr_value = if op.decl.cond.is_some() {
+                quote!(if enabled { Some(#getter) } else { None })
+            } else {
+                getter
+            };
+            quote! {
+                let n = loader::node(nodes, #i, section)?;
+                let enabled = n.enabled;
+                let #attrs = #attr_value;
+                #(#weights)*
+            }
+        });
+        let names = self.ops.iter().flat_map(|op| {
+            std::iter::once(op.attrs.clone()).chain(op.weights.iter().map(|w| w.field.clone()))
+        });
+        quote! {
+            pub fn load(store: &mut WeightStore<'_, D>, nodes: &[ir::Node], section: &str) -> Result<Self> {
+                #(#steps)*
+                Ok(Self { #(#names),* })
+            }
+        }
+    }
+
+    fn forward_fn(&self) -> TokenStream {
+        let body = self.ops.iter().map(|op| self.op_call(op));
+        let result = match self.role {
+            Role::Epilogue => format_ident!("logits"),
+            _ => format_ident!("x"),
+        };
+        match self.role {
+            Role::Prologue => quote! {
+                pub fn forward(&self, d: &D, kv: &mut D::Kv, batch: &ForwardBatch) -> Result<D::Act> {
+                    let l = self;
+                    #(#body)*
+                    Ok(#result)
+                }
+            },
+            _ => quote! {
+                pub fn forward(&self, d: &D, kv: &mut D::Kv, batch: &ForwardBatch, x: D::Act) -> Result<D::Act> {
+                    let l = self;
+                    #(#body)*
+                    Ok(#result)
+                }
+            },
+        }
+    }
+
+    /// `let out = d.op(inputs, weights, &attrs)?;` for one op.
+    fn op_call(&self, op: &OpGen) -> TokenStream {
+        let decl = op.decl;
+        let conditional = decl.cond.is_some();
+        let attrs_field = &op.attrs;
+        let a = if conditional { quote!(a) } else { quote!(&l.#attrs_field) };
+        let input = |key: &str, n: usize| -> TokenStream {
+            let name = format_ident!("{}", decl.input(key)[n].value);
+            quote!(&#name)
+        };
+        let weight = |key: &str| -> TokenStream {
+            match op.weights.iter().find(|w| w.key == key) {
+                None => quote!(None),
+                Some(w) if w.optional && conditional => {
+                    let (f, d) = (&w.field, &w.doc);
+                    quote!(Some(&*loader::present(&l.#f, #d)?))
+                }
+                Some(w) if w.optional => {
+                    let f = &w.field;
+                    quote!(l.#f.as_deref())
+                }
+                Some(w) => {
+                    let f = &w.field;
+                    quote!(Some(&*l.#f))
+                }
+            }
+        };
+        // A weight the op cannot run without: `&W`, or an error naming it
+        // when a conditional left it unloaded.
+        let required = |key: &str| -> TokenStream {
+            match op.weights.iter().find(|w| w.key == key) {
+                Some(w) if w.optional => {
+                    let (f, d) = (&w.field, &w.doc);
+                    quote!(&*loader::present(&l.#f, #d)?)
+                }
+                Some(w) => {
+                    let f = &w.field;
+                    quote!(&l.#f)
+                }
+                None => unreachable!("the parser rejects ops without their required weights"),
+            }
+        };
+        let call = match decl.kind {
+            OpKind::Embedding => {
+                let w = required("weight");
+                quote!(d.embedding(#w, batch, #a)?)
+            }
+            OpKind::Linear => {
+                let (x, w, b) = (input("in", 0), required("weight"), weight("bias"));
+                quote!(d.linear(#x, #w, #b, #a)?)
+            }
+            OpKind::RmsNorm => {
+                let (x, w) = (input("in", 0), weight("weight"));
+                quote!(d.rms_norm(#x, #w, #a)?)
+            }
+            OpKind::Rope => {
+                let x = input("in", 0);
+                quote!(d.rope(#x, batch, #a)?)
+            }
+            OpKind::Attention => {
+                let (q, k, v, s) = (input("q", 0), input("k", 0), input("v", 0), weight("sinks"));
+                quote!(d.attention(#q, #k, #v, #s, kv, batch, #a)?)
+            }
+            OpKind::Add | OpKind::Mul => {
+                let method = format_ident!("{}", decl.kind.spec_name());
+                let (x, y) = (input("in", 0), input("in", 1));
+                quote!(d.#method(#x, #y, #a)?)
+            }
+            OpKind::Scale | OpKind::Softcap | OpKind::Activation => {
+                let method = format_ident!("{}", decl.kind.spec_name());
+                let x = input("in", 0);
+                quote!(d.#method(#x, #a)?)
+            }
+            OpKind::Glu => {
+                let (g, u) = (input("gate", 0), input("up", 0));
+                quote!(d.glu(#g, #u, #a)?)
+            }
+            OpKind::Split => {
+                let x = input("in", 0);
+                let outs = decl.outputs.iter().map(|o| format_ident!("{}", o.value));
+                // A split binds several names; it cannot be conditional
+                // (validation requires conditional ops to map in to out).
+                return quote! {
+                    let mut parts = d.split(#x, #a)?.into_iter();
+                    #( let #outs = loader::next_part(&mut parts)?; )*
+                };
+            }
+            OpKind::Moe | OpKind::GatedDeltaNet | OpKind::Mamba2 | OpKind::MlaAttention => {
+                let kind = format_ident!("{}", format!("{:?}", decl.kind));
+                let x = input("in", 0);
+                let weights = schema_of(decl.kind).weights.iter().map(|ws| weight(ws.key));
+                quote!(d.composite(ir::OpKind::#kind, &[#x], &[#(#weights),*], #a, kv, batch)?)
+            }
+        };
+        let out = format_ident!("{}", decl.outputs[0].value);
+        if conditional {
+            let passthrough = format_ident!("{}", decl.input("in")[0].value);
+            quote! {
+                let #out = match &l.#attrs_field {
+                    Some(a) => #call,
+                    None => #passthrough,
+                };
+            }
+        } else {
+            quote!(let #out = #call;)
+        }
+    }
+}
+
+fn attr_type(kind: OpKind) -> TokenStream {
+    match kind {
+        OpKind::Embedding => quote!(ir::EmbeddingAttrs),
+        OpKind::Linear => quote!(ir::LinearAttrs),
+        OpKind::RmsNorm => quote!(ir::RmsNormAttrs),
+        OpKind::Rope => quote!(ir::RopeAttrs),
+        OpKind::Attention => quote!(ir::AttentionAttrs),
+        OpKind::Add | OpKind::Mul => quote!(ir::ElementwiseAttrs),
+        OpKind::Scale => quote!(ir::ScaleAttrs),
+        OpKind::Glu => quote!(ir::GluAttrs),
+        OpKind::Activation => quote!(ir::ActivationAttrs),
+        OpKind::Softcap => quote!(ir::SoftcapAttrs),
+        OpKind::Split => quote!(ir::SplitAttrs),
+        OpKind::Moe | OpKind::GatedDeltaNet | OpKind::Mamba2 | OpKind::MlaAttention => {
+            quote!(ir::CompositeAttrs)
+        }
+    }
+}
+
+fn attr_getter(kind: OpKind) -> TokenStream {
+    match kind {
+        OpKind::Moe | OpKind::GatedDeltaNet | OpKind::Mamba2 | OpKind::MlaAttention => {
+            let k = format_ident!("{}", format!("{:?}", kind));
+            quote!(loader::composite_attrs(n, ir::OpKind::#k)?)
+        }
+        other => {
+            let f = format_ident!("{}_attrs", other.spec_name());
+            quote!(loader::#f(n)?)
+        }
+    }
+}

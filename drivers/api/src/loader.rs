@@ -1,0 +1,143 @@
+//! Support code for generated model loaders: fetches each weight once
+//! (tied weights share one copy), checks its shape, and pulls each node's
+//! attributes out of the IR with a clear error if code and IR disagree.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use pie_archspec::ir::{Node, NodeOp, WeightBinding};
+
+use crate::{Driver, DriverError, Result, WeightRole, WeightSource};
+
+pub struct WeightStore<'a, D: Driver> {
+    driver: &'a D,
+    source: &'a dyn WeightSource,
+    loaded: HashMap<String, Arc<D::Weight>>,
+    /// Called after each tensor is loaded (progress display).
+    on_load: Option<&'a dyn Fn(&str)>,
+}
+
+impl<'a, D: Driver> WeightStore<'a, D> {
+    pub fn new(driver: &'a D, source: &'a dyn WeightSource) -> Self {
+        WeightStore {
+            driver,
+            source,
+            loaded: HashMap::new(),
+            on_load: None,
+        }
+    }
+
+    pub fn with_progress(mut self, on_load: &'a dyn Fn(&str)) -> Self {
+        self.on_load = Some(on_load);
+        self
+    }
+
+    /// The weight `key` of `node`; None when the spec made it absent.
+    pub fn optional(&mut self, node: &Node, key: &str) -> Result<Option<Arc<D::Weight>>> {
+        let Some(binding) = node.weight(key) else {
+            return Ok(None);
+        };
+        let Some(name) = &binding.name else {
+            return Ok(None);
+        };
+        if let Some(w) = self.loaded.get(name) {
+            return Ok(Some(w.clone()));
+        }
+        let view = self.source.tensor(name).map_err(DriverError::Invalid)?;
+        let shape = expected_shape(binding, view.shape);
+        let role = if shape.len() == 1 {
+            WeightRole::Vector
+        } else {
+            WeightRole::Matrix
+        };
+        let w = Arc::new(self.driver.load_weight(name, &view, &shape, role)?);
+        if let Some(cb) = self.on_load {
+            cb(name);
+        }
+        self.loaded.insert(name.clone(), w.clone());
+        Ok(Some(w))
+    }
+
+    /// The weight `key` of `node`, which the spec says must exist.
+    pub fn required(&mut self, node: &Node, key: &str) -> Result<Arc<D::Weight>> {
+        self.optional(node, key)?.ok_or_else(|| {
+            DriverError::Invalid(format!(
+                "{}: op `{}` needs weight `{key}`, but the spec left it out for this config",
+                node.origin,
+                node.kind()
+            ))
+        })
+    }
+}
+
+/// The shape the op requires, or the file's shape where the op leaves it
+/// open (composite ops check their own).
+fn expected_shape(binding: &WeightBinding, found: &[usize]) -> Vec<usize> {
+    binding.shape.clone().unwrap_or_else(|| found.to_vec())
+}
+
+/// Unwraps a conditional op's weight inside its enabled branch.
+pub fn present<W>(w: &Option<Arc<W>>, what: &str) -> Result<Arc<W>> {
+    w.clone()
+        .ok_or_else(|| DriverError::Invalid(format!("weight `{what}` was not loaded")))
+}
+
+/// The next output of a `split`.
+pub fn next_part<A>(parts: &mut std::vec::IntoIter<A>) -> Result<A> {
+    parts
+        .next()
+        .ok_or_else(|| DriverError::Invalid("split produced fewer parts than declared".into()))
+}
+
+/// Error for generated code meeting an IR node of another kind.
+pub fn mismatch(node: &Node, expected: &str) -> DriverError {
+    DriverError::Invalid(format!(
+        "{}: generated code expects `{expected}` but the IR has `{}` (rebuild after changing the spec)",
+        node.origin,
+        node.kind()
+    ))
+}
+
+/// Attribute extractors used by generated loaders, one per IR op.
+macro_rules! attrs_getter {
+    ($fn:ident, $variant:ident, $ty:ty, $name:literal) => {
+        pub fn $fn(node: &Node) -> Result<$ty> {
+            match &node.op {
+                NodeOp::$variant(a) => Ok(a.clone()),
+                _ => Err(mismatch(node, $name)),
+            }
+        }
+    };
+}
+
+use pie_archspec::ir;
+attrs_getter!(embedding_attrs, Embedding, ir::EmbeddingAttrs, "embedding");
+attrs_getter!(linear_attrs, Linear, ir::LinearAttrs, "linear");
+attrs_getter!(rms_norm_attrs, RmsNorm, ir::RmsNormAttrs, "rms_norm");
+attrs_getter!(rope_attrs, Rope, ir::RopeAttrs, "rope");
+attrs_getter!(attention_attrs, Attention, ir::AttentionAttrs, "attention");
+attrs_getter!(add_attrs, Add, ir::ElementwiseAttrs, "add");
+attrs_getter!(mul_attrs, Mul, ir::ElementwiseAttrs, "mul");
+attrs_getter!(scale_attrs, Scale, ir::ScaleAttrs, "scale");
+attrs_getter!(glu_attrs, Glu, ir::GluAttrs, "glu");
+attrs_getter!(activation_attrs, Activation, ir::ActivationAttrs, "activation");
+attrs_getter!(softcap_attrs, Softcap, ir::SoftcapAttrs, "softcap");
+attrs_getter!(split_attrs, Split, ir::SplitAttrs, "split");
+
+pub fn composite_attrs(node: &Node, kind: ir::OpKind) -> Result<ir::CompositeAttrs> {
+    match &node.op {
+        NodeOp::Composite(k, a) if *k == kind => Ok(a.clone()),
+        _ => Err(mismatch(node, kind.spec_name())),
+    }
+}
+
+/// The node at `index` of a section, or an error if the IR is shorter than
+/// the generated code expects.
+pub fn node<'n>(nodes: &'n [Node], index: usize, section: &str) -> Result<&'n Node> {
+    nodes.get(index).ok_or_else(|| {
+        DriverError::Invalid(format!(
+            "{section}: generated code expects op #{index}, the IR has {} ops (rebuild after changing the spec)",
+            nodes.len()
+        ))
+    })
+}

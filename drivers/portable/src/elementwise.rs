@@ -1,0 +1,136 @@
+//! Row-wise and elementwise ops.
+
+use pie_driver::ir::{ActivationFn, RmsNormAttrs};
+use pie_driver::{DriverError, Result};
+use rayon::prelude::*;
+
+use crate::tensor::Act;
+
+/// Below this many elements an op runs on one thread: splitting costs more.
+const PAR_MIN_ELEMS: usize = 1 << 14;
+
+pub fn rms_norm(x: &Act, w: Option<&[f32]>, a: &RmsNormAttrs) -> Act {
+    let mut out = x.clone();
+    let g = a.group;
+    let norm_group = |chunk: &mut [f32]| {
+        let ms = chunk.iter().map(|v| v * v).sum::<f32>() / g as f32;
+        let inv = 1.0 / (ms + a.eps).sqrt();
+        match w {
+            Some(w) => chunk
+                .iter_mut()
+                .zip(w)
+                .for_each(|(v, wi)| *v = *v * inv * (a.offset + wi)),
+            // Without a weight the norm has no learned scale.
+            None => chunk.iter_mut().for_each(|v| *v *= inv),
+        }
+    };
+    if out.data.len() >= PAR_MIN_ELEMS {
+        out.data.par_chunks_mut(g).for_each(norm_group);
+    } else {
+        out.data.chunks_mut(g).for_each(norm_group);
+    }
+    out
+}
+
+pub fn add_bias(x: &mut Act, bias: &[f32]) {
+    for row in x.data.chunks_mut(x.width) {
+        row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+    }
+}
+
+pub fn zip(x: &Act, y: &Act, width: usize, f: impl Fn(f32, f32) -> f32 + Sync) -> Result<Act> {
+    if x.width != width || y.width != width || x.rows != y.rows {
+        return Err(DriverError::Invalid(format!(
+            "elementwise op on [{}, {}] and [{}, {}] (expected width {width})",
+            x.rows, x.width, y.rows, y.width
+        )));
+    }
+    let data = if x.data.len() >= PAR_MIN_ELEMS {
+        x.data.par_iter().zip(&y.data).map(|(a, b)| f(*a, *b)).collect()
+    } else {
+        x.data.iter().zip(&y.data).map(|(a, b)| f(*a, *b)).collect()
+    };
+    Ok(Act { data, rows: x.rows, width })
+}
+
+pub fn map(x: &Act, f: impl Fn(f32) -> f32 + Sync) -> Act {
+    let data = if x.data.len() >= PAR_MIN_ELEMS {
+        x.data.par_iter().map(|v| f(*v)).collect()
+    } else {
+        x.data.iter().map(|v| f(*v)).collect()
+    };
+    Act { data, rows: x.rows, width: x.width }
+}
+
+pub fn split(x: &Act, sizes: &[usize]) -> Vec<Act> {
+    let mut parts: Vec<Act> = sizes.iter().map(|&s| Act::zeros(x.rows, s)).collect();
+    for r in 0..x.rows {
+        let mut start = 0;
+        for p in parts.iter_mut() {
+            let w = p.width;
+            p.data[r * w..(r + 1) * w].copy_from_slice(&x.row(r)[start..start + w]);
+            start += w;
+        }
+    }
+    parts
+}
+
+pub fn activation_fn(f: ActivationFn) -> fn(f32) -> f32 {
+    match f {
+        ActivationFn::Silu => |v| v / (1.0 + (-v).exp()),
+        ActivationFn::Gelu => |v| 0.5 * v * (1.0 + erf(v / std::f32::consts::SQRT_2)),
+        ActivationFn::GeluTanh => |v| {
+            const C: f32 = 0.797_884_6; // sqrt(2/pi)
+            0.5 * v * (1.0 + (C * (v + 0.044_715 * v * v * v)).tanh())
+        },
+        ActivationFn::Relu => |v| v.max(0.0),
+        ActivationFn::Relu2 => |v| {
+            let r = v.max(0.0);
+            r * r
+        },
+        ActivationFn::Sigmoid => |v| 1.0 / (1.0 + (-v).exp()),
+    }
+}
+
+/// erf with |error| < 1.2e-7 (Numerical Recipes' erfc Chebyshev fit),
+/// accurate enough for exact GELU in f32.
+fn erf(x: f32) -> f32 {
+    let x = x as f64;
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let r = t * (-z * z - 1.265_512_23
+        + t * (1.000_023_68
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_203_98
+                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
+        .exp();
+    let erf = 1.0 - r;
+    (if x >= 0.0 { erf } else { -erf }) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn erf_matches_known_values() {
+        for (x, want) in [(0.0f32, 0.0f32), (0.5, 0.520_499_9), (1.0, 0.842_700_8), (-2.0, -0.995_322_3)] {
+            assert!((erf(x) - want).abs() < 1e-6, "erf({x})");
+        }
+    }
+
+    #[test]
+    fn rms_norm_groups_and_offset() {
+        let x = Act { data: vec![1.0, 3.0, 2.0, 2.0], rows: 1, width: 4 };
+        let a = RmsNormAttrs { width: 4, group: 2, eps: 0.0, offset: 1.0 };
+        let out = rms_norm(&x, Some(&[0.0, 1.0]), &a);
+        let r = (5.0f32).sqrt();
+        let want = [1.0 / r, 3.0 / r * 2.0, 1.0, 2.0];
+        for (o, w) in out.data.iter().zip(want) {
+            assert!((o - w).abs() < 1e-6);
+        }
+    }
+}

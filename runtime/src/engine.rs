@@ -1,0 +1,218 @@
+//! A loaded model ready to run: architecture chosen from `config.json`, spec
+//! lowered against it, ops checked against the driver, weights loaded, and a
+//! KV cache sized for the work at hand.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use pie_driver::loader::WeightStore;
+use pie_driver::{ir, Driver, ForwardBatch, KvLayout, KvSlotShape, ModelForward};
+
+use crate::chat_template::ChatTemplate;
+use crate::error::PieError;
+use crate::model_dir::ModelFiles;
+use crate::registry;
+use crate::safetensors_source::SafetensorsSource;
+use crate::sampling::{self, Rng, Sampler};
+use crate::tokenizer::Tokenizer;
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Tokens per KV page.
+    pub page_size: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { page_size: 32 }
+    }
+}
+
+/// Progress callback: `(weights loaded, total, tensor name)`.
+pub type Progress<'a> = &'a dyn Fn(usize, usize, &str);
+
+pub struct Engine<D: Driver> {
+    pub driver: D,
+    pub arch: &'static str,
+    pub ir: ir::Model,
+    model: Box<dyn ModelForward<D>>,
+    kv: Option<(D::Kv, usize)>,
+    page_size: usize,
+    pub tokenizer: Option<Tokenizer>,
+    pub chat_template: Option<ChatTemplate>,
+    pub stop_ids: Vec<u32>,
+}
+
+impl<D: Driver + 'static> Engine<D> {
+    pub fn load(dir: &Path, driver: D, opts: &LoadOptions, progress: Option<Progress<'_>>) -> Result<Self, PieError> {
+        let files = ModelFiles::open(dir)?;
+        let config_path = dir.join("config.json").display().to_string();
+        let model_type = files.model_type().to_string();
+        let arch = registry::find_by_model_type::<D>(&model_type).ok_or_else(|| {
+            let known: BTreeSet<&str> = registry::architectures::<D>()
+                .iter()
+                .flat_map(|a| a.hf_model_types.iter().copied())
+                .collect();
+            PieError::UnsupportedModelType {
+                config: config_path.clone(),
+                model_type: model_type.clone(),
+                known: known.into_iter().collect::<Vec<_>>().join(", "),
+            }
+        })?;
+        let spec = pie_archspec::parse(arch.spec_path, arch.spec_text)?;
+        let ir = pie_archspec::lower(&spec, &files.config, &config_path)?;
+        check_driver_support(&driver, &ir)?;
+
+        let source = SafetensorsSource::open(dir)?;
+        let total = count_weights(&ir);
+        let loaded = std::cell::Cell::new(0usize);
+        let report = |name: &str| {
+            loaded.set(loaded.get() + 1);
+            if let Some(p) = progress {
+                p(loaded.get(), total, name);
+            }
+        };
+        let model = {
+            let mut store = WeightStore::new(&driver, &source).with_progress(&report);
+            (arch.load)(&mut store, &ir)?
+        };
+        let tokenizer = Tokenizer::load(dir)?;
+        let chat_template = ChatTemplate::load(dir)?;
+        let stop_ids = files.stop_token_ids();
+        Ok(Engine {
+            driver,
+            arch: arch.name,
+            ir,
+            model,
+            kv: None,
+            page_size: opts.page_size.max(1),
+            tokenizer,
+            chat_template,
+            stop_ids,
+        })
+    }
+
+    /// A KV cache of at least `pages` pages (reallocated only to grow).
+    fn kv(&mut self, pages: usize) -> Result<&mut D::Kv, PieError> {
+        if self.kv.as_ref().is_none_or(|(_, have)| *have < pages) {
+            let layout = KvLayout {
+                page_size: self.page_size,
+                num_pages: pages,
+                slots: self
+                    .ir
+                    .kv_slots
+                    .iter()
+                    .map(|s| KvSlotShape { kv_heads: s.kv_heads, head_dim: s.head_dim, v_head_dim: s.v_head_dim })
+                    .collect(),
+            };
+            self.kv = Some((self.driver.new_kv(&layout)?, pages));
+        }
+        Ok(&mut self.kv.as_mut().expect("allocated above").0)
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<(), PieError> {
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.ir.vocab) {
+            return Err(PieError::Input(format!(
+                "token id {bad} is out of range: the model's vocabulary has {} tokens (ids 0..={})",
+                self.ir.vocab,
+                self.ir.vocab - 1
+            )));
+        }
+        Ok(())
+    }
+
+    /// Logits for every position of each prompt, all prompts run as one
+    /// ragged batch with their own page tables.
+    pub fn prompt_logits(&mut self, prompts: &[Vec<u32>]) -> Result<Vec<Vec<Vec<f32>>>, PieError> {
+        let (batch, _) = self.prefill_batch(prompts, 0)?;
+        let vocab = self.ir.vocab;
+        let rows: Vec<usize> = (0..batch.num_tokens()).collect();
+        let flat = self.run(&batch, &rows)?;
+        Ok(batch
+            .seqs
+            .iter()
+            .map(|s| (s.start..s.start + s.len).map(|r| flat[r * vocab..(r + 1) * vocab].to_vec()).collect())
+            .collect())
+    }
+
+    /// Generates up to `max_tokens` for each prompt, decoding all sequences
+    /// together; a sequence stops at a stop token (which is included).
+    pub fn generate(&mut self, prompts: &[Vec<u32>], max_tokens: usize, sampler: &Sampler) -> Result<Vec<Vec<u32>>, PieError> {
+        let (mut batch, pages) = self.prefill_batch(prompts, max_tokens)?;
+        let mut rngs: Vec<Rng> = (0..prompts.len()).map(|i| Rng::new(sampler.seed.wrapping_add(i as u64))).collect();
+        let mut out = vec![Vec::new(); prompts.len()];
+        let mut live: Vec<usize> = (0..prompts.len()).collect();
+        let vocab = self.ir.vocab;
+        while !live.is_empty() && max_tokens > 0 {
+            let rows = batch.last_rows();
+            let logits = self.run(&batch, &rows)?;
+            let mut next = Vec::new();
+            for (k, &seq) in live.iter().enumerate() {
+                let token = sampling::sample(&logits[k * vocab..(k + 1) * vocab], sampler, &mut rngs[seq]);
+                out[seq].push(token);
+                if out[seq].len() < max_tokens && !self.stop_ids.contains(&token) {
+                    next.push((seq, token));
+                }
+            }
+            live = next.iter().map(|(s, _)| *s).collect();
+            batch = ForwardBatch::new(
+                next.iter()
+                    .map(|&(seq, token)| (vec![token], prompts[seq].len() + out[seq].len() - 1, pages[seq].clone()))
+                    .collect(),
+            );
+        }
+        Ok(out)
+    }
+
+    /// A batch holding every prompt whole, with pages reserved for
+    /// `extra` more tokens per sequence.
+    fn prefill_batch(&mut self, prompts: &[Vec<u32>], extra: usize) -> Result<(ForwardBatch, Vec<Vec<u32>>), PieError> {
+        if prompts.iter().any(|p| p.is_empty()) {
+            return Err(PieError::Input("empty prompt: give at least one token".into()));
+        }
+        for p in prompts {
+            self.check_ids(p)?;
+        }
+        let mut next_page = 0u32;
+        let pages: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| {
+                let n = (p.len() + extra).div_ceil(self.page_size) as u32;
+                let pages = (next_page..next_page + n).collect();
+                next_page += n;
+                pages
+            })
+            .collect();
+        self.kv(next_page as usize)?;
+        let batch = ForwardBatch::new(prompts.iter().zip(&pages).map(|(p, pg)| (p.clone(), 0, pg.clone())).collect());
+        Ok((batch, pages))
+    }
+
+    fn run(&mut self, batch: &ForwardBatch, rows: &[usize]) -> Result<Vec<f32>, PieError> {
+        let (kv, _) = self.kv.as_mut().expect("prefill_batch allocates the cache");
+        let logits = self.model.forward(&self.driver, kv, batch)?;
+        Ok(self.driver.read_rows(&logits, rows)?)
+    }
+}
+
+/// Refuses, before loading any weight, a model whose spec uses an op the
+/// driver cannot run.
+fn check_driver_support<D: Driver>(driver: &D, model: &ir::Model) -> Result<(), PieError> {
+    if let Some(node) = model.nodes().find(|n| n.enabled && !driver.supports(n.kind())) {
+        return Err(PieError::UnsupportedOp {
+            op: node.kind().spec_name(),
+            driver: driver.name(),
+            arch: model.arch.clone(),
+            origin: node.origin.clone(),
+        });
+    }
+    Ok(())
+}
+
+fn count_weights(model: &ir::Model) -> usize {
+    let names: BTreeSet<&str> = model
+        .nodes()
+        .flat_map(|n| n.weights.iter().filter_map(|w| w.name.as_deref()))
+        .collect();
+    names.len()
+}

@@ -1,0 +1,107 @@
+//! Token selection from logits. Samplers are plain data so a future device
+//! loop can run them inside the forward pass.
+
+/// How to pick the next token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampler {
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// 0 = off.
+    pub top_k: usize,
+    /// 1.0 = off.
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+impl Sampler {
+    pub fn greedy() -> Self {
+        Sampler { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+    }
+}
+
+/// Deterministic per-sampler random numbers (SplitMix64).
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+    pub fn next_f32(&mut self) -> f32 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+/// The index of the largest logit; the first one on ties, like `torch.argmax`.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+pub fn sample(logits: &[f32], s: &Sampler, rng: &mut Rng) -> u32 {
+    if s.temperature <= 0.0 {
+        return argmax(logits);
+    }
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if s.top_k > 0 {
+        idx.truncate(s.top_k);
+    }
+    let max = logits[idx[0]];
+    let mut probs: Vec<f32> = idx.iter().map(|&i| ((logits[i] - max) / s.temperature).exp()).collect();
+    let total: f32 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if s.top_p < 1.0 {
+        let mut acc = 0.0;
+        let keep = probs.iter().take_while(|&&p| {
+            let inside = acc < s.top_p;
+            acc += p;
+            inside
+        });
+        let n = keep.count().max(1);
+        probs.truncate(n);
+        idx.truncate(n);
+        let total: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+    }
+    let r = rng.next_f32();
+    let mut acc = 0.0;
+    for (p, &i) in probs.iter().zip(&idx) {
+        acc += p;
+        if r < acc {
+            return i as u32;
+        }
+    }
+    *idx.last().expect("at least one candidate") as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_first_maximum() {
+        assert_eq!(argmax(&[0.0, 3.0, 3.0, -1.0]), 1);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_and_seed_is_deterministic() {
+        let logits = [0.1, 2.0, 0.5, 1.9];
+        let s = Sampler { temperature: 1.0, top_k: 1, top_p: 1.0, seed: 0 };
+        assert_eq!(sample(&logits, &s, &mut Rng::new(1)), 1);
+        let s = Sampler { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 0 };
+        let a: Vec<u32> = (0..20).map({ let mut r = Rng::new(7); move |_| sample(&logits, &s, &mut r) }).collect();
+        let b: Vec<u32> = (0..20).map({ let mut r = Rng::new(7); move |_| sample(&logits, &s, &mut r) }).collect();
+        assert_eq!(a, b);
+        assert!(a.iter().any(|&t| t != 1), "temperature 1 explores");
+    }
+}
