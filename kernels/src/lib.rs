@@ -1,0 +1,5 @@
+//! CPU kernels for the portable driver.
+
+pub mod matmul;
+
+pub use matmul::{gather_rows, matmul, WeightMatrix};

@@ -1,0 +1,16 @@
+//! Pie's runtime: loading Hugging Face model directories, tokenizers and
+//! chat templates, and running generated models on a driver.
+
+pub mod chat_template;
+pub mod engine;
+pub mod error;
+mod load_error;
+pub mod model_dir;
+pub mod registry;
+pub mod safetensors_source;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use engine::{Engine, LoadOptions};
+pub use error::PieError;
+pub use load_error::LoadError;

@@ -1,0 +1,96 @@
+//! Parity with Hugging Face transformers. Each fixture in `tests/fixtures/`
+//! is a tiny random-weight float32 model saved by transformers, with the
+//! reference logits of every prompt position and 10 greedy tokens
+//! (`tests/fixtures/make_fixtures.py`, pinned versions). No Python needed here.
+
+use std::path::{Path, PathBuf};
+
+use pie_driver_portable::PortableDriver;
+use pie_runtime::sampling::Sampler;
+use pie_runtime::{Engine, LoadOptions};
+
+/// Relative tolerance on logits for float32 models: max|diff| ≤ 1e-3 · max|ref|.
+const REL_TOL: f32 = 1e-3;
+
+struct Prompt {
+    ids: Vec<u32>,
+    logits: Vec<Vec<f32>>,
+    greedy: Vec<u32>,
+}
+
+fn fixture(name: &str) -> (PathBuf, Vec<Prompt>) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name);
+    let text = std::fs::read_to_string(dir.join("reference.json"))
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let prompts = v["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| Prompt {
+            ids: serde_json::from_value(p["ids"].clone()).unwrap(),
+            logits: serde_json::from_value(p["logits"].clone()).unwrap(),
+            greedy: serde_json::from_value(p["greedy"].clone()).unwrap(),
+        })
+        .collect();
+    (dir, prompts)
+}
+
+/// The largest |ours - ref| over all positions, and max |ref|.
+fn max_error(ours: &[Vec<f32>], reference: &[Vec<f32>]) -> (f32, f32) {
+    assert_eq!(ours.len(), reference.len(), "positions");
+    let mut diff = 0f32;
+    let mut scale = 0f32;
+    for (a, b) in ours.iter().zip(reference) {
+        assert_eq!(a.len(), b.len(), "vocab");
+        for (x, y) in a.iter().zip(b) {
+            diff = diff.max((x - y).abs());
+            scale = scale.max(y.abs());
+        }
+    }
+    (diff, scale)
+}
+
+fn check(name: &str, page_size: usize) {
+    let (dir, prompts) = fixture(name);
+    let opts = LoadOptions { page_size };
+    let mut engine = Engine::load(&dir, PortableDriver::new(), &opts, None).unwrap_or_else(|e| panic!("{name}: {e}"));
+
+    // All prompts in one ragged batch, each with its own page table.
+    let inputs: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+    let logits = engine.prompt_logits(&inputs).unwrap();
+    for (i, (ours, p)) in logits.iter().zip(&prompts).enumerate() {
+        let (diff, scale) = max_error(ours, &p.logits);
+        eprintln!("{name} prompt {i}: max|diff| = {diff:.3e}, max|ref| = {scale:.3}, ratio {:.3e}", diff / scale);
+        assert!(diff <= REL_TOL * scale, "{name} prompt {i}: max|diff| {diff} > {REL_TOL} × {scale}");
+    }
+
+    // Greedy decoding of all prompts together, then of each alone.
+    let greedy = engine.generate(&inputs, 10, &Sampler::greedy()).unwrap();
+    for (i, (ours, p)) in greedy.iter().zip(&prompts).enumerate() {
+        assert_eq!(ours, &p.greedy, "{name} prompt {i}: batched greedy tokens");
+        let alone = engine.generate(std::slice::from_ref(&p.ids), 10, &Sampler::greedy()).unwrap();
+        assert_eq!(alone[0], p.greedy, "{name} prompt {i}: greedy tokens alone");
+    }
+}
+
+macro_rules! parity {
+    ($($test:ident => $name:literal),* $(,)?) => {
+        $(
+            #[test]
+            fn $test() {
+                check($name, 32);
+                // Pages smaller than the prompts: tokens span several pages.
+                check($name, 4);
+            }
+        )*
+    };
+}
+
+parity! {
+    parity_llama => "llama",
+    parity_llama3_rope => "llama3_rope",
+    parity_mistral_sliding_window => "mistral",
+    parity_qwen2 => "qwen2",
+    parity_qwen3_tied_sharded => "qwen3",
+}
