@@ -55,6 +55,8 @@ fn check(name: &str, page_size: usize) {
     let (dir, prompts) = fixture(name);
     let opts = LoadOptions { page_size };
     let mut engine = Engine::load(&dir, PortableDriver::new(), &opts, None).unwrap_or_else(|e| panic!("{name}: {e}"));
+    // The reference generated exactly 10 tokens, EOS or not.
+    engine.stop_ids.clear();
 
     // All prompts in one ragged batch, each with its own page table.
     let inputs: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
@@ -93,4 +95,36 @@ parity! {
     parity_mistral_sliding_window => "mistral",
     parity_qwen2 => "qwen2",
     parity_qwen3_tied_sharded => "qwen3",
+}
+
+/// The fixture's tokenizer and chat template give what transformers gave.
+#[test]
+fn tokenizer_and_chat_template_match_transformers() {
+    use pie_runtime::chat_template::{ChatMessage, ChatTemplate};
+    use pie_runtime::tokenizer::Tokenizer;
+
+    let (dir, _) = fixture("llama");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let check = &reference["tokenizer_check"];
+    assert_eq!(check["transformers_agrees"], true, "the fixture was cross-checked with transformers");
+    let tokenizer = Tokenizer::load(&dir).unwrap().expect("fixture has tokenizer.json");
+    let ids: Vec<u32> = serde_json::from_value(check["ids"].clone()).unwrap();
+    assert_eq!(tokenizer.encode(check["text"].as_str().unwrap(), true).unwrap(), ids);
+    assert_eq!(tokenizer.decode(&ids, true).unwrap(), check["decoded"].as_str().unwrap());
+
+    let template = ChatTemplate::load(&dir).unwrap().expect("fixture has a chat template");
+    let messages: Vec<ChatMessage> = check["chat_messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| ChatMessage {
+            role: m["role"].as_str().unwrap().into(),
+            content: m["content"].as_str().unwrap().into(),
+        })
+        .collect();
+    let rendered = template.render(&messages, true).unwrap();
+    assert_eq!(rendered, check["chat_rendered"].as_str().unwrap());
+    let chat_ids: Vec<u32> = serde_json::from_value(check["chat_ids"].clone()).unwrap();
+    assert_eq!(tokenizer.encode(&rendered, false).unwrap(), chat_ids);
 }
