@@ -51,3 +51,4 @@ ir_snapshot!(ir_llama, "llama", "llama");
 ir_snapshot!(ir_mistral, "mistral", "mistral");
 ir_snapshot!(ir_qwen2, "qwen2", "qwen2");
 ir_snapshot!(ir_qwen3, "qwen3", "qwen3");
+ir_snapshot!(ir_gemma3, "gemma3", "gemma3");

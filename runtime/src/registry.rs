@@ -42,6 +42,7 @@ architectures! {
     mistral => "../specs/mistral.toml",
     qwen2 => "../specs/qwen2.toml",
     qwen3 => "../specs/qwen3.toml",
+    gemma3 => "../specs/gemma3.toml",
 }
 
 /// The architecture serving a config's `model_type`.

@@ -95,6 +95,7 @@ parity! {
     parity_mistral_sliding_window => "mistral",
     parity_qwen2 => "qwen2",
     parity_qwen3_tied_sharded => "qwen3",
+    parity_gemma3_sliding_global => "gemma3_text",
 }
 
 /// The fixture's tokenizer and chat template give what transformers gave.
