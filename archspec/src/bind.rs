@@ -42,7 +42,10 @@ impl Bindings {
 
 /// Reads `key` from the config; dots reach into nested objects
 /// (`rope_parameters.rope_theta`). Null counts as absent.
-pub fn config_lookup<'a>(config: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
+pub fn config_lookup<'a>(
+    config: &'a serde_json::Value,
+    key: &str,
+) -> Option<&'a serde_json::Value> {
     let mut cur = config;
     for part in key.split('.') {
         cur = cur.get(part)?;
@@ -50,8 +53,13 @@ pub fn config_lookup<'a>(config: &'a serde_json::Value, key: &str) -> Option<&'a
     (!cur.is_null()).then_some(cur)
 }
 
-pub fn bind(spec: &Spec, config: &serde_json::Value, config_path: &str) -> Result<Bindings, BindError> {
-    let decls: HashMap<&str, &ParamDecl> = spec.params.iter().map(|p| (p.name.as_str(), p)).collect();
+pub fn bind(
+    spec: &Spec,
+    config: &serde_json::Value,
+    config_path: &str,
+) -> Result<Bindings, BindError> {
+    let decls: HashMap<&str, &ParamDecl> =
+        spec.params.iter().map(|p| (p.name.as_str(), p)).collect();
     let mut resolver = Resolver {
         spec,
         config,
@@ -64,10 +72,19 @@ pub fn bind(spec: &Spec, config: &serde_json::Value, config_path: &str) -> Resul
         let v = resolver.resolve(&p.name)?;
         values.push((p.name.clone(), v.0, v.1));
     }
-    let index = values.iter().enumerate().map(|(i, (n, _, _))| (n.clone(), i)).collect();
+    let index = values
+        .iter()
+        .enumerate()
+        .map(|(i, (n, _, _))| (n.clone(), i))
+        .collect();
     let bindings = Bindings { values, index };
     for check in &spec.checks {
-        let ok = eval_expr(spec, &check.expr, &|n| bindings.get(n).cloned(), "[[check]]")?;
+        let ok = eval_expr(
+            spec,
+            &check.expr,
+            &|n| bindings.get(n).cloned(),
+            "[[check]]",
+        )?;
         if ok.truthy() != Some(true) {
             let used: Vec<String> = check
                 .expr
@@ -106,7 +123,10 @@ impl Resolver<'_> {
         let decl = self.decls[name];
         let resolved = match &decl.source {
             ParamSource::Config { keys, default } => {
-                match keys.iter().find_map(|k| config_lookup(self.config, k).map(|v| (k, v))) {
+                match keys
+                    .iter()
+                    .find_map(|k| config_lookup(self.config, k).map(|v| (k, v)))
+                {
                     Some((key, v)) => (Value::from_json(v), Origin::Config(key.clone())),
                     None => match default {
                         Some(e) => (self.eval_with_deps(e, name)?, Origin::Default),
@@ -115,7 +135,10 @@ impl Resolver<'_> {
                             return Err(BindError(format!(
                                 "{}: missing key {} (needed for parameter `{name}`, {}:{line})",
                                 self.config_path,
-                                keys.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(" or "),
+                                keys.iter()
+                                    .map(|k| format!("`{k}`"))
+                                    .collect::<Vec<_>>()
+                                    .join(" or "),
                                 self.spec.source.path,
                             )));
                         }
@@ -135,7 +158,12 @@ impl Resolver<'_> {
             }
         }
         let done = &self.done;
-        eval_expr(self.spec, e, &|n| done.get(n).map(|(v, _)| v.clone()), &format!("parameter `{param}`"))
+        eval_expr(
+            self.spec,
+            e,
+            &|n| done.get(n).map(|(v, _)| v.clone()),
+            &format!("parameter `{param}`"),
+        )
     }
 }
 

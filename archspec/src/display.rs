@@ -22,7 +22,11 @@ impl fmt::Display for Model {
             let mut j = i + 1;
             while j < self.layers.len()
                 && self.layers[j].block_index == self.layers[i].block_index
-                && self.layers[j].nodes.iter().map(node_line).eq(body.iter().cloned())
+                && self.layers[j]
+                    .nodes
+                    .iter()
+                    .map(node_line)
+                    .eq(body.iter().cloned())
             {
                 j += 1;
             }
@@ -43,9 +47,15 @@ impl fmt::Display for Model {
         }
         write!(f, "kv slots: {}", self.kv_slots.len())?;
         if let Some(s) = self.kv_slots.first() {
-            let same = self.kv_slots.iter().all(|k| (k.kv_heads, k.head_dim, k.v_head_dim) == (s.kv_heads, s.head_dim, s.v_head_dim));
+            let same = self.kv_slots.iter().all(|k| {
+                (k.kv_heads, k.head_dim, k.v_head_dim) == (s.kv_heads, s.head_dim, s.v_head_dim)
+            });
             if same {
-                write!(f, " × (kv_heads={}, head_dim={}, v_head_dim={})", s.kv_heads, s.head_dim, s.v_head_dim)?;
+                write!(
+                    f,
+                    " × (kv_heads={}, head_dim={}, v_head_dim={})",
+                    s.kv_heads, s.head_dim, s.v_head_dim
+                )?;
             } else {
                 write!(f, " (mixed shapes)")?;
             }
@@ -58,8 +68,19 @@ impl fmt::Display for Model {
 /// weight names stays `{i}` so identical layers print identically.
 fn node_line(n: &Node) -> String {
     let mut s = String::new();
-    let outs: Vec<String> = n.outputs.iter().zip(&n.out_widths).map(|(o, w)| format!("{o}[{w}]")).collect();
-    let _ = write!(s, "{} = {}({})", outs.join(", "), n.kind(), n.inputs.join(", "));
+    let outs: Vec<String> = n
+        .outputs
+        .iter()
+        .zip(&n.out_widths)
+        .map(|(o, w)| format!("{o}[{w}]"))
+        .collect();
+    let _ = write!(
+        s,
+        "{} = {}({})",
+        outs.join(", "),
+        n.kind(),
+        n.inputs.join(", ")
+    );
     if !n.enabled {
         s.push_str(" skipped");
         return s;
@@ -94,16 +115,35 @@ fn attrs_text(op: &NodeOp) -> String {
     match op {
         NodeOp::Embedding(a) => format!("vocab={} hidden={}", a.vocab, a.hidden),
         NodeOp::Linear(a) => format!("{}->{}", a.in_features, a.out_features),
-        NodeOp::RmsNorm(a) => format!("eps={} offset={} group={}", float(a.eps), float(a.offset), a.group),
+        NodeOp::RmsNorm(a) => format!(
+            "eps={} offset={} group={}",
+            float(a.eps),
+            float(a.offset),
+            a.group
+        ),
         NodeOp::Rope(a) => {
-            let mut s = format!("heads={} head_dim={} rotary_dim={} theta={} style={:?}", a.heads, a.head_dim, a.rotary_dim, float(a.theta), a.style);
+            let mut s = format!(
+                "heads={} head_dim={} rotary_dim={} theta={} style={:?}",
+                a.heads,
+                a.head_dim,
+                a.rotary_dim,
+                float(a.theta),
+                a.style
+            );
             if a.scaling != RopeScaling::None {
                 let _ = write!(s, " scaling={:?}", a.scaling);
             }
             s
         }
         NodeOp::Attention(a) => {
-            let mut s = format!("heads={} kv_heads={} head_dim={} v_head_dim={} scale={}", a.heads, a.kv_heads, a.head_dim, a.v_head_dim, float(a.scale));
+            let mut s = format!(
+                "heads={} kv_heads={} head_dim={} v_head_dim={} scale={}",
+                a.heads,
+                a.kv_heads,
+                a.head_dim,
+                a.v_head_dim,
+                float(a.scale)
+            );
             if let Some(w) = a.window {
                 let _ = write!(s, " window={w}");
             }
@@ -123,8 +163,16 @@ fn attrs_text(op: &NodeOp) -> String {
         }
         NodeOp::Activation(a) => format!("fn={}", a.func.spec_name()),
         NodeOp::Softcap(a) => format!("cap={}", float(a.cap)),
-        NodeOp::Split(a) => format!("sizes={:?}", a.sizes),
-        NodeOp::Composite(_, a) => a.attrs.iter().map(|(k, v)| format!("{k}={}", attr_value(v))).collect::<Vec<_>>().join(" "),
+        NodeOp::Split(a) => format!("sizes={:?} group={}", a.sizes, a.group),
+        // The cache slot follows from execution order; printing it would keep
+        // identical layers from folding together.
+        NodeOp::Composite(_, a) => a
+            .attrs
+            .iter()
+            .filter(|(k, _)| k != "cache_slot")
+            .map(|(k, v)| format!("{k}={}", attr_value(v)))
+            .collect::<Vec<_>>()
+            .join(" "),
     }
 }
 
@@ -134,6 +182,9 @@ fn attr_value(v: &AttrValue) -> String {
         AttrValue::Float(x) => float(*x),
         AttrValue::Bool(b) => b.to_string(),
         AttrValue::Str(s) => format!("{s:?}"),
-        AttrValue::List(items) => format!("[{}]", items.iter().map(attr_value).collect::<Vec<_>>().join(", ")),
+        AttrValue::List(items) => format!(
+            "[{}]",
+            items.iter().map(attr_value).collect::<Vec<_>>().join(", ")
+        ),
     }
 }

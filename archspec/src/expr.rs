@@ -59,8 +59,8 @@ fn err<T>(offset: usize, message: impl Into<String>) -> Result<T, ExprError> {
     })
 }
 
-pub const FUNCTIONS: [&str; 9] = [
-    "min", "max", "sqrt", "float", "int", "len", "has", "default", "pow",
+pub const FUNCTIONS: [&str; 10] = [
+    "min", "max", "sqrt", "float", "int", "len", "has", "default", "pow", "contains",
 ];
 
 // ---------------------------------------------------------------- parsing
@@ -420,6 +420,19 @@ pub fn eval(e: &Expr, lookup: &dyn Fn(&str) -> Option<Value>) -> Result<Value, E
             let list = eval(list, lookup)?;
             let idx = eval(idx, lookup)?;
             match (&list, idx.as_i64()) {
+                (Value::Str(text), Some(i)) => {
+                    // Character patterns such as Nemotron-H's "M-M*-".
+                    let chars: Vec<char> = text.chars().collect();
+                    let n = chars.len() as i64;
+                    let j = if i < 0 { i + n } else { i };
+                    if j < 0 || j >= n {
+                        return err(
+                            *at,
+                            format!("index {i} is out of range for a string of {n}"),
+                        );
+                    }
+                    Ok(Value::Str(chars[j as usize].to_string()))
+                }
                 (Value::List(items), Some(i)) => {
                     let n = items.len() as i64;
                     let j = if i < 0 { i + n } else { i };
@@ -430,18 +443,17 @@ pub fn eval(e: &Expr, lookup: &dyn Fn(&str) -> Option<Value>) -> Result<Value, E
                 }
                 _ => err(
                     *at,
-                    format!(
-                        "cannot index {} with {}",
-                        list.type_name(),
-                        idx.type_name()
-                    ),
+                    format!("cannot index {} with {}", list.type_name(), idx.type_name()),
                 ),
             }
         }
         Expr::Field(obj, name, at) => match eval(obj, lookup)? {
             Value::Object(map) => Ok(map.get(name).map(Value::from_json).unwrap_or(Value::Null)),
             Value::Null => Ok(Value::Null),
-            v => err(*at, format!("`.{name}` needs an object, found {}", v.type_name())),
+            v => err(
+                *at,
+                format!("`.{name}` needs an object, found {}", v.type_name()),
+            ),
         },
         Expr::Call(f, args, at) => {
             let vals = args
@@ -462,16 +474,18 @@ pub fn eval(e: &Expr, lookup: &dyn Fn(&str) -> Option<Value>) -> Result<Value, E
 fn truthy(v: Value, at: usize) -> Result<bool, ExprError> {
     match v.truthy() {
         Some(b) => Ok(b),
-        None => err(at, format!("expected a bool, found {} `{v}`", v.type_name())),
+        None => err(
+            at,
+            format!("expected a bool, found {} `{v}`", v.type_name()),
+        ),
     }
 }
 
 fn num(v: &Value, at: usize, what: &str) -> Result<f64, ExprError> {
-    v.as_f64()
-        .ok_or_else(|| ExprError {
-            offset: at,
-            message: format!("{what} needs numbers, found {} `{v}`", v.type_name()),
-        })
+    v.as_f64().ok_or_else(|| ExprError {
+        offset: at,
+        message: format!("{what} needs numbers, found {} `{v}`", v.type_name()),
+    })
 }
 
 fn binary(op: BinOp, a: Value, b: Value, at: usize) -> Result<Value, ExprError> {
@@ -555,7 +569,10 @@ fn call(f: &str, args: Vec<Value>, at: usize) -> Result<Value, ExprError> {
         if args.len() == n {
             Ok(())
         } else {
-            err(at, format!("`{f}` takes {n} argument(s), got {}", args.len()))
+            err(
+                at,
+                format!("`{f}` takes {n} argument(s), got {}", args.len()),
+            )
         }
     };
     match f {
@@ -568,6 +585,19 @@ fn call(f: &str, args: Vec<Value>, at: usize) -> Result<Value, ExprError> {
             let mut it = args.into_iter();
             let (a, b) = (it.next().unwrap(), it.next().unwrap());
             Ok(if a == Value::Null { b } else { a })
+        }
+        "contains" => {
+            arity(2)?;
+            match &args[0] {
+                Value::List(items) => {
+                    Ok(Value::Bool(items.iter().any(|v| values_equal(v, &args[1]))))
+                }
+                Value::Null => Ok(Value::Bool(false)),
+                v => err(
+                    at,
+                    format!("`contains` needs a list, found {}", v.type_name()),
+                ),
+            }
         }
         "len" => {
             arity(1)?;
@@ -594,7 +624,9 @@ fn call(f: &str, args: Vec<Value>, at: usize) -> Result<Value, ExprError> {
         }
         "pow" => {
             arity(2)?;
-            Ok(Value::Float(num(&args[0], at, f)?.powf(num(&args[1], at, f)?)))
+            Ok(Value::Float(
+                num(&args[0], at, f)?.powf(num(&args[1], at, f)?),
+            ))
         }
         "float" => {
             arity(1)?;
@@ -644,8 +676,16 @@ mod tests {
         assert_eq!(ev("types[-1]"), Value::Str("b".into()));
         assert_eq!(ev("has(nothing) && nothing.x > 1"), Value::Bool(false));
         assert_eq!(ev("default(nothing, 3)"), Value::Int(3));
-        assert_eq!(ev("hidden > 10 ? 'big' : 'small'"), Value::Str("big".into()));
+        assert_eq!(
+            ev("hidden > 10 ? 'big' : 'small'"),
+            Value::Str("big".into())
+        );
         assert_eq!(ev("!(1 == 2) || false"), Value::Bool(true));
+        assert_eq!(ev("'M-*'[2]"), Value::Str("*".into()));
+        assert_eq!(
+            ev("contains(types, 'b') && !contains(nothing, 1)"),
+            Value::Bool(true)
+        );
     }
 
     #[test]
@@ -657,11 +697,11 @@ mod tests {
         let e = parse("sqr(2)").unwrap_err();
         assert!(e.message.contains("did you mean `sqrt`"), "{}", e.message);
         let e = eval(&parse("1 + missing").unwrap(), &|_| None).unwrap_err();
-        assert_eq!((e.offset, e.message.as_str()), (4, "unknown name `missing`"));
-        let e = eval(&parse("types[5]").unwrap(), &|_| {
-            Some(Value::List(vec![]))
-        })
-        .unwrap_err();
+        assert_eq!(
+            (e.offset, e.message.as_str()),
+            (4, "unknown name `missing`")
+        );
+        let e = eval(&parse("types[5]").unwrap(), &|_| Some(Value::List(vec![]))).unwrap_err();
         assert!(e.message.contains("out of range"));
     }
 }

@@ -226,9 +226,13 @@ pub struct SoftcapAttrs {
     pub cap: f32,
 }
 
+/// Splits features into parts. With `group` < width the input is a run of
+/// groups (e.g. heads) and each group is split by `sizes`; every output
+/// collects its part from all groups, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SplitAttrs {
     pub sizes: Vec<usize>,
+    pub group: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]

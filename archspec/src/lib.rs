@@ -45,6 +45,10 @@ pub fn load(path: &Path) -> Result<Spec, Diagnostics> {
 }
 
 /// Binds a spec to a parsed `config.json` and lowers it to the IR.
-pub fn lower(spec: &Spec, config: &serde_json::Value, config_path: &str) -> Result<ir::Model, BindError> {
+pub fn lower(
+    spec: &Spec,
+    config: &serde_json::Value,
+    config_path: &str,
+) -> Result<ir::Model, BindError> {
     lower::lower(spec, config, config_path)
 }

@@ -11,16 +11,27 @@ use crate::validate::LAYER_INDEX;
 use crate::value::Value;
 
 /// Binds `spec` to `config` and lowers it.
-pub fn lower(spec: &Spec, config: &serde_json::Value, config_path: &str) -> Result<Model, BindError> {
+pub fn lower(
+    spec: &Spec,
+    config: &serde_json::Value,
+    config_path: &str,
+) -> Result<Model, BindError> {
     let bindings = bind(spec, config, config_path)?;
-    let params: Vec<(String, Value)> = bindings.values.iter().map(|(n, v, _)| (n.clone(), v.clone())).collect();
+    let params: Vec<(String, Value)> = bindings
+        .values
+        .iter()
+        .map(|(n, v, _)| (n.clone(), v.clone()))
+        .collect();
     let param_map: HashMap<String, Value> = params.iter().cloned().collect();
     let get_usize = |name: &str| -> Result<usize, BindError> {
         match param_map.get(name).and_then(Value::as_i64) {
             Some(v) if v > 0 => Ok(v as usize),
             _ => Err(BindError(format!(
                 "{config_path}: parameter `{name}` must be a positive integer, found {}",
-                param_map.get(name).map(|v| v.to_string()).unwrap_or_default()
+                param_map
+                    .get(name)
+                    .map(|v| v.to_string())
+                    .unwrap_or_default()
             ))),
         }
     };
@@ -48,11 +59,16 @@ pub fn lower(spec: &Spec, config: &serde_json::Value, config_path: &str) -> Resu
         });
     }
     lw.layer = None;
-    let epilogue = lw.section(&spec.epilogue, &mut HashMap::from([("x".to_string(), hidden)]))?;
-    let logits_width = epilogue
-        .iter()
-        .rev()
-        .find_map(|n| n.outputs.iter().position(|o| o == "logits").map(|p| n.out_widths[p]));
+    let epilogue = lw.section(
+        &spec.epilogue,
+        &mut HashMap::from([("x".to_string(), hidden)]),
+    )?;
+    let logits_width = epilogue.iter().rev().find_map(|n| {
+        n.outputs
+            .iter()
+            .position(|o| o == "logits")
+            .map(|p| n.out_widths[p])
+    });
     if logits_width != Some(vocab) {
         return Err(BindError(format!(
             "{}: the epilogue's `logits` has width {:?}, expected vocab = {vocab}",
@@ -101,8 +117,15 @@ impl<'a> Lowerer<'a> {
     }
 
     fn fail<T>(&self, op: &OpDecl, msg: impl std::fmt::Display) -> Result<T, BindError> {
-        let layer = self.layer.map(|i| format!(" (layer {i})")).unwrap_or_default();
-        Err(BindError(format!("{}: `{}`{layer}: {msg}", self.at(&op.span), op.kind)))
+        let layer = self
+            .layer
+            .map(|i| format!(" (layer {i})"))
+            .unwrap_or_default();
+        Err(BindError(format!(
+            "{}: `{}`{layer}: {msg}",
+            self.at(&op.span),
+            op.kind
+        )))
     }
 
     fn select_block(&self, i: usize) -> Result<(usize, &'a Section), BindError> {
@@ -110,7 +133,10 @@ impl<'a> Lowerer<'a> {
         for (bi, block) in self.spec.layers.iter().enumerate() {
             let selected = match &block.when {
                 None => true,
-                Some(e) => match self.eval(e, &format!("`when` of layer block `{}`", block.name))?.truthy() {
+                Some(e) => match self
+                    .eval(e, &format!("`when` of layer block `{}`", block.name))?
+                    .truthy()
+                {
                     Some(b) => b,
                     None => {
                         return Err(BindError(format!(
@@ -138,7 +164,11 @@ impl<'a> Lowerer<'a> {
         }
     }
 
-    fn section(&mut self, s: &Section, widths: &mut HashMap<String, usize>) -> Result<Vec<Node>, BindError> {
+    fn section(
+        &mut self,
+        s: &Section,
+        widths: &mut HashMap<String, usize>,
+    ) -> Result<Vec<Node>, BindError> {
         let mut nodes = Vec::with_capacity(s.ops.len());
         for op in &s.ops {
             let node = self.op(s, op, widths)?;
@@ -154,7 +184,9 @@ impl<'a> Lowerer<'a> {
 
     fn attr(&self, op: &OpDecl, key: &str) -> Result<Option<Value>, BindError> {
         match op.attr(key) {
-            Some(AttrValue::Expr(e)) => Ok(Some(self.eval(e, &format!("`{key}` of `{}`", op.kind))?)),
+            Some(AttrValue::Expr(e)) => {
+                Ok(Some(self.eval(e, &format!("`{key}` of `{}`", op.kind))?))
+            }
             Some(AttrValue::Name(n)) => Ok(Some(Value::Str(n.value.clone()))),
             Some(AttrValue::List(items)) => Ok(Some(Value::List(
                 items
@@ -166,7 +198,12 @@ impl<'a> Lowerer<'a> {
         }
     }
 
-    fn usize_attr(&self, op: &OpDecl, key: &str, default: Option<usize>) -> Result<usize, BindError> {
+    fn usize_attr(
+        &self,
+        op: &OpDecl,
+        key: &str,
+        default: Option<usize>,
+    ) -> Result<usize, BindError> {
         match self.attr(op, key)? {
             Some(v) => match v.as_i64() {
                 Some(n) if n > 0 => Ok(n as usize),
@@ -212,18 +249,38 @@ impl<'a> Lowerer<'a> {
 
     // ---------------------------------------------------------- weights
 
-    fn weight(&self, s: &Section, op: &OpDecl, key: &str, shape: Option<Vec<usize>>) -> Result<WeightBinding, BindError> {
+    fn weight(
+        &self,
+        s: &Section,
+        op: &OpDecl,
+        key: &str,
+        shape: Option<Vec<usize>>,
+    ) -> Result<WeightBinding, BindError> {
         let Some(w) = op.weight(key) else {
-            return Ok(WeightBinding { key: key.into(), name: None, template: None, shape });
+            return Ok(WeightBinding {
+                key: key.into(),
+                name: None,
+                template: None,
+                shape,
+            });
         };
         if let Some(cond) = &w.cond {
             let v = self.eval(cond, &format!("`if` of weight `{key}`"))?;
             if v.truthy() != Some(true) {
-                return Ok(WeightBinding { key: key.into(), name: None, template: None, shape });
+                return Ok(WeightBinding {
+                    key: key.into(),
+                    name: None,
+                    template: None,
+                    shape,
+                });
             }
         }
         if let (Some(to), Some(cond)) = (&w.tied_to, &w.tied_if) {
-            if self.eval(cond, &format!("`tied_if` of weight `{key}`"))?.truthy() == Some(true) {
+            if self
+                .eval(cond, &format!("`tied_if` of weight `{key}`"))?
+                .truthy()
+                == Some(true)
+            {
                 return Ok(WeightBinding {
                     key: key.into(),
                     name: Some(to.value.clone()),
@@ -240,17 +297,31 @@ impl<'a> Lowerer<'a> {
             Some(i) => template.replace("{i}", &i.to_string()),
             None => template.clone(),
         };
-        Ok(WeightBinding { key: key.into(), name: Some(name), template: Some(template), shape })
+        Ok(WeightBinding {
+            key: key.into(),
+            name: Some(name),
+            template: Some(template),
+            shape,
+        })
     }
 
     // ---------------------------------------------------------- ops
 
-    fn op(&mut self, s: &Section, op: &OpDecl, widths: &HashMap<String, usize>) -> Result<Node, BindError> {
+    fn op(
+        &mut self,
+        s: &Section,
+        op: &OpDecl,
+        widths: &HashMap<String, usize>,
+    ) -> Result<Node, BindError> {
         let enabled = match &op.cond {
             Some(c) => self.eval(c, &format!("`if` of `{}`", op.kind))?.truthy() == Some(true),
             None => true,
         };
-        let inputs: Vec<String> = op.inputs.iter().flat_map(|(_, names)| names.iter().map(|n| n.value.clone())).collect();
+        let inputs: Vec<String> = op
+            .inputs
+            .iter()
+            .flat_map(|(_, names)| names.iter().map(|n| n.value.clone()))
+            .collect();
         let in_widths: Vec<usize> = inputs.iter().map(|n| widths[n.as_str()]).collect();
         let outputs: Vec<String> = op.outputs.iter().map(|o| o.value.clone()).collect();
         let origin = self.at(&op.span);
@@ -270,26 +341,60 @@ impl<'a> Lowerer<'a> {
         let mut weights = Vec::new();
         let (node_op, out_widths) = match op.kind {
             OpKind::Embedding => {
-                let vocab = self.usize_attr(op, "vocab", self.params.get("vocab").and_then(Value::as_i64).map(|v| v as usize))?;
-                let hidden = self.usize_attr(op, "hidden", self.params.get("hidden").and_then(Value::as_i64).map(|v| v as usize))?;
+                let vocab = self.usize_attr(
+                    op,
+                    "vocab",
+                    self.params
+                        .get("vocab")
+                        .and_then(Value::as_i64)
+                        .map(|v| v as usize),
+                )?;
+                let hidden = self.usize_attr(
+                    op,
+                    "hidden",
+                    self.params
+                        .get("hidden")
+                        .and_then(Value::as_i64)
+                        .map(|v| v as usize),
+                )?;
                 weights.push(self.weight(s, op, "weight", Some(vec![vocab, hidden]))?);
-                (NodeOp::Embedding(EmbeddingAttrs { vocab, hidden }), vec![hidden])
+                (
+                    NodeOp::Embedding(EmbeddingAttrs { vocab, hidden }),
+                    vec![hidden],
+                )
             }
             OpKind::Linear => {
                 let features = self.usize_attr(op, "features", None)?;
                 weights.push(self.weight(s, op, "weight", Some(vec![features, w0]))?);
                 weights.push(self.weight(s, op, "bias", Some(vec![features]))?);
-                (NodeOp::Linear(LinearAttrs { in_features: w0, out_features: features }), vec![features])
+                (
+                    NodeOp::Linear(LinearAttrs {
+                        in_features: w0,
+                        out_features: features,
+                    }),
+                    vec![features],
+                )
             }
             OpKind::RmsNorm => {
                 let group = self.usize_attr(op, "group", Some(w0))?;
                 if w0 % group != 0 {
-                    return self.fail(op, format!("`group` = {group} does not divide the input width {w0}"));
+                    return self.fail(
+                        op,
+                        format!("`group` = {group} does not divide the input width {w0}"),
+                    );
                 }
                 let eps = self.f64_attr(op, "eps", None)? as f32;
                 let offset = self.f64_attr(op, "offset", Some(0.0))? as f32;
                 weights.push(self.weight(s, op, "weight", Some(vec![group]))?);
-                (NodeOp::RmsNorm(RmsNormAttrs { width: w0, group, eps, offset }), vec![w0])
+                (
+                    NodeOp::RmsNorm(RmsNormAttrs {
+                        width: w0,
+                        group,
+                        eps,
+                        offset,
+                    }),
+                    vec![w0],
+                )
             }
             OpKind::Rope => {
                 let head_dim = self.usize_attr(op, "head_dim", None)?;
@@ -306,7 +411,17 @@ impl<'a> Lowerer<'a> {
                     "interleaved" => RopeStyle::Interleaved,
                     _ => RopeStyle::Half,
                 };
-                (NodeOp::Rope(RopeAttrs { heads: w0 / head_dim, head_dim, rotary_dim, theta, scaling, style }), vec![w0])
+                (
+                    NodeOp::Rope(RopeAttrs {
+                        heads: w0 / head_dim,
+                        head_dim,
+                        rotary_dim,
+                        theta,
+                        scaling,
+                        style,
+                    }),
+                    vec![w0],
+                )
             }
             OpKind::Attention => {
                 let heads = self.usize_attr(op, "heads", None)?;
@@ -320,39 +435,101 @@ impl<'a> Lowerer<'a> {
                     }
                 }
                 if heads % kv_heads != 0 {
-                    return self.fail(op, format!("heads = {heads} is not a multiple of kv_heads = {kv_heads}"));
+                    return self.fail(
+                        op,
+                        format!("heads = {heads} is not a multiple of kv_heads = {kv_heads}"),
+                    );
                 }
-                let scale = self.f64_attr(op, "scale", Some(1.0 / (head_dim as f64).sqrt()))? as f32;
-                let window = self.opt_f64_attr(op, "window")?.filter(|w| *w > 0.0).map(|w| w as usize);
-                let softcap = self.opt_f64_attr(op, "softcap")?.filter(|c| *c > 0.0).map(|c| c as f32);
+                let scale =
+                    self.f64_attr(op, "scale", Some(1.0 / (head_dim as f64).sqrt()))? as f32;
+                let window = self
+                    .opt_f64_attr(op, "window")?
+                    .filter(|w| *w > 0.0)
+                    .map(|w| w as usize);
+                let softcap = self
+                    .opt_f64_attr(op, "softcap")?
+                    .filter(|c| *c > 0.0)
+                    .map(|c| c as f32);
                 weights.push(self.weight(s, op, "sinks", Some(vec![heads]))?);
                 let cache_slot = self.kv_slots.len();
-                self.kv_slots.push(KvSlot { layer: self.layer.unwrap_or(0), kv_heads, head_dim, v_head_dim });
+                self.kv_slots.push(KvSlot {
+                    layer: self.layer.unwrap_or(0),
+                    kv_heads,
+                    head_dim,
+                    v_head_dim,
+                });
                 (
-                    NodeOp::Attention(AttentionAttrs { heads, kv_heads, head_dim, v_head_dim, scale, window, softcap, cache_slot }),
+                    NodeOp::Attention(AttentionAttrs {
+                        heads,
+                        kv_heads,
+                        head_dim,
+                        v_head_dim,
+                        scale,
+                        window,
+                        softcap,
+                        cache_slot,
+                    }),
                     vec![heads * v_head_dim],
                 )
             }
             OpKind::Add | OpKind::Mul => {
                 if in_widths[0] != in_widths[1] {
-                    return self.fail(op, format!("inputs have widths {} and {}", in_widths[0], in_widths[1]));
+                    return self.fail(
+                        op,
+                        format!("inputs have widths {} and {}", in_widths[0], in_widths[1]),
+                    );
                 }
                 let a = ElementwiseAttrs { width: w0 };
-                (if op.kind == OpKind::Add { NodeOp::Add(a) } else { NodeOp::Mul(a) }, vec![w0])
+                (
+                    if op.kind == OpKind::Add {
+                        NodeOp::Add(a)
+                    } else {
+                        NodeOp::Mul(a)
+                    },
+                    vec![w0],
+                )
             }
-            OpKind::Scale => (NodeOp::Scale(ScaleAttrs { factor: self.f64_attr(op, "factor", None)? as f32 }), vec![w0]),
-            OpKind::Softcap => (NodeOp::Softcap(SoftcapAttrs { cap: self.f64_attr(op, "cap", None)? as f32 }), vec![w0]),
+            OpKind::Scale => (
+                NodeOp::Scale(ScaleAttrs {
+                    factor: self.f64_attr(op, "factor", None)? as f32,
+                }),
+                vec![w0],
+            ),
+            OpKind::Softcap => (
+                NodeOp::Softcap(SoftcapAttrs {
+                    cap: self.f64_attr(op, "cap", None)? as f32,
+                }),
+                vec![w0],
+            ),
             OpKind::Glu => {
                 if in_widths[0] != in_widths[1] {
-                    return self.fail(op, format!("`gate` has width {} but `up` has width {}", in_widths[0], in_widths[1]));
+                    return self.fail(
+                        op,
+                        format!(
+                            "`gate` has width {} but `up` has width {}",
+                            in_widths[0], in_widths[1]
+                        ),
+                    );
                 }
-                let func = ActivationFn::from_spec_name(&self.name_attr(op, "act", "silu")).unwrap_or(ActivationFn::Silu);
+                let func = ActivationFn::from_spec_name(&self.name_attr(op, "act", "silu"))
+                    .unwrap_or(ActivationFn::Silu);
                 let limit = self.opt_f64_attr(op, "limit")?.map(|l| l as f32);
-                (NodeOp::Glu(GluAttrs { func, width: w0, limit }), vec![w0])
+                (
+                    NodeOp::Glu(GluAttrs {
+                        func,
+                        width: w0,
+                        limit,
+                    }),
+                    vec![w0],
+                )
             }
             OpKind::Activation => {
-                let func = ActivationFn::from_spec_name(&self.name_attr(op, "fn", "silu")).unwrap_or(ActivationFn::Silu);
-                (NodeOp::Activation(ActivationAttrs { func, width: w0 }), vec![w0])
+                let func = ActivationFn::from_spec_name(&self.name_attr(op, "fn", "silu"))
+                    .unwrap_or(ActivationFn::Silu);
+                (
+                    NodeOp::Activation(ActivationAttrs { func, width: w0 }),
+                    vec![w0],
+                )
             }
             OpKind::Split => {
                 let sizes: Vec<usize> = match self.attr(op, "sizes")? {
@@ -363,17 +540,27 @@ impl<'a> Lowerer<'a> {
                         .map_or_else(|| self.fail(op, "`sizes` must be positive integers"), Ok)?,
                     _ => return self.fail(op, "`sizes` must be a list"),
                 };
-                if sizes.iter().sum::<usize>() != w0 || sizes.len() != outputs.len() {
-                    return self.fail(op, format!("sizes {sizes:?} must sum to the input width {w0} and match the {} outputs", outputs.len()));
+                let group = self.usize_attr(op, "group", Some(w0))?;
+                if sizes.iter().sum::<usize>() != group
+                    || w0 % group != 0
+                    || sizes.len() != outputs.len()
+                {
+                    return self.fail(op, format!("sizes {sizes:?} must sum to the group width {group} (which divides the input width {w0}) and match the {} outputs", outputs.len()));
                 }
-                (NodeOp::Split(SplitAttrs { sizes: sizes.clone() }), sizes)
+                let groups = w0 / group;
+                let widths = sizes.iter().map(|s| s * groups).collect();
+                (NodeOp::Split(SplitAttrs { sizes, group }), widths)
             }
             OpKind::Moe | OpKind::GatedDeltaNet | OpKind::Mamba2 | OpKind::MlaAttention => {
                 let schema = crate::ops::schema_of(op.kind);
                 let mut attrs = CompositeAttrs::default();
                 for a in schema.attrs {
                     if let Some(v) = self.attr(op, a.key)? {
-                        attrs.attrs.push((a.key.to_string(), to_attr_value(&v).or_else(|m| self.fail(op, format!("`{}`: {m}", a.key)))?));
+                        attrs.attrs.push((
+                            a.key.to_string(),
+                            to_attr_value(&v)
+                                .or_else(|m| self.fail(op, format!("`{}`: {m}", a.key)))?,
+                        ));
                     }
                 }
                 // Expert weight names keep `{e}` for the driver to expand.
@@ -387,13 +574,29 @@ impl<'a> Lowerer<'a> {
                     // The latent cache holds one compressed vector plus the
                     // shared rope key per token, whatever the head count.
                     let cache_slot = self.kv_slots.len();
-                    self.kv_slots.push(KvSlot { layer: self.layer.unwrap_or(0), kv_heads: 1, head_dim: kv_lora + rope, v_head_dim: 0 });
-                    attrs.attrs.push(("cache_slot".into(), crate::ir::AttrValue::Int(cache_slot as i64)));
+                    self.kv_slots.push(KvSlot {
+                        layer: self.layer.unwrap_or(0),
+                        kv_heads: 1,
+                        head_dim: kv_lora + rope,
+                        v_head_dim: 0,
+                    });
+                    attrs.attrs.push((
+                        "cache_slot".into(),
+                        crate::ir::AttrValue::Int(cache_slot as i64),
+                    ));
                 }
                 (NodeOp::Composite(op.kind, attrs), vec![hidden])
             }
         };
-        Ok(Node { op: node_op, enabled, inputs, outputs, weights, out_widths, origin })
+        Ok(Node {
+            op: node_op,
+            enabled,
+            inputs,
+            outputs,
+            weights,
+            out_widths,
+            origin,
+        })
     }
 
     /// The IR of a skipped conditional op: an identity of the input's width.
@@ -401,8 +604,16 @@ impl<'a> Lowerer<'a> {
         match op.kind {
             OpKind::Scale => NodeOp::Scale(ScaleAttrs { factor: 1.0 }),
             OpKind::Softcap => NodeOp::Softcap(SoftcapAttrs { cap: 0.0 }),
-            OpKind::RmsNorm => NodeOp::RmsNorm(RmsNormAttrs { width, group: width, eps: 0.0, offset: 0.0 }),
-            OpKind::Linear => NodeOp::Linear(LinearAttrs { in_features: width, out_features: width }),
+            OpKind::RmsNorm => NodeOp::RmsNorm(RmsNormAttrs {
+                width,
+                group: width,
+                eps: 0.0,
+                offset: 0.0,
+            }),
+            OpKind::Linear => NodeOp::Linear(LinearAttrs {
+                in_features: width,
+                out_features: width,
+            }),
             kind => NodeOp::Composite(kind, CompositeAttrs::default()),
         }
     }

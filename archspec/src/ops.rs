@@ -150,11 +150,23 @@ pub const SCHEMAS: &[OpSchema] = &[
     ),
     OpSchema {
         in_arity: 2,
-        ..schema(OpKind::Add, &["in"], &[], &[], "elementwise sum of two activations")
+        ..schema(
+            OpKind::Add,
+            &["in"],
+            &[],
+            &[],
+            "elementwise sum of two activations",
+        )
     },
     OpSchema {
         in_arity: 2,
-        ..schema(OpKind::Mul, &["in"], &[], &[], "elementwise product of two activations")
+        ..schema(
+            OpKind::Mul,
+            &["in"],
+            &[],
+            &[],
+            "elementwise product of two activations",
+        )
     },
     schema(OpKind::Scale, &["in"], &[], &[a("factor")], "x * factor"),
     schema(
@@ -175,19 +187,28 @@ pub const SCHEMAS: &[OpSchema] = &[
         }],
         "elementwise activation function",
     ),
-    schema(OpKind::Softcap, &["in"], &[], &[a("cap")], "tanh(x / cap) * cap"),
+    schema(
+        OpKind::Softcap,
+        &["in"],
+        &[],
+        &[a("cap")],
+        "tanh(x / cap) * cap",
+    ),
     OpSchema {
         multi_out: true,
         ..schema(
             OpKind::Split,
             &["in"],
             &[],
-            &[AttrSpec {
-                key: "sizes",
-                kind: AttrKind::ExprList,
-                required: true,
-            }],
-            "splits features into consecutive parts",
+            &[
+                AttrSpec {
+                    key: "sizes",
+                    kind: AttrKind::ExprList,
+                    required: true,
+                },
+                a_opt("group"),
+            ],
+            "splits features into consecutive parts (per group of `group` features)",
         )
     },
     schema(
@@ -239,7 +260,7 @@ pub const SCHEMAS: &[OpSchema] = &[
             w("dt_bias"),
             w("a_log"),
             w("norm"),
-            w("out"),
+            w("out_proj"),
         ],
         &[
             a("hidden"),
@@ -263,7 +284,7 @@ pub const SCHEMAS: &[OpSchema] = &[
             w("a_log"),
             w("d"),
             w("norm"),
-            w("out"),
+            w("out_proj"),
         ],
         &[
             a("hidden"),

@@ -136,10 +136,9 @@ pub fn parse_spec(source: SourceFile) -> Result<Spec, Diagnostics> {
         Err(e) => {
             let span = e.span().unwrap_or(0..0);
             let msg = e.message().trim().to_string();
-            return Err(Diagnostics(vec![source.diagnostic(
-                span,
-                format!("invalid TOML: {msg}"),
-            )]));
+            return Err(Diagnostics(vec![
+                source.diagnostic(span, format!("invalid TOML: {msg}"))
+            ]));
         }
     };
     let mut p = SpecParser {
@@ -375,7 +374,11 @@ impl<'a> SpecParser<'a> {
                 continue;
             }
             let Some(value) = item.as_value() else {
-                self.error(span, format!("parameter `{name}` must be a string or an inline table"), "");
+                self.error(
+                    span,
+                    format!("parameter `{name}` must be a string or an inline table"),
+                    "",
+                );
                 continue;
             };
             let mut doc = None;
@@ -441,9 +444,10 @@ impl<'a> SpecParser<'a> {
         }
         let keys = match it.get("key") {
             Some(TomlValue::String(s)) => vec![s.value().to_string()],
-            Some(TomlValue::Array(a)) if a.iter().all(|v| v.as_str().is_some()) => {
-                a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()
-            }
+            Some(TomlValue::Array(a)) if a.iter().all(|v| v.as_str().is_some()) => a
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect(),
             Some(other) => {
                 self.error(
                     other.span().unwrap_or(span),
@@ -497,7 +501,12 @@ impl<'a> SpecParser<'a> {
         out
     }
 
-    fn section(&mut self, item: Option<&Item>, name: &str, root: &toml_edit::Table) -> Option<Section> {
+    fn section(
+        &mut self,
+        item: Option<&Item>,
+        name: &str,
+        root: &toml_edit::Table,
+    ) -> Option<Section> {
         match item.and_then(|i| i.as_table()) {
             Some(t) => self.section_table(t, name),
             None => {
@@ -527,7 +536,8 @@ impl<'a> SpecParser<'a> {
         }
         let span = t.span().unwrap_or(0..0);
         let name = if is_layer {
-            self.string(t, "name", true).unwrap_or_else(|| label.to_string())
+            self.string(t, "name", true)
+                .unwrap_or_else(|| label.to_string())
         } else {
             label.to_string()
         };
@@ -611,7 +621,14 @@ impl<'a> SpecParser<'a> {
         Some(decl)
     }
 
-    fn op_key(&mut self, schema: &OpSchema, decl: &mut OpDecl, key: &str, kspan: Span, value: &TomlValue) {
+    fn op_key(
+        &mut self,
+        schema: &OpSchema,
+        decl: &mut OpDecl,
+        key: &str,
+        kspan: Span,
+        value: &TomlValue,
+    ) {
         let kind = schema.kind;
         if key == "op" {
         } else if key == "if" {
@@ -624,7 +641,11 @@ impl<'a> SpecParser<'a> {
             if many && names.len() != schema.in_arity {
                 self.error(
                     value.span().unwrap_or(kspan),
-                    format!("`{kind}` takes {} inputs in `in`, found {}", schema.in_arity, names.len()),
+                    format!(
+                        "`{kind}` takes {} inputs in `in`, found {}",
+                        schema.in_arity,
+                        names.len()
+                    ),
                     "",
                 );
             }
@@ -645,7 +666,11 @@ impl<'a> SpecParser<'a> {
                         let found = value.as_str().unwrap_or("?");
                         self.error(
                             value.span().unwrap_or(kspan),
-                            format!("`{key}` of `{kind}` must be one of {}, found \"{found}\"{}", allowed.join(", "), did_you_mean(found, allowed.iter().copied())),
+                            format!(
+                                "`{key}` of `{kind}` must be one of {}, found \"{found}\"{}",
+                                allowed.join(", "),
+                                did_you_mean(found, allowed.iter().copied())
+                            ),
                             "",
                         );
                         None
@@ -657,7 +682,11 @@ impl<'a> SpecParser<'a> {
                         (items.len() == arr.len()).then_some(AttrValue::List(items))
                     }
                     None => {
-                        self.error(value.span().unwrap_or(kspan), format!("`{key}` must be a list"), "");
+                        self.error(
+                            value.span().unwrap_or(kspan),
+                            format!("`{key}` must be a list"),
+                            "",
+                        );
                         None
                     }
                 },
@@ -669,7 +698,10 @@ impl<'a> SpecParser<'a> {
             let keys: Vec<&str> = schema.keys().collect();
             self.error(
                 kspan,
-                format!("op `{kind}` has no key `{key}`{}", did_you_mean(key, keys.iter().copied())),
+                format!(
+                    "op `{kind}` has no key `{key}`{}",
+                    did_you_mean(key, keys.iter().copied())
+                ),
                 format!("`{kind}` takes: {}", keys[1..].join(", ")),
             );
         }
@@ -686,12 +718,31 @@ impl<'a> SpecParser<'a> {
         if decl.outputs.is_empty() {
             missing.push("out");
         }
-        missing.extend(schema.weights.iter().filter(|w| w.required && decl.weight(w.key).is_none()).map(|w| w.key));
-        missing.extend(schema.attrs.iter().filter(|a| a.required && decl.attr(a.key).is_none()).map(|a| a.key));
+        missing.extend(
+            schema
+                .weights
+                .iter()
+                .filter(|w| w.required && decl.weight(w.key).is_none())
+                .map(|w| w.key),
+        );
+        missing.extend(
+            schema
+                .attrs
+                .iter()
+                .filter(|a| a.required && decl.attr(a.key).is_none())
+                .map(|a| a.key),
+        );
         if !missing.is_empty() {
             self.error(
                 op_span,
-                format!("op `{kind}` is missing {}", missing.iter().map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", ")),
+                format!(
+                    "op `{kind}` is missing {}",
+                    missing
+                        .iter()
+                        .map(|m| format!("`{m}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
                 schema.summary,
             );
         }
@@ -703,7 +754,11 @@ impl<'a> SpecParser<'a> {
             TomlValue::Array(a) if many => a.iter().collect(),
             TomlValue::String(_) if !many => vec![value],
             _ => {
-                let want = if many { "a list of activation names" } else { "an activation name (string)" };
+                let want = if many {
+                    "a list of activation names"
+                } else {
+                    "an activation name (string)"
+                };
                 self.error(span, format!("`{key}` must be {want}"), "");
                 return Vec::new();
             }
@@ -712,10 +767,16 @@ impl<'a> SpecParser<'a> {
         for v in items {
             let vspan = v.span().unwrap_or(span.clone());
             match v.as_str() {
-                Some(s) if is_ident(s) => out.push(Spanned { value: s.to_string(), span: vspan }),
+                Some(s) if is_ident(s) => out.push(Spanned {
+                    value: s.to_string(),
+                    span: vspan,
+                }),
                 _ => self.error(
                     vspan,
-                    format!("activation name {} is not an identifier", v.to_string().trim()),
+                    format!(
+                        "activation name {} is not an identifier",
+                        v.to_string().trim()
+                    ),
                     "use lowercase letters, digits and _",
                 ),
             }
@@ -727,7 +788,10 @@ impl<'a> SpecParser<'a> {
         let span = value.span().unwrap_or(0..0);
         match value {
             TomlValue::String(s) => Some(WeightRef {
-                name: Spanned { value: s.value().to_string(), span },
+                name: Spanned {
+                    value: s.value().to_string(),
+                    span,
+                },
                 cond: None,
                 tied_to: None,
                 tied_if: None,
@@ -737,11 +801,21 @@ impl<'a> SpecParser<'a> {
                 for (k, _) in it.iter() {
                     if !KEYS.contains(&k) {
                         let kspan = self.key_span(it, k);
-                        self.error(kspan, format!("unknown key `{k}` in weight reference{}", did_you_mean(k, KEYS)), "a weight is \"name\" or { name, if, tied_to, tied_if }");
+                        self.error(
+                            kspan,
+                            format!(
+                                "unknown key `{k}` in weight reference{}",
+                                did_you_mean(k, KEYS)
+                            ),
+                            "a weight is \"name\" or { name, if, tied_to, tied_if }",
+                        );
                     }
                 }
                 let name = match it.get("name") {
-                    Some(TomlValue::String(s)) => Spanned { value: s.value().to_string(), span: s.span().unwrap_or(span.clone()) },
+                    Some(TomlValue::String(s)) => Spanned {
+                        value: s.value().to_string(),
+                        span: s.span().unwrap_or(span.clone()),
+                    },
                     _ => {
                         self.error(span, "weight reference needs `name = \"...\"`", "");
                         return None;
@@ -749,16 +823,28 @@ impl<'a> SpecParser<'a> {
                 };
                 let cond = it.get("if").and_then(|v| self.expr_of(v));
                 let tied_to = it.get("tied_to").and_then(|v| {
-                    v.as_str().map(|s| Spanned { value: s.to_string(), span: v.span().unwrap_or(span.clone()) })
+                    v.as_str().map(|s| Spanned {
+                        value: s.to_string(),
+                        span: v.span().unwrap_or(span.clone()),
+                    })
                 });
                 let tied_if = it.get("tied_if").and_then(|v| self.expr_of(v));
                 if tied_to.is_some() != tied_if.is_some() {
                     self.error(span, "`tied_to` and `tied_if` go together", "e.g. { name = \"lm_head.weight\", tied_to = \"model.embed_tokens.weight\", tied_if = \"tie_embeddings\" }");
                 }
-                Some(WeightRef { name, cond, tied_to, tied_if })
+                Some(WeightRef {
+                    name,
+                    cond,
+                    tied_to,
+                    tied_if,
+                })
             }
             _ => {
-                self.error(span, "a weight must be a tensor name or { name = ..., if = ... }", "");
+                self.error(
+                    span,
+                    "a weight must be a tensor name or { name = ..., if = ... }",
+                    "",
+                );
                 None
             }
         }

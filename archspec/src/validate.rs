@@ -67,7 +67,12 @@ struct Validator<'a> {
 }
 
 impl<'a> Validator<'a> {
-    fn error(&mut self, span: std::ops::Range<usize>, msg: impl Into<String>, hint: impl Into<String>) {
+    fn error(
+        &mut self,
+        span: std::ops::Range<usize>,
+        msg: impl Into<String>,
+        hint: impl Into<String>,
+    ) {
         let d = self.spec.source.diagnostic(span, msg).with_hint(hint);
         self.errors.push(d);
     }
@@ -89,11 +94,17 @@ impl<'a> Validator<'a> {
         let mut deps: HashMap<&str, Vec<&str>> = HashMap::new();
         for p in &self.spec.params {
             let e = match &p.source {
-                ParamSource::Config { default: Some(e), .. } | ParamSource::Derived(e) => e,
+                ParamSource::Config {
+                    default: Some(e), ..
+                }
+                | ParamSource::Derived(e) => e,
                 ParamSource::Config { default: None, .. } => continue,
             };
             self.expr(e, false);
-            deps.insert(&p.name, e.expr.names().into_iter().map(|(n, _)| n).collect());
+            deps.insert(
+                &p.name,
+                e.expr.names().into_iter().map(|(n, _)| n).collect(),
+            );
         }
         for p in &self.spec.params {
             let mut stack = vec![p.name.as_str()];
@@ -133,7 +144,10 @@ impl<'a> Validator<'a> {
                 };
                 self.error(
                     at..at + name.len(),
-                    format!("unknown parameter `{name}`{}", did_you_mean(name, candidates)),
+                    format!(
+                        "unknown parameter `{name}`{}",
+                        did_you_mean(name, candidates)
+                    ),
                     hint,
                 );
             }
@@ -149,7 +163,10 @@ impl<'a> Validator<'a> {
             }
         }
         for name in must_define {
-            let written = s.ops.iter().any(|op| op.outputs.iter().any(|o| o.value == *name));
+            let written = s
+                .ops
+                .iter()
+                .any(|op| op.outputs.iter().any(|o| o.value == *name));
             if !written {
                 self.error(
                     s.span.clone(),
@@ -185,7 +202,8 @@ impl<'a> Validator<'a> {
         if let Some(cond) = &op.cond {
             self.expr(cond, in_layer);
             let ins = op.input("in");
-            let same = ins.len() == 1 && op.outputs.len() == 1 && ins[0].value == op.outputs[0].value;
+            let same =
+                ins.len() == 1 && op.outputs.len() == 1 && ins[0].value == op.outputs[0].value;
             if !same {
                 self.error(
                     cond.span.clone(),

@@ -14,7 +14,9 @@ fn spec_error(text: &str) -> String {
 
 fn config_error(config: serde_json::Value) -> String {
     let spec = parse("specs/llama.toml", GOOD).unwrap();
-    lower(&spec, &config, "config.json").unwrap_err().to_string()
+    lower(&spec, &config, "config.json")
+        .unwrap_err()
+        .to_string()
 }
 
 fn tiny_config() -> serde_json::Value {
@@ -29,8 +31,16 @@ fn misspelled_op_points_at_it_with_a_suggestion() {
     let text = GOOD.replacen("op = \"rms_norm\"", "op = \"rms_nrom\"", 1);
     let err = spec_error(&text);
     let line = text.lines().position(|l| l.contains("rms_nrom")).unwrap() + 1;
-    let col = text.lines().nth(line - 1).unwrap().find("\"rms_nrom\"").unwrap() + 1;
-    let expected = format!("specs/bad.toml:{line}:{col}: error: unknown op \"rms_nrom\" (did you mean `rms_norm`?)");
+    let col = text
+        .lines()
+        .nth(line - 1)
+        .unwrap()
+        .find("\"rms_nrom\"")
+        .unwrap()
+        + 1;
+    let expected = format!(
+        "specs/bad.toml:{line}:{col}: error: unknown op \"rms_nrom\" (did you mean `rms_norm`?)"
+    );
     assert!(err.starts_with(&expected), "{err}");
     assert!(err.contains("hint: known ops:"), "{err}");
 }
@@ -44,19 +54,42 @@ fn invalid_toml_is_located() {
 
 #[test]
 fn unknown_parameter_in_expression() {
-    let text = GOOD.replacen("features = \"heads * head_dim\"", "features = \"heads * head_dmi\"", 1);
+    let text = GOOD.replacen(
+        "features = \"heads * head_dim\"",
+        "features = \"heads * head_dmi\"",
+        1,
+    );
     let err = spec_error(&text);
-    assert!(err.contains("unknown parameter `head_dmi` (did you mean `head_dim`?)"), "{err}");
+    assert!(
+        err.contains("unknown parameter `head_dmi` (did you mean `head_dim`?)"),
+        "{err}"
+    );
     let line = text.lines().position(|l| l.contains("head_dmi")).unwrap() + 1;
-    let col = text.lines().nth(line - 1).unwrap().find("head_dmi").unwrap() + 1;
-    assert!(err.starts_with(&format!("specs/bad.toml:{line}:{col}:")), "{err}");
+    let col = text
+        .lines()
+        .nth(line - 1)
+        .unwrap()
+        .find("head_dmi")
+        .unwrap()
+        + 1;
+    assert!(
+        err.starts_with(&format!("specs/bad.toml:{line}:{col}:")),
+        "{err}"
+    );
 }
 
 #[test]
 fn activation_read_before_written() {
-    let text = GOOD.replacen("{ op = \"glu\", gate = \"g\"", "{ op = \"glu\", gate = \"gg\"", 1);
+    let text = GOOD.replacen(
+        "{ op = \"glu\", gate = \"g\"",
+        "{ op = \"glu\", gate = \"gg\"",
+        1,
+    );
     let err = spec_error(&text);
-    assert!(err.contains("op `glu` reads `gg`, which no earlier op writes (did you mean `g`?)"), "{err}");
+    assert!(
+        err.contains("op `glu` reads `gg`, which no earlier op writes (did you mean `g`?)"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -71,13 +104,25 @@ fn unknown_and_missing_op_keys() {
 fn bad_expression_syntax() {
     let text = GOOD.replacen("\"heads * head_dim\"", "\"heads * \"", 1);
     let err = spec_error(&text);
-    assert!(err.contains("invalid expression: expected an expression"), "{err}");
+    assert!(
+        err.contains("invalid expression: expected an expression"),
+        "{err}"
+    );
 }
 
 #[test]
 fn parameter_cycle() {
-    let text = GOOD.replacen("head_dim = { key = \"head_dim\", default = \"hidden / heads\" }", "head_dim = { expr = \"kv_heads * 2\" }\nkv_x = { expr = \"head_dim\" }", 1)
-        .replacen("kv_heads = { key = \"num_key_value_heads\", default = \"heads\" }", "kv_heads = { key = \"num_key_value_heads\", default = \"head_dim\" }", 1);
+    let text = GOOD
+        .replacen(
+            "head_dim = { key = \"head_dim\", default = \"hidden / heads\" }",
+            "head_dim = { expr = \"kv_heads * 2\" }\nkv_x = { expr = \"head_dim\" }",
+            1,
+        )
+        .replacen(
+            "kv_heads = { key = \"num_key_value_heads\", default = \"heads\" }",
+            "kv_heads = { key = \"num_key_value_heads\", default = \"head_dim\" }",
+            1,
+        );
     let err = spec_error(&text);
     assert!(err.contains("depends on itself"), "{err}");
 }
@@ -111,7 +156,10 @@ fn unsupported_rope_scaling_type() {
     let mut c = tiny_config();
     c["rope_scaling"] = serde_json::json!({"rope_type": "wild", "factor": 2.0});
     let err = config_error(c);
-    assert!(err.contains("rope scaling type `wild` is not supported"), "{err}");
+    assert!(
+        err.contains("rope scaling type `wild` is not supported"),
+        "{err}"
+    );
     assert!(err.contains("specs/llama.toml:"), "{err}");
 }
 

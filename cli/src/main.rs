@@ -9,7 +9,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "pie", version, about = "Specialized LLM inference engines from declarative architecture specs")]
+#[command(
+    name = "pie",
+    version,
+    about = "Specialized LLM inference engines from declarative architecture specs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

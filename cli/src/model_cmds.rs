@@ -37,7 +37,12 @@ pub struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Comma-separated prompt token ids.
-    #[arg(long, value_delimiter = ',', conflicts_with = "prompt", required_unless_present = "prompt")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        conflicts_with = "prompt",
+        required_unless_present = "prompt"
+    )]
     ids: Option<Vec<u32>>,
     /// Prompt text (needs tokenizer.json in the model directory).
     #[arg(long)]
@@ -72,7 +77,9 @@ fn load(args: &ModelArgs) -> Result<Engine<PortableDriver>, String> {
         bar.set_position(done as u64);
         bar.set_message(name.to_string());
     };
-    let opts = LoadOptions { page_size: args.kv_page_size };
+    let opts = LoadOptions {
+        page_size: args.kv_page_size,
+    };
     let engine = Engine::load(&args.model, PortableDriver::new(), &opts, Some(&progress));
     bar.finish_and_clear();
     engine.map_err(|e| e.to_string())
@@ -80,14 +87,20 @@ fn load(args: &ModelArgs) -> Result<Engine<PortableDriver>, String> {
 
 pub fn logits(args: LogitsArgs) -> Result<(), String> {
     let mut engine = load(&args.model)?;
-    let rows = engine.prompt_logits(std::slice::from_ref(&args.ids)).map_err(|e| e.to_string())?.remove(0);
+    let rows = engine
+        .prompt_logits(std::slice::from_ref(&args.ids))
+        .map_err(|e| e.to_string())?
+        .remove(0);
     if args.json {
         let out = serde_json::json!({ "ids": args.ids, "logits": rows });
         println!("{out}");
     } else {
         for (pos, (id, row)) in args.ids.iter().zip(&rows).enumerate() {
             let best = pie_runtime::sampling::argmax(row);
-            println!("position {pos}: input {id} -> argmax {best} (logit {:.4})", row[best as usize]);
+            println!(
+                "position {pos}: input {id} -> argmax {best} (logit {:.4})",
+                row[best as usize]
+            );
         }
     }
     Ok(())
@@ -99,24 +112,46 @@ pub fn generate(args: GenerateArgs) -> Result<(), String> {
         (Some(ids), _) => ids.clone(),
         (None, Some(text)) => {
             let tokenizer = engine.tokenizer.as_ref().ok_or_else(|| {
-                format!("{}: no tokenizer.json; pass --ids instead of --prompt", args.model.model.display())
+                format!(
+                    "{}: no tokenizer.json; pass --ids instead of --prompt",
+                    args.model.model.display()
+                )
             })?;
             if args.chat {
                 let template = engine.chat_template.as_ref().ok_or_else(|| {
-                    format!("{}: no chat template in tokenizer_config.json or chat_template.jinja", args.model.model.display())
+                    format!(
+                        "{}: no chat template in tokenizer_config.json or chat_template.jinja",
+                        args.model.model.display()
+                    )
                 })?;
                 let rendered = template
-                    .render(&[ChatMessage { role: "user".into(), content: text.clone() }], true)
+                    .render(
+                        &[ChatMessage {
+                            role: "user".into(),
+                            content: text.clone(),
+                        }],
+                        true,
+                    )
                     .map_err(|e| e.to_string())?;
-                tokenizer.encode(&rendered, false).map_err(|e| e.to_string())?
+                tokenizer
+                    .encode(&rendered, false)
+                    .map_err(|e| e.to_string())?
             } else {
                 tokenizer.encode(text, true).map_err(|e| e.to_string())?
             }
         }
         (None, None) => unreachable!("clap requires --ids or --prompt"),
     };
-    let sampler = Sampler { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
-    let ids = engine.generate(&[prompt_ids], args.max_tokens, &sampler).map_err(|e| e.to_string())?.remove(0);
+    let sampler = Sampler {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    let ids = engine
+        .generate(&[prompt_ids], args.max_tokens, &sampler)
+        .map_err(|e| e.to_string())?
+        .remove(0);
     let text = match &engine.tokenizer {
         Some(t) => Some(t.decode(&ids, true).map_err(|e| e.to_string())?),
         None => None,
@@ -130,7 +165,13 @@ pub fn generate(args: GenerateArgs) -> Result<(), String> {
     } else {
         match text {
             Some(text) => println!("{text}"),
-            None => println!("{}", ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")),
+            None => println!(
+                "{}",
+                ids.iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
         }
     }
     Ok(())

@@ -46,10 +46,18 @@ pub fn run(cmd: SpecCommand) -> Result<(), String> {
         }
         SpecCommand::Show { arch, config } => {
             let spec = resolve_spec(&arch)?;
-            let text = std::fs::read_to_string(&config).map_err(|e| format!("{}: {e}", config.display()))?;
-            let json: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| format!("{}: invalid JSON at line {}, column {}: {e}", config.display(), e.line(), e.column()))?;
-            let model = pie_archspec::lower(&spec, &json, &config.display().to_string()).map_err(|e| e.to_string())?;
+            let text = std::fs::read_to_string(&config)
+                .map_err(|e| format!("{}: {e}", config.display()))?;
+            let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                format!(
+                    "{}: invalid JSON at line {}, column {}: {e}",
+                    config.display(),
+                    e.line(),
+                    e.column()
+                )
+            })?;
+            let model = pie_archspec::lower(&spec, &json, &config.display().to_string())
+                .map_err(|e| e.to_string())?;
             print!("{model}");
             Ok(())
         }
@@ -60,7 +68,12 @@ pub fn run(cmd: SpecCommand) -> Result<(), String> {
         }
         SpecCommand::List => {
             for a in registry::architectures::<PortableDriver>() {
-                println!("{:<12} {:<28} model_type: {}", a.name, a.spec_path, a.hf_model_types.join(", "));
+                println!(
+                    "{:<12} {:<28} model_type: {}",
+                    a.name,
+                    a.spec_path,
+                    a.hf_model_types.join(", ")
+                );
             }
             Ok(())
         }
@@ -76,6 +89,12 @@ fn resolve_spec(arch: &str) -> Result<pie_archspec::Spec, String> {
     if path.exists() {
         return pie_archspec::load(path).map_err(|d| d.to_string());
     }
-    let known: Vec<&str> = registry::architectures::<PortableDriver>().iter().map(|a| a.name).collect();
-    Err(format!("unknown architecture `{arch}` (compiled in: {}; or give a spec file path)", known.join(", ")))
+    let known: Vec<&str> = registry::architectures::<PortableDriver>()
+        .iter()
+        .map(|a| a.name)
+        .collect();
+    Err(format!(
+        "unknown architecture `{arch}` (compiled in: {}; or give a spec file path)",
+        known.join(", ")
+    ))
 }

@@ -8,7 +8,10 @@ use std::process::Command;
 use safetensors::tensor::{Dtype, TensorView};
 
 fn pie(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pie")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pie"))
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -23,7 +26,10 @@ fn fails_with(args: &[&str], needle: &str) {
     assert!(!ok, "expected failure for {args:?}");
     assert!(err.starts_with("error: "), "{err}");
     assert!(err.contains(needle), "expected {needle:?} in:\n{err}");
-    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{err}"
+    );
 }
 
 const HIDDEN: usize = 16;
@@ -57,22 +63,44 @@ fn weights() -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     add("model.norm.weight", vec![HIDDEN]);
     let p = "model.layers.0";
     add(&format!("{p}.input_layernorm.weight"), vec![HIDDEN]);
-    add(&format!("{p}.post_attention_layernorm.weight"), vec![HIDDEN]);
-    add(&format!("{p}.self_attn.q_proj.weight"), vec![HIDDEN, HIDDEN]);
+    add(
+        &format!("{p}.post_attention_layernorm.weight"),
+        vec![HIDDEN],
+    );
+    add(
+        &format!("{p}.self_attn.q_proj.weight"),
+        vec![HIDDEN, HIDDEN],
+    );
     add(&format!("{p}.self_attn.k_proj.weight"), vec![8, HIDDEN]);
     add(&format!("{p}.self_attn.v_proj.weight"), vec![8, HIDDEN]);
-    add(&format!("{p}.self_attn.o_proj.weight"), vec![HIDDEN, HIDDEN]);
+    add(
+        &format!("{p}.self_attn.o_proj.weight"),
+        vec![HIDDEN, HIDDEN],
+    );
     add(&format!("{p}.mlp.gate_proj.weight"), vec![32, HIDDEN]);
     add(&format!("{p}.mlp.up_proj.weight"), vec![32, HIDDEN]);
     add(&format!("{p}.mlp.down_proj.weight"), vec![HIDDEN, 32]);
     w
 }
 
-fn write_model(dir: &Path, config: &serde_json::Value, weights: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) {
-    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(config).unwrap()).unwrap();
+fn write_model(
+    dir: &Path,
+    config: &serde_json::Value,
+    weights: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+) {
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec_pretty(config).unwrap(),
+    )
+    .unwrap();
     let bytes: BTreeMap<&String, (Vec<usize>, Vec<u8>)> = weights
         .iter()
-        .map(|(k, (s, v))| (k, (s.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect())))
+        .map(|(k, (s, v))| {
+            (
+                k,
+                (s.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            )
+        })
         .collect();
     let views: Vec<(&String, TensorView)> = bytes
         .iter()
@@ -81,7 +109,9 @@ fn write_model(dir: &Path, config: &serde_json::Value, weights: &BTreeMap<String
     safetensors::serialize_to_file(views, &None, &dir.join("model.safetensors")).unwrap();
 }
 
-fn model_dir(mutate: impl FnOnce(&mut serde_json::Value, &mut BTreeMap<String, (Vec<usize>, Vec<f32>)>)) -> (tempfile::TempDir, PathBuf) {
+fn model_dir(
+    mutate: impl FnOnce(&mut serde_json::Value, &mut BTreeMap<String, (Vec<usize>, Vec<f32>)>),
+) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let (mut c, mut w) = (config(), weights());
     mutate(&mut c, &mut w);
@@ -109,7 +139,18 @@ fn logits_json_contract() {
 #[test]
 fn generate_json_contract_and_determinism() {
     let (_d, dir) = model_dir(|_, _| {});
-    let args = ["generate", "--model", s(&dir), "--ids", "1,2,3", "--max-tokens", "5", "--temperature", "0", "--json"];
+    let args = [
+        "generate",
+        "--model",
+        s(&dir),
+        "--ids",
+        "1,2,3",
+        "--max-tokens",
+        "5",
+        "--temperature",
+        "0",
+        "--json",
+    ];
     let (ok, out, err) = pie(&args);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
@@ -124,13 +165,19 @@ fn missing_weight_names_the_tensor() {
     let (_d, dir) = model_dir(|_, w| {
         w.remove("model.layers.0.mlp.up_proj.weight");
     });
-    fails_with(&["logits", "--model", s(&dir), "--ids", "1"], "tensor `model.layers.0.mlp.up_proj.weight` not found");
+    fails_with(
+        &["logits", "--model", s(&dir), "--ids", "1"],
+        "tensor `model.layers.0.mlp.up_proj.weight` not found",
+    );
 }
 
 #[test]
 fn wrong_shape_names_expected_and_found() {
     let (_d, dir) = model_dir(|_, w| {
-        w.insert("model.layers.0.mlp.up_proj.weight".into(), (vec![31, HIDDEN], vec![0.0; 31 * HIDDEN]));
+        w.insert(
+            "model.layers.0.mlp.up_proj.weight".into(),
+            (vec![31, HIDDEN], vec![0.0; 31 * HIDDEN]),
+        );
     });
     fails_with(
         &["logits", "--model", s(&dir), "--ids", "1"],
@@ -141,7 +188,10 @@ fn wrong_shape_names_expected_and_found() {
 #[test]
 fn unsupported_model_type() {
     let (_d, dir) = model_dir(|c, _| c["model_type"] = "gpt_neo".into());
-    fails_with(&["logits", "--model", s(&dir), "--ids", "1"], "model_type `gpt_neo` is not supported (supported: ");
+    fails_with(
+        &["logits", "--model", s(&dir), "--ids", "1"],
+        "model_type `gpt_neo` is not supported (supported: ",
+    );
 }
 
 #[test]
@@ -156,35 +206,60 @@ fn model_using_an_op_the_driver_lacks_is_refused_at_load() {
     let (ok, _, err) = pie(&["logits", "--model", s(&dir), "--ids", "1"]);
     if registry_has("qwen3_moe") {
         assert!(!ok);
-        assert!(err.contains("uses op `moe`") && err.contains("`portable` driver does not support"), "{err}");
+        assert!(
+            err.contains("uses op `moe`") && err.contains("`portable` driver does not support"),
+            "{err}"
+        );
     } else {
-        assert!(err.contains("model_type `qwen3_moe` is not supported"), "{err}");
+        assert!(
+            err.contains("model_type `qwen3_moe` is not supported"),
+            "{err}"
+        );
     }
 }
 
 fn registry_has(arch: &str) -> bool {
-    pie(&["spec", "list"]).1.lines().any(|l| l.starts_with(&format!("{arch} ")))
+    pie(&["spec", "list"])
+        .1
+        .lines()
+        .any(|l| l.starts_with(&format!("{arch} ")))
 }
 
 #[test]
 fn corrupt_safetensors_header() {
     let (_d, dir) = model_dir(|_, _| {});
-    std::fs::write(dir.join("model.safetensors"), b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage").unwrap();
-    fails_with(&["logits", "--model", s(&dir), "--ids", "1"], "model.safetensors");
+    std::fs::write(
+        dir.join("model.safetensors"),
+        b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage",
+    )
+    .unwrap();
+    fails_with(
+        &["logits", "--model", s(&dir), "--ids", "1"],
+        "model.safetensors",
+    );
 }
 
 #[test]
 fn ids_out_of_vocab_range() {
     let (_d, dir) = model_dir(|_, _| {});
-    fails_with(&["logits", "--model", s(&dir), "--ids", "1,40"], "token id 40 is out of range");
+    fails_with(
+        &["logits", "--model", s(&dir), "--ids", "1,40"],
+        "token id 40 is out of range",
+    );
 }
 
 #[test]
 fn missing_config_and_bad_json() {
     let dir = tempfile::tempdir().unwrap();
-    fails_with(&["logits", "--model", s(dir.path()), "--ids", "1"], "config.json");
+    fails_with(
+        &["logits", "--model", s(dir.path()), "--ids", "1"],
+        "config.json",
+    );
     std::fs::write(dir.path().join("config.json"), "{ \"model_type\": ").unwrap();
-    fails_with(&["logits", "--model", s(dir.path()), "--ids", "1"], "config.json");
+    fails_with(
+        &["logits", "--model", s(dir.path()), "--ids", "1"],
+        "config.json",
+    );
 }
 
 #[test]
@@ -192,24 +267,35 @@ fn missing_config_key_is_named() {
     let (_d, dir) = model_dir(|c, _| {
         c.as_object_mut().unwrap().remove("intermediate_size");
     });
-    fails_with(&["logits", "--model", s(&dir), "--ids", "1"], "missing key `intermediate_size`");
+    fails_with(
+        &["logits", "--model", s(&dir), "--ids", "1"],
+        "missing key `intermediate_size`",
+    );
 }
 
 #[test]
 fn prompt_without_tokenizer() {
     let (_d, dir) = model_dir(|_, _| {});
-    fails_with(&["generate", "--model", s(&dir), "--prompt", "hi"], "no tokenizer.json");
+    fails_with(
+        &["generate", "--model", s(&dir), "--prompt", "hi"],
+        "no tokenizer.json",
+    );
 }
 
 #[test]
 fn spec_check_reports_location() {
     let dir = tempfile::tempdir().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let text = std::fs::read_to_string(root.join("specs/llama.toml")).unwrap().replacen("\"glu\"", "\"gluu\"", 1);
+    let text = std::fs::read_to_string(root.join("specs/llama.toml"))
+        .unwrap()
+        .replacen("\"glu\"", "\"gluu\"", 1);
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, text).unwrap();
     fails_with(&["spec", "check", s(&bad)], "bad.toml:");
-    fails_with(&["spec", "check", s(&bad)], "unknown op \"gluu\" (did you mean `glu`?)");
+    fails_with(
+        &["spec", "check", s(&bad)],
+        "unknown op \"gluu\" (did you mean `glu`?)",
+    );
     let (ok, out, _) = pie(&["spec", "check", s(&root.join("specs/llama.toml"))]);
     assert!(ok && out.contains("ok"), "{out}");
 }
@@ -217,7 +303,13 @@ fn spec_check_reports_location() {
 #[test]
 fn spec_show_prints_the_ir() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let (ok, out, err) = pie(&["spec", "show", "qwen3", "--config", s(&root.join("tests/configs/qwen3.json"))]);
+    let (ok, out, err) = pie(&[
+        "spec",
+        "show",
+        "qwen3",
+        "--config",
+        s(&root.join("tests/configs/qwen3.json")),
+    ]);
     assert!(ok, "{err}");
     assert!(out.starts_with("arch qwen3"), "{out}");
     assert!(out.contains("layers 0..=27: decoder"), "{out}");

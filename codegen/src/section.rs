@@ -48,7 +48,10 @@ impl<'a> SectionGen<'a> {
             .iter()
             .enumerate()
             .map(|(index, decl)| {
-                let attrs = format_ident!("{}", names.unique(format!("n{index}_{}", decl.kind.spec_name())));
+                let attrs = format_ident!(
+                    "{}",
+                    names.unique(format!("n{index}_{}", decl.kind.spec_name()))
+                );
                 let schema = schema_of(decl.kind);
                 let weights = schema
                     .weights
@@ -67,10 +70,20 @@ impl<'a> SectionGen<'a> {
                         })
                     })
                     .collect();
-                OpGen { index, decl, attrs, weights }
+                OpGen {
+                    index,
+                    decl,
+                    attrs,
+                    weights,
+                }
             })
             .collect();
-        SectionGen { ty: format_ident!("{ty}"), role, section, ops }
+        SectionGen {
+            ty: format_ident!("{ty}"),
+            role,
+            section,
+            ops,
+        }
     }
 
     pub fn items(&self) -> TokenStream {
@@ -96,7 +109,9 @@ impl<'a> SectionGen<'a> {
                     quote!(#[doc = #d] pub #f: Arc<D::Weight>,)
                 }
             });
-            std::iter::once(attr_field).chain(weights).collect::<Vec<_>>()
+            std::iter::once(attr_field)
+                .chain(weights)
+                .collect::<Vec<_>>()
         });
         let load = self.load_fn();
         let forward = self.forward_fn();
@@ -177,7 +192,11 @@ impl<'a> SectionGen<'a> {
         let decl = op.decl;
         let conditional = decl.cond.is_some();
         let attrs_field = &op.attrs;
-        let a = if conditional { quote!(a) } else { quote!(&l.#attrs_field) };
+        let a = if conditional {
+            quote!(a)
+        } else {
+            quote!(&l.#attrs_field)
+        };
         let input = |key: &str, n: usize| -> TokenStream {
             let name = format_ident!("{}", decl.input(key)[n].value);
             quote!(&#name)

@@ -20,3 +20,13 @@ fn generated_llama() {
 fn generated_qwen3() {
     insta::assert_snapshot!(generated("qwen3"));
 }
+
+#[test]
+fn generated_qwen3_5() {
+    insta::assert_snapshot!(generated("qwen3_5"));
+}
+
+#[test]
+fn generated_nemotron_h() {
+    insta::assert_snapshot!(generated("nemotron_h"));
+}

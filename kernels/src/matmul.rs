@@ -42,9 +42,24 @@ const ROWS_PER_TASK: usize = 16;
 
 /// `out[i*n + j] = Σ_t x[i*k + t] · w[j*k + t]`.
 pub fn matmul(x: &[f32], m: usize, k: usize, w: WeightMatrix<'_>, n: usize, out: &mut [f32]) {
-    assert_eq!(x.len(), m * k, "matmul: x has {} elements, expected {m}×{k}", x.len());
-    assert_eq!(w.len(), n * k, "matmul: w has {} elements, expected {n}×{k}", w.len());
-    assert_eq!(out.len(), m * n, "matmul: out has {} elements, expected {m}×{n}", out.len());
+    assert_eq!(
+        x.len(),
+        m * k,
+        "matmul: x has {} elements, expected {m}×{k}",
+        x.len()
+    );
+    assert_eq!(
+        w.len(),
+        n * k,
+        "matmul: w has {} elements, expected {n}×{k}",
+        w.len()
+    );
+    assert_eq!(
+        out.len(),
+        m * n,
+        "matmul: out has {} elements, expected {m}×{n}",
+        out.len()
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -83,7 +98,11 @@ pub fn matmul(x: &[f32], m: usize, k: usize, w: WeightMatrix<'_>, n: usize, out:
 
 /// Copies rows `ids` of `table` (`[vocab, k]`) into `out` as f32.
 pub fn gather_rows(table: WeightMatrix<'_>, k: usize, ids: &[u32], out: &mut [f32]) {
-    assert_eq!(out.len(), ids.len() * k, "gather_rows: out has the wrong size");
+    assert_eq!(
+        out.len(),
+        ids.len() * k,
+        "gather_rows: out has the wrong size"
+    );
     for (dst, &id) in out.chunks_mut(k).zip(ids) {
         table.row_to_f32(id as usize, k, dst);
     }
@@ -157,12 +176,20 @@ mod simd {
         while t + 32 <= n {
             for (l, acc) in acc.iter_mut().enumerate() {
                 let off = t + l * 8;
-                *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(off)), _mm256_loadu_ps(pb.add(off)), *acc);
+                *acc = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(pa.add(off)),
+                    _mm256_loadu_ps(pb.add(off)),
+                    *acc,
+                );
             }
             t += 32;
         }
         while t + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(t)), _mm256_loadu_ps(pb.add(t)), acc[0]);
+            acc[0] = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(t)),
+                _mm256_loadu_ps(pb.add(t)),
+                acc[0],
+            );
             t += 8;
         }
         let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
@@ -188,7 +215,9 @@ mod tests {
         let mut out = vec![0f64; m * n];
         for i in 0..m {
             for j in 0..n {
-                out[i * n + j] = (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum();
+                out[i * n + j] = (0..k)
+                    .map(|t| x[i * k + t] as f64 * w[j * k + t] as f64)
+                    .sum();
             }
         }
         out
@@ -198,7 +227,9 @@ mod tests {
         let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
@@ -246,7 +277,10 @@ mod tests {
 
     #[test]
     fn gather_converts_rows() {
-        let table: Vec<bf16> = [1.0f32, 2.0, 3.0, 4.0].iter().map(|&v| bf16::from_f32(v)).collect();
+        let table: Vec<bf16> = [1.0f32, 2.0, 3.0, 4.0]
+            .iter()
+            .map(|&v| bf16::from_f32(v))
+            .collect();
         let mut out = vec![0f32; 4];
         gather_rows(WeightMatrix::Bf16(&table), 2, &[1, 0], &mut out);
         assert_eq!(out, [3.0, 4.0, 1.0, 2.0]);

@@ -27,27 +27,47 @@ impl ChatTemplate {
     /// The directory's template, or None when it has none.
     pub fn load(dir: &Path) -> Result<Option<Self>, LoadError> {
         let config_path = dir.join("tokenizer_config.json");
-        let config = if config_path.exists() { Some(read_json(&config_path)?) } else { None };
+        let config = if config_path.exists() {
+            Some(read_json(&config_path)?)
+        } else {
+            None
+        };
         let jinja_path = dir.join("chat_template.jinja");
         let (source, origin) = if jinja_path.exists() {
-            let text = std::fs::read_to_string(&jinja_path).map_err(|e| LoadError::file(&jinja_path, e.to_string()))?;
+            let text = std::fs::read_to_string(&jinja_path)
+                .map_err(|e| LoadError::file(&jinja_path, e.to_string()))?;
             (text, jinja_path.display().to_string())
         } else {
             match config.as_ref().and_then(|c| c.get("chat_template")) {
                 None | Some(serde_json::Value::Null) => return Ok(None),
-                Some(t) => (template_text(t).ok_or_else(|| {
-                    LoadError::file(&config_path, "`chat_template` must be a string or a list of {name, template}")
-                })?, format!("{} (chat_template)", config_path.display())),
+                Some(t) => (
+                    template_text(t).ok_or_else(|| {
+                        LoadError::file(
+                            &config_path,
+                            "`chat_template` must be a string or a list of {name, template}",
+                        )
+                    })?,
+                    format!("{} (chat_template)", config_path.display()),
+                ),
             }
         };
         let token = |key: &str| -> String {
             match config.as_ref().and_then(|c| c.get(key)) {
                 Some(serde_json::Value::String(s)) => s.clone(),
-                Some(obj) => obj.get("content").and_then(|c| c.as_str()).unwrap_or_default().to_string(),
+                Some(obj) => obj
+                    .get("content")
+                    .and_then(|c| c.as_str())
+                    .unwrap_or_default()
+                    .to_string(),
                 None => String::new(),
             }
         };
-        let template = ChatTemplate { source, origin, bos_token: token("bos_token"), eos_token: token("eos_token") };
+        let template = ChatTemplate {
+            source,
+            origin,
+            bos_token: token("bos_token"),
+            eos_token: token("eos_token"),
+        };
         // Compile once now so a broken template fails at load.
         template.env()?;
         Ok(Some(template))
@@ -67,16 +87,25 @@ impl ChatTemplate {
             let _ = fmt;
             "01 Jan 2026".to_string()
         });
-        env.add_template("chat", &self.source).map_err(|e| self.error(e))?;
+        env.add_template("chat", &self.source)
+            .map_err(|e| self.error(e))?;
         Ok(env)
     }
 
     fn error(&self, e: Error) -> LoadError {
         let line = e.line().map(|l| format!(" line {l}")).unwrap_or_default();
-        LoadError::Other(format!("{}{line}: chat template error: {}", self.origin, e.detail().unwrap_or(&e.to_string())))
+        LoadError::Other(format!(
+            "{}{line}: chat template error: {}",
+            self.origin,
+            e.detail().unwrap_or(&e.to_string())
+        ))
     }
 
-    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, LoadError> {
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, LoadError> {
         let env = self.env()?;
         let template = env.get_template("chat").map_err(|e| self.error(e))?;
         template
@@ -95,7 +124,9 @@ fn template_text(v: &serde_json::Value) -> Option<String> {
         serde_json::Value::String(s) => Some(s.clone()),
         serde_json::Value::Array(items) => {
             let named = |name: &str| {
-                items.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some(name))
+                items
+                    .iter()
+                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some(name))
             };
             named("default")
                 .or_else(|| items.first())
@@ -121,8 +152,14 @@ mod tests {
 
     fn msgs() -> Vec<ChatMessage> {
         vec![
-            ChatMessage { role: "system".into(), content: " Be brief. ".into() },
-            ChatMessage { role: "user".into(), content: "Hi".into() },
+            ChatMessage {
+                role: "system".into(),
+                content: " Be brief. ".into(),
+            },
+            ChatMessage {
+                role: "user".into(),
+                content: "Hi".into(),
+            },
         ]
     }
 

@@ -44,7 +44,12 @@ pub struct Engine<D: Driver> {
 }
 
 impl<D: Driver + 'static> Engine<D> {
-    pub fn load(dir: &Path, driver: D, opts: &LoadOptions, progress: Option<Progress<'_>>) -> Result<Self, PieError> {
+    pub fn load(
+        dir: &Path,
+        driver: D,
+        opts: &LoadOptions,
+        progress: Option<Progress<'_>>,
+    ) -> Result<Self, PieError> {
         let files = ModelFiles::open(dir)?;
         let config_path = dir.join("config.json").display().to_string();
         let model_type = files.model_type().to_string();
@@ -102,7 +107,11 @@ impl<D: Driver + 'static> Engine<D> {
                     .ir
                     .kv_slots
                     .iter()
-                    .map(|s| KvSlotShape { kv_heads: s.kv_heads, head_dim: s.head_dim, v_head_dim: s.v_head_dim })
+                    .map(|s| KvSlotShape {
+                        kv_heads: s.kv_heads,
+                        head_dim: s.head_dim,
+                        v_head_dim: s.v_head_dim,
+                    })
                     .collect(),
             };
             self.kv = Some((self.driver.new_kv(&layout)?, pages));
@@ -131,15 +140,26 @@ impl<D: Driver + 'static> Engine<D> {
         Ok(batch
             .seqs
             .iter()
-            .map(|s| (s.start..s.start + s.len).map(|r| flat[r * vocab..(r + 1) * vocab].to_vec()).collect())
+            .map(|s| {
+                (s.start..s.start + s.len)
+                    .map(|r| flat[r * vocab..(r + 1) * vocab].to_vec())
+                    .collect()
+            })
             .collect())
     }
 
     /// Generates up to `max_tokens` for each prompt, decoding all sequences
     /// together; a sequence stops at a stop token (which is included).
-    pub fn generate(&mut self, prompts: &[Vec<u32>], max_tokens: usize, sampler: &Sampler) -> Result<Vec<Vec<u32>>, PieError> {
+    pub fn generate(
+        &mut self,
+        prompts: &[Vec<u32>],
+        max_tokens: usize,
+        sampler: &Sampler,
+    ) -> Result<Vec<Vec<u32>>, PieError> {
         let (mut batch, pages) = self.prefill_batch(prompts, max_tokens)?;
-        let mut rngs: Vec<Rng> = (0..prompts.len()).map(|i| Rng::new(sampler.seed.wrapping_add(i as u64))).collect();
+        let mut rngs: Vec<Rng> = (0..prompts.len())
+            .map(|i| Rng::new(sampler.seed.wrapping_add(i as u64)))
+            .collect();
         let mut out = vec![Vec::new(); prompts.len()];
         let mut live: Vec<usize> = (0..prompts.len()).collect();
         let vocab = self.ir.vocab;
@@ -148,7 +168,8 @@ impl<D: Driver + 'static> Engine<D> {
             let logits = self.run(&batch, &rows)?;
             let mut next = Vec::new();
             for (k, &seq) in live.iter().enumerate() {
-                let token = sampling::sample(&logits[k * vocab..(k + 1) * vocab], sampler, &mut rngs[seq]);
+                let token =
+                    sampling::sample(&logits[k * vocab..(k + 1) * vocab], sampler, &mut rngs[seq]);
                 out[seq].push(token);
                 if out[seq].len() < max_tokens && !self.stop_ids.contains(&token) {
                     next.push((seq, token));
@@ -157,7 +178,13 @@ impl<D: Driver + 'static> Engine<D> {
             live = next.iter().map(|(s, _)| *s).collect();
             batch = ForwardBatch::new(
                 next.iter()
-                    .map(|&(seq, token)| (vec![token], prompts[seq].len() + out[seq].len() - 1, pages[seq].clone()))
+                    .map(|&(seq, token)| {
+                        (
+                            vec![token],
+                            prompts[seq].len() + out[seq].len() - 1,
+                            pages[seq].clone(),
+                        )
+                    })
                     .collect(),
             );
         }
@@ -166,9 +193,15 @@ impl<D: Driver + 'static> Engine<D> {
 
     /// A batch holding every prompt whole, with pages reserved for
     /// `extra` more tokens per sequence.
-    fn prefill_batch(&mut self, prompts: &[Vec<u32>], extra: usize) -> Result<(ForwardBatch, Vec<Vec<u32>>), PieError> {
+    fn prefill_batch(
+        &mut self,
+        prompts: &[Vec<u32>],
+        extra: usize,
+    ) -> Result<(ForwardBatch, Vec<Vec<u32>>), PieError> {
         if prompts.iter().any(|p| p.is_empty()) {
-            return Err(PieError::Input("empty prompt: give at least one token".into()));
+            return Err(PieError::Input(
+                "empty prompt: give at least one token".into(),
+            ));
         }
         for p in prompts {
             self.check_ids(p)?;
@@ -184,7 +217,13 @@ impl<D: Driver + 'static> Engine<D> {
             })
             .collect();
         self.kv(next_page as usize)?;
-        let batch = ForwardBatch::new(prompts.iter().zip(&pages).map(|(p, pg)| (p.clone(), 0, pg.clone())).collect());
+        let batch = ForwardBatch::new(
+            prompts
+                .iter()
+                .zip(&pages)
+                .map(|(p, pg)| (p.clone(), 0, pg.clone()))
+                .collect(),
+        );
         Ok((batch, pages))
     }
 
@@ -198,7 +237,10 @@ impl<D: Driver + 'static> Engine<D> {
 /// Refuses, before loading any weight, a model whose spec uses an op the
 /// driver cannot run.
 fn check_driver_support<D: Driver>(driver: &D, model: &ir::Model) -> Result<(), PieError> {
-    if let Some(node) = model.nodes().find(|n| n.enabled && !driver.supports(n.kind())) {
+    if let Some(node) = model
+        .nodes()
+        .find(|n| n.enabled && !driver.supports(n.kind()))
+    {
         return Err(PieError::UnsupportedOp {
             op: node.kind().spec_name(),
             driver: driver.name(),

@@ -11,6 +11,9 @@ pub enum LoadError {
 
 impl LoadError {
     pub fn file(path: &std::path::Path, message: impl Into<String>) -> Self {
-        LoadError::File { path: path.display().to_string(), message: message.into() }
+        LoadError::File {
+            path: path.display().to_string(),
+            message: message.into(),
+        }
     }
 }

@@ -13,9 +13,17 @@ pub struct ModelFiles {
 
 /// Reads and parses a JSON file; errors give the line and column.
 pub fn read_json(path: &Path) -> Result<serde_json::Value, LoadError> {
-    let text = std::fs::read_to_string(path).map_err(|e| LoadError::file(path, format!("cannot read: {e}")))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| LoadError::file(path, format!("cannot read: {e}")))?;
     serde_json::from_str(&text).map_err(|e| {
-        LoadError::file(path, format!("invalid JSON at line {}, column {}: {e}", e.line(), e.column()))
+        LoadError::file(
+            path,
+            format!(
+                "invalid JSON at line {}, column {}: {e}",
+                e.line(),
+                e.column()
+            ),
+        )
     })
 }
 
@@ -26,18 +34,32 @@ impl ModelFiles {
         }
         let config_path = dir.join("config.json");
         if !config_path.exists() {
-            return Err(LoadError::file(&config_path, "missing: a model directory needs config.json"));
+            return Err(LoadError::file(
+                &config_path,
+                "missing: a model directory needs config.json",
+            ));
         }
         let config = read_json(&config_path)?;
         if !config.is_object() {
             return Err(LoadError::file(&config_path, "expected a JSON object"));
         }
         if config.get("model_type").and_then(|v| v.as_str()).is_none() {
-            return Err(LoadError::file(&config_path, "missing key `model_type` (a string such as \"llama\")"));
+            return Err(LoadError::file(
+                &config_path,
+                "missing key `model_type` (a string such as \"llama\")",
+            ));
         }
         let gen_path = dir.join("generation_config.json");
-        let generation_config = if gen_path.exists() { Some(read_json(&gen_path)?) } else { None };
-        Ok(ModelFiles { dir: dir.to_path_buf(), config, generation_config })
+        let generation_config = if gen_path.exists() {
+            Some(read_json(&gen_path)?)
+        } else {
+            None
+        };
+        Ok(ModelFiles {
+            dir: dir.to_path_buf(),
+            config,
+            generation_config,
+        })
     }
 
     pub fn model_type(&self) -> &str {
@@ -50,10 +72,18 @@ impl ModelFiles {
         let from = |v: &serde_json::Value| -> Option<Vec<u32>> {
             match v.get("eos_token_id")? {
                 serde_json::Value::Number(n) => Some(vec![n.as_u64()? as u32]),
-                serde_json::Value::Array(a) => Some(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect()),
+                serde_json::Value::Array(a) => Some(
+                    a.iter()
+                        .filter_map(|x| x.as_u64().map(|x| x as u32))
+                        .collect(),
+                ),
                 _ => None,
             }
         };
-        self.generation_config.as_ref().and_then(from).or_else(|| from(&self.config)).unwrap_or_default()
+        self.generation_config
+            .as_ref()
+            .and_then(from)
+            .or_else(|| from(&self.config))
+            .unwrap_or_default()
     }
 }

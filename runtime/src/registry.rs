@@ -43,6 +43,10 @@ architectures! {
     qwen2 => "../specs/qwen2.toml",
     qwen3 => "../specs/qwen3.toml",
     gemma3 => "../specs/gemma3.toml",
+    qwen3_moe => "../specs/qwen3_moe.toml",
+    qwen3_5 => "../specs/qwen3_5.toml",
+    deepseek_v3 => "../specs/deepseek_v3.toml",
+    nemotron_h => "../specs/nemotron_h.toml",
 }
 
 /// The architecture serving a config's `model_type`.

@@ -45,7 +45,10 @@ impl SafetensorsSource {
             }
             (paths, None)
         };
-        let mut source = SafetensorsSource { files: Vec::new(), tensors: HashMap::new() };
+        let mut source = SafetensorsSource {
+            files: Vec::new(),
+            tensors: HashMap::new(),
+        };
         for path in paths {
             source.add_file(path)?;
         }
@@ -60,14 +63,17 @@ impl SafetensorsSource {
     }
 
     fn add_file(&mut self, path: PathBuf) -> Result<(), LoadError> {
-        let file = std::fs::File::open(&path).map_err(|e| LoadError::file(&path, format!("cannot open: {e}")))?;
+        let file = std::fs::File::open(&path)
+            .map_err(|e| LoadError::file(&path, format!("cannot open: {e}")))?;
         // SAFETY: the map is read-only; a model file changing under a running
         // server is outside what we can defend against, as with any mmap.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| LoadError::file(&path, format!("cannot map: {e}")))?;
+        let mmap = unsafe { Mmap::map(&file) }
+            .map_err(|e| LoadError::file(&path, format!("cannot map: {e}")))?;
         let index = self.files.len();
         {
-            let st = SafeTensors::deserialize(&mmap)
-                .map_err(|e| LoadError::file(&path, format!("not a valid safetensors file: {e}")))?;
+            let st = SafeTensors::deserialize(&mmap).map_err(|e| {
+                LoadError::file(&path, format!("not a valid safetensors file: {e}"))
+            })?;
             let base = mmap.as_ptr() as usize;
             for (name, view) in st.tensors() {
                 let start = view.data().as_ptr() as usize - base;
@@ -78,7 +84,10 @@ impl SafetensorsSource {
                     range: start..start + view.data().len(),
                 };
                 if self.tensors.insert(name.clone(), entry).is_some() {
-                    return Err(LoadError::file(&path, format!("tensor `{name}` also appears in another shard")));
+                    return Err(LoadError::file(
+                        &path,
+                        format!("tensor `{name}` also appears in another shard"),
+                    ));
                 }
             }
         }
@@ -98,13 +107,20 @@ impl SafetensorsSource {
         let names: Vec<String> = self
             .files
             .iter()
-            .map(|(p, _)| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+            .map(|(p, _)| {
+                p.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            })
             .collect();
         names.join(", ")
     }
 }
 
-fn shards_from_index(dir: &Path, index: &Path) -> Result<(Vec<PathBuf>, Vec<(String, String)>), LoadError> {
+fn shards_from_index(
+    dir: &Path,
+    index: &Path,
+) -> Result<(Vec<PathBuf>, Vec<(String, String)>), LoadError> {
     let json = read_json(index)?;
     let map = json
         .get("weight_map")
@@ -113,11 +129,14 @@ fn shards_from_index(dir: &Path, index: &Path) -> Result<(Vec<PathBuf>, Vec<(Str
     let mut shards: Vec<String> = Vec::new();
     let mut pairs = Vec::new();
     for (name, shard) in map {
-        let shard = shard
-            .as_str()
-            .ok_or_else(|| LoadError::file(index, format!("weight_map[`{name}`] must be a file name")))?;
+        let shard = shard.as_str().ok_or_else(|| {
+            LoadError::file(index, format!("weight_map[`{name}`] must be a file name"))
+        })?;
         if shard.contains('/') || shard.contains('\\') || shard == ".." {
-            return Err(LoadError::file(index, format!("weight_map[`{name}`] = `{shard}` must be a file in the model directory")));
+            return Err(LoadError::file(
+                index,
+                format!("weight_map[`{name}`] = `{shard}` must be a file in the model directory"),
+            ));
         }
         if !shards.iter().any(|s| s == shard) {
             shards.push(shard.to_string());
@@ -128,7 +147,13 @@ fn shards_from_index(dir: &Path, index: &Path) -> Result<(Vec<PathBuf>, Vec<(Str
     let paths = shards.iter().map(|s| dir.join(s)).collect::<Vec<_>>();
     for p in &paths {
         if !p.exists() {
-            return Err(LoadError::file(index, format!("shard `{}` is missing", p.file_name().unwrap_or_default().to_string_lossy())));
+            return Err(LoadError::file(
+                index,
+                format!(
+                    "shard `{}` is missing",
+                    p.file_name().unwrap_or_default().to_string_lossy()
+                ),
+            ));
         }
     }
     Ok((paths, pairs))
@@ -154,10 +179,19 @@ fn dtype(d: safetensors::Dtype) -> DType {
 impl WeightSource for SafetensorsSource {
     fn tensor(&self, name: &str) -> Result<TensorView<'_>, String> {
         match self.tensors.get(name) {
-            Some(e) => Ok(TensorView { dtype: e.dtype, shape: &e.shape, data: &self.files[e.file].1[e.range.clone()] }),
+            Some(e) => Ok(TensorView {
+                dtype: e.dtype,
+                shape: &e.shape,
+                data: &self.files[e.file].1[e.range.clone()],
+            }),
             None => {
-                let hint = pie_archspec::expr::did_you_mean(name, self.tensors.keys().map(String::as_str));
-                Err(format!("tensor `{name}` not found in {} ({} tensors){hint}", self.files_label(), self.tensors.len()))
+                let hint =
+                    pie_archspec::expr::did_you_mean(name, self.tensors.keys().map(String::as_str));
+                Err(format!(
+                    "tensor `{name}` not found in {} ({} tensors){hint}",
+                    self.files_label(),
+                    self.tensors.len()
+                ))
             }
         }
     }
@@ -173,7 +207,10 @@ mod tests {
     use safetensors::tensor::{Dtype, TensorView as StView};
 
     fn write(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
-        let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+        let bytes: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+            .collect();
         let views: Vec<(&str, StView)> = tensors
             .iter()
             .zip(&bytes)
@@ -185,7 +222,10 @@ mod tests {
     #[test]
     fn single_file_views_have_the_bytes() {
         let dir = tempfile::tempdir().unwrap();
-        write(&dir.path().join("model.safetensors"), &[("a.weight", vec![2, 2], vec![1.0, 2.0, 3.0, 4.0])]);
+        write(
+            &dir.path().join("model.safetensors"),
+            &[("a.weight", vec![2, 2], vec![1.0, 2.0, 3.0, 4.0])],
+        );
         let src = SafetensorsSource::open(dir.path()).unwrap();
         let v = src.tensor("a.weight").unwrap();
         assert_eq!((v.dtype, v.shape), (DType::F32, &[2usize, 2][..]));
@@ -197,23 +237,53 @@ mod tests {
     #[test]
     fn sharded_with_index() {
         let dir = tempfile::tempdir().unwrap();
-        write(&dir.path().join("s1.safetensors"), &[("a", vec![1], vec![1.0])]);
-        write(&dir.path().join("s2.safetensors"), &[("b", vec![1], vec![2.0])]);
-        let index = serde_json::json!({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}});
-        std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+        write(
+            &dir.path().join("s1.safetensors"),
+            &[("a", vec![1], vec![1.0])],
+        );
+        write(
+            &dir.path().join("s2.safetensors"),
+            &[("b", vec![1], vec![2.0])],
+        );
+        let index =
+            serde_json::json!({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}});
+        std::fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            index.to_string(),
+        )
+        .unwrap();
         let src = SafetensorsSource::open(dir.path()).unwrap();
         assert_eq!(src.len(), 2);
         assert!(src.contains("b"));
 
-        let index = serde_json::json!({"weight_map": {"a": "s1.safetensors", "c": "s3.safetensors"}});
-        std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
-        let err = SafetensorsSource::open(dir.path()).err().unwrap().to_string();
+        let index =
+            serde_json::json!({"weight_map": {"a": "s1.safetensors", "c": "s3.safetensors"}});
+        std::fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            index.to_string(),
+        )
+        .unwrap();
+        let err = SafetensorsSource::open(dir.path())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("shard `s3.safetensors` is missing"), "{err}");
 
-        let index = serde_json::json!({"weight_map": {"a": "s1.safetensors", "z": "s2.safetensors"}});
-        std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
-        let err = SafetensorsSource::open(dir.path()).err().unwrap().to_string();
-        assert!(err.contains("tensor `z` is listed in shard `s2.safetensors`"), "{err}");
+        let index =
+            serde_json::json!({"weight_map": {"a": "s1.safetensors", "z": "s2.safetensors"}});
+        std::fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            index.to_string(),
+        )
+        .unwrap();
+        let err = SafetensorsSource::open(dir.path())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("tensor `z` is listed in shard `s2.safetensors`"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -232,8 +302,14 @@ mod tests {
         ];
         for bytes in cases {
             std::fs::write(&path, &bytes).unwrap();
-            let err = SafetensorsSource::open(dir.path()).err().expect("corrupt file rejected").to_string();
-            assert!(err.contains("model.safetensors: not a valid safetensors file"), "{err}");
+            let err = SafetensorsSource::open(dir.path())
+                .err()
+                .expect("corrupt file rejected")
+                .to_string();
+            assert!(
+                err.contains("model.safetensors: not a valid safetensors file"),
+                "{err}"
+            );
         }
         // Random headers never panic.
         let mut s = 7u64;
@@ -252,7 +328,10 @@ mod tests {
     #[test]
     fn empty_directory() {
         let dir = tempfile::tempdir().unwrap();
-        let err = SafetensorsSource::open(dir.path()).err().unwrap().to_string();
+        let err = SafetensorsSource::open(dir.path())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("no weights"), "{err}");
     }
 }

@@ -15,7 +15,12 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn greedy() -> Self {
-        Sampler { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+        Sampler {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
     }
 }
 
@@ -57,7 +62,10 @@ pub fn sample(logits: &[f32], s: &Sampler, rng: &mut Rng) -> u32 {
         idx.truncate(s.top_k);
     }
     let max = logits[idx[0]];
-    let mut probs: Vec<f32> = idx.iter().map(|&i| ((logits[i] - max) / s.temperature).exp()).collect();
+    let mut probs: Vec<f32> = idx
+        .iter()
+        .map(|&i| ((logits[i] - max) / s.temperature).exp())
+        .collect();
     let total: f32 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
     if s.top_p < 1.0 {
@@ -96,11 +104,31 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy_and_seed_is_deterministic() {
         let logits = [0.1, 2.0, 0.5, 1.9];
-        let s = Sampler { temperature: 1.0, top_k: 1, top_p: 1.0, seed: 0 };
+        let s = Sampler {
+            temperature: 1.0,
+            top_k: 1,
+            top_p: 1.0,
+            seed: 0,
+        };
         assert_eq!(sample(&logits, &s, &mut Rng::new(1)), 1);
-        let s = Sampler { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 0 };
-        let a: Vec<u32> = (0..20).map({ let mut r = Rng::new(7); move |_| sample(&logits, &s, &mut r) }).collect();
-        let b: Vec<u32> = (0..20).map({ let mut r = Rng::new(7); move |_| sample(&logits, &s, &mut r) }).collect();
+        let s = Sampler {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        };
+        let a: Vec<u32> = (0..20)
+            .map({
+                let mut r = Rng::new(7);
+                move |_| sample(&logits, &s, &mut r)
+            })
+            .collect();
+        let b: Vec<u32> = (0..20)
+            .map({
+                let mut r = Rng::new(7);
+                move |_| sample(&logits, &s, &mut r)
+            })
+            .collect();
         assert_eq!(a, b);
         assert!(a.iter().any(|&t| t != 1), "temperature 1 explores");
     }

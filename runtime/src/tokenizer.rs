@@ -21,7 +21,10 @@ impl Tokenizer {
         read_json(&path)?;
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| LoadError::file(&path, format!("not a valid tokenizer: {e}")))?;
-        Ok(Some(Tokenizer { inner, path: path.display().to_string() }))
+        Ok(Some(Tokenizer {
+            inner,
+            path: path.display().to_string(),
+        }))
     }
 
     /// Token ids of `text`. With `add_special_tokens`, the tokenizer's

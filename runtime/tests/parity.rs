@@ -19,7 +19,9 @@ struct Prompt {
 }
 
 fn fixture(name: &str) -> (PathBuf, Vec<Prompt>) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name);
     let text = std::fs::read_to_string(dir.join("reference.json"))
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -54,7 +56,8 @@ fn max_error(ours: &[Vec<f32>], reference: &[Vec<f32>]) -> (f32, f32) {
 fn check(name: &str, page_size: usize) {
     let (dir, prompts) = fixture(name);
     let opts = LoadOptions { page_size };
-    let mut engine = Engine::load(&dir, PortableDriver::new(), &opts, None).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let mut engine = Engine::load(&dir, PortableDriver::new(), &opts, None)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
     // The reference generated exactly 10 tokens, EOS or not.
     engine.stop_ids.clear();
 
@@ -63,15 +66,23 @@ fn check(name: &str, page_size: usize) {
     let logits = engine.prompt_logits(&inputs).unwrap();
     for (i, (ours, p)) in logits.iter().zip(&prompts).enumerate() {
         let (diff, scale) = max_error(ours, &p.logits);
-        eprintln!("{name} prompt {i}: max|diff| = {diff:.3e}, max|ref| = {scale:.3}, ratio {:.3e}", diff / scale);
-        assert!(diff <= REL_TOL * scale, "{name} prompt {i}: max|diff| {diff} > {REL_TOL} × {scale}");
+        eprintln!(
+            "{name} prompt {i}: max|diff| = {diff:.3e}, max|ref| = {scale:.3}, ratio {:.3e}",
+            diff / scale
+        );
+        assert!(
+            diff <= REL_TOL * scale,
+            "{name} prompt {i}: max|diff| {diff} > {REL_TOL} × {scale}"
+        );
     }
 
     // Greedy decoding of all prompts together, then of each alone.
     let greedy = engine.generate(&inputs, 10, &Sampler::greedy()).unwrap();
     for (i, (ours, p)) in greedy.iter().zip(&prompts).enumerate() {
         assert_eq!(ours, &p.greedy, "{name} prompt {i}: batched greedy tokens");
-        let alone = engine.generate(std::slice::from_ref(&p.ids), 10, &Sampler::greedy()).unwrap();
+        let alone = engine
+            .generate(std::slice::from_ref(&p.ids), 10, &Sampler::greedy())
+            .unwrap();
         assert_eq!(alone[0], p.greedy, "{name} prompt {i}: greedy tokens alone");
     }
 }
@@ -106,15 +117,31 @@ fn tokenizer_and_chat_template_match_transformers() {
 
     let (dir, _) = fixture("llama");
     let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
     let check = &reference["tokenizer_check"];
-    assert_eq!(check["transformers_agrees"], true, "the fixture was cross-checked with transformers");
-    let tokenizer = Tokenizer::load(&dir).unwrap().expect("fixture has tokenizer.json");
+    assert_eq!(
+        check["transformers_agrees"], true,
+        "the fixture was cross-checked with transformers"
+    );
+    let tokenizer = Tokenizer::load(&dir)
+        .unwrap()
+        .expect("fixture has tokenizer.json");
     let ids: Vec<u32> = serde_json::from_value(check["ids"].clone()).unwrap();
-    assert_eq!(tokenizer.encode(check["text"].as_str().unwrap(), true).unwrap(), ids);
-    assert_eq!(tokenizer.decode(&ids, true).unwrap(), check["decoded"].as_str().unwrap());
+    assert_eq!(
+        tokenizer
+            .encode(check["text"].as_str().unwrap(), true)
+            .unwrap(),
+        ids
+    );
+    assert_eq!(
+        tokenizer.decode(&ids, true).unwrap(),
+        check["decoded"].as_str().unwrap()
+    );
 
-    let template = ChatTemplate::load(&dir).unwrap().expect("fixture has a chat template");
+    let template = ChatTemplate::load(&dir)
+        .unwrap()
+        .expect("fixture has a chat template");
     let messages: Vec<ChatMessage> = check["chat_messages"]
         .as_array()
         .unwrap()

@@ -120,7 +120,12 @@ attrs_getter!(add_attrs, Add, ir::ElementwiseAttrs, "add");
 attrs_getter!(mul_attrs, Mul, ir::ElementwiseAttrs, "mul");
 attrs_getter!(scale_attrs, Scale, ir::ScaleAttrs, "scale");
 attrs_getter!(glu_attrs, Glu, ir::GluAttrs, "glu");
-attrs_getter!(activation_attrs, Activation, ir::ActivationAttrs, "activation");
+attrs_getter!(
+    activation_attrs,
+    Activation,
+    ir::ActivationAttrs,
+    "activation"
+);
 attrs_getter!(softcap_attrs, Softcap, ir::SoftcapAttrs, "softcap");
 attrs_getter!(split_attrs, Split, ir::SplitAttrs, "split");
 

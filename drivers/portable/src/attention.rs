@@ -20,10 +20,16 @@ pub fn paged_attention(
 ) -> Result<Act> {
     let slot = a.cache_slot;
     let shape = kv.slots.get(slot).map(|s| s.shape.clone()).ok_or_else(|| {
-        DriverError::Invalid(format!("attention uses KV slot {slot}, the cache has {}", kv.slots.len()))
+        DriverError::Invalid(format!(
+            "attention uses KV slot {slot}, the cache has {}",
+            kv.slots.len()
+        ))
     })?;
-    if (shape.kv_heads, shape.head_dim, shape.v_head_dim) != (a.kv_heads, a.head_dim, a.v_head_dim) {
-        return Err(DriverError::Invalid(format!("KV slot {slot} was allocated for another shape")));
+    if (shape.kv_heads, shape.head_dim, shape.v_head_dim) != (a.kv_heads, a.head_dim, a.v_head_dim)
+    {
+        return Err(DriverError::Invalid(format!(
+            "KV slot {slot} was allocated for another shape"
+        )));
     }
     for seq in &batch.seqs {
         kv.check_pages(seq)?;
@@ -38,7 +44,11 @@ pub fn paged_attention(
     let group = a.heads / a.kv_heads;
     let kv: &KvCache = kv;
     // One task per sequence and token: rows of `out` are disjoint.
-    let mut rows: Vec<(usize, &mut [f32])> = out.data.chunks_mut(a.heads * a.v_head_dim).enumerate().collect();
+    let mut rows: Vec<(usize, &mut [f32])> = out
+        .data
+        .chunks_mut(a.heads * a.v_head_dim)
+        .enumerate()
+        .collect();
     let row_seq: Vec<usize> = batch
         .seqs
         .iter()
@@ -67,7 +77,11 @@ pub fn paged_attention(
             // A sink is a learned logit that takes probability mass but
             // contributes no value (GPT-OSS).
             let sink = sinks.map(|s| s[h]);
-            let max = scores.iter().copied().chain(sink).fold(f32::NEG_INFINITY, f32::max);
+            let max = scores
+                .iter()
+                .copied()
+                .chain(sink)
+                .fold(f32::NEG_INFINITY, f32::max);
             let mut denom = sink.map(|s| (s - max).exp()).unwrap_or(0.0);
             for s in scores.iter_mut() {
                 *s = (*s - max).exp();

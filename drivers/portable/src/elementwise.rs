@@ -46,11 +46,19 @@ pub fn zip(x: &Act, y: &Act, width: usize, f: impl Fn(f32, f32) -> f32 + Sync) -
         )));
     }
     let data = if x.data.len() >= PAR_MIN_ELEMS {
-        x.data.par_iter().zip(&y.data).map(|(a, b)| f(*a, *b)).collect()
+        x.data
+            .par_iter()
+            .zip(&y.data)
+            .map(|(a, b)| f(*a, *b))
+            .collect()
     } else {
         x.data.iter().zip(&y.data).map(|(a, b)| f(*a, *b)).collect()
     };
-    Ok(Act { data, rows: x.rows, width })
+    Ok(Act {
+        data,
+        rows: x.rows,
+        width,
+    })
 }
 
 pub fn map(x: &Act, f: impl Fn(f32) -> f32 + Sync) -> Act {
@@ -59,17 +67,29 @@ pub fn map(x: &Act, f: impl Fn(f32) -> f32 + Sync) -> Act {
     } else {
         x.data.iter().map(|v| f(*v)).collect()
     };
-    Act { data, rows: x.rows, width: x.width }
+    Act {
+        data,
+        rows: x.rows,
+        width: x.width,
+    }
 }
 
-pub fn split(x: &Act, sizes: &[usize]) -> Vec<Act> {
-    let mut parts: Vec<Act> = sizes.iter().map(|&s| Act::zeros(x.rows, s)).collect();
+/// Splits every group of `group` features by `sizes`; output `p` gathers
+/// part `p` of each group.
+pub fn split(x: &Act, sizes: &[usize], group: usize) -> Vec<Act> {
+    let groups = x.width / group;
+    let mut parts: Vec<Act> = sizes
+        .iter()
+        .map(|&s| Act::zeros(x.rows, s * groups))
+        .collect();
     for r in 0..x.rows {
-        let mut start = 0;
-        for p in parts.iter_mut() {
-            let w = p.width;
-            p.data[r * w..(r + 1) * w].copy_from_slice(&x.row(r)[start..start + w]);
-            start += w;
+        for (g, chunk) in x.row(r).chunks(group).enumerate() {
+            let mut start = 0;
+            for (p, &size) in parts.iter_mut().zip(sizes) {
+                let dst = r * p.width + g * size;
+                p.data[dst..dst + size].copy_from_slice(&chunk[start..start + size]);
+                start += size;
+            }
         }
     }
     parts
@@ -98,15 +118,17 @@ fn erf(x: f32) -> f32 {
     let x = x as f64;
     let z = x.abs();
     let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t * (-z * z - 1.265_512_23
-        + t * (1.000_023_68
-            + t * (0.374_091_96
-                + t * (0.096_784_18
-                    + t * (-0.186_288_06
-                        + t * (0.278_868_07
-                            + t * (-1.135_203_98
-                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
-        .exp();
+    let r = t
+        * (-z * z - 1.265_512_23
+            + t * (1.000_023_68
+                + t * (0.374_091_96
+                    + t * (0.096_784_18
+                        + t * (-0.186_288_06
+                            + t * (0.278_868_07
+                                + t * (-1.135_203_98
+                                    + t * (1.488_515_87
+                                        + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
+            .exp();
     let erf = 1.0 - r;
     (if x >= 0.0 { erf } else { -erf }) as f32
 }
@@ -117,15 +139,29 @@ mod tests {
 
     #[test]
     fn erf_matches_known_values() {
-        for (x, want) in [(0.0f32, 0.0f32), (0.5, 0.520_499_9), (1.0, 0.842_700_8), (-2.0, -0.995_322_3)] {
+        for (x, want) in [
+            (0.0f32, 0.0f32),
+            (0.5, 0.520_499_9),
+            (1.0, 0.842_700_8),
+            (-2.0, -0.995_322_3),
+        ] {
             assert!((erf(x) - want).abs() < 1e-6, "erf({x})");
         }
     }
 
     #[test]
     fn rms_norm_groups_and_offset() {
-        let x = Act { data: vec![1.0, 3.0, 2.0, 2.0], rows: 1, width: 4 };
-        let a = RmsNormAttrs { width: 4, group: 2, eps: 0.0, offset: 1.0 };
+        let x = Act {
+            data: vec![1.0, 3.0, 2.0, 2.0],
+            rows: 1,
+            width: 4,
+        };
+        let a = RmsNormAttrs {
+            width: 4,
+            group: 2,
+            eps: 0.0,
+            offset: 1.0,
+        };
         let out = rms_norm(&x, Some(&[0.0, 1.0]), &a);
         let r = (5.0f32).sqrt();
         let want = [1.0 / r, 3.0 / r * 2.0, 1.0, 2.0];

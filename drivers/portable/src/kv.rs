@@ -29,7 +29,9 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(layout: &KvLayout) -> Result<Self> {
         if layout.page_size == 0 {
-            return Err(DriverError::Invalid("kv page size must be at least 1".into()));
+            return Err(DriverError::Invalid(
+                "kv page size must be at least 1".into(),
+            ));
         }
         let tokens = layout.page_size.checked_mul(layout.num_pages);
         let slots = layout
@@ -37,9 +39,9 @@ impl KvCache {
             .iter()
             .map(|shape| {
                 let alloc = |width: usize| -> Result<Vec<f32>> {
-                    let n = tokens.and_then(|t| t.checked_mul(width)).ok_or_else(|| {
-                        DriverError::Invalid("kv cache size overflows".into())
-                    })?;
+                    let n = tokens
+                        .and_then(|t| t.checked_mul(width))
+                        .ok_or_else(|| DriverError::Invalid("kv cache size overflows".into()))?;
                     Ok(vec![0.0; n])
                 };
                 Ok(KvSlot {
@@ -49,7 +51,11 @@ impl KvCache {
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(KvCache { page_size: layout.page_size, num_pages: layout.num_pages, slots })
+        Ok(KvCache {
+            page_size: layout.page_size,
+            num_pages: layout.num_pages,
+            slots,
+        })
     }
 
     /// Token slot index of position `pos` of a sequence.

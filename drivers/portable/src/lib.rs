@@ -9,9 +9,7 @@ mod rope;
 mod tensor;
 
 use pie_driver::ir::*;
-use pie_driver::{
-    Driver, DriverError, ForwardBatch, KvLayout, Result, TensorView, WeightRole,
-};
+use pie_driver::{Driver, DriverError, ForwardBatch, KvLayout, Result, TensorView, WeightRole};
 
 pub use kv::KvCache;
 pub use tensor::{Act, Weight};
@@ -88,7 +86,14 @@ impl Driver for PortableDriver {
     fn linear(&self, x: &Act, w: &Weight, bias: Option<&Weight>, a: &LinearAttrs) -> Result<Act> {
         x.expect_width(a.in_features, "linear")?;
         let mut out = Act::zeros(x.rows, a.out_features);
-        pie_kernels::matmul(&x.data, x.rows, a.in_features, w.matrix(), a.out_features, &mut out.data);
+        pie_kernels::matmul(
+            &x.data,
+            x.rows,
+            a.in_features,
+            w.matrix(),
+            a.out_features,
+            &mut out.data,
+        );
         if let Some(b) = bias {
             elementwise::add_bias(&mut out, b.vector());
         }
@@ -133,7 +138,8 @@ impl Driver for PortableDriver {
     fn glu(&self, gate: &Act, up: &Act, a: &GluAttrs) -> Result<Act> {
         if a.limit.is_some() {
             return Err(DriverError::Invalid(
-                "glu with `limit` (clamped SwiGLU) is not implemented by the portable driver yet".into(),
+                "glu with `limit` (clamped SwiGLU) is not implemented by the portable driver yet"
+                    .into(),
             ));
         }
         let f = elementwise::activation_fn(a.func);
@@ -151,8 +157,13 @@ impl Driver for PortableDriver {
     }
 
     fn split(&self, x: &Act, a: &SplitAttrs) -> Result<Vec<Act>> {
-        x.expect_width(a.sizes.iter().sum(), "split")?;
-        Ok(elementwise::split(x, &a.sizes))
+        if a.group == 0 || x.width % a.group != 0 || a.sizes.iter().sum::<usize>() != a.group {
+            return Err(DriverError::Invalid(format!(
+                "split of width {} by {:?} per {}",
+                x.width, a.sizes, a.group
+            )));
+        }
+        Ok(elementwise::split(x, &a.sizes, a.group))
     }
 
     fn read_rows(&self, x: &Act, rows: &[usize]) -> Result<Vec<f32>> {

@@ -95,12 +95,23 @@ mod tests {
     use super::*;
 
     fn attrs(scaling: RopeScaling) -> RopeAttrs {
-        RopeAttrs { heads: 1, head_dim: 4, rotary_dim: 4, theta: 10000.0, scaling, style: RopeStyle::Half }
+        RopeAttrs {
+            heads: 1,
+            head_dim: 4,
+            rotary_dim: 4,
+            theta: 10000.0,
+            scaling,
+            style: RopeStyle::Half,
+        }
     }
 
     #[test]
     fn position_zero_is_identity_and_norm_is_kept() {
-        let x = Act { data: vec![1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0], rows: 2, width: 4 };
+        let x = Act {
+            data: vec![1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0],
+            rows: 2,
+            width: 4,
+        };
         let out = apply(&x, &[0, 7], &attrs(RopeScaling::None)).unwrap();
         assert_eq!(&out.data[..4], &x.data[..4]);
         let n0: f32 = x.data[4..].iter().map(|v| v * v).sum();
@@ -110,7 +121,12 @@ mod tests {
 
     #[test]
     fn llama3_keeps_high_and_slows_low_frequencies() {
-        let s = RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position: 32.0 };
+        let s = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position: 32.0,
+        };
         let base = inv_freqs(&attrs(RopeScaling::None)).unwrap();
         let scaled = inv_freqs(&attrs(s)).unwrap();
         assert_eq!(scaled[0], base[0]); // wavelength 2π < 8: kept

@@ -15,7 +15,12 @@ pub enum Weight {
 }
 
 impl Weight {
-    pub fn from_view(name: &str, view: &TensorView<'_>, expected: &[usize], role: WeightRole) -> Result<Self> {
+    pub fn from_view(
+        name: &str,
+        view: &TensorView<'_>,
+        expected: &[usize],
+        role: WeightRole,
+    ) -> Result<Self> {
         if view.shape != expected {
             return Err(DriverError::Shape {
                 name: name.to_string(),
@@ -26,7 +31,9 @@ impl Weight {
         let elems = expected
             .iter()
             .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| DriverError::Invalid(format!("tensor `{name}`: shape {expected:?} overflows")))?;
+            .ok_or_else(|| {
+                DriverError::Invalid(format!("tensor `{name}`: shape {expected:?} overflows"))
+            })?;
         let size = view.dtype.size().unwrap_or(0);
         if !matches!(view.dtype, DType::F32 | DType::BF16 | DType::F16) {
             return Err(DriverError::DType {
