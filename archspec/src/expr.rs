@@ -177,10 +177,7 @@ impl Parser {
     /// Precedence climbing over the binary operators.
     fn binary(&mut self, min_prec: u8) -> Result<Expr, ExprError> {
         let mut lhs = self.unary()?;
-        loop {
-            let Some(Tok::Sym(sym)) = self.peek() else {
-                break;
-            };
+        while let Some(Tok::Sym(sym)) = self.peek() {
             let Some((op, prec)) = binop(sym) else { break };
             if prec < min_prec {
                 break;

@@ -12,7 +12,23 @@ pub fn arch(input: TokenStream) -> TokenStream {
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| ".".into());
     let path = std::path::Path::new(&manifest_dir).join(lit.value());
     let path = path.canonicalize().unwrap_or(path);
-    let spec = match pie_archspec::load(&path) {
+    // Messages name the spec as `specs/<arch>.toml`, not this machine's path.
+    let shown: std::path::PathBuf = path
+        .iter()
+        .rev()
+        .take(2)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) => {
+            let msg = format!("cannot read spec {}: {e}", path.display());
+            return syn::Error::new(lit.span(), msg).to_compile_error().into();
+        }
+    };
+    let spec = match pie_archspec::parse(&shown.display().to_string(), &text) {
         Ok(spec) => spec,
         Err(diagnostics) => {
             let msg = format!("invalid architecture spec:\n{diagnostics}");

@@ -117,10 +117,10 @@ impl SafetensorsSource {
     }
 }
 
-fn shards_from_index(
-    dir: &Path,
-    index: &Path,
-) -> Result<(Vec<PathBuf>, Vec<(String, String)>), LoadError> {
+/// Shard files to open, and `(tensor, shard)` pairs the index promises.
+type ShardPlan = (Vec<PathBuf>, Vec<(String, String)>);
+
+fn shards_from_index(dir: &Path, index: &Path) -> Result<ShardPlan, LoadError> {
     let json = read_json(index)?;
     let map = json
         .get("weight_map")

@@ -101,35 +101,41 @@ mod tests {
         assert_eq!(argmax(&[0.0, 3.0, 3.0, -1.0]), 1);
     }
 
+    fn draws(logits: &[f32], s: &Sampler, seed: u64) -> Vec<u32> {
+        let mut rng = Rng::new(seed);
+        (0..20).map(|_| sample(logits, s, &mut rng)).collect()
+    }
+
     #[test]
     fn top_k_one_is_greedy_and_seed_is_deterministic() {
         let logits = [0.1, 2.0, 0.5, 1.9];
-        let s = Sampler {
+        let top1 = Sampler {
             temperature: 1.0,
             top_k: 1,
             top_p: 1.0,
             seed: 0,
         };
-        assert_eq!(sample(&logits, &s, &mut Rng::new(1)), 1);
-        let s = Sampler {
+        assert!(draws(&logits, &top1, 1).iter().all(|&t| t == 1));
+        let free = Sampler {
             temperature: 1.0,
             top_k: 0,
             top_p: 1.0,
             seed: 0,
         };
-        let a: Vec<u32> = (0..20)
-            .map({
-                let mut r = Rng::new(7);
-                move |_| sample(&logits, &s, &mut r)
-            })
-            .collect();
-        let b: Vec<u32> = (0..20)
-            .map({
-                let mut r = Rng::new(7);
-                move |_| sample(&logits, &s, &mut r)
-            })
-            .collect();
-        assert_eq!(a, b);
+        let a = draws(&logits, &free, 7);
+        assert_eq!(a, draws(&logits, &free, 7));
         assert!(a.iter().any(|&t| t != 1), "temperature 1 explores");
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_covering_set() {
+        let logits = [10.0, 9.9, -10.0, -10.0];
+        let s = Sampler {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.9,
+            seed: 0,
+        };
+        assert!(draws(&logits, &s, 3).iter().all(|&t| t < 2));
     }
 }

@@ -157,7 +157,10 @@ impl Driver for PortableDriver {
     }
 
     fn split(&self, x: &Act, a: &SplitAttrs) -> Result<Vec<Act>> {
-        if a.group == 0 || x.width % a.group != 0 || a.sizes.iter().sum::<usize>() != a.group {
+        if a.group == 0
+            || !x.width.is_multiple_of(a.group)
+            || a.sizes.iter().sum::<usize>() != a.group
+        {
             return Err(DriverError::Invalid(format!(
                 "split of width {} by {:?} per {}",
                 x.width, a.sizes, a.group
