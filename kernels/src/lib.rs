@@ -1,5 +1,6 @@
 //! CPU kernels for the portable driver.
 
 pub mod matmul;
+pub mod quant;
 
 pub use matmul::{gather_rows, matmul, WeightMatrix};

@@ -73,6 +73,23 @@ impl ChatTemplate {
         Ok(Some(template))
     }
 
+    /// A template from its source text; `origin` names it in messages.
+    pub fn from_source(
+        source: String,
+        origin: String,
+        bos_token: String,
+        eos_token: String,
+    ) -> Result<Self, LoadError> {
+        let template = ChatTemplate {
+            source,
+            origin,
+            bos_token,
+            eos_token,
+        };
+        template.env()?;
+        Ok(template)
+    }
+
     fn env(&self) -> Result<Environment<'_>, LoadError> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);

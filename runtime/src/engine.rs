@@ -10,9 +10,8 @@ use pie_driver::{ir, Driver, ForwardBatch, KvLayout, KvSlotShape, ModelForward};
 
 use crate::chat_template::ChatTemplate;
 use crate::error::PieError;
-use crate::model_dir::ModelFiles;
+use crate::model_source::ModelSource;
 use crate::registry;
-use crate::safetensors_source::SafetensorsSource;
 use crate::sampling::{self, Rng, Sampler};
 use crate::tokenizer::Tokenizer;
 
@@ -44,31 +43,36 @@ pub struct Engine<D: Driver> {
 }
 
 impl<D: Driver + 'static> Engine<D> {
+    /// Loads a model: a Hugging Face directory (config.json + safetensors)
+    /// or a GGUF file (or a directory holding one).
     pub fn load(
-        dir: &Path,
+        path: &Path,
         driver: D,
         opts: &LoadOptions,
         progress: Option<Progress<'_>>,
     ) -> Result<Self, PieError> {
-        let files = ModelFiles::open(dir)?;
-        let config_path = dir.join("config.json").display().to_string();
-        let model_type = files.model_type().to_string();
+        let files = ModelSource::open(path)?;
+        let model_type = files
+            .config
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string();
         let arch = registry::find_by_model_type::<D>(&model_type).ok_or_else(|| {
             let known: BTreeSet<&str> = registry::architectures::<D>()
                 .iter()
                 .flat_map(|a| a.hf_model_types.iter().copied())
                 .collect();
             PieError::UnsupportedModelType {
-                config: config_path.clone(),
+                config: files.config_label.clone(),
                 model_type: model_type.clone(),
                 known: known.into_iter().collect::<Vec<_>>().join(", "),
             }
         })?;
         let spec = pie_archspec::parse(arch.spec_path, arch.spec_text)?;
-        let ir = pie_archspec::lower(&spec, &files.config, &config_path)?;
+        let ir = pie_archspec::lower(&spec, &files.config, &files.config_label)?;
         check_driver_support(&driver, &ir)?;
 
-        let source = SafetensorsSource::open(dir)?;
         let total = count_weights(&ir);
         let loaded = std::cell::Cell::new(0usize);
         let report = |name: &str| {
@@ -78,12 +82,10 @@ impl<D: Driver + 'static> Engine<D> {
             }
         };
         let model = {
-            let mut store = WeightStore::new(&driver, &source).with_progress(&report);
+            let mut store =
+                WeightStore::new(&driver, files.weights.as_ref()).with_progress(&report);
             (arch.load)(&mut store, &ir)?
         };
-        let tokenizer = Tokenizer::load(dir)?;
-        let chat_template = ChatTemplate::load(dir)?;
-        let stop_ids = files.stop_token_ids();
         Ok(Engine {
             driver,
             arch: arch.name,
@@ -91,9 +93,9 @@ impl<D: Driver + 'static> Engine<D> {
             model,
             kv: None,
             page_size: opts.page_size.max(1),
-            tokenizer,
-            chat_template,
-            stop_ids,
+            tokenizer: files.tokenizer,
+            chat_template: files.chat_template,
+            stop_ids: files.stop_ids,
         })
     }
 

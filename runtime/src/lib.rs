@@ -1,11 +1,14 @@
 //! Pie's runtime: loading Hugging Face model directories, tokenizers and
 //! chat templates, and running generated models on a driver.
 
+pub mod catalog;
 pub mod chat_template;
 pub mod engine;
 pub mod error;
+pub mod gguf;
 mod load_error;
 pub mod model_dir;
+pub mod model_source;
 pub mod registry;
 pub mod safetensors_source;
 pub mod sampling;

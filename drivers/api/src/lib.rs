@@ -11,7 +11,7 @@ mod tensor;
 
 pub use batch::{ForwardBatch, KvLayout, KvSlotShape, SeqChunk};
 pub use pie_archspec::ir;
-pub use tensor::{DType, TensorView, WeightSource};
+pub use tensor::{DType, QuantKind, TensorView, WeightSource};
 
 use ir::*;
 

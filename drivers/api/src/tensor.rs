@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+pub use pie_kernels::quant::QuantKind;
+
 /// Element types a checkpoint tensor may have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
@@ -15,6 +17,8 @@ pub enum DType {
     I8,
     U8,
     Bool,
+    /// GGUF block-quantized data; shape is in weights, bytes are blocks.
+    Quant(QuantKind),
     Other(&'static str),
 }
 
@@ -26,7 +30,7 @@ impl DType {
             DType::F32 | DType::I32 => 4,
             DType::F16 | DType::BF16 | DType::I16 => 2,
             DType::I8 | DType::U8 | DType::Bool => 1,
-            DType::Other(_) => return None,
+            DType::Quant(_) | DType::Other(_) => return None,
         })
     }
 }
@@ -44,6 +48,7 @@ impl fmt::Display for DType {
             DType::I8 => "i8",
             DType::U8 => "u8",
             DType::Bool => "bool",
+            DType::Quant(q) => q.name(),
             DType::Other(s) => s,
         };
         f.write_str(s)

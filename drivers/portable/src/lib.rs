@@ -79,18 +79,17 @@ impl Driver for PortableDriver {
             )));
         }
         let mut out = Act::zeros(batch.tokens.len(), a.hidden);
-        pie_kernels::gather_rows(table.matrix(), a.hidden, &batch.tokens, &mut out.data);
+        table.gather(a.hidden, &batch.tokens, &mut out.data);
         Ok(out)
     }
 
     fn linear(&self, x: &Act, w: &Weight, bias: Option<&Weight>, a: &LinearAttrs) -> Result<Act> {
         x.expect_width(a.in_features, "linear")?;
         let mut out = Act::zeros(x.rows, a.out_features);
-        pie_kernels::matmul(
+        w.matmul(
             &x.data,
             x.rows,
             a.in_features,
-            w.matrix(),
             a.out_features,
             &mut out.data,
         );

@@ -1,7 +1,8 @@
 //! Weight and activation storage.
 
 use half::{bf16, f16};
-use pie_driver::{DType, DriverError, Result, TensorView, WeightRole};
+use pie_driver::{DType, DriverError, QuantKind, Result, TensorView, WeightRole};
+use pie_kernels::quant::{gather_rows_quant, matmul_quant};
 use pie_kernels::WeightMatrix;
 
 /// A weight in driver memory. Matrices keep their file dtype (the matmul
@@ -12,6 +13,8 @@ pub enum Weight {
     F32(Vec<f32>),
     Bf16(Vec<bf16>),
     F16(Vec<f16>),
+    /// GGUF blocks, decoded a row at a time inside the matmul.
+    Quant(QuantKind, Vec<u8>),
 }
 
 impl Weight {
@@ -34,13 +37,16 @@ impl Weight {
             .ok_or_else(|| {
                 DriverError::Invalid(format!("tensor `{name}`: shape {expected:?} overflows"))
             })?;
+        if let DType::Quant(kind) = view.dtype {
+            return Self::from_blocks(name, kind, view.data, expected, role);
+        }
         let size = view.dtype.size().unwrap_or(0);
         if !matches!(view.dtype, DType::F32 | DType::BF16 | DType::F16) {
             return Err(DriverError::DType {
                 name: name.to_string(),
                 found: view.dtype,
                 driver: "portable",
-                supported: "f32, bf16, f16",
+                supported: "f32, bf16, f16, q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k",
             });
         }
         if elems.checked_mul(size) != Some(view.data.len()) {
@@ -62,11 +68,64 @@ impl Weight {
         })
     }
 
-    pub fn matrix(&self) -> WeightMatrix<'_> {
+    fn from_blocks(
+        name: &str,
+        kind: QuantKind,
+        data: &[u8],
+        shape: &[usize],
+        role: WeightRole,
+    ) -> Result<Self> {
+        let cols = *shape.last().unwrap_or(&0);
+        let rows: usize = shape[..shape.len().saturating_sub(1)].iter().product();
+        let row_bytes = kind.row_bytes(cols).ok_or_else(|| {
+            DriverError::Invalid(format!(
+                "tensor `{name}`: rows of {cols} weights are not whole {} blocks",
+                kind.name()
+            ))
+        })?;
+        if rows.checked_mul(row_bytes) != Some(data.len()) {
+            return Err(DriverError::Invalid(format!(
+                "tensor `{name}`: {} bytes of {} data for shape {shape:?}",
+                data.len(),
+                kind.name()
+            )));
+        }
+        Ok(match role {
+            WeightRole::Matrix => Weight::Quant(kind, data.to_vec()),
+            WeightRole::Vector => {
+                let mut out = vec![0f32; rows * cols];
+                for (src, dst) in data.chunks_exact(row_bytes).zip(out.chunks_exact_mut(cols)) {
+                    kind.dequantize_row(src, dst);
+                }
+                Weight::F32(out)
+            }
+        })
+    }
+
+    fn matrix(&self) -> Option<WeightMatrix<'_>> {
         match self {
-            Weight::F32(v) => WeightMatrix::F32(v),
-            Weight::Bf16(v) => WeightMatrix::Bf16(v),
-            Weight::F16(v) => WeightMatrix::F16(v),
+            Weight::F32(v) => Some(WeightMatrix::F32(v)),
+            Weight::Bf16(v) => Some(WeightMatrix::Bf16(v)),
+            Weight::F16(v) => Some(WeightMatrix::F16(v)),
+            Weight::Quant(..) => None,
+        }
+    }
+
+    /// `out = x · selfᵀ` for `x` of `m` rows of `k`, self `[n, k]`.
+    pub fn matmul(&self, x: &[f32], m: usize, k: usize, n: usize, out: &mut [f32]) {
+        match (self, self.matrix()) {
+            (Weight::Quant(kind, data), _) => matmul_quant(x, m, k, *kind, data, n, out),
+            (_, Some(w)) => pie_kernels::matmul(x, m, k, w, n, out),
+            (_, None) => unreachable!("every non-quantized weight is a matrix"),
+        }
+    }
+
+    /// Rows `ids` of an embedding table `[vocab, k]`, as f32.
+    pub fn gather(&self, k: usize, ids: &[u32], out: &mut [f32]) {
+        match (self, self.matrix()) {
+            (Weight::Quant(kind, data), _) => gather_rows_quant(*kind, data, k, ids, out),
+            (_, Some(w)) => pie_kernels::gather_rows(w, k, ids, out),
+            (_, None) => unreachable!("every non-quantized weight is a matrix"),
         }
     }
 
@@ -83,6 +142,7 @@ impl Weight {
             Weight::F32(v) => v.clone(),
             Weight::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
             Weight::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            Weight::Quant(..) => unreachable!("quantized vectors are decoded in from_blocks"),
         }
     }
 }

