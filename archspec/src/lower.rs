@@ -10,6 +10,9 @@ use crate::spec::{AttrValue, OpDecl, Section, Spec, SpecExpr};
 use crate::validate::LAYER_INDEX;
 use crate::value::Value;
 
+/// More layers than any published model has, by a wide margin.
+pub const MAX_LAYERS: usize = 4096;
+
 /// Binds `spec` to `config` and lowers it.
 pub fn lower(
     spec: &Spec,
@@ -38,6 +41,13 @@ pub fn lower(
     let hidden = get_usize("hidden")?;
     let vocab = get_usize("vocab")?;
     let layers = get_usize("layers")?;
+    // Checked before lowering allocates per layer: a corrupt or hostile
+    // config must not make us build millions of layers.
+    if layers > MAX_LAYERS {
+        return Err(BindError(format!(
+            "{config_path}: parameter `layers` = {layers} is beyond the supported maximum of {MAX_LAYERS}"
+        )));
+    }
     let mut lw = Lowerer {
         spec,
         params: &param_map,

@@ -1,6 +1,7 @@
 //! `pie`: spec tools (`pie spec check|show|codegen`) and running models
 //! (`pie logits`, `pie generate`).
 
+mod catalog_cmds;
 mod model_cmds;
 mod spec_cmds;
 
@@ -28,6 +29,11 @@ enum Command {
     Logits(model_cmds::LogitsArgs),
     /// Generate text or token ids from a prompt.
     Generate(model_cmds::GenerateArgs),
+    /// Print the token ids of a prompt.
+    Tokenize(model_cmds::TokenizeArgs),
+    /// Known models: list them, fetch them into the cache.
+    #[command(subcommand)]
+    Model(catalog_cmds::ModelCommand),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +42,8 @@ fn main() -> ExitCode {
         Command::Spec(cmd) => spec_cmds::run(cmd),
         Command::Logits(args) => model_cmds::logits(args),
         Command::Generate(args) => model_cmds::generate(args),
+        Command::Model(cmd) => catalog_cmds::run(cmd),
+        Command::Tokenize(args) => model_cmds::tokenize(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,13 +6,15 @@ use std::path::PathBuf;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use pie_driver_portable::PortableDriver;
+use pie_runtime::catalog;
 use pie_runtime::chat_template::ChatMessage;
 use pie_runtime::sampling::Sampler;
 use pie_runtime::{Engine, LoadOptions};
 
 #[derive(Args)]
 pub struct ModelArgs {
-    /// A Hugging Face model directory (config.json + safetensors).
+    /// A Hugging Face model directory (config.json + safetensors), a GGUF
+    /// file, or a known model name (`pie model list`), e.g. `smollm2`.
     #[arg(long)]
     model: PathBuf,
     /// Tokens per KV cache page.
@@ -80,9 +82,31 @@ fn load(args: &ModelArgs) -> Result<Engine<PortableDriver>, String> {
     let opts = LoadOptions {
         page_size: args.kv_page_size,
     };
-    let engine = Engine::load(&args.model, PortableDriver::new(), &opts, Some(&progress));
+    let path = resolve_model(&args.model)?;
+    let engine = Engine::load(&path, PortableDriver::new(), &opts, Some(&progress));
     bar.finish_and_clear();
     engine.map_err(|e| e.to_string())
+}
+
+/// A path as given, or a known model's cached file (fetched on first use).
+fn resolve_model(model: &std::path::Path) -> Result<PathBuf, String> {
+    if model.exists() {
+        return Ok(model.to_path_buf());
+    }
+    match model.to_str().and_then(catalog::find) {
+        Some(known) => known
+            .fetch(&|msg| eprintln!("{msg}"))
+            .map_err(|e| e.to_string()),
+        None => Err(format!(
+            "{}: no such file or directory, and not a known model (known: {})",
+            model.display(),
+            catalog::MODELS
+                .iter()
+                .map(|m| m.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
 }
 
 pub fn logits(args: LogitsArgs) -> Result<(), String> {
@@ -108,40 +132,13 @@ pub fn logits(args: LogitsArgs) -> Result<(), String> {
 
 pub fn generate(args: GenerateArgs) -> Result<(), String> {
     let mut engine = load(&args.model)?;
-    let prompt_ids = match (&args.ids, &args.prompt) {
-        (Some(ids), _) => ids.clone(),
-        (None, Some(text)) => {
-            let tokenizer = engine.tokenizer.as_ref().ok_or_else(|| {
-                format!(
-                    "{}: no tokenizer.json; pass --ids instead of --prompt",
-                    args.model.model.display()
-                )
-            })?;
-            if args.chat {
-                let template = engine.chat_template.as_ref().ok_or_else(|| {
-                    format!(
-                        "{}: no chat template in tokenizer_config.json or chat_template.jinja",
-                        args.model.model.display()
-                    )
-                })?;
-                let rendered = template
-                    .render(
-                        &[ChatMessage {
-                            role: "user".into(),
-                            content: text.clone(),
-                        }],
-                        true,
-                    )
-                    .map_err(|e| e.to_string())?;
-                tokenizer
-                    .encode(&rendered, false)
-                    .map_err(|e| e.to_string())?
-            } else {
-                tokenizer.encode(text, true).map_err(|e| e.to_string())?
-            }
-        }
-        (None, None) => unreachable!("clap requires --ids or --prompt"),
-    };
+    let prompt_ids = prompt_ids(
+        &engine,
+        &args.model.model,
+        args.ids.as_deref(),
+        args.prompt.as_deref(),
+        args.chat,
+    )?;
     let sampler = Sampler {
         temperature: args.temperature,
         top_k: args.top_k,
@@ -174,5 +171,73 @@ pub fn generate(args: GenerateArgs) -> Result<(), String> {
             ),
         }
     }
+    Ok(())
+}
+
+/// Token ids of a prompt: given directly, or encoded (as a chat user
+/// message when `chat`).
+fn prompt_ids(
+    engine: &Engine<PortableDriver>,
+    model: &std::path::Path,
+    ids: Option<&[u32]>,
+    prompt: Option<&str>,
+    chat: bool,
+) -> Result<Vec<u32>, String> {
+    if let Some(ids) = ids {
+        return Ok(ids.to_vec());
+    }
+    let text = prompt.ok_or("give --ids or --prompt")?;
+    let tokenizer = engine.tokenizer.as_ref().ok_or_else(|| {
+        format!(
+            "{}: no tokenizer.json; pass --ids instead of --prompt",
+            model.display()
+        )
+    })?;
+    if chat {
+        let template = engine.chat_template.as_ref().ok_or_else(|| {
+            format!(
+                "{}: no chat template in tokenizer_config.json or chat_template.jinja",
+                model.display()
+            )
+        })?;
+        let rendered = template
+            .render(
+                &[ChatMessage {
+                    role: "user".into(),
+                    content: text.to_string(),
+                }],
+                true,
+            )
+            .map_err(|e| e.to_string())?;
+        tokenizer
+            .encode(&rendered, false)
+            .map_err(|e| e.to_string())
+    } else {
+        tokenizer.encode(text, true).map_err(|e| e.to_string())
+    }
+}
+
+#[derive(Args)]
+pub struct TokenizeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    prompt: String,
+    /// Render the prompt as a chat user message first.
+    #[arg(long)]
+    chat: bool,
+}
+
+/// Prints the prompt's token ids as a JSON list.
+pub fn tokenize(args: TokenizeArgs) -> Result<(), String> {
+    let engine = load(&args.model)?;
+    let ids = prompt_ids(
+        &engine,
+        &args.model.model,
+        None,
+        Some(&args.prompt),
+        args.chat,
+    )?;
+    println!("{}", serde_json::json!(ids));
     Ok(())
 }

@@ -59,7 +59,8 @@ impl QuantKind {
     /// Bytes of a row of `k` weights, or None when `k` is not a whole
     /// number of blocks.
     pub fn row_bytes(self, k: usize) -> Option<usize> {
-        (k % self.block_elems() == 0).then(|| k / self.block_elems() * self.block_bytes())
+        k.is_multiple_of(self.block_elems())
+            .then(|| k / self.block_elems() * self.block_bytes())
     }
 
     /// Decodes a row (`row.len() == row_bytes(dst.len())`) into `dst`.
@@ -278,7 +279,7 @@ mod tests {
         for j in 0..n {
             for blk in 0..2 {
                 w.extend_from_slice(&half::f16::from_f32(0.01 * (j + 1) as f32).to_le_bytes());
-                w.extend((0..32).map(|t| ((t as i32 - 16 + blk + j as i32) as i8) as u8));
+                w.extend((0..32).map(|t| ((t - 16 + blk + j as i32) as i8) as u8));
             }
         }
         let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 - 3.0).collect();

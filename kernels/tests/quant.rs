@@ -1,6 +1,6 @@
 //! Block decoders agree with gguf-py's `dequantize` (the reference Python
 //! implementation shipped with ggml) on random blocks. The vectors were made
-//! by `gguf.quants.dequantize` (gguf 0.17) from random bytes with finite f16
+//! by `gguf.quants.dequantize` (gguf 0.19.0) from random bytes with finite f16
 //! scales; see `data/quant_vectors.json`.
 
 use pie_kernels::quant::QuantKind;

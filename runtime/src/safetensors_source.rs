@@ -411,6 +411,13 @@ mod tests {
     use super::*;
     use safetensors::tensor::{Dtype, TensorView as StView};
 
+    /// Loaded once and shared by request threads in a server.
+    #[test]
+    fn is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<SafetensorsSource>();
+    }
+
     /// `(name, dtype, shape, bytes)` of a tensor to write.
     type Raw = (&'static str, Dtype, Vec<usize>, Vec<u8>);
 

@@ -211,6 +211,13 @@ mod tests {
     use tokenizers::processors::template::TemplateProcessing;
     use tokenizers::AddedToken;
 
+    /// Loaded once and shared by request threads in a server.
+    #[test]
+    fn is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Tokenizer>();
+    }
+
     const WORDS: [&str; 6] = ["<unk>", "<s>", "</s>", "hello", "world", "!"];
 
     /// Builds a WordLevel tokenizer in code and saves it as `tokenizer.json`;

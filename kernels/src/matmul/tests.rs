@@ -140,16 +140,19 @@ proptest! {
     }
 }
 
-/// Shapes large enough to take the threaded, k-blocked and batch-split
-/// branches that the proptest ranges only sometimes reach.
+/// Shapes large enough to take the threaded, k-blocked (k > 512) and
+/// batch-split branches that the proptest ranges do not reach.
 #[test]
 fn large_shapes_match_reference() {
-    for &(m, k, n) in &[
+    let shapes = [
         (1, 1000, 333),
         (3, 777, 130),
         (37, 1000, 333),
+        (9, 1100, 7),
         (300, 260, 20),
-    ] {
+        (600, 70, 50),
+    ];
+    for (m, k, n) in shapes {
         check_against_reference(m, k, n, (m * k * n) as u64).unwrap();
     }
 }

@@ -174,7 +174,7 @@ pub fn parse(bytes: &[u8]) -> Result<Parsed, String> {
                 dtype
             )
         })?;
-        if offset % alignment != 0 {
+        if !offset.is_multiple_of(alignment) {
             return Err(format!(
                 "offset {at}: tensor `{name}` data offset {offset} is not aligned to {alignment}"
             ));
@@ -222,7 +222,8 @@ fn byte_size(dtype: DType, row: u64, elems: u64) -> Option<u64> {
     match dtype {
         DType::Quant(q) => {
             let be = q.block_elems() as u64;
-            (row % be == 0).then(|| (elems / be).checked_mul(q.block_bytes() as u64))?
+            row.is_multiple_of(be)
+                .then(|| (elems / be).checked_mul(q.block_bytes() as u64))?
         }
         other => elems.checked_mul(other.size()? as u64),
     }

@@ -104,7 +104,11 @@ impl GgufSource {
 fn unpermute_rows(file: &GgufFile, t: &TensorInfo, n_head: usize) -> Result<Rewritten, LoadError> {
     let rows = t.shape[0];
     let data = file.tensor_data(t);
-    if n_head == 0 || rows % n_head != 0 || (rows / n_head) % 2 != 0 || data.len() % rows != 0 {
+    if n_head == 0
+        || !rows.is_multiple_of(n_head)
+        || !(rows / n_head).is_multiple_of(2)
+        || !data.len().is_multiple_of(rows)
+    {
         return Err(LoadError::file(
             &file.path,
             format!(
