@@ -1,6 +1,7 @@
 //! `pie`: spec tools (`pie spec check|show|codegen`) and running models
 //! (`pie logits`, `pie generate`).
 
+mod bench_cmd;
 mod catalog_cmds;
 mod model_cmds;
 mod spec_cmds;
@@ -29,6 +30,8 @@ enum Command {
     Logits(model_cmds::LogitsArgs),
     /// Generate text or token ids from a prompt.
     Generate(model_cmds::GenerateArgs),
+    /// Measure prefill and decode throughput (prompt and generation length).
+    Bench(bench_cmd::BenchArgs),
     /// Print the token ids of a prompt.
     Tokenize(model_cmds::TokenizeArgs),
     /// Known models: list them, fetch them into the cache.
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => model_cmds::generate(args),
         Command::Model(cmd) => catalog_cmds::run(cmd),
         Command::Tokenize(args) => model_cmds::tokenize(args),
+        Command::Bench(args) => bench_cmd::bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -16,7 +16,7 @@ pub struct ModelArgs {
     /// A Hugging Face model directory (config.json + safetensors), a GGUF
     /// file, or a known model name (`pie model list`), e.g. `smollm2`.
     #[arg(long)]
-    model: PathBuf,
+    pub model: PathBuf,
     /// Tokens per KV cache page.
     #[arg(long, default_value_t = 32)]
     kv_page_size: usize,
@@ -68,7 +68,7 @@ pub struct GenerateArgs {
     json: bool,
 }
 
-fn load(args: &ModelArgs) -> Result<Engine<PortableDriver>, String> {
+pub fn load(args: &ModelArgs) -> Result<Engine<PortableDriver>, String> {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("loading {bar:30} {pos}/{len} tensors {msg}")
