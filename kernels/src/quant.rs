@@ -221,7 +221,15 @@ const DECODE_BAND_MIN_ROWS: usize = 5;
 /// with the f32 activations (no int8 rounding of activations, unlike
 /// llama.cpp); for prefill a band of rows is decoded once to f32 and shared
 /// by every activation row.
-pub fn matmul_quant(x: &[f32], m: usize, k: usize, kind: QuantKind, w: &[u8], n: usize, out: &mut [f32]) {
+pub fn matmul_quant(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    kind: QuantKind,
+    w: &[u8],
+    n: usize,
+    out: &mut [f32],
+) {
     let row_bytes = kind.row_bytes(k).expect("rows hold whole blocks");
     assert_eq!(x.len(), m * k, "matmul_quant: x has the wrong size");
     assert_eq!(w.len(), n * row_bytes, "matmul_quant: w has the wrong size");
@@ -233,7 +241,9 @@ pub fn matmul_quant(x: &[f32], m: usize, k: usize, kind: QuantKind, w: &[u8], n:
         return matmul_quant_decoded(x, m, k, kind, w, n, out);
     }
     use rayon::prelude::*;
-    let prepared: Vec<fused::Prepared> = (0..m).map(|i| fused::Prepared::new(&x[i * k..(i + 1) * k])).collect();
+    let prepared: Vec<fused::Prepared> = (0..m)
+        .map(|i| fused::Prepared::new(&x[i * k..(i + 1) * k]))
+        .collect();
     let bands: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(QUANT_ROWS_PER_TASK))
         .into_par_iter()
         .map(|b| {
@@ -254,7 +264,15 @@ pub fn matmul_quant(x: &[f32], m: usize, k: usize, kind: QuantKind, w: &[u8], n:
 }
 
 /// Prefill: decode bands of weight rows to f32 and run the tiled kernel.
-fn matmul_quant_decoded(x: &[f32], m: usize, k: usize, kind: QuantKind, w: &[u8], n: usize, out: &mut [f32]) {
+fn matmul_quant_decoded(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    kind: QuantKind,
+    w: &[u8],
+    n: usize,
+    out: &mut [f32],
+) {
     use rayon::prelude::*;
     const BAND: usize = 64;
     let row_bytes = kind.row_bytes(k).expect("rows hold whole blocks");
@@ -268,7 +286,14 @@ fn matmul_quant_decoded(x: &[f32], m: usize, k: usize, kind: QuantKind, w: &[u8]
                 kind.dequantize_row(&w[j * row_bytes..(j + 1) * row_bytes], dst);
             }
             let mut band = vec![0f32; m * (j1 - j0)];
-            crate::matmul::matmul(x, m, k, crate::WeightMatrix::F32(&decoded), j1 - j0, &mut band);
+            crate::matmul::matmul(
+                x,
+                m,
+                k,
+                crate::WeightMatrix::F32(&decoded),
+                j1 - j0,
+                &mut band,
+            );
             (j0, band)
         })
         .collect();
@@ -360,7 +385,9 @@ mod fused {
         pub fn available() -> bool {
             static HAS: OnceLock<bool> = OnceLock::new();
             *HAS.get_or_init(|| {
-                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
             })
         }
 
@@ -389,7 +416,11 @@ mod fused {
         /// AVX2+FMA+F16C; `x.len() == 32 · blocks`, `sums` has one entry a block.
         #[target_feature(enable = "avx2,fma,f16c")]
         pub unsafe fn q4(kind: QuantKind, row: &[u8], x: &Prepared) -> f32 {
-            let (bb, qs_at) = if kind == QuantKind::Q4_0 { (18, 2) } else { (20, 4) };
+            let (bb, qs_at) = if kind == QuantKind::Q4_0 {
+                (18, 2)
+            } else {
+                (20, 4)
+            };
             let mask = _mm_set1_epi8(0x0f);
             let xq = x.q.as_ptr();
             // Independent accumulators: one shared chain would make the loop
@@ -399,7 +430,11 @@ mod fused {
             for (b, block) in row.chunks_exact(bb).enumerate() {
                 let lane = b & 3;
                 let d = scale(block, 0);
-                let offset = if kind == QuantKind::Q4_0 { -8.0 * d } else { scale(block, 2) };
+                let offset = if kind == QuantKind::Q4_0 {
+                    -8.0 * d
+                } else {
+                    scale(block, 2)
+                };
                 let q = _mm_loadu_si128(block.as_ptr().add(qs_at) as *const __m128i);
                 let lo = _mm256_cvtepu8_epi16(_mm_and_si128(q, mask));
                 let hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(q, 4), mask));
@@ -433,7 +468,10 @@ mod fused {
                 let ds = _mm256_set1_ps(d * x.scales[b]);
                 acc[b & 3] = _mm256_fmadd_ps(ds, _mm256_cvtepi32_ps(dots), acc[b & 3]);
             }
-            hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
+            hsum(_mm256_add_ps(
+                _mm256_add_ps(acc[0], acc[1]),
+                _mm256_add_ps(acc[2], acc[3]),
+            ))
         }
     }
 }
@@ -527,21 +565,35 @@ mod tests {
         for kind in kinds {
             let (k, n) = (512, 37);
             let row_bytes = kind.row_bytes(k).unwrap();
-            let w: Vec<u8> = (0..n).flat_map(|j| random_row(kind, k / kind.block_elems(), j as u64 + 7)).collect();
+            let w: Vec<u8> = (0..n)
+                .flat_map(|j| random_row(kind, k / kind.block_elems(), j as u64 + 7))
+                .collect();
             let mut decoded = vec![0f32; n * k];
             for j in 0..n {
-                kind.dequantize_row(&w[j * row_bytes..(j + 1) * row_bytes], &mut decoded[j * k..(j + 1) * k]);
+                kind.dequantize_row(
+                    &w[j * row_bytes..(j + 1) * row_bytes],
+                    &mut decoded[j * k..(j + 1) * k],
+                );
             }
             for m in [1, 3, 8] {
-                let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                    .collect();
                 let mut out = vec![0f32; m * n];
                 matmul_quant(&x, m, k, kind, &w, n, &mut out);
                 for i in 0..m {
                     for j in 0..n {
-                        let want: f64 = (0..k).map(|t| x[i * k + t] as f64 * decoded[j * k + t] as f64).sum();
-                        let scale: f64 = (0..k).map(|t| (x[i * k + t] as f64 * decoded[j * k + t] as f64).abs()).sum();
+                        let want: f64 = (0..k)
+                            .map(|t| x[i * k + t] as f64 * decoded[j * k + t] as f64)
+                            .sum();
+                        let scale: f64 = (0..k)
+                            .map(|t| (x[i * k + t] as f64 * decoded[j * k + t] as f64).abs())
+                            .sum();
                         let got = out[i * n + j] as f64;
-                        assert!((got - want).abs() <= 1e-5 * scale + 1e-6, "{kind:?} m={m} [{i},{j}]: {got} vs {want}");
+                        assert!(
+                            (got - want).abs() <= 1e-5 * scale + 1e-6,
+                            "{kind:?} m={m} [{i},{j}]: {got} vs {want}"
+                        );
                     }
                 }
             }
