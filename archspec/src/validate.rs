@@ -57,6 +57,7 @@ pub fn validate(spec: &Spec) -> Vec<Diagnostic> {
         );
     }
     v.section(&spec.epilogue, false, &[STREAM], &[LOGITS]);
+    v.epilogue_is_row_local();
     v.errors
 }
 
@@ -75,6 +76,29 @@ impl<'a> Validator<'a> {
     ) {
         let d = self.spec.source.diagnostic(span, msg).with_hint(hint);
         self.errors.push(d);
+    }
+
+    /// Drivers run the epilogue on just the rows whose logits are wanted, so
+    /// its ops may not mix tokens or depend on positions.
+    fn epilogue_is_row_local(&mut self) {
+        use crate::ir::OpKind;
+        for op in &self.spec.epilogue.ops {
+            let mixes = matches!(
+                op.kind,
+                OpKind::Attention
+                    | OpKind::Rope
+                    | OpKind::MlaAttention
+                    | OpKind::GatedDeltaNet
+                    | OpKind::Mamba2
+            );
+            if mixes {
+                self.error(
+                    op.span.clone(),
+                    format!("op `{}` cannot be in the epilogue", op.kind),
+                    "the epilogue runs only on the rows whose logits are wanted; put sequence ops in a [[layer]] block",
+                );
+            }
+        }
     }
 
     fn required_params(&mut self) {

@@ -163,6 +163,17 @@ fn unsupported_rope_scaling_type() {
     assert!(err.contains("specs/llama.toml:"), "{err}");
 }
 
+#[test]
+fn sequence_ops_are_refused_in_the_epilogue() {
+    let text = GOOD.replacen(
+        "  { op = \"rms_norm\", in = \"x\", out = \"x\", weight = \"model.norm.weight\", eps = \"eps\" },",
+        "  { op = \"rope\", in = \"x\", out = \"x\", head_dim = \"hidden\", theta = \"rope_theta\" },",
+        1,
+    );
+    let err = spec_error(&text);
+    assert!(err.contains("op `rope` cannot be in the epilogue"), "{err}");
+}
+
 mod fuzz {
     use proptest::prelude::*;
 

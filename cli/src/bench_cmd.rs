@@ -1,6 +1,7 @@
 //! `pie bench`: prefill and decode throughput of a model on this machine.
 //!
-//! Prefill is timed as one forward over the whole prompt; decode as the
+//! Prefill is timed as one forward over the whole prompt producing the next
+//! token (logits of the last row only, as a server does); decode as the
 //! remaining time of a greedy generation of `--gen` tokens after the same
 //! prefill, divided by the tokens decoded after the first. Prompt ids are a
 //! fixed pseudo-random sequence, so runs are comparable.
@@ -47,7 +48,9 @@ pub fn bench(args: BenchArgs) -> Result<(), String> {
     let (mut best_prefill, mut best_decode) = (f64::MAX, f64::MAX);
     for _ in 0..args.reps.max(1) {
         let t = Instant::now();
-        engine.prompt_logits(&prompts).map_err(|e| e.to_string())?;
+        engine
+            .generate(&prompts, 1, &Sampler::greedy())
+            .map_err(|e| e.to_string())?;
         let prefill = t.elapsed().as_secs_f64();
         let t = Instant::now();
         engine
@@ -59,7 +62,7 @@ pub fn bench(args: BenchArgs) -> Result<(), String> {
     }
     let prefill_tok_s = args.prompt as f64 / best_prefill;
     let decode_tok_s = (args.gen.max(2) - 1) as f64 / best_decode;
-    let threads = rayon_threads();
+    let threads = engine.driver.threads();
     let rss_mb = peak_rss_mb();
     if args.json {
         let out = serde_json::json!({
@@ -82,17 +85,6 @@ pub fn bench(args: BenchArgs) -> Result<(), String> {
         );
     }
     Ok(())
-}
-
-fn rayon_threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
 }
 
 /// Peak resident set size (Linux `VmHWM`).

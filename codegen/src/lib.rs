@@ -103,14 +103,20 @@ pub fn generate(spec: &Spec, spec_file: Option<&str>) -> TokenStream {
                     Ok(Model { prologue, layers, epilogue })
                 }
 
-                /// Runs the whole model over `batch`; returns the logits of every
-                /// token (`[tokens, vocab]`).
+                /// Runs the whole model over `batch`; returns the logits of the
+                /// rows in `batch.outputs` (every token when None),
+                /// `[rows, vocab]`.
                 pub fn forward(&self, d: &D, kv: &mut D::Kv, batch: &ForwardBatch) -> Result<D::Act> {
                     let mut x = self.prologue.forward(d, kv, batch)?;
                     for layer in &self.layers {
                         x = match layer {
                             #(#forward_arms)*
                         };
+                    }
+                    // The epilogue is row-local (validation checks), so only
+                    // the wanted rows go through the vocabulary projection.
+                    if let Some(rows) = &batch.outputs {
+                        x = d.select_rows(&x, rows)?;
                     }
                     self.epilogue.forward(d, kv, batch, x)
                 }

@@ -231,8 +231,21 @@ impl<D: Driver + 'static> Engine<D> {
 
     fn run(&mut self, batch: &ForwardBatch, rows: &[usize]) -> Result<Vec<f32>, PieError> {
         let (kv, _) = self.kv.as_mut().expect("prefill_batch allocates the cache");
-        let logits = self.model.forward(&self.driver, kv, batch)?;
-        Ok(self.driver.read_rows(&logits, rows)?)
+        let all: Vec<usize> = (0..batch.num_tokens()).collect();
+        let (batch, read): (ForwardBatch, Vec<usize>) = if rows == all.as_slice() {
+            (batch.clone(), all)
+        } else {
+            (
+                ForwardBatch {
+                    outputs: Some(rows.to_vec()),
+                    ..batch.clone()
+                },
+                (0..rows.len()).collect(),
+            )
+        };
+        let (driver, model) = (&self.driver, &self.model);
+        let logits = driver.install(|| model.forward(driver, kv, &batch))?;
+        Ok(self.driver.read_rows(&logits, &read)?)
     }
 }
 

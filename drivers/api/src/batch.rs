@@ -27,6 +27,10 @@ pub struct ForwardBatch {
     /// Position of every token (same length as `tokens`).
     pub positions: Vec<u32>,
     pub seqs: Vec<SeqChunk>,
+    /// Token rows whose logits are wanted, in this order; None = every
+    /// token. Decode needs one row per sequence, so the vocabulary
+    /// projection skips the rest of the prompt.
+    pub outputs: Option<Vec<usize>>,
 }
 
 impl ForwardBatch {

@@ -58,12 +58,19 @@ pub trait Driver: Send + Sync {
     /// A weight tensor in driver memory.
     type Weight: Send + Sync;
     /// An activation tensor `[tokens, width]`.
-    type Act;
+    type Act: Send;
     /// KV cache pages for every attention op of a model.
-    type Kv;
+    type Kv: Send;
 
     fn name(&self) -> &'static str;
     fn supports(&self, op: OpKind) -> bool;
+
+    /// Runs `f` (a whole forward pass) in the driver's execution context:
+    /// the portable driver runs it on its own worker pool, so the ops'
+    /// parallel loops start from a worker instead of waking one per op.
+    fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        f()
+    }
 
     /// Copies `view` into driver memory. `expected` is the shape the spec
     /// requires; a mismatch is a [`DriverError::Shape`].
@@ -115,6 +122,9 @@ pub trait Driver: Send + Sync {
     fn activation(&self, x: &Self::Act, a: &ActivationAttrs) -> Result<Self::Act>;
     fn softcap(&self, x: &Self::Act, a: &SoftcapAttrs) -> Result<Self::Act>;
     fn split(&self, x: &Self::Act, a: &SplitAttrs) -> Result<Vec<Self::Act>>;
+    /// The given token rows of `x`, in order (before the epilogue, for
+    /// [`ForwardBatch::outputs`]).
+    fn select_rows(&self, x: &Self::Act, rows: &[usize]) -> Result<Self::Act>;
 
     /// Composite ops: attributes and weights as the spec named them.
     fn composite(

@@ -51,6 +51,7 @@ impl<'a, D: Driver> WeightStore<'a, D> {
             WeightRole::Matrix
         };
         let w = Arc::new(self.driver.load_weight(name, &view, &shape, role)?);
+        self.source.release(name);
         if let Some(cb) = self.on_load {
             cb(name);
         }

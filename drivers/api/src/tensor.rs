@@ -69,4 +69,8 @@ pub trait WeightSource {
     /// file(s) searched.
     fn tensor(&self, name: &str) -> Result<TensorView<'_>, String>;
     fn contains(&self, name: &str) -> bool;
+
+    /// The driver has copied `name`; a memory-mapped source may drop its
+    /// pages so the file and the copy are not both resident.
+    fn release(&self, _name: &str) {}
 }

@@ -14,14 +14,47 @@ use pie_driver::{Driver, DriverError, ForwardBatch, KvLayout, Result, TensorView
 pub use kv::KvCache;
 pub use tensor::{Act, Weight};
 
-/// The portable driver. Stateless apart from its configuration; weights and
-/// KV pages live in the values it hands out.
-#[derive(Debug, Clone, Default)]
-pub struct PortableDriver;
+/// The portable driver: a worker pool; weights and KV pages live in the
+/// values it hands out.
+#[derive(Clone)]
+pub struct PortableDriver {
+    pool: std::sync::Arc<rayon::ThreadPool>,
+}
 
 impl PortableDriver {
+    /// A driver with one worker per core (`RAYON_NUM_THREADS` overrides).
     pub fn new() -> Self {
-        PortableDriver
+        let threads = std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n: &usize| n > 0)
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            });
+        Self::with_threads(threads)
+    }
+
+    pub fn with_threads(threads: usize) -> Self {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .thread_name(|i| format!("pie-portable-{i}"))
+            .build()
+            .expect("the worker pool starts");
+        PortableDriver {
+            pool: std::sync::Arc::new(pool),
+        }
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+}
+
+impl Default for PortableDriver {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -54,6 +87,10 @@ impl Driver for PortableDriver {
 
     fn supports(&self, op: OpKind) -> bool {
         SUPPORTED.contains(&op)
+    }
+
+    fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
     }
 
     fn load_weight(
@@ -166,6 +203,15 @@ impl Driver for PortableDriver {
             )));
         }
         Ok(elementwise::split(x, &a.sizes, a.group))
+    }
+
+    fn select_rows(&self, x: &Act, rows: &[usize]) -> Result<Act> {
+        let data = self.read_rows(x, rows)?;
+        Ok(Act {
+            data,
+            rows: rows.len(),
+            width: x.width,
+        })
     }
 
     fn read_rows(&self, x: &Act, rows: &[usize]) -> Result<Vec<f32>> {

@@ -100,6 +100,27 @@ impl GgufFile {
     pub fn tensor_data(&self, t: &TensorInfo) -> &[u8] {
         &self.mmap[t.range.clone()]
     }
+
+    /// Drops the resident pages of a tensor's bytes (they are read again
+    /// from the file if touched later).
+    pub fn release(&self, t: &TensorInfo) {
+        // madvise needs a page-aligned start; only whole pages inside the
+        // tensor are dropped, so a neighbour's bytes stay untouched.
+        const PAGE: usize = 4096;
+        let start = t.range.start.div_ceil(PAGE) * PAGE;
+        let end = t.range.end / PAGE * PAGE;
+        if end > start {
+            // SAFETY: the map is read-only and file-backed, so dropping pages
+            // loses nothing: later reads fault them back in from the file.
+            let _ = unsafe {
+                self.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    end - start,
+                )
+            };
+        }
+    }
 }
 
 type Parsed = (u32, Vec<(String, MetaValue)>, Vec<TensorInfo>);

@@ -182,4 +182,10 @@ impl WeightSource for GgufSource {
     fn contains(&self, name: &str) -> bool {
         self.by_hf_name.contains_key(name)
     }
+
+    fn release(&self, name: &str) {
+        if let Some(&i) = self.by_hf_name.get(name) {
+            self.file.release(&self.file.tensors[i]);
+        }
+    }
 }
