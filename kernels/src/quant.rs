@@ -218,9 +218,9 @@ const DECODE_BAND_MIN_ROWS: usize = 5;
 /// `out[i*n + j] = Σ_t x[i*k + t] · W[j][t]` for a block-quantized `W`
 /// (`n` rows of `kind.row_bytes(k)` bytes). The model stays quantized in
 /// memory: at decode sizes each block is expanded in registers and dotted
-/// with the f32 activations (no int8 rounding of activations, unlike
-/// llama.cpp); for prefill a band of rows is decoded once to f32 and shared
-/// by every activation row.
+/// with the activations (Q4_0/Q4_1/Q8_0 against a 16-bit copy of them, see
+/// [`fused::Prepared`]; other formats in f32); for prefill a band of rows is
+/// decoded once to f32 and shared by every activation row.
 pub fn matmul_quant(
     x: &[f32],
     m: usize,
@@ -240,27 +240,20 @@ pub fn matmul_quant(
     if m >= DECODE_BAND_MIN_ROWS {
         return matmul_quant_decoded(x, m, k, kind, w, n, out);
     }
-    use rayon::prelude::*;
     let prepared: Vec<fused::Prepared> = (0..m)
         .map(|i| fused::Prepared::new(&x[i * k..(i + 1) * k]))
         .collect();
-    let bands: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(QUANT_ROWS_PER_TASK))
-        .into_par_iter()
-        .map(|b| {
-            let j0 = b * QUANT_ROWS_PER_TASK;
-            let j1 = (j0 + QUANT_ROWS_PER_TASK).min(n);
-            let width = j1 - j0;
-            let mut band = vec![0f32; m * width];
-            for j in j0..j1 {
-                let row = &w[j * row_bytes..(j + 1) * row_bytes];
-                for i in 0..m {
-                    band[i * width + (j - j0)] = fused::row_dot(kind, row, &prepared[i]);
-                }
+    column_bands(n, QUANT_ROWS_PER_TASK, m, out, |j0, j1| {
+        let width = j1 - j0;
+        let mut band = vec![0f32; m * width];
+        for j in j0..j1 {
+            let row = &w[j * row_bytes..(j + 1) * row_bytes];
+            for i in 0..m {
+                band[i * width + (j - j0)] = fused::row_dot(kind, row, &prepared[i]);
             }
-            (j0, band)
-        })
-        .collect();
-    scatter(bands, m, n, out);
+        }
+        band
+    });
 }
 
 /// Prefill: decode bands of weight rows to f32 and run the tiled kernel.
@@ -273,39 +266,49 @@ fn matmul_quant_decoded(
     n: usize,
     out: &mut [f32],
 ) {
-    use rayon::prelude::*;
     const BAND: usize = 64;
     let row_bytes = kind.row_bytes(k).expect("rows hold whole blocks");
-    let bands: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(BAND))
-        .into_par_iter()
-        .map(|b| {
-            let j0 = b * BAND;
-            let j1 = (j0 + BAND).min(n);
-            let mut decoded = vec![0f32; (j1 - j0) * k];
-            for (j, dst) in (j0..j1).zip(decoded.chunks_exact_mut(k)) {
-                kind.dequantize_row(&w[j * row_bytes..(j + 1) * row_bytes], dst);
-            }
-            let mut band = vec![0f32; m * (j1 - j0)];
-            crate::matmul::matmul(
-                x,
-                m,
-                k,
-                crate::WeightMatrix::F32(&decoded),
-                j1 - j0,
-                &mut band,
-            );
-            (j0, band)
-        })
-        .collect();
-    scatter(bands, m, n, out);
+    column_bands(n, BAND, m, out, |j0, j1| {
+        let mut decoded = vec![0f32; (j1 - j0) * k];
+        for (j, dst) in (j0..j1).zip(decoded.chunks_exact_mut(k)) {
+            kind.dequantize_row(&w[j * row_bytes..(j + 1) * row_bytes], dst);
+        }
+        let mut band = vec![0f32; m * (j1 - j0)];
+        crate::matmul::matmul(
+            x,
+            m,
+            k,
+            crate::WeightMatrix::F32(&decoded),
+            j1 - j0,
+            &mut band,
+        );
+        band
+    });
 }
 
-/// Copies per-task column bands (`[m, width]` each) into `out` (`[m, n]`).
-fn scatter(bands: Vec<(usize, Vec<f32>)>, m: usize, n: usize, out: &mut [f32]) {
-    for (j0, band) in bands {
-        let width = band.len() / m;
+/// Computes output columns `[j0, j1)` in parallel bands of `band` columns:
+/// `f(j0, j1)` returns that band as `[m, j1 - j0]`, which is copied into
+/// `out` (`[m, n]`).
+fn column_bands(
+    n: usize,
+    band: usize,
+    m: usize,
+    out: &mut [f32],
+    f: impl Fn(usize, usize) -> Vec<f32> + Sync,
+) {
+    use rayon::prelude::*;
+    let bands: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(band))
+        .into_par_iter()
+        .map(|b| {
+            let j0 = b * band;
+            (j0, f(j0, (j0 + band).min(n)))
+        })
+        .collect();
+    for (j0, values) in bands {
+        let width = values.len() / m;
         for i in 0..m {
-            out[i * n + j0..i * n + j0 + width].copy_from_slice(&band[i * width..(i + 1) * width]);
+            out[i * n + j0..i * n + j0 + width]
+                .copy_from_slice(&values[i * width..(i + 1) * width]);
         }
     }
 }
