@@ -215,6 +215,36 @@ const QUANT_ROWS_PER_TASK: usize = 16;
 /// from their blocks.
 const DECODE_BAND_MIN_ROWS: usize = 5;
 
+/// Rows of a quantized matrix, in whatever layout: what the shared matmul
+/// driver needs from them.
+pub(crate) trait QuantRows: Sync {
+    fn dequantize_row(&self, j: usize, dst: &mut [f32]);
+    fn row_dot(&self, j: usize, x: &fused::Prepared) -> f32;
+}
+
+/// Rows stored as GGUF blocks, back to back.
+struct RawRows<'a> {
+    kind: QuantKind,
+    data: &'a [u8],
+    row_bytes: usize,
+}
+
+impl QuantRows for RawRows<'_> {
+    fn dequantize_row(&self, j: usize, dst: &mut [f32]) {
+        self.kind.dequantize_row(
+            &self.data[j * self.row_bytes..(j + 1) * self.row_bytes],
+            dst,
+        );
+    }
+    fn row_dot(&self, j: usize, x: &fused::Prepared) -> f32 {
+        fused::row_dot(
+            self.kind,
+            &self.data[j * self.row_bytes..(j + 1) * self.row_bytes],
+            x,
+        )
+    }
+}
+
 /// `out[i*n + j] = Σ_t x[i*k + t] · W[j][t]` for a block-quantized `W`
 /// (`n` rows of `kind.row_bytes(k)` bytes). The model stays quantized in
 /// memory: at decode sizes each block is expanded in registers and dotted
@@ -231,14 +261,54 @@ pub fn matmul_quant(
     out: &mut [f32],
 ) {
     let row_bytes = kind.row_bytes(k).expect("rows hold whole blocks");
-    assert_eq!(x.len(), m * k, "matmul_quant: x has the wrong size");
     assert_eq!(w.len(), n * row_bytes, "matmul_quant: w has the wrong size");
+    matmul_rows(
+        x,
+        m,
+        k,
+        &RawRows {
+            kind,
+            data: w,
+            row_bytes,
+        },
+        n,
+        out,
+    );
+}
+
+/// The matmul over any row layout: fused row dots at decode sizes, decoded
+/// bands and the tiled f32 kernel for prefill.
+pub(crate) fn matmul_rows(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    rows: &impl QuantRows,
+    n: usize,
+    out: &mut [f32],
+) {
+    assert_eq!(x.len(), m * k, "matmul_quant: x has the wrong size");
     assert_eq!(out.len(), m * n, "matmul_quant: out has the wrong size");
     if m == 0 || n == 0 {
         return;
     }
     if m >= DECODE_BAND_MIN_ROWS {
-        return matmul_quant_decoded(x, m, k, kind, w, n, out);
+        const BAND: usize = 64;
+        return column_bands(n, BAND, m, out, |j0, j1| {
+            let mut decoded = vec![0f32; (j1 - j0) * k];
+            for (j, dst) in (j0..j1).zip(decoded.chunks_exact_mut(k)) {
+                rows.dequantize_row(j, dst);
+            }
+            let mut band = vec![0f32; m * (j1 - j0)];
+            crate::matmul::matmul(
+                x,
+                m,
+                k,
+                crate::WeightMatrix::F32(&decoded),
+                j1 - j0,
+                &mut band,
+            );
+            band
+        });
     }
     let prepared: Vec<fused::Prepared> = (0..m)
         .map(|i| fused::Prepared::new(&x[i * k..(i + 1) * k]))
@@ -247,41 +317,10 @@ pub fn matmul_quant(
         let width = j1 - j0;
         let mut band = vec![0f32; m * width];
         for j in j0..j1 {
-            let row = &w[j * row_bytes..(j + 1) * row_bytes];
-            for i in 0..m {
-                band[i * width + (j - j0)] = fused::row_dot(kind, row, &prepared[i]);
+            for (i, xp) in prepared.iter().enumerate() {
+                band[i * width + (j - j0)] = rows.row_dot(j, xp);
             }
         }
-        band
-    });
-}
-
-/// Prefill: decode bands of weight rows to f32 and run the tiled kernel.
-fn matmul_quant_decoded(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    kind: QuantKind,
-    w: &[u8],
-    n: usize,
-    out: &mut [f32],
-) {
-    const BAND: usize = 64;
-    let row_bytes = kind.row_bytes(k).expect("rows hold whole blocks");
-    column_bands(n, BAND, m, out, |j0, j1| {
-        let mut decoded = vec![0f32; (j1 - j0) * k];
-        for (j, dst) in (j0..j1).zip(decoded.chunks_exact_mut(k)) {
-            kind.dequantize_row(&w[j * row_bytes..(j + 1) * row_bytes], dst);
-        }
-        let mut band = vec![0f32; m * (j1 - j0)];
-        crate::matmul::matmul(
-            x,
-            m,
-            k,
-            crate::WeightMatrix::F32(&decoded),
-            j1 - j0,
-            &mut band,
-        );
         band
     });
 }
@@ -289,7 +328,7 @@ fn matmul_quant_decoded(
 /// Computes output columns `[j0, j1)` in parallel bands of `band` columns:
 /// `f(j0, j1)` returns that band as `[m, j1 - j0]`, which is copied into
 /// `out` (`[m, n]`).
-fn column_bands(
+pub(crate) fn column_bands(
     n: usize,
     band: usize,
     m: usize,
@@ -314,7 +353,7 @@ fn column_bands(
 }
 
 /// Dot products of one quantized weight row with one f32 activation row.
-mod fused {
+pub(crate) mod fused {
     use super::QuantKind;
 
     /// One activation row, prepared once per matmul for every weight row.
@@ -379,7 +418,7 @@ mod fused {
     }
 
     #[cfg(target_arch = "x86_64")]
-    mod avx2 {
+    pub(crate) mod avx2 {
         use std::arch::x86_64::*;
         use std::sync::OnceLock;
 
@@ -398,14 +437,14 @@ mod fused {
         /// out-of-line software conversion here cost a sixth of decode time.
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn scale(b: &[u8], at: usize) -> f32 {
+        pub(crate) unsafe fn scale(b: &[u8], at: usize) -> f32 {
             let bits = u16::from_le_bytes([b[at], b[at + 1]]) as i32;
             _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
         }
 
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn hsum(v: __m256) -> f32 {
+        pub(crate) unsafe fn hsum(v: __m256) -> f32 {
             let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
             let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
             _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))

@@ -2,6 +2,7 @@
 
 use half::{bf16, f16};
 use pie_driver::{DType, DriverError, QuantKind, Result, TensorView, WeightRole};
+use pie_kernels::packed::PackedRows;
 use pie_kernels::quant::{gather_rows_quant, matmul_quant};
 use pie_kernels::WeightMatrix;
 
@@ -15,6 +16,8 @@ pub enum Weight {
     F16(Vec<f16>),
     /// GGUF blocks, decoded a row at a time inside the matmul.
     Quant(QuantKind, Vec<u8>),
+    /// Q4_0/Q4_1/Q8_0 repacked for the decode kernel.
+    Packed(PackedRows),
 }
 
 impl Weight {
@@ -91,7 +94,10 @@ impl Weight {
             )));
         }
         Ok(match role {
-            WeightRole::Matrix => Weight::Quant(kind, data.to_vec()),
+            WeightRole::Matrix => match PackedRows::from_blocks(kind, data, rows, cols) {
+                Some(packed) => Weight::Packed(packed),
+                None => Weight::Quant(kind, data.to_vec()),
+            },
             WeightRole::Vector => {
                 let mut out = vec![0f32; rows * cols];
                 for (src, dst) in data.chunks_exact(row_bytes).zip(out.chunks_exact_mut(cols)) {
@@ -107,7 +113,7 @@ impl Weight {
             Weight::F32(v) => Some(WeightMatrix::F32(v)),
             Weight::Bf16(v) => Some(WeightMatrix::Bf16(v)),
             Weight::F16(v) => Some(WeightMatrix::F16(v)),
-            Weight::Quant(..) => None,
+            Weight::Quant(..) | Weight::Packed(_) => None,
         }
     }
 
@@ -115,6 +121,7 @@ impl Weight {
     pub fn matmul(&self, x: &[f32], m: usize, k: usize, n: usize, out: &mut [f32]) {
         match (self, self.matrix()) {
             (Weight::Quant(kind, data), _) => matmul_quant(x, m, k, *kind, data, n, out),
+            (Weight::Packed(p), _) => p.matmul(x, m, out),
             (_, Some(w)) => pie_kernels::matmul(x, m, k, w, n, out),
             (_, None) => unreachable!("every non-quantized weight is a matrix"),
         }
@@ -124,6 +131,7 @@ impl Weight {
     pub fn gather(&self, k: usize, ids: &[u32], out: &mut [f32]) {
         match (self, self.matrix()) {
             (Weight::Quant(kind, data), _) => gather_rows_quant(*kind, data, k, ids, out),
+            (Weight::Packed(p), _) => p.gather(ids, out),
             (_, Some(w)) => pie_kernels::gather_rows(w, k, ids, out),
             (_, None) => unreachable!("every non-quantized weight is a matrix"),
         }
@@ -142,7 +150,9 @@ impl Weight {
             Weight::F32(v) => v.clone(),
             Weight::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
             Weight::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
-            Weight::Quant(..) => unreachable!("quantized vectors are decoded in from_blocks"),
+            Weight::Quant(..) | Weight::Packed(_) => {
+                unreachable!("quantized vectors are decoded in from_blocks")
+            }
         }
     }
 }

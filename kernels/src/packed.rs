@@ -1,0 +1,282 @@
+//! Q4_0, Q4_1 and Q8_0 matrices repacked at load for the decode kernel.
+//!
+//! GGUF interleaves each block's f16 scale (and min) with its quants, so a
+//! row-dot converts two scalars per 32 weights and keeps the `min·Σx` term in
+//! a scalar chain. Here each row keeps its scales and mins as contiguous f16
+//! arrays — converted eight at a time — and its quant bytes back to back.
+//! Same bytes as the file, different order.
+
+use crate::quant::fused::Prepared;
+use crate::quant::{matmul_rows, QuantKind, QuantRows};
+
+#[derive(Debug)]
+pub struct PackedRows {
+    kind: QuantKind,
+    rows: usize,
+    /// Blocks per row.
+    nb: usize,
+    /// f16 bits, `rows × nb`.
+    scales: Vec<u16>,
+    /// f16 bits of Q4_1's mins, `rows × nb` (empty otherwise).
+    mins: Vec<u16>,
+    /// Quant bytes, `rows × nb × quant_bytes`.
+    qs: Vec<u8>,
+}
+
+/// Quant bytes per block.
+fn quant_bytes(kind: QuantKind) -> usize {
+    if kind == QuantKind::Q8_0 {
+        32
+    } else {
+        16
+    }
+}
+
+impl PackedRows {
+    /// Repacks `rows` rows of `k` weights; None for formats without a packed
+    /// kernel (they run from their GGUF blocks).
+    pub fn from_blocks(kind: QuantKind, data: &[u8], rows: usize, k: usize) -> Option<Self> {
+        if !matches!(kind, QuantKind::Q4_0 | QuantKind::Q4_1 | QuantKind::Q8_0) {
+            return None;
+        }
+        let row_bytes = kind.row_bytes(k)?;
+        if data.len() != rows * row_bytes {
+            return None;
+        }
+        let nb = k / 32;
+        let qb = quant_bytes(kind);
+        let head = kind.block_bytes() - qb;
+        let mut scales = Vec::with_capacity(rows * nb);
+        let mut mins = Vec::new();
+        let mut qs = Vec::with_capacity(rows * nb * qb);
+        for block in data.chunks_exact(kind.block_bytes()) {
+            scales.push(u16::from_le_bytes([block[0], block[1]]));
+            if kind == QuantKind::Q4_1 {
+                mins.push(u16::from_le_bytes([block[2], block[3]]));
+            }
+            qs.extend_from_slice(&block[head..]);
+        }
+        Some(PackedRows {
+            kind,
+            rows,
+            nb,
+            scales,
+            mins,
+            qs,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// `out = x · selfᵀ` (`x`: `m` rows of `k = 32·nb`).
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        matmul_rows(x, m, self.nb * 32, self, self.rows, out);
+    }
+
+    /// Rows `ids` as f32 (embedding lookup).
+    pub fn gather(&self, ids: &[u32], out: &mut [f32]) {
+        let k = self.nb * 32;
+        for (dst, &id) in out.chunks_mut(k).zip(ids) {
+            self.dequantize_row(id as usize, dst);
+        }
+    }
+
+    /// Block `b` of row `j` in its GGUF form.
+    fn block(&self, j: usize, b: usize, buf: &mut [u8; 34]) -> usize {
+        let i = j * self.nb + b;
+        let qb = quant_bytes(self.kind);
+        let mut at = 0;
+        buf[..2].copy_from_slice(&self.scales[i].to_le_bytes());
+        at += 2;
+        if self.kind == QuantKind::Q4_1 {
+            buf[2..4].copy_from_slice(&self.mins[i].to_le_bytes());
+            at += 2;
+        }
+        buf[at..at + qb].copy_from_slice(&self.qs[i * qb..(i + 1) * qb]);
+        at + qb
+    }
+}
+
+impl QuantRows for PackedRows {
+    fn dequantize_row(&self, j: usize, dst: &mut [f32]) {
+        let mut buf = [0u8; 34];
+        for (b, out) in dst.chunks_exact_mut(32).enumerate() {
+            let len = self.block(j, b, &mut buf);
+            self.kind.dequantize_row(&buf[..len], out);
+        }
+    }
+
+    fn row_dot(&self, j: usize, x: &Prepared) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::quant::fused::avx2::available() {
+                // SAFETY: AVX2, FMA and F16C were detected at run time; the
+                // arrays hold `nb` blocks for every row.
+                return unsafe { avx2::row_dot(self, j, x) };
+            }
+        }
+        let mut buf = [0u8; 34];
+        let mut row = vec![0f32; self.nb * 32];
+        for (b, out) in row.chunks_exact_mut(32).enumerate() {
+            let len = self.block(j, b, &mut buf);
+            self.kind.dequantize_row(&buf[..len], out);
+        }
+        crate::matmul::dot(&row, x.x)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{PackedRows, Prepared, QuantKind};
+    use crate::quant::fused::avx2::hsum;
+
+    /// Eight f16 values (at `p`) as f32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn f16x8(p: *const u16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+
+    /// One weight row against one prepared activation row. Scales of eight
+    /// blocks are converted and multiplied by the activation scales at once;
+    /// the offset term (`min·Σx`, or `-8·d·Σx` for Q4_0) is a vector FMA.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn row_dot(w: &PackedRows, j: usize, x: &Prepared) -> f32 {
+        let nb = w.nb;
+        let base = j * nb;
+        let qb = super::quant_bytes(w.kind);
+        let qs = w.qs.as_ptr().add(base * qb);
+        let xq = x.q.as_ptr();
+        let mask = _mm_set1_epi8(0x0f);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut offsets = _mm256_setzero_ps();
+        let mut ds = [0f32; 8];
+        let mut b = 0;
+        while b < nb {
+            let group = (nb - b).min(8);
+            // Scales (and the offset term) for up to eight blocks.
+            if group == 8 {
+                let d8 = f16x8(w.scales.as_ptr().add(base + b));
+                _mm256_storeu_ps(
+                    ds.as_mut_ptr(),
+                    _mm256_mul_ps(d8, _mm256_loadu_ps(x.scales.as_ptr().add(b))),
+                );
+                let sums = _mm256_loadu_ps(x.sums.as_ptr().add(b));
+                match w.kind {
+                    QuantKind::Q4_1 => {
+                        offsets =
+                            _mm256_fmadd_ps(f16x8(w.mins.as_ptr().add(base + b)), sums, offsets)
+                    }
+                    QuantKind::Q4_0 => {
+                        offsets =
+                            _mm256_fmadd_ps(_mm256_mul_ps(d8, _mm256_set1_ps(-8.0)), sums, offsets)
+                    }
+                    _ => {}
+                }
+            } else {
+                let mut tail_offset = 0f32;
+                for i in 0..group {
+                    let d = half::f16::from_bits(w.scales[base + b + i]).to_f32();
+                    ds[i] = d * x.scales[b + i];
+                    tail_offset += match w.kind {
+                        QuantKind::Q4_1 => {
+                            half::f16::from_bits(w.mins[base + b + i]).to_f32() * x.sums[b + i]
+                        }
+                        QuantKind::Q4_0 => -8.0 * d * x.sums[b + i],
+                        _ => 0.0,
+                    };
+                }
+                offsets = _mm256_add_ps(
+                    offsets,
+                    _mm256_setr_ps(tail_offset, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+                );
+            }
+            for (i, &d) in ds.iter().enumerate().take(group) {
+                let blk = b + i;
+                let xp = xq.add(blk * 32);
+                let (w0, w1) = if w.kind == QuantKind::Q8_0 {
+                    let p = qs.add(blk * 32);
+                    (
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128(p as *const __m128i)),
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(16) as *const __m128i)),
+                    )
+                } else {
+                    let q = _mm_loadu_si128(qs.add(blk * 16) as *const __m128i);
+                    (
+                        _mm256_cvtepu8_epi16(_mm_and_si128(q, mask)),
+                        _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(q, 4), mask)),
+                    )
+                };
+                let x0 = _mm256_loadu_si256(xp as *const __m256i);
+                let x1 = _mm256_loadu_si256(xp.add(16) as *const __m256i);
+                let dots = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+                acc[i & 3] =
+                    _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(dots), acc[i & 3]);
+            }
+            b += group;
+        }
+        let total = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        hsum(total) + hsum(offsets)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Packed rows give the same products and rows as the GGUF blocks.
+    #[test]
+    fn packed_matches_blocks() {
+        for kind in [QuantKind::Q4_0, QuantKind::Q4_1, QuantKind::Q8_0] {
+            // k = 576 (18 blocks): two full groups of eight and a tail.
+            let (k, n) = (576, 21);
+            let bb = kind.block_bytes();
+            let mut s = 99u64;
+            let mut data: Vec<u8> = (0..n * k / 32 * bb)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    s as u8
+                })
+                .collect();
+            for (i, block) in data.chunks_exact_mut(bb).enumerate() {
+                block[..2].copy_from_slice(
+                    &half::f16::from_f32(0.01 + (i % 7) as f32 * 0.002).to_le_bytes(),
+                );
+                if kind == QuantKind::Q4_1 {
+                    block[2..4].copy_from_slice(
+                        &half::f16::from_f32(-0.05 + (i % 3) as f32 * 0.01).to_le_bytes(),
+                    );
+                }
+            }
+            let packed = PackedRows::from_blocks(kind, &data, n, k).unwrap();
+            let mut a = vec![0f32; k];
+            let mut b = vec![0f32; k];
+            for j in 0..n {
+                packed.dequantize_row(j, &mut a);
+                kind.dequantize_row(&data[j * k / 32 * bb..(j + 1) * k / 32 * bb], &mut b);
+                assert_eq!(a, b, "{kind:?} row {j}");
+            }
+            for m in [1, 2, 7] {
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0)
+                    .collect();
+                let mut want = vec![0f32; m * n];
+                crate::quant::matmul_quant(&x, m, k, kind, &data, n, &mut want);
+                let mut got = vec![0f32; m * n];
+                packed.matmul(&x, m, &mut got);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                        "{kind:?} m={m}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+}
