@@ -114,7 +114,13 @@ impl QuantRows for PackedRows {
             if crate::quant::fused::avx2::available() {
                 // SAFETY: AVX2, FMA and F16C were detected at run time; the
                 // arrays hold `nb` blocks for every row.
-                return unsafe { avx2::row_dot(self, j, x) };
+                return unsafe {
+                    match self.kind {
+                        QuantKind::Q8_0 => avx2::row_dot::<{ avx2::Q8_0 }>(self, j, x),
+                        QuantKind::Q4_1 => avx2::row_dot::<{ avx2::Q4_1 }>(self, j, x),
+                        _ => avx2::row_dot::<{ avx2::Q4_0 }>(self, j, x),
+                    }
+                };
             }
         }
         let mut buf = [0u8; 34];
@@ -131,8 +137,14 @@ impl QuantRows for PackedRows {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{PackedRows, Prepared, QuantKind};
+    use super::{PackedRows, Prepared};
     use crate::quant::fused::avx2::hsum;
+
+    // Formats as const parameters, so each gets its own loop without
+    // per-block branches.
+    pub const Q4_0: u8 = 0;
+    pub const Q4_1: u8 = 1;
+    pub const Q8_0: u8 = 2;
 
     /// Eight f16 values (at `p`) as f32 lanes.
     #[inline]
@@ -145,10 +157,10 @@ mod avx2 {
     /// blocks are converted and multiplied by the activation scales at once;
     /// the offset term (`min·Σx`, or `-8·d·Σx` for Q4_0) is a vector FMA.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn row_dot(w: &PackedRows, j: usize, x: &Prepared) -> f32 {
+    pub unsafe fn row_dot<const KIND: u8>(w: &PackedRows, j: usize, x: &Prepared) -> f32 {
         let nb = w.nb;
         let base = j * nb;
-        let qb = super::quant_bytes(w.kind);
+        let qb = if KIND == Q8_0 { 32 } else { 16 };
         let qs = w.qs.as_ptr().add(base * qb);
         let xq = x.q.as_ptr();
         let mask = _mm_set1_epi8(0x0f);
@@ -166,27 +178,21 @@ mod avx2 {
                     _mm256_mul_ps(d8, _mm256_loadu_ps(x.scales.as_ptr().add(b))),
                 );
                 let sums = _mm256_loadu_ps(x.sums.as_ptr().add(b));
-                match w.kind {
-                    QuantKind::Q4_1 => {
-                        offsets =
-                            _mm256_fmadd_ps(f16x8(w.mins.as_ptr().add(base + b)), sums, offsets)
-                    }
-                    QuantKind::Q4_0 => {
-                        offsets =
-                            _mm256_fmadd_ps(_mm256_mul_ps(d8, _mm256_set1_ps(-8.0)), sums, offsets)
-                    }
-                    _ => {}
+                if KIND == Q4_1 {
+                    let mins = f16x8(w.mins.as_ptr().add(base + b));
+                    offsets = _mm256_fmadd_ps(mins, sums, offsets);
+                } else if KIND == Q4_0 {
+                    let mins = _mm256_mul_ps(d8, _mm256_set1_ps(-8.0));
+                    offsets = _mm256_fmadd_ps(mins, sums, offsets);
                 }
             } else {
                 let mut tail_offset = 0f32;
                 for i in 0..group {
                     let d = half::f16::from_bits(w.scales[base + b + i]).to_f32();
                     ds[i] = d * x.scales[b + i];
-                    tail_offset += match w.kind {
-                        QuantKind::Q4_1 => {
-                            half::f16::from_bits(w.mins[base + b + i]).to_f32() * x.sums[b + i]
-                        }
-                        QuantKind::Q4_0 => -8.0 * d * x.sums[b + i],
+                    tail_offset += match KIND {
+                        Q4_1 => half::f16::from_bits(w.mins[base + b + i]).to_f32() * x.sums[b + i],
+                        Q4_0 => -8.0 * d * x.sums[b + i],
                         _ => 0.0,
                     };
                 }
@@ -198,7 +204,7 @@ mod avx2 {
             for (i, &d) in ds.iter().enumerate().take(group) {
                 let blk = b + i;
                 let xp = xq.add(blk * 32);
-                let (w0, w1) = if w.kind == QuantKind::Q8_0 {
+                let (w0, w1) = if KIND == Q8_0 {
                     let p = qs.add(blk * 32);
                     (
                         _mm256_cvtepi8_epi16(_mm_loadu_si128(p as *const __m128i)),
