@@ -187,9 +187,9 @@ mod avx2 {
                 }
             } else {
                 let mut tail_offset = 0f32;
-                for i in 0..group {
+                for (i, slot) in ds.iter_mut().enumerate().take(group) {
                     let d = half::f16::from_bits(w.scales[base + b + i]).to_f32();
-                    ds[i] = d * x.scales[b + i];
+                    *slot = d * x.scales[b + i];
                     tail_offset += match KIND {
                         Q4_1 => half::f16::from_bits(w.mins[base + b + i]).to_f32() * x.sums[b + i],
                         Q4_0 => -8.0 * d * x.sums[b + i],
