@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use pie_driver::KvDType;
 use pie_driver_portable::PortableDriver;
 use pie_runtime::catalog;
 use pie_runtime::chat_template::ChatMessage;
@@ -20,6 +21,9 @@ pub struct ModelArgs {
     /// Tokens per KV cache page.
     #[arg(long, default_value_t = 32)]
     kv_page_size: usize,
+    /// KV cache storage: auto, bf16, f16, int8_per_token_head, fp8_e4m3.
+    #[arg(long, default_value = "auto", value_parser = parse_kv_dtype)]
+    kv_cache_dtype: KvDType,
 }
 
 #[derive(Args)]
@@ -68,6 +72,15 @@ pub struct GenerateArgs {
     json: bool,
 }
 
+fn parse_kv_dtype(name: &str) -> Result<KvDType, String> {
+    KvDType::from_name(name).ok_or_else(|| {
+        format!(
+            "unknown KV cache dtype `{name}` (known: {})",
+            KvDType::NAMES.join(", ")
+        )
+    })
+}
+
 pub fn load(args: &ModelArgs) -> Result<Engine<PortableDriver>, String> {
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -81,6 +94,7 @@ pub fn load(args: &ModelArgs) -> Result<Engine<PortableDriver>, String> {
     };
     let opts = LoadOptions {
         page_size: args.kv_page_size,
+        kv_cache_dtype: args.kv_cache_dtype,
     };
     let path = resolve_model(&args.model)?;
     let engine = Engine::load(&path, PortableDriver::new(), &opts, Some(&progress));

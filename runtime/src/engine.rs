@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use pie_driver::loader::WeightStore;
-use pie_driver::{ir, Driver, ForwardBatch, KvLayout, KvSlotShape, ModelForward};
+use pie_driver::{ir, Driver, ForwardBatch, KvDType, KvLayout, KvSlotShape, ModelForward};
 
 use crate::chat_template::ChatTemplate;
 use crate::error::PieError;
@@ -19,11 +19,16 @@ use crate::tokenizer::Tokenizer;
 pub struct LoadOptions {
     /// Tokens per KV page.
     pub page_size: usize,
+    /// How the KV cache stores keys and values.
+    pub kv_cache_dtype: KvDType,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { page_size: 32 }
+        LoadOptions {
+            page_size: 32,
+            kv_cache_dtype: KvDType::Auto,
+        }
     }
 }
 
@@ -37,6 +42,7 @@ pub struct Engine<D: Driver> {
     model: Box<dyn ModelForward<D>>,
     kv: Option<(D::Kv, usize)>,
     page_size: usize,
+    kv_dtype: KvDType,
     pub tokenizer: Option<Tokenizer>,
     pub chat_template: Option<ChatTemplate>,
     pub stop_ids: Vec<u32>,
@@ -93,6 +99,7 @@ impl<D: Driver + 'static> Engine<D> {
             model,
             kv: None,
             page_size: opts.page_size.max(1),
+            kv_dtype: opts.kv_cache_dtype,
             tokenizer: files.tokenizer,
             chat_template: files.chat_template,
             stop_ids: files.stop_ids,
@@ -115,6 +122,7 @@ impl<D: Driver + 'static> Engine<D> {
                         v_head_dim: s.v_head_dim,
                     })
                     .collect(),
+                dtype: self.kv_dtype,
             };
             self.kv = Some((self.driver.new_kv(&layout)?, pages));
         }

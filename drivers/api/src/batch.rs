@@ -73,10 +73,40 @@ pub struct KvSlotShape {
     pub v_head_dim: usize,
 }
 
+/// How cached keys and values are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDType {
+    /// The driver's activation type (f32 on the portable driver).
+    #[default]
+    Auto,
+    Bf16,
+    F16,
+    /// int8 with one f32 scale per token and head.
+    Int8PerTokenHead,
+    /// 8-bit float, 4 exponent and 3 mantissa bits (max 448).
+    Fp8E4m3,
+}
+
+impl KvDType {
+    pub const NAMES: [&'static str; 5] = ["auto", "bf16", "f16", "int8_per_token_head", "fp8_e4m3"];
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "auto" => KvDType::Auto,
+            "bf16" => KvDType::Bf16,
+            "f16" => KvDType::F16,
+            "int8_per_token_head" => KvDType::Int8PerTokenHead,
+            "fp8_e4m3" => KvDType::Fp8E4m3,
+            _ => return None,
+        })
+    }
+}
+
 /// What to allocate for a model's KV cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KvLayout {
     pub page_size: usize,
     pub num_pages: usize,
     pub slots: Vec<KvSlotShape>,
+    pub dtype: KvDType,
 }

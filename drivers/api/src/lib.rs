@@ -9,7 +9,7 @@ mod batch;
 pub mod loader;
 mod tensor;
 
-pub use batch::{ForwardBatch, KvLayout, KvSlotShape, SeqChunk};
+pub use batch::{ForwardBatch, KvDType, KvLayout, KvSlotShape, SeqChunk};
 pub use pie_archspec::ir;
 pub use tensor::{DType, QuantKind, TensorView, WeightSource};
 

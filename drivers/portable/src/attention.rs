@@ -63,11 +63,13 @@ pub fn paged_attention(
             None => 0,
         };
         let mut scores = vec![0f32; pos + 1 - first];
+        let mut kbuf = vec![0f32; a.head_dim];
+        let mut vbuf = vec![0f32; a.v_head_dim];
         for h in 0..a.heads {
             let kvh = h / group;
             let qh = &q.row(*row)[h * a.head_dim..(h + 1) * a.head_dim];
             for (j, s) in (first..=pos).zip(scores.iter_mut()) {
-                let key = kv.key(slot, kv.slot_of(seq, j), kvh);
+                let key = kv.key(slot, kv.slot_of(seq, j), kvh, &mut kbuf);
                 let mut dot = qh.iter().zip(key).map(|(x, y)| x * y).sum::<f32>() * a.scale;
                 if let Some(cap) = a.softcap {
                     dot = (dot / cap).tanh() * cap;
@@ -89,7 +91,7 @@ pub fn paged_attention(
             }
             let oh = &mut out_row[h * a.v_head_dim..(h + 1) * a.v_head_dim];
             for (j, p) in (first..=pos).zip(&scores) {
-                let val = kv.value(slot, kv.slot_of(seq, j), kvh);
+                let val = kv.value(slot, kv.slot_of(seq, j), kvh, &mut vbuf);
                 let w = p / denom;
                 oh.iter_mut().zip(val).for_each(|(o, x)| *o += w * x);
             }

@@ -1,13 +1,118 @@
 //! Paged KV storage: for each attention op, `num_pages` pages of
-//! `page_size` token slots, each slot holding every KV head's key and value.
+//! `page_size` token slots, each slot holding every KV head's key and value,
+//! in the cache dtype chosen at allocation. Narrow dtypes are encoded on
+//! write and decoded into a scratch row on read (the CPU has no native
+//! arithmetic for them).
 
-use pie_driver::{DriverError, KvLayout, KvSlotShape, Result, SeqChunk};
+use half::{bf16, f16};
+use pie_driver::{DriverError, KvDType, KvLayout, KvSlotShape, Result, SeqChunk};
+
+/// One tensor's (keys' or values') storage for all token slots.
+#[derive(Debug)]
+enum Store {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+    F16(Vec<f16>),
+    /// Values and one scale per (token slot, head).
+    Int8 {
+        q: Vec<i8>,
+        scales: Vec<f32>,
+    },
+    Fp8(Vec<u8>),
+}
+
+impl Store {
+    fn new(dtype: KvDType, elems: usize, heads: usize, tokens: usize) -> Self {
+        match dtype {
+            KvDType::Auto => Store::F32(vec![0.0; elems]),
+            KvDType::Bf16 => Store::Bf16(vec![bf16::ZERO; elems]),
+            KvDType::F16 => Store::F16(vec![f16::ZERO; elems]),
+            KvDType::Int8PerTokenHead => Store::Int8 {
+                q: vec![0; elems],
+                scales: vec![0.0; tokens * heads],
+            },
+            KvDType::Fp8E4m3 => Store::Fp8(vec![0; elems]),
+        }
+    }
+
+    /// Stores `row` (all heads of one token slot, `dim` values a head).
+    fn write(&mut self, token_slot: usize, dim: usize, row: &[f32]) {
+        let at = token_slot * row.len();
+        match self {
+            Store::F32(v) => v[at..at + row.len()].copy_from_slice(row),
+            Store::Bf16(v) => v[at..at + row.len()]
+                .iter_mut()
+                .zip(row)
+                .for_each(|(o, x)| *o = bf16::from_f32(*x)),
+            Store::F16(v) => v[at..at + row.len()]
+                .iter_mut()
+                .zip(row)
+                .for_each(|(o, x)| *o = f16::from_f32(*x)),
+            Store::Int8 { q, scales } => {
+                let heads = row.len() / dim;
+                for (h, head) in row.chunks(dim).enumerate() {
+                    let max = head.iter().fold(0f32, |m, x| m.max(x.abs()));
+                    let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+                    scales[token_slot * heads + h] = scale;
+                    let dst = &mut q[at + h * dim..at + (h + 1) * dim];
+                    dst.iter_mut()
+                        .zip(head)
+                        .for_each(|(o, x)| *o = (x / scale).round() as i8);
+                }
+            }
+            Store::Fp8(v) => v[at..at + row.len()]
+                .iter_mut()
+                .zip(row)
+                .for_each(|(o, x)| *o = fp8_e4m3::encode(*x)),
+        }
+    }
+
+    /// Head `head` of token slot `token_slot`; `width` = values per token.
+    fn read<'a>(
+        &'a self,
+        token_slot: usize,
+        head: usize,
+        dim: usize,
+        width: usize,
+        buf: &'a mut [f32],
+    ) -> &'a [f32] {
+        let at = token_slot * width + head * dim;
+        match self {
+            Store::F32(v) => &v[at..at + dim],
+            Store::Bf16(v) => {
+                buf.iter_mut()
+                    .zip(&v[at..at + dim])
+                    .for_each(|(o, x)| *o = x.to_f32());
+                buf
+            }
+            Store::F16(v) => {
+                buf.iter_mut()
+                    .zip(&v[at..at + dim])
+                    .for_each(|(o, x)| *o = x.to_f32());
+                buf
+            }
+            Store::Int8 { q, scales } => {
+                let scale = scales[token_slot * (width / dim) + head];
+                buf.iter_mut()
+                    .zip(&q[at..at + dim])
+                    .for_each(|(o, x)| *o = *x as f32 * scale);
+                buf
+            }
+            Store::Fp8(v) => {
+                buf.iter_mut()
+                    .zip(&v[at..at + dim])
+                    .for_each(|(o, x)| *o = fp8_e4m3::decode(*x));
+                buf
+            }
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct KvSlot {
     pub shape: KvSlotShape,
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
+    k: Store,
+    v: Store,
 }
 
 impl KvSlot {
@@ -33,20 +138,27 @@ impl KvCache {
                 "kv page size must be at least 1".into(),
             ));
         }
-        let tokens = layout.page_size.checked_mul(layout.num_pages);
+        let tokens = layout
+            .page_size
+            .checked_mul(layout.num_pages)
+            .ok_or_else(|| DriverError::Invalid("kv cache size overflows".into()))?;
         let slots = layout
             .slots
             .iter()
             .map(|shape| {
-                let alloc = |width: usize| -> Result<Vec<f32>> {
-                    let n = tokens
-                        .and_then(|t| t.checked_mul(width))
-                        .ok_or_else(|| DriverError::Invalid("kv cache size overflows".into()))?;
-                    Ok(vec![0.0; n])
+                let elems = |dim: usize| {
+                    tokens
+                        .checked_mul(shape.kv_heads * dim)
+                        .ok_or_else(|| DriverError::Invalid("kv cache size overflows".into()))
                 };
                 Ok(KvSlot {
-                    k: alloc(shape.kv_heads * shape.head_dim)?,
-                    v: alloc(shape.kv_heads * shape.v_head_dim)?,
+                    k: Store::new(layout.dtype, elems(shape.head_dim)?, shape.kv_heads, tokens),
+                    v: Store::new(
+                        layout.dtype,
+                        elems(shape.v_head_dim)?,
+                        shape.kv_heads,
+                        tokens,
+                    ),
                     shape: shape.clone(),
                 })
             })
@@ -86,22 +198,97 @@ impl KvCache {
     /// Writes one token's key and value rows into `slot`'s storage.
     pub fn write(&mut self, slot: usize, token_slot: usize, k: &[f32], v: &[f32]) {
         let s = &mut self.slots[slot];
-        let (kw, vw) = (s.k_width(), s.v_width());
-        s.k[token_slot * kw..(token_slot + 1) * kw].copy_from_slice(k);
-        s.v[token_slot * vw..(token_slot + 1) * vw].copy_from_slice(v);
+        let (kd, vd) = (s.shape.head_dim, s.shape.v_head_dim);
+        s.k.write(token_slot, kd, k);
+        s.v.write(token_slot, vd, v);
     }
 
-    pub fn key(&self, slot: usize, token_slot: usize, kv_head: usize) -> &[f32] {
+    /// Head `kv_head`'s key at `token_slot`; `buf` (head_dim long) holds the
+    /// decoded values when the cache dtype is not f32.
+    pub fn key<'a>(
+        &'a self,
+        slot: usize,
+        token_slot: usize,
+        kv_head: usize,
+        buf: &'a mut [f32],
+    ) -> &'a [f32] {
         let s = &self.slots[slot];
-        let d = s.shape.head_dim;
-        let start = token_slot * s.k_width() + kv_head * d;
-        &s.k[start..start + d]
+        s.k.read(token_slot, kv_head, s.shape.head_dim, s.k_width(), buf)
     }
 
-    pub fn value(&self, slot: usize, token_slot: usize, kv_head: usize) -> &[f32] {
+    pub fn value<'a>(
+        &'a self,
+        slot: usize,
+        token_slot: usize,
+        kv_head: usize,
+        buf: &'a mut [f32],
+    ) -> &'a [f32] {
         let s = &self.slots[slot];
-        let d = s.shape.v_head_dim;
-        let start = token_slot * s.v_width() + kv_head * d;
-        &s.v[start..start + d]
+        s.v.read(token_slot, kv_head, s.shape.v_head_dim, s.v_width(), buf)
+    }
+}
+
+/// OCP FP8 E4M3 (bias 7, no infinities, max ±448, 0x7f/0xff = NaN).
+mod fp8_e4m3 {
+    pub fn encode(x: f32) -> u8 {
+        if x.is_nan() {
+            return 0x7f;
+        }
+        let sign = if x.is_sign_negative() { 0x80 } else { 0 };
+        let a = x.abs().min(448.0);
+        if a < f32::powi(2.0, -10) {
+            return sign; // rounds to zero (half of the smallest subnormal)
+        }
+        let e = a.log2().floor() as i32;
+        let code = if e < -6 {
+            // Subnormal: steps of 2^-9.
+            (a / f32::powi(2.0, -9)).round() as u32
+        } else {
+            let m = ((a / f32::powi(2.0, e) - 1.0) * 8.0).round() as u32;
+            let (e, m) = if m == 8 { (e + 1, 0) } else { (e, m) };
+            (((e + 7) as u32) << 3) | m
+        };
+        sign | code.min(0x7e) as u8
+    }
+
+    pub fn decode(b: u8) -> f32 {
+        let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+        let e = ((b >> 3) & 0x0f) as i32;
+        let m = (b & 7) as f32;
+        if e == 0x0f && b & 7 == 7 {
+            return f32::NAN;
+        }
+        let mag = if e == 0 {
+            m / 8.0 * f32::powi(2.0, -6)
+        } else {
+            (1.0 + m / 8.0) * f32::powi(2.0, e - 7)
+        };
+        sign * mag
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn round_trips_every_code_and_rounds_to_nearest() {
+            for b in 0u8..=255 {
+                if b & 0x7f == 0x7f {
+                    assert!(decode(b).is_nan());
+                    continue;
+                }
+                let x = decode(b);
+                let back = encode(x);
+                // ±0 both decode to 0.
+                assert!(
+                    back == b || (x == 0.0 && back & 0x7f == 0),
+                    "code {b:#x} -> {x} -> {back:#x}"
+                );
+            }
+            assert_eq!(decode(encode(448.0)), 448.0);
+            assert_eq!(decode(encode(1e6)), 448.0);
+            assert_eq!(decode(encode(1.0)), 1.0);
+            assert_eq!(decode(encode(-0.3)), -0.3125 + 0.0); // nearest of 0.28125 / 0.3125
+        }
     }
 }
