@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use pie_driver::KvDType;
-use pie_driver_portable::PortableDriver;
+use pie_driver_portable::{PortableDriver, RuntimeQuant};
 use pie_runtime::catalog;
 use pie_runtime::chat_template::ChatMessage;
 use pie_runtime::sampling::Sampler;
@@ -24,6 +24,9 @@ pub struct ModelArgs {
     /// KV cache storage: auto, bf16, f16, int8_per_token_head, fp8_e4m3.
     #[arg(long, default_value = "auto", value_parser = parse_kv_dtype)]
     kv_cache_dtype: KvDType,
+    /// Quantize float weight matrices at load: `int8` (Q8_0 blocks).
+    #[arg(long, value_parser = ["int8"])]
+    runtime_quant: Option<String>,
 }
 
 #[derive(Args)]
@@ -72,6 +75,11 @@ pub struct GenerateArgs {
     json: bool,
 }
 
+fn driver(args: &ModelArgs) -> PortableDriver {
+    let quant = args.runtime_quant.as_deref().map(|_| RuntimeQuant::Int8);
+    PortableDriver::new().with_runtime_quant(quant)
+}
+
 fn parse_kv_dtype(name: &str) -> Result<KvDType, String> {
     KvDType::from_name(name).ok_or_else(|| {
         format!(
@@ -97,7 +105,7 @@ pub fn load(args: &ModelArgs) -> Result<Engine<PortableDriver>, String> {
         kv_cache_dtype: args.kv_cache_dtype,
     };
     let path = resolve_model(&args.model)?;
-    let engine = Engine::load(&path, PortableDriver::new(), &opts, Some(&progress));
+    let engine = Engine::load(&path, driver(args), &opts, Some(&progress));
     bar.finish_and_clear();
     engine.map_err(|e| e.to_string())
 }

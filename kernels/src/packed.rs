@@ -66,6 +66,41 @@ impl PackedRows {
         })
     }
 
+    /// Quantizes f32 rows (`rows × k`, `k` a multiple of 32) to Q8_0: one
+    /// f16 scale per 32 weights, `max|w| / 127`. Used for runtime int8
+    /// quantization of float checkpoints.
+    pub fn quantize_q8_0(w: &[f32], rows: usize, k: usize) -> Option<Self> {
+        if !k.is_multiple_of(32) || w.len() != rows * k {
+            return None;
+        }
+        let nb = k / 32;
+        let mut scales = Vec::with_capacity(rows * nb);
+        let mut qs = Vec::with_capacity(rows * k);
+        for block in w.chunks_exact(32) {
+            let max = block.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let d = half::f16::from_f32(max / 127.0);
+            let inv = if d.to_f32() > 0.0 {
+                1.0 / d.to_f32()
+            } else {
+                0.0
+            };
+            scales.push(d.to_bits());
+            qs.extend(
+                block
+                    .iter()
+                    .map(|x| (x * inv).round().clamp(-127.0, 127.0) as i8 as u8),
+            );
+        }
+        Some(PackedRows {
+            kind: QuantKind::Q8_0,
+            rows,
+            nb,
+            scales,
+            mins: Vec::new(),
+            qs,
+        })
+    }
+
     pub fn rows(&self) -> usize {
         self.rows
     }

@@ -219,7 +219,7 @@ fn half_precision_weights() {
 
 /// Each KV cache dtype against the float32 reference: how far the logits
 /// move and whether greedy decoding still agrees (numbers in the note and
-/// `docs/KV_CACHE.md`). The bounds are a few times the measured error.
+/// `docs/QUANTIZATION.md`). The bounds are a few times the measured error.
 #[test]
 fn kv_cache_dtypes_quality() {
     use pie_driver::KvDType;
@@ -263,4 +263,40 @@ fn kv_cache_dtypes_quality() {
         );
         assert!(worst <= bound, "kv {dtype:?}: {worst} > {bound}");
     }
+}
+
+/// `runtime_quant = "int8"`: float matrices become Q8_0 blocks at load. The
+/// cost against the float32 reference (numbers in docs/QUANTIZATION.md).
+#[test]
+fn runtime_int8_weights_quality() {
+    use pie_driver_portable::RuntimeQuant;
+    let (dir, prompts) = fixture("llama");
+    let driver = PortableDriver::new().with_runtime_quant(Some(RuntimeQuant::Int8));
+    let mut engine = Engine::load(&dir, driver, &LoadOptions::default(), None).unwrap();
+    engine.stop_ids.clear();
+    let mut worst = 0f32;
+    let mut agree = 0;
+    for p in &prompts {
+        let logits = engine
+            .prompt_logits(std::slice::from_ref(&p.ids))
+            .unwrap()
+            .remove(0);
+        let (diff, scale) = max_error(&logits, &p.logits);
+        worst = worst.max(diff / scale);
+        let greedy = engine
+            .generate(std::slice::from_ref(&p.ids), 10, &Sampler::greedy())
+            .unwrap()
+            .remove(0);
+        agree += greedy
+            .iter()
+            .zip(&p.greedy)
+            .take_while(|(a, b)| a == b)
+            .count();
+    }
+    eprintln!(
+        "runtime int8 weights: max|diff|/max|ref| = {worst:.2e}, greedy agreement {agree}/{}",
+        10 * prompts.len()
+    );
+    assert!(worst > 1e-5, "weights were not quantized");
+    assert!(worst <= 6e-2, "{worst}");
 }

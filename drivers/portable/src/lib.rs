@@ -19,6 +19,14 @@ pub use tensor::{Act, Weight};
 #[derive(Clone)]
 pub struct PortableDriver {
     pool: std::sync::Arc<rayon::ThreadPool>,
+    runtime_quant: Option<RuntimeQuant>,
+}
+
+/// Quantization applied at load to float (f32/bf16/f16) weight matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuntimeQuant {
+    /// Q8_0 blocks: int8 with one f16 scale per 32 weights.
+    Int8,
 }
 
 impl PortableDriver {
@@ -44,7 +52,14 @@ impl PortableDriver {
             .expect("the worker pool starts");
         PortableDriver {
             pool: std::sync::Arc::new(pool),
+            runtime_quant: None,
         }
+    }
+
+    /// Quantizes float weight matrices at load (`runtime_quant = "int8"`).
+    pub fn with_runtime_quant(mut self, quant: Option<RuntimeQuant>) -> Self {
+        self.runtime_quant = quant;
+        self
     }
 
     pub fn threads(&self) -> usize {
@@ -100,7 +115,13 @@ impl Driver for PortableDriver {
         expected: &[usize],
         role: WeightRole,
     ) -> Result<Weight> {
-        Weight::from_view(name, view, expected, role)
+        let weight = Weight::from_view(name, view, expected, role)?;
+        Ok(match self.runtime_quant {
+            Some(RuntimeQuant::Int8) if role == WeightRole::Matrix => {
+                weight.quantized_int8(expected)
+            }
+            _ => weight,
+        })
     }
 
     fn new_kv(&self, layout: &KvLayout) -> Result<KvCache> {

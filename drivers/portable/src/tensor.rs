@@ -71,6 +71,21 @@ impl Weight {
         })
     }
 
+    /// A float matrix `[rows, k]` as Q8_0 blocks (runtime int8
+    /// quantization); quantized weights and rows that are not whole blocks
+    /// stay as they are.
+    pub fn quantized_int8(self, shape: &[usize]) -> Self {
+        if !matches!(self, Weight::F32(_) | Weight::Bf16(_) | Weight::F16(_)) {
+            return self;
+        }
+        let k = *shape.last().unwrap_or(&0);
+        let rows: usize = shape[..shape.len().saturating_sub(1)].iter().product();
+        match PackedRows::quantize_q8_0(&self.to_f32(), rows, k) {
+            Some(packed) => Weight::Packed(packed),
+            None => self,
+        }
+    }
+
     fn from_blocks(
         name: &str,
         kind: QuantKind,
