@@ -307,3 +307,26 @@ fn mutated_files_never_panic() {
         let _ = Engine::load(&path, PortableDriver::new(), &LoadOptions::default(), None);
     }
 }
+
+/// The fuzzing corpus (`fuzz/corpus/gguf_header`) replays here on every test
+/// run: seeds must parse, and nothing in the corpus may panic.
+#[test]
+fn fuzz_corpus_replays() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/gguf_header");
+    let mut seeds = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        let parsed = pie_runtime::gguf::file::parse(&bytes);
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("seed_")
+        {
+            seeds += 1;
+            assert!(parsed.is_ok(), "{}: {:?}", path.display(), parsed.err());
+        }
+    }
+    assert!(seeds >= 3, "the seeds are in the corpus");
+}
