@@ -300,3 +300,25 @@ fn runtime_int8_weights_quality() {
     assert!(worst > 1e-5, "weights were not quantized");
     assert!(worst <= 6e-2, "{worst}");
 }
+
+/// Fixtures of architectures whose ops the portable driver lacks still bind
+/// and lower: loading stops only at the driver-support check, naming the op.
+#[test]
+fn breadth_fixtures_lower_and_are_refused_by_op() {
+    for (name, op) in [
+        ("qwen3_moe", "moe"),
+        ("qwen3_5", "gated_delta_net"),
+        ("deepseek_v3", "mla_attention"),
+        ("nemotron_h", "mamba2"),
+    ] {
+        let (dir, _) = fixture(name);
+        let err = match Engine::load(&dir, PortableDriver::new(), &LoadOptions::default(), None) {
+            Ok(_) => panic!("{name}: loaded although the driver lacks `{op}`"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains(&format!("uses op `{op}`")) && err.contains("does not support yet"),
+            "{name}: {err}"
+        );
+    }
+}
