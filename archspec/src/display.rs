@@ -92,6 +92,10 @@ fn node_line(n: &Node) -> String {
     for w in &n.weights {
         if let Some(t) = &w.template {
             let _ = write!(s, " {}={t}", w.key);
+            if let Some(e) = &w.experts {
+                // One expert's shape as computed with, `count` times.
+                let _ = write!(s, "[{}×]", e.count);
+            }
             if let Some(shape) = &w.shape {
                 let _ = write!(s, "{shape:?}");
             }

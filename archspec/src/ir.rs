@@ -134,12 +134,19 @@ pub enum RopeScaling {
         beta_slow: f64,
         mscale: f64,
         mscale_all_dim: f64,
+        /// Round the correction range to whole dimensions (default true).
+        truncate: bool,
+        /// Scale of cos/sin; derived from `factor` and the mscales if None.
+        attention_factor: Option<f64>,
     },
     LongRope {
         short_factor: Vec<f64>,
         long_factor: Vec<f64>,
         original_max_position: f64,
+        /// The context the scaling extends to (0 when unknown): with
+        /// `original_max_position` it gives the default attention factor.
         max_position: f64,
+        attention_factor: Option<f64>,
     },
 }
 
@@ -262,6 +269,45 @@ impl CompositeAttrs {
     pub fn get(&self, key: &str) -> Option<&AttrValue> {
         self.attrs.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
+
+    /// A non-negative integer attribute (None when absent or null).
+    pub fn usize(&self, key: &str) -> Result<Option<usize>, String> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(AttrValue::List(l)) if l.is_empty() => Ok(None),
+            Some(AttrValue::Int(i)) if *i >= 0 => Ok(Some(*i as usize)),
+            Some(v) => Err(format!("`{key}` must be a non-negative integer, got {v:?}")),
+        }
+    }
+
+    /// A number attribute (None when absent or null).
+    pub fn float(&self, key: &str) -> Result<Option<f64>, String> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(AttrValue::List(l)) if l.is_empty() => Ok(None),
+            Some(AttrValue::Int(i)) => Ok(Some(*i as f64)),
+            Some(AttrValue::Float(f)) => Ok(Some(*f)),
+            Some(v) => Err(format!("`{key}` must be a number, got {v:?}")),
+        }
+    }
+
+    /// A boolean attribute (false when absent or null).
+    pub fn flag(&self, key: &str) -> Result<bool, String> {
+        match self.get(key) {
+            None => Ok(false),
+            Some(AttrValue::List(l)) if l.is_empty() => Ok(false),
+            Some(AttrValue::Bool(b)) => Ok(*b),
+            Some(v) => Err(format!("`{key}` must be true or false, got {v:?}")),
+        }
+    }
+
+    /// A name attribute such as `routing` (None when absent).
+    pub fn name(&self, key: &str) -> Option<&str> {
+        match self.get(key) {
+            Some(AttrValue::Str(s)) => Some(s),
+            _ => None,
+        }
+    }
 }
 
 // ------------------------------------------------------------- the model graph
@@ -347,6 +393,21 @@ pub struct WeightBinding {
     /// The name with the layer index left as `{i}`, for display.
     pub template: Option<String>,
     pub shape: Option<Vec<usize>>,
+    /// Set for the per-expert weights of a `moe` op; `shape` is then one
+    /// expert's shape as the driver computes with it (`[out, in]`).
+    pub experts: Option<ExpertLayout>,
+}
+
+/// How a `moe` op's expert tensors sit in the checkpoint: one tensor per
+/// expert (`{e}` in the name) or all experts stacked as `[count, ..]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpertLayout {
+    pub count: usize,
+    /// Each expert matrix is stored `[in, out]` (GPT-OSS), not `[out, in]`.
+    pub transposed: bool,
+    /// This (fused gate/up) tensor alternates gate and up features
+    /// (GPT-OSS) instead of holding all gate features, then all up features.
+    pub interleaved: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

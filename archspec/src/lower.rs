@@ -272,6 +272,7 @@ impl<'a> Lowerer<'a> {
                 name: None,
                 template: None,
                 shape,
+                experts: None,
             });
         };
         if let Some(cond) = &w.cond {
@@ -282,6 +283,7 @@ impl<'a> Lowerer<'a> {
                     name: None,
                     template: None,
                     shape,
+                    experts: None,
                 });
             }
         }
@@ -296,6 +298,7 @@ impl<'a> Lowerer<'a> {
                     name: Some(to.value.clone()),
                     template: Some(to.value.clone()),
                     shape,
+                    experts: None,
                 });
             }
         }
@@ -312,6 +315,7 @@ impl<'a> Lowerer<'a> {
             name: Some(name),
             template: Some(template),
             shape,
+            experts: None,
         })
     }
 
@@ -573,11 +577,14 @@ impl<'a> Lowerer<'a> {
                         ));
                     }
                 }
-                // Expert weight names keep `{e}` for the driver to expand.
+                // Expert weight names keep `{e}` for the loader to expand.
                 for w in schema.weights {
                     weights.push(self.weight(s, op, w.key, None)?);
                 }
                 let hidden = self.usize_attr(op, "hidden", None)?;
+                if op.kind == OpKind::Moe {
+                    self.bind_moe_weights(op, hidden, &mut weights)?;
+                }
                 if op.kind == OpKind::MlaAttention {
                     let kv_lora = self.usize_attr(op, "kv_lora_rank", None)?;
                     let rope = self.usize_attr(op, "qk_rope_head_dim", None)?;
@@ -607,6 +614,55 @@ impl<'a> Lowerer<'a> {
             out_widths,
             origin,
         })
+    }
+
+    /// Shapes of a `moe` op's weights, and the expert layout of the
+    /// per-expert ones.
+    fn bind_moe_weights(
+        &self,
+        op: &OpDecl,
+        hidden: usize,
+        weights: &mut [WeightBinding],
+    ) -> Result<(), BindError> {
+        let experts = self.usize_attr(op, "experts", None)?;
+        let inter = self.usize_attr(op, "intermediate", None)?;
+        let shared = self.usize_attr(op, "shared_intermediate", Some(0))?;
+        let layout = ExpertLayout {
+            count: experts,
+            transposed: self.name_attr(op, "expert_layout", "out_in") == "in_out",
+            interleaved: self.name_attr(op, "gate_up_order", "concat") == "interleaved",
+        };
+        for w in weights.iter_mut().filter(|w| w.name.is_some()) {
+            let (shape, per_expert) = match w.key.as_str() {
+                "router" => (vec![experts, hidden], false),
+                "router_bias" => (vec![experts], false),
+                "gate" | "up" => (vec![inter, hidden], true),
+                "gate_up" => (vec![2 * inter, hidden], true),
+                "down" => (vec![hidden, inter], true),
+                "gate_bias" | "up_bias" => (vec![inter], true),
+                "gate_up_bias" => (vec![2 * inter], true),
+                "down_bias" => (vec![hidden], true),
+                "shared_gate" | "shared_up" => (vec![shared, hidden], false),
+                "shared_down" => (vec![hidden, shared], false),
+                "shared_router" => (vec![1, hidden], false),
+                _ => continue,
+            };
+            if !per_expert && w.name.as_deref().is_some_and(|n| n.contains("{e}")) {
+                return self.fail(
+                    op,
+                    format!(
+                        "weight `{}` is not per expert; its name cannot contain `{{e}}`",
+                        w.key
+                    ),
+                );
+            }
+            w.shape = Some(shape);
+            w.experts = per_expert.then_some(ExpertLayout {
+                interleaved: layout.interleaved && w.key.starts_with("gate_up"),
+                ..layout
+            });
+        }
+        Ok(())
     }
 
     /// The IR of a skipped conditional op: an identity of the input's width.
@@ -680,12 +736,18 @@ pub fn parse_rope_scaling(v: &Value) -> Result<RopeScaling, String> {
             beta_slow: num_or("beta_slow", 1.0),
             mscale: num_or("mscale", 1.0),
             mscale_all_dim: num_or("mscale_all_dim", 0.0),
+            truncate: obj.get("truncate").and_then(|t| t.as_bool()).unwrap_or(true),
+            attention_factor: obj.get("attention_factor").and_then(|x| x.as_f64()),
         },
         "longrope" | "su" => RopeScaling::LongRope {
             short_factor: list("short_factor")?,
             long_factor: list("long_factor")?,
             original_max_position: num("original_max_position_embeddings")?,
-            max_position: num_or("max_position_embeddings", 0.0),
+            max_position: match obj.get("factor").and_then(|x| x.as_f64()) {
+                Some(factor) => factor * num("original_max_position_embeddings")?,
+                None => num_or("max_position_embeddings", 0.0),
+            },
+            attention_factor: obj.get("attention_factor").and_then(|x| x.as_f64()),
         },
         other => {
             return Err(format!(

@@ -79,6 +79,8 @@ const fn name_opt(key: &'static str, names: &'static [&'static str]) -> AttrSpec
 pub const ACTIVATIONS: &[&str] = &crate::ir::ActivationFn::NAMES;
 pub const ROPE_STYLES: &[&str] = &["half", "interleaved"];
 pub const ROUTINGS: &[&str] = &["softmax_topk", "topk_softmax", "sigmoid_group_topk"];
+pub const EXPERT_LAYOUTS: &[&str] = &["out_in", "in_out"];
+pub const GATE_UP_ORDERS: &[&str] = &["concat", "interleaved"];
 
 const fn schema(
     kind: OpKind,
@@ -243,6 +245,8 @@ pub const SCHEMAS: &[OpSchema] = &[
             a_opt("topk_groups"),
             a_opt("routed_scale"),
             a_opt("shared_intermediate"),
+            name_opt("expert_layout", EXPERT_LAYOUTS),
+            name_opt("gate_up_order", GATE_UP_ORDERS),
         ],
         "mixture of experts; expert weight names may contain {e}",
     ),

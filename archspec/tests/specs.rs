@@ -59,3 +59,6 @@ ir_snapshot!(ir_qwen3_moe, "qwen3_moe", "qwen3_moe");
 ir_snapshot!(ir_qwen3_5, "qwen3_5", "qwen3_5");
 ir_snapshot!(ir_deepseek_v3, "deepseek_v3", "deepseek_v3");
 ir_snapshot!(ir_nemotron_h, "nemotron_h", "nemotron_h");
+ir_snapshot!(ir_mixtral, "mixtral", "mixtral");
+ir_snapshot!(ir_gpt_oss, "gpt_oss", "gpt_oss");
+ir_snapshot!(ir_phi3_longrope, "phi3", "phi3");

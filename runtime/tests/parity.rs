@@ -110,6 +110,12 @@ parity! {
     parity_qwen2 => "qwen2",
     parity_qwen3_tied_sharded => "qwen3",
     parity_gemma3_sliding_global => "gemma3_text",
+    parity_gemma2_softcap_sliding => "gemma2",
+    parity_olmo2_post_norms => "olmo2",
+    parity_phi3_fused_projections => "phi3",
+    parity_mixtral_moe => "mixtral",
+    parity_qwen3_moe => "qwen3_moe",
+    parity_gpt_oss_sinks_yarn_moe => "gpt_oss",
 }
 
 /// The fixture's tokenizer and chat template give what transformers gave.
@@ -306,7 +312,6 @@ fn runtime_int8_weights_quality() {
 #[test]
 fn breadth_fixtures_lower_and_are_refused_by_op() {
     for (name, op) in [
-        ("qwen3_moe", "moe"),
         ("qwen3_5", "gated_delta_net"),
         ("deepseek_v3", "mla_attention"),
         ("nemotron_h", "mamba2"),

@@ -48,6 +48,10 @@ pub enum WeightRole {
     Matrix,
     /// Per-feature parameters: norm weights, biases, sinks.
     Vector,
+    /// The weights of every expert of a `moe` op: a view shaped
+    /// `[count, ..one expert as stored]`, which the driver turns into
+    /// `[out, in]` matrices (or vectors, for biases) per expert.
+    Experts(ir::ExpertLayout),
 }
 
 /// The op set generated code calls. One method per IR op; composite ops a

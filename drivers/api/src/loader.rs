@@ -5,9 +5,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use pie_archspec::ir::{Node, NodeOp, WeightBinding};
+use pie_archspec::ir::{ExpertLayout, Node, NodeOp, WeightBinding};
 
-use crate::{Driver, DriverError, Result, WeightRole, WeightSource};
+use crate::{Driver, DriverError, Result, TensorView, WeightRole, WeightSource};
 
 pub struct WeightStore<'a, D: Driver> {
     driver: &'a D,
@@ -43,6 +43,11 @@ impl<'a, D: Driver> WeightStore<'a, D> {
         if let Some(w) = self.loaded.get(name) {
             return Ok(Some(w.clone()));
         }
+        if let Some(layout) = binding.experts {
+            let w = Arc::new(self.load_experts(name, binding, layout)?);
+            self.loaded.insert(name.clone(), w.clone());
+            return Ok(Some(w));
+        }
         let view = self.source.tensor(name).map_err(DriverError::Invalid)?;
         let shape = expected_shape(binding, view.shape);
         let role = if shape.len() == 1 {
@@ -57,6 +62,64 @@ impl<'a, D: Driver> WeightStore<'a, D> {
         }
         self.loaded.insert(name.clone(), w.clone());
         Ok(Some(w))
+    }
+
+    /// One weight per expert, from one tensor per expert (`{e}` in `name`)
+    /// or one stacked tensor, handed to the driver as a stacked view.
+    fn load_experts(
+        &mut self,
+        name: &str,
+        binding: &WeightBinding,
+        layout: ExpertLayout,
+    ) -> Result<D::Weight> {
+        let mut one = binding.shape.clone().unwrap_or_default();
+        if layout.transposed && one.len() == 2 {
+            one.swap(0, 1);
+        }
+        let stacked: Vec<usize> = std::iter::once(layout.count)
+            .chain(one.iter().copied())
+            .collect();
+        let role = WeightRole::Experts(layout);
+        let w = if name.contains("{e}") {
+            let mut data = Vec::new();
+            let mut dtype = None;
+            for e in 0..layout.count {
+                let expert = name.replace("{e}", &e.to_string());
+                let view = self.source.tensor(&expert).map_err(DriverError::Invalid)?;
+                if view.shape != one.as_slice() {
+                    return Err(DriverError::Shape {
+                        name: expert,
+                        expected: one,
+                        found: view.shape.to_vec(),
+                    });
+                }
+                if dtype.is_some_and(|d| d != view.dtype) {
+                    return Err(DriverError::Invalid(format!(
+                        "tensor `{expert}` is {} but expert 0 is {}",
+                        view.dtype,
+                        dtype.unwrap_or(view.dtype)
+                    )));
+                }
+                dtype = Some(view.dtype);
+                data.extend_from_slice(view.data);
+                self.source.release(&expert);
+            }
+            let view = TensorView {
+                dtype: dtype.unwrap_or(crate::DType::F32),
+                shape: &stacked,
+                data: &data,
+            };
+            self.driver.load_weight(name, &view, &stacked, role)?
+        } else {
+            let view = self.source.tensor(name).map_err(DriverError::Invalid)?;
+            let w = self.driver.load_weight(name, &view, &stacked, role)?;
+            self.source.release(name);
+            w
+        };
+        if let Some(cb) = self.on_load {
+            cb(name);
+        }
+        Ok(w)
     }
 
     /// The weight `key` of `node`, which the spec says must exist.

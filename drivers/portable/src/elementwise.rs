@@ -61,6 +61,15 @@ pub fn zip(x: &Act, y: &Act, width: usize, f: impl Fn(f32, f32) -> f32 + Sync) -
     })
 }
 
+/// GPT-OSS's clamped SwiGLU: gate clamped above, up clamped both ways,
+/// `gate · σ(1.702 · gate) · (up + 1)`.
+pub fn clamped_swiglu(gate: f32, up: f32, limit: f32) -> f32 {
+    const ALPHA: f32 = 1.702;
+    let g = gate.min(limit);
+    let u = up.clamp(-limit, limit);
+    g / (1.0 + (-ALPHA * g).exp()) * (u + 1.0)
+}
+
 pub fn map(x: &Act, f: impl Fn(f32) -> f32 + Sync) -> Act {
     let data = if x.data.len() >= PAR_MIN_ELEMS {
         x.data.par_iter().map(|v| f(*v)).collect()

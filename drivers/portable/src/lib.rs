@@ -5,6 +5,7 @@
 mod attention;
 mod elementwise;
 mod kv;
+mod moe;
 mod rope;
 mod tensor;
 
@@ -73,10 +74,8 @@ impl Default for PortableDriver {
     }
 }
 
-/// Ops this driver runs. Composite ops (MoE, Gated DeltaNet, Mamba2, MLA)
-/// come with their own issues; until then models using them are refused at
-/// load.
-const SUPPORTED: [OpKind; 12] = [
+/// Ops this driver runs. Models using others are refused at load.
+const SUPPORTED: [OpKind; 13] = [
     OpKind::Embedding,
     OpKind::Linear,
     OpKind::RmsNorm,
@@ -89,6 +88,7 @@ const SUPPORTED: [OpKind; 12] = [
     OpKind::Activation,
     OpKind::Softcap,
     OpKind::Split,
+    OpKind::Moe,
 ];
 
 impl Driver for PortableDriver {
@@ -120,6 +120,16 @@ impl Driver for PortableDriver {
             Some(RuntimeQuant::Int8) if role == WeightRole::Matrix => {
                 weight.quantized_int8(expected)
             }
+            Some(RuntimeQuant::Int8) => match role {
+                WeightRole::Experts(layout) => {
+                    let mut one = expected[1..].to_vec();
+                    if layout.transposed && one.len() == 2 {
+                        one.swap(0, 1);
+                    }
+                    weight.quantized_int8(&one)
+                }
+                _ => weight,
+            },
             _ => weight,
         })
     }
@@ -193,11 +203,10 @@ impl Driver for PortableDriver {
     }
 
     fn glu(&self, gate: &Act, up: &Act, a: &GluAttrs) -> Result<Act> {
-        if a.limit.is_some() {
-            return Err(DriverError::Invalid(
-                "glu with `limit` (clamped SwiGLU) is not implemented by the portable driver yet"
-                    .into(),
-            ));
+        if let Some(limit) = a.limit {
+            return elementwise::zip(gate, up, a.width, |g, u| {
+                elementwise::clamped_swiglu(g, u, limit)
+            });
         }
         let f = elementwise::activation_fn(a.func);
         elementwise::zip(gate, up, a.width, |g, u| f(g) * u)
@@ -224,6 +233,24 @@ impl Driver for PortableDriver {
             )));
         }
         Ok(elementwise::split(x, &a.sizes, a.group))
+    }
+
+    fn composite(
+        &self,
+        op: OpKind,
+        inputs: &[&Act],
+        weights: &[Option<&Weight>],
+        a: &CompositeAttrs,
+        _kv: &mut KvCache,
+        _batch: &ForwardBatch,
+    ) -> Result<Act> {
+        match (op, inputs) {
+            (OpKind::Moe, [x]) => moe::moe(x, weights, a),
+            _ => Err(DriverError::Unsupported {
+                op,
+                driver: self.name(),
+            }),
+        }
     }
 
     fn select_rows(&self, x: &Act, rows: &[usize]) -> Result<Act> {

@@ -5,15 +5,39 @@ use pie_driver::{DriverError, Result};
 
 use crate::tensor::Act;
 
+/// The rotation a token gets: inverse frequency per rotated pair, and a
+/// scale on cos/sin (YaRN and LongRoPE attention factors).
+pub struct Frequencies {
+    pub inv_freqs: Vec<f64>,
+    pub scale: f64,
+    /// LongRoPE: positions at or past the original context use these.
+    pub long: Option<(u32, Vec<f64>)>,
+}
+
+impl Frequencies {
+    fn at(&self, pos: u32) -> &[f64] {
+        match &self.long {
+            Some((from, long)) if pos >= *from => long,
+            _ => &self.inv_freqs,
+        }
+    }
+}
+
 /// Inverse frequencies for each rotated pair, after scaling.
-pub fn inv_freqs(a: &RopeAttrs) -> Result<Vec<f64>> {
+pub fn frequencies(a: &RopeAttrs) -> Result<Frequencies> {
     let half = a.rotary_dim / 2;
+    let dim = a.rotary_dim as f64;
     let base: Vec<f64> = (0..half)
-        .map(|j| 1.0 / a.theta.powf((2 * j) as f64 / a.rotary_dim as f64))
+        .map(|j| 1.0 / a.theta.powf((2 * j) as f64 / dim))
         .collect();
+    let plain = |inv_freqs| Frequencies {
+        inv_freqs,
+        scale: 1.0,
+        long: None,
+    };
     Ok(match &a.scaling {
-        RopeScaling::None => base,
-        RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+        RopeScaling::None => plain(base),
+        RopeScaling::Linear { factor } => plain(base.iter().map(|f| f / factor).collect()),
         RopeScaling::Llama3 {
             factor,
             low_freq_factor,
@@ -24,29 +48,107 @@ pub fn inv_freqs(a: &RopeAttrs) -> Result<Vec<f64>> {
             // the band between interpolated smoothly (Llama 3.1).
             let low_wavelen = original_max_position / low_freq_factor;
             let high_wavelen = original_max_position / high_freq_factor;
-            base.iter()
-                .map(|&f| {
-                    let wavelen = 2.0 * std::f64::consts::PI / f;
-                    if wavelen < high_wavelen {
-                        f
-                    } else if wavelen > low_wavelen {
-                        f / factor
-                    } else {
-                        let smooth = (original_max_position / wavelen - low_freq_factor)
-                            / (high_freq_factor - low_freq_factor);
-                        (1.0 - smooth) * f / factor + smooth * f
-                    }
-                })
-                .collect()
+            plain(
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (original_max_position / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect(),
+            )
         }
-        other => {
-            return Err(DriverError::Invalid(format!(
-                "rope scaling {} is not implemented by the portable driver yet",
-                match other {
-                    RopeScaling::Yarn { .. } => "`yarn`",
-                    _ => "`longrope`",
+        RopeScaling::Yarn {
+            factor,
+            original_max_position,
+            beta_fast,
+            beta_slow,
+            mscale,
+            mscale_all_dim,
+            truncate,
+            attention_factor,
+        } => {
+            // Dimensions that turn fewer than `beta_slow` times over the
+            // original context are interpolated (divided by `factor`), those
+            // turning more than `beta_fast` times are kept, with a linear
+            // ramp between (YaRN).
+            let correction_dim = |rotations: f64| {
+                dim * (original_max_position / (rotations * 2.0 * std::f64::consts::PI)).ln()
+                    / (2.0 * a.theta.ln())
+            };
+            let (mut low, mut high) = (correction_dim(*beta_fast), correction_dim(*beta_slow));
+            if *truncate {
+                (low, high) = (low.floor(), high.ceil());
+            }
+            let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+            if low == high {
+                high += 0.001;
+            }
+            let inv_freqs = base
+                .iter()
+                .enumerate()
+                .map(|(j, &f)| {
+                    // Ramp computed in f32 as the reference does.
+                    let ramp =
+                        ((j as f32 - low as f32) / (high as f32 - low as f32)).clamp(0.0, 1.0);
+                    let keep = 1.0 - ramp as f64;
+                    f / factor * (1.0 - keep) + f * keep
+                })
+                .collect();
+            let mscale_of = |m: f64| {
+                if *factor <= 1.0 {
+                    1.0
+                } else {
+                    0.1 * m * factor.ln() + 1.0
                 }
-            )))
+            };
+            let scale = attention_factor.unwrap_or(if *mscale != 0.0 && *mscale_all_dim != 0.0 {
+                mscale_of(*mscale) / mscale_of(*mscale_all_dim)
+            } else {
+                mscale_of(1.0)
+            });
+            Frequencies {
+                inv_freqs,
+                scale,
+                long: None,
+            }
+        }
+        RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            original_max_position,
+            max_position,
+            attention_factor,
+        } => {
+            if short_factor.len() != half || long_factor.len() != half {
+                return Err(DriverError::Invalid(format!(
+                    "longrope: short_factor and long_factor need {half} values (rotary_dim / 2), got {} and {}",
+                    short_factor.len(),
+                    long_factor.len()
+                )));
+            }
+            let factor = max_position / original_max_position;
+            let scale = attention_factor.unwrap_or(if factor <= 1.0 {
+                1.0
+            } else {
+                (1.0 + factor.ln() / original_max_position.ln()).sqrt()
+            });
+            let scaled = |ext: &[f64]| base.iter().zip(ext).map(|(f, e)| f / e).collect();
+            Frequencies {
+                inv_freqs: scaled(short_factor),
+                scale,
+                // Each position past the original context uses the long
+                // factors (the reference switches a whole forward pass once
+                // its longest sequence passes that point).
+                long: Some((*original_max_position as u32, scaled(long_factor))),
+            }
         }
     })
 }
@@ -59,16 +161,16 @@ pub fn apply(x: &Act, positions: &[u32], a: &RopeAttrs) -> Result<Act> {
             x.rows
         )));
     }
-    let freqs = inv_freqs(a)?;
+    let freqs = frequencies(a)?;
     let half = a.rotary_dim / 2;
     let mut out = x.clone();
     let mut cos = vec![0f32; half];
     let mut sin = vec![0f32; half];
     for (row, &pos) in out.data.chunks_mut(x.width).zip(positions) {
-        for (j, f) in freqs.iter().enumerate() {
+        for (j, f) in freqs.at(pos).iter().enumerate() {
             let angle = pos as f64 * f;
-            cos[j] = angle.cos() as f32;
-            sin[j] = angle.sin() as f32;
+            cos[j] = (angle.cos() * freqs.scale) as f32;
+            sin[j] = (angle.sin() * freqs.scale) as f32;
         }
         for head in row.chunks_mut(a.head_dim) {
             rotate(head, &cos, &sin, a.style);
@@ -127,9 +229,26 @@ mod tests {
             high_freq_factor: 4.0,
             original_max_position: 32.0,
         };
-        let base = inv_freqs(&attrs(RopeScaling::None)).unwrap();
-        let scaled = inv_freqs(&attrs(s)).unwrap();
+        let base = frequencies(&attrs(RopeScaling::None)).unwrap().inv_freqs;
+        let scaled = frequencies(&attrs(s)).unwrap().inv_freqs;
         assert_eq!(scaled[0], base[0]); // wavelength 2π < 8: kept
         assert!((scaled[1] - base[1] / 8.0).abs() < 1e-12); // wavelength 628 > 32: slowed
+    }
+
+    #[test]
+    fn longrope_switches_factors_at_the_original_context() {
+        let s = RopeScaling::LongRope {
+            short_factor: vec![1.0, 2.0],
+            long_factor: vec![4.0, 8.0],
+            original_max_position: 16.0,
+            max_position: 64.0,
+            attention_factor: None,
+        };
+        let base = frequencies(&attrs(RopeScaling::None)).unwrap().inv_freqs;
+        let f = frequencies(&attrs(s)).unwrap();
+        assert_eq!(f.at(15), &[base[0], base[1] / 2.0]);
+        assert_eq!(f.at(16), &[base[0] / 4.0, base[1] / 8.0]);
+        let expected = (1.0 + 4f64.ln() / 16f64.ln()).sqrt();
+        assert!((f.scale - expected).abs() < 1e-12);
     }
 }

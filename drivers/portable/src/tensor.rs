@@ -18,6 +18,8 @@ pub enum Weight {
     Quant(QuantKind, Vec<u8>),
     /// Q4_0/Q4_1/Q8_0 repacked for the decode kernel.
     Packed(PackedRows),
+    /// One matrix (or bias vector) per expert of a `moe` op, `[out, in]`.
+    Experts(Vec<Weight>),
 }
 
 impl Weight {
@@ -33,6 +35,9 @@ impl Weight {
                 expected: expected.to_vec(),
                 found: view.shape.to_vec(),
             });
+        }
+        if let WeightRole::Experts(layout) = role {
+            return experts::split(name, view, layout);
         }
         let elems = expected
             .iter()
@@ -67,14 +72,27 @@ impl Weight {
         };
         Ok(match role {
             WeightRole::Vector => Weight::F32(weight.to_f32()),
-            WeightRole::Matrix => weight,
+            WeightRole::Matrix | WeightRole::Experts(_) => weight,
         })
     }
 
     /// A float matrix `[rows, k]` as Q8_0 blocks (runtime int8
-    /// quantization); quantized weights and rows that are not whole blocks
+    /// quantization; for expert weights, `shape` is one expert's `[out,
+    /// in]`); quantized weights and rows that are not whole blocks
     /// stay as they are.
     pub fn quantized_int8(self, shape: &[usize]) -> Self {
+        if let Weight::Experts(experts) = self {
+            // `shape` is one expert's `[out, in]`; biases stay f32.
+            if shape.len() != 2 {
+                return Weight::Experts(experts);
+            }
+            return Weight::Experts(
+                experts
+                    .into_iter()
+                    .map(|w| w.quantized_int8(shape))
+                    .collect(),
+            );
+        }
         if !matches!(self, Weight::F32(_) | Weight::Bf16(_) | Weight::F16(_)) {
             return self;
         }
@@ -109,10 +127,12 @@ impl Weight {
             )));
         }
         Ok(match role {
-            WeightRole::Matrix => match PackedRows::from_blocks(kind, data, rows, cols) {
-                Some(packed) => Weight::Packed(packed),
-                None => Weight::Quant(kind, data.to_vec()),
-            },
+            WeightRole::Matrix | WeightRole::Experts(_) => {
+                match PackedRows::from_blocks(kind, data, rows, cols) {
+                    Some(packed) => Weight::Packed(packed),
+                    None => Weight::Quant(kind, data.to_vec()),
+                }
+            }
             WeightRole::Vector => {
                 let mut out = vec![0f32; rows * cols];
                 for (src, dst) in data.chunks_exact(row_bytes).zip(out.chunks_exact_mut(cols)) {
@@ -128,7 +148,7 @@ impl Weight {
             Weight::F32(v) => Some(WeightMatrix::F32(v)),
             Weight::Bf16(v) => Some(WeightMatrix::Bf16(v)),
             Weight::F16(v) => Some(WeightMatrix::F16(v)),
-            Weight::Quant(..) | Weight::Packed(_) => None,
+            Weight::Quant(..) | Weight::Packed(_) | Weight::Experts(_) => None,
         }
     }
 
@@ -137,6 +157,7 @@ impl Weight {
         match (self, self.matrix()) {
             (Weight::Quant(kind, data), _) => matmul_quant(x, m, k, *kind, data, n, out),
             (Weight::Packed(p), _) => p.matmul(x, m, out),
+            (Weight::Experts(_), _) => panic!("expert weights are used one expert at a time"),
             (_, Some(w)) => pie_kernels::matmul(x, m, k, w, n, out),
             (_, None) => unreachable!("every non-quantized weight is a matrix"),
         }
@@ -147,8 +168,17 @@ impl Weight {
         match (self, self.matrix()) {
             (Weight::Quant(kind, data), _) => gather_rows_quant(*kind, data, k, ids, out),
             (Weight::Packed(p), _) => p.gather(ids, out),
+            (Weight::Experts(_), _) => panic!("expert weights are not embedding tables"),
             (_, Some(w)) => pie_kernels::gather_rows(w, k, ids, out),
             (_, None) => unreachable!("every non-quantized weight is a matrix"),
+        }
+    }
+
+    /// Expert `e` of a `moe` weight.
+    pub fn expert(&self, e: usize) -> &Weight {
+        match self {
+            Weight::Experts(experts) => &experts[e],
+            _ => panic!("not an expert weight"),
         }
     }
 
@@ -165,10 +195,96 @@ impl Weight {
             Weight::F32(v) => v.clone(),
             Weight::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
             Weight::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
-            Weight::Quant(..) | Weight::Packed(_) => {
+            Weight::Quant(..) | Weight::Packed(_) | Weight::Experts(_) => {
                 unreachable!("quantized vectors are decoded in from_blocks")
             }
         }
+    }
+}
+
+mod experts {
+    //! Splitting a stacked `[count, ..]` expert view into one weight per
+    //! expert in the driver's `[out, in]`, gate-then-up layout.
+
+    use super::Weight;
+    use pie_driver::ir::ExpertLayout;
+    use pie_driver::{DType, DriverError, Result, TensorView, WeightRole};
+
+    pub fn split(name: &str, view: &TensorView<'_>, layout: ExpertLayout) -> Result<Weight> {
+        let one = &view.shape[1..];
+        let count = layout.count.max(1);
+        if !view.data.len().is_multiple_of(count) {
+            return Err(DriverError::Invalid(format!(
+                "tensor `{name}`: {} bytes do not split into {count} experts",
+                view.data.len()
+            )));
+        }
+        let elem = view.dtype.size();
+        let needs_reorder = layout.transposed && one.len() == 2 || layout.interleaved;
+        if needs_reorder && (elem.is_none() || matches!(view.dtype, DType::Quant(_))) {
+            return Err(DriverError::Invalid(format!(
+                "tensor `{name}`: {} expert weights cannot be transposed or de-interleaved; \
+                 store them as [out, in] with gate rows before up rows",
+                view.dtype
+            )));
+        }
+        let role = if one.len() == 1 {
+            WeightRole::Vector
+        } else {
+            WeightRole::Matrix
+        };
+        let mut shape = one.to_vec();
+        if layout.transposed && shape.len() == 2 {
+            shape.swap(0, 1);
+        }
+        view.data
+            .chunks_exact(view.data.len() / count)
+            .enumerate()
+            .map(|(e, bytes)| {
+                let mut data = bytes.to_vec();
+                if let Some(size) = elem {
+                    if layout.transposed && one.len() == 2 {
+                        data = transpose(&data, one[0], one[1], size);
+                    }
+                    if layout.interleaved {
+                        let cols = if shape.len() == 2 { shape[1] } else { 1 };
+                        data = deinterleave_rows(&data, shape[0], cols * size);
+                    }
+                }
+                let expert = TensorView {
+                    dtype: view.dtype,
+                    shape: &shape,
+                    data: &data,
+                };
+                Weight::from_view(&format!("{name} (expert {e})"), &expert, &shape, role)
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Weight::Experts)
+    }
+
+    /// `[rows, cols]` elements of `size` bytes → `[cols, rows]`.
+    fn transpose(data: &[u8], rows: usize, cols: usize, size: usize) -> Vec<u8> {
+        let mut out = vec![0u8; data.len()];
+        for r in 0..rows {
+            for c in 0..cols {
+                let src = (r * cols + c) * size;
+                let dst = (c * rows + r) * size;
+                out[dst..dst + size].copy_from_slice(&data[src..src + size]);
+            }
+        }
+        out
+    }
+
+    /// Rows alternating gate, up → all gate rows, then all up rows.
+    fn deinterleave_rows(data: &[u8], rows: usize, row_bytes: usize) -> Vec<u8> {
+        let half = rows / 2;
+        let mut out = vec![0u8; data.len()];
+        for r in 0..rows {
+            let dst = if r % 2 == 0 { r / 2 } else { half + r / 2 };
+            out[dst * row_bytes..(dst + 1) * row_bytes]
+                .copy_from_slice(&data[r * row_bytes..(r + 1) * row_bytes]);
+        }
+        out
     }
 }
 
