@@ -263,6 +263,9 @@ pub enum AttrValue {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct CompositeAttrs {
     pub attrs: Vec<(String, AttrValue)>,
+    /// The rotary embedding of ops that rotate (MLA's rope part), resolved
+    /// and checked at lowering.
+    pub rope: Option<RopeAttrs>,
 }
 
 impl CompositeAttrs {
@@ -328,6 +331,9 @@ pub struct Model {
     pub epilogue: Vec<Node>,
     /// One entry per attention op, in execution order.
     pub kv_slots: Vec<KvSlot>,
+    /// One entry per recurrent op (Gated DeltaNet, Mamba2), in execution
+    /// order: the per-sequence state it carries from token to token.
+    pub state_slots: Vec<StateSlot>,
 }
 
 impl Model {
@@ -359,6 +365,15 @@ pub struct KvSlot {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub v_head_dim: usize,
+}
+
+/// A recurrent op's per-sequence state: the last `conv_kernel - 1` inputs
+/// of its causal convolution plus its SSM / delta-rule state, as f32s.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateSlot {
+    pub layer: usize,
+    pub conv: usize,
+    pub ssm: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -53,6 +53,7 @@ pub fn lower(
         params: &param_map,
         layer: None,
         kv_slots: Vec::new(),
+        state_slots: Vec::new(),
     };
     let prologue = lw.section(&spec.prologue, &mut HashMap::new())?;
     let mut layer_list = Vec::with_capacity(layers);
@@ -95,6 +96,7 @@ pub fn lower(
         layers: layer_list,
         epilogue,
         kv_slots: lw.kv_slots,
+        state_slots: lw.state_slots,
     })
 }
 
@@ -103,6 +105,7 @@ struct Lowerer<'a> {
     params: &'a HashMap<String, Value>,
     layer: Option<usize>,
     kv_slots: Vec<KvSlot>,
+    state_slots: Vec<StateSlot>,
 }
 
 impl<'a> Lowerer<'a> {
@@ -601,6 +604,14 @@ impl<'a> Lowerer<'a> {
                         "cache_slot".into(),
                         crate::ir::AttrValue::Int(cache_slot as i64),
                     ));
+                    self.bind_mla_rope(op, &mut attrs)?;
+                }
+                if let Some(slot) = self.state_slot(op)? {
+                    attrs.attrs.push((
+                        "state_slot".into(),
+                        crate::ir::AttrValue::Int(self.state_slots.len() as i64),
+                    ));
+                    self.state_slots.push(slot);
                 }
                 (NodeOp::Composite(op.kind, attrs), vec![hidden])
             }
@@ -614,6 +625,91 @@ impl<'a> Lowerer<'a> {
             out_widths,
             origin,
         })
+    }
+
+    /// MLA's rope (shared by all heads' rope part) and softmax scale: the
+    /// YaRN `mscale_all_dim` correction squared, as DeepSeek applies it.
+    fn bind_mla_rope(&self, op: &OpDecl, attrs: &mut CompositeAttrs) -> Result<(), BindError> {
+        let heads = self.usize_attr(op, "heads", None)?;
+        let rope = self.usize_attr(op, "qk_rope_head_dim", None)?;
+        let nope = self.usize_attr(op, "qk_nope_head_dim", None)?;
+        let scaling = match self.attr(op, "scaling")? {
+            None | Some(Value::Null) => RopeScaling::None,
+            Some(v) => parse_rope_scaling(&v).or_else(|m| self.fail(op, m))?,
+        };
+        let interleave = matches!(self.attr(op, "rope_interleave")?, Some(Value::Bool(true)));
+        if rope % 2 != 0 {
+            return self.fail(op, format!("qk_rope_head_dim {rope} must be even"));
+        }
+        if self.opt_f64_attr(op, "scale")?.is_none() {
+            let mut scale = 1.0 / ((nope + rope) as f64).sqrt();
+            if let RopeScaling::Yarn {
+                factor,
+                mscale_all_dim,
+                ..
+            } = &scaling
+            {
+                if *mscale_all_dim != 0.0 && *factor > 1.0 {
+                    let m = 0.1 * mscale_all_dim * factor.ln() + 1.0;
+                    scale *= m * m;
+                }
+            }
+            attrs
+                .attrs
+                .push(("scale".into(), crate::ir::AttrValue::Float(scale)));
+        }
+        attrs.rope = Some(RopeAttrs {
+            heads,
+            head_dim: rope,
+            rotary_dim: rope,
+            theta: self.f64_attr(op, "theta", None)?,
+            scaling,
+            style: if interleave {
+                RopeStyle::Interleaved
+            } else {
+                RopeStyle::Half
+            },
+        });
+        Ok(())
+    }
+
+    /// The recurrent state a Gated DeltaNet or Mamba2 op keeps per sequence.
+    fn state_slot(&self, op: &OpDecl) -> Result<Option<StateSlot>, BindError> {
+        let u = |key| self.usize_attr(op, key, None);
+        let (conv_channels, ssm) = match op.kind {
+            OpKind::GatedDeltaNet => {
+                let (kh, vh) = (u("key_heads")?, u("value_heads")?);
+                let (dk, dv) = (u("key_head_dim")?, u("value_head_dim")?);
+                if kh == 0 || vh % kh != 0 {
+                    return self.fail(
+                        op,
+                        format!("value_heads {vh} must be a multiple of key_heads {kh}"),
+                    );
+                }
+                (2 * kh * dk + vh * dv, vh * dk * dv)
+            }
+            OpKind::Mamba2 => {
+                let (heads, hd) = (u("heads")?, u("head_dim")?);
+                let (groups, state) = (u("groups")?, u("state")?);
+                if groups == 0 || heads % groups != 0 {
+                    return self.fail(
+                        op,
+                        format!("heads {heads} must be a multiple of groups {groups}"),
+                    );
+                }
+                (heads * hd + 2 * groups * state, heads * hd * state)
+            }
+            _ => return Ok(None),
+        };
+        let kernel = u("conv_kernel")?;
+        if kernel == 0 {
+            return self.fail(op, "`conv_kernel` must be at least 1");
+        }
+        Ok(Some(StateSlot {
+            layer: self.layer.unwrap_or(0),
+            conv: conv_channels * (kernel - 1),
+            ssm,
+        }))
     }
 
     /// Shapes of a `moe` op's weights, and the expert layout of the

@@ -40,7 +40,8 @@ pub struct Engine<D: Driver> {
     pub arch: &'static str,
     pub ir: ir::Model,
     model: Box<dyn ModelForward<D>>,
-    kv: Option<(D::Kv, usize)>,
+    /// The cache with its page count and recurrent-state rows.
+    kv: Option<(D::Kv, usize, usize)>,
     page_size: usize,
     kv_dtype: KvDType,
     pub tokenizer: Option<Tokenizer>,
@@ -106,9 +107,14 @@ impl<D: Driver + 'static> Engine<D> {
         })
     }
 
-    /// A KV cache of at least `pages` pages (reallocated only to grow).
-    fn kv(&mut self, pages: usize) -> Result<&mut D::Kv, PieError> {
-        if self.kv.as_ref().is_none_or(|(_, have)| *have < pages) {
+    /// A KV cache of at least `pages` pages and recurrent state for `seqs`
+    /// sequences (reallocated only to grow).
+    fn kv(&mut self, pages: usize, seqs: usize) -> Result<&mut D::Kv, PieError> {
+        if self
+            .kv
+            .as_ref()
+            .is_none_or(|(_, have, have_seqs)| *have < pages || *have_seqs < seqs)
+        {
             let layout = KvLayout {
                 page_size: self.page_size,
                 num_pages: pages,
@@ -123,8 +129,10 @@ impl<D: Driver + 'static> Engine<D> {
                     })
                     .collect(),
                 dtype: self.kv_dtype,
+                state_slots: self.ir.state_slots.iter().map(|s| s.conv + s.ssm).collect(),
+                max_seqs: seqs,
             };
-            self.kv = Some((self.driver.new_kv(&layout)?, pages));
+            self.kv = Some((self.driver.new_kv(&layout)?, pages, seqs));
         }
         Ok(&mut self.kv.as_mut().expect("allocated above").0)
     }
@@ -158,6 +166,32 @@ impl<D: Driver + 'static> Engine<D> {
             .collect())
     }
 
+    /// Logits for every position of one prompt, run as consecutive chunks
+    /// of at most `chunk` tokens (chunked prefill): each chunk reads the KV
+    /// pages and recurrent state the previous ones left.
+    pub fn prompt_logits_chunked(
+        &mut self,
+        prompt: &[u32],
+        chunk: usize,
+    ) -> Result<Vec<Vec<f32>>, PieError> {
+        let (whole, pages) = self.prefill_batch(&[prompt.to_vec()], 0)?;
+        let vocab = self.ir.vocab;
+        let mut out = Vec::with_capacity(prompt.len());
+        for (i, part) in prompt.chunks(chunk.max(1)).enumerate() {
+            let mut batch = ForwardBatch::default();
+            batch.push(
+                part,
+                i * chunk.max(1),
+                pages[0].clone(),
+                whole.seqs[0].state,
+            );
+            let rows: Vec<usize> = (0..part.len()).collect();
+            let flat = self.run(&batch, &rows)?;
+            out.extend(flat.chunks_exact(vocab).map(<[f32]>::to_vec));
+        }
+        Ok(out)
+    }
+
     /// Generates up to `max_tokens` for each prompt, decoding all sequences
     /// together; a sequence stops at a stop token (which is included).
     pub fn generate(
@@ -186,17 +220,13 @@ impl<D: Driver + 'static> Engine<D> {
                 }
             }
             live = next.iter().map(|(s, _)| *s).collect();
-            batch = ForwardBatch::new(
-                next.iter()
-                    .map(|&(seq, token)| {
-                        (
-                            vec![token],
-                            prompts[seq].len() + out[seq].len() - 1,
-                            pages[seq].clone(),
-                        )
-                    })
-                    .collect(),
-            );
+            batch = ForwardBatch::default();
+            for &(seq, token) in &next {
+                let pos = prompts[seq].len() + out[seq].len() - 1;
+                // Recurrent state row = the sequence's index, stable as
+                // other sequences finish.
+                batch.push(&[token], pos, pages[seq].clone(), seq as u32);
+            }
         }
         Ok(out)
     }
@@ -226,7 +256,7 @@ impl<D: Driver + 'static> Engine<D> {
                 pages
             })
             .collect();
-        self.kv(next_page as usize)?;
+        self.kv(next_page as usize, prompts.len())?;
         let batch = ForwardBatch::new(
             prompts
                 .iter()
@@ -238,7 +268,7 @@ impl<D: Driver + 'static> Engine<D> {
     }
 
     fn run(&mut self, batch: &ForwardBatch, rows: &[usize]) -> Result<Vec<f32>, PieError> {
-        let (kv, _) = self.kv.as_mut().expect("prefill_batch allocates the cache");
+        let (kv, _, _) = self.kv.as_mut().expect("prefill_batch allocates the cache");
         let all: Vec<usize> = (0..batch.num_tokens()).collect();
         let (batch, read): (ForwardBatch, Vec<usize>) = if rows == all.as_slice() {
             (batch.clone(), all)
@@ -260,13 +290,19 @@ impl<D: Driver + 'static> Engine<D> {
 /// Refuses, before loading any weight, a model whose spec uses an op the
 /// driver cannot run.
 fn check_driver_support<D: Driver>(driver: &D, model: &ir::Model) -> Result<(), PieError> {
-    if let Some(node) = model
-        .nodes()
-        .find(|n| n.enabled && !driver.supports(n.kind()))
-    {
+    unsupported_op(model, driver.name(), |op| driver.supports(op))
+}
+
+/// The first enabled op `supports` refuses, as a user-facing error.
+fn unsupported_op(
+    model: &ir::Model,
+    driver: &'static str,
+    supports: impl Fn(ir::OpKind) -> bool,
+) -> Result<(), PieError> {
+    if let Some(node) = model.nodes().find(|n| n.enabled && !supports(n.kind())) {
         return Err(PieError::UnsupportedOp {
             op: node.kind().spec_name(),
-            driver: driver.name(),
+            driver,
             arch: model.arch.clone(),
             origin: node.origin.clone(),
         });
@@ -280,4 +316,32 @@ fn count_weights(model: &ir::Model) -> usize {
         .flat_map(|n| n.weights.iter().filter_map(|w| w.name.as_deref()))
         .collect();
     names.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A driver lacking an op refuses the model before loading weights,
+    /// naming the op, the driver and the spec line.
+    #[test]
+    fn a_model_using_an_unsupported_op_is_refused_with_its_spec_line() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let spec = pie_archspec::load(&root.join("specs/qwen3_5.toml")).unwrap();
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(root.join("tests/configs/qwen3_5.json")).unwrap(),
+        )
+        .unwrap();
+        let model = pie_archspec::lower(&spec, &config, "config.json").unwrap();
+        let err = unsupported_op(&model, "test", |op| op != ir::OpKind::GatedDeltaNet)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("uses op `gated_delta_net`")
+                && err.contains("qwen3_5.toml:")
+                && err.contains("`test` driver does not support"),
+            "{err}"
+        );
+        assert!(unsupported_op(&model, "test", |_| true).is_ok());
+    }
 }

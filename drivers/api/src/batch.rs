@@ -13,6 +13,11 @@ pub struct SeqChunk {
     /// Page ids holding this sequence's KV, in position order; must cover
     /// positions `0 .. first_pos + len`.
     pub pages: Vec<u32>,
+    /// Row of this sequence's recurrent state (models with Gated DeltaNet
+    /// or Mamba2 layers), below `KvLayout::max_seqs`. A chunk starting at
+    /// position 0 begins from a zero state; a later chunk continues the
+    /// state its sequence's previous chunk left.
+    pub state: u32,
 }
 
 impl SeqChunk {
@@ -34,24 +39,30 @@ pub struct ForwardBatch {
 }
 
 impl ForwardBatch {
-    /// A batch from per-sequence chunks given as `(tokens, first_pos, pages)`.
+    /// A batch from per-sequence chunks given as `(tokens, first_pos,
+    /// pages)`; chunk `i` uses recurrent-state row `i`.
     pub fn new(chunks: Vec<(Vec<u32>, usize, Vec<u32>)>) -> Self {
         let mut batch = ForwardBatch::default();
-        for (tokens, first_pos, pages) in chunks {
-            let start = batch.tokens.len();
-            let len = tokens.len();
-            batch
-                .positions
-                .extend((first_pos..first_pos + len).map(|p| p as u32));
-            batch.tokens.extend(tokens);
-            batch.seqs.push(SeqChunk {
-                start,
-                len,
-                first_pos,
-                pages,
-            });
+        for (i, (tokens, first_pos, pages)) in chunks.into_iter().enumerate() {
+            batch.push(&tokens, first_pos, pages, i as u32);
         }
         batch
+    }
+
+    /// Appends one sequence's chunk.
+    pub fn push(&mut self, tokens: &[u32], first_pos: usize, pages: Vec<u32>, state: u32) {
+        let start = self.tokens.len();
+        let len = tokens.len();
+        self.positions
+            .extend((first_pos..first_pos + len).map(|p| p as u32));
+        self.tokens.extend_from_slice(tokens);
+        self.seqs.push(SeqChunk {
+            start,
+            len,
+            first_pos,
+            pages,
+            state,
+        });
     }
 
     pub fn num_tokens(&self) -> usize {
@@ -109,4 +120,8 @@ pub struct KvLayout {
     pub num_pages: usize,
     pub slots: Vec<KvSlotShape>,
     pub dtype: KvDType,
+    /// f32s of recurrent state per sequence, one entry per recurrent op.
+    pub state_slots: Vec<usize>,
+    /// Sequences that can hold recurrent state at once (state rows).
+    pub max_seqs: usize,
 }

@@ -146,6 +146,16 @@ pub trait Driver: Send + Sync {
         })
     }
 
+    /// Copies every recurrent state (conv + SSM/delta-rule) of sequence row
+    /// `from` to row `to`: forking a context of a model with recurrent
+    /// layers. Drivers without recurrent ops need not implement it.
+    fn copy_state(&self, _kv: &mut Self::Kv, from: u32, to: u32) -> Result<()> {
+        Err(DriverError::Invalid(format!(
+            "the `{}` driver cannot copy recurrent state (rows {from} -> {to})",
+            self.name()
+        )))
+    }
+
     /// Copies the given token rows of `x` (a `[tokens, vocab]` logits
     /// activation) to host memory, row after row.
     fn read_rows(&self, x: &Self::Act, rows: &[usize]) -> Result<Vec<f32>>;

@@ -37,6 +37,9 @@ impl Store {
 
     /// Stores `row` (all heads of one token slot, `dim` values a head).
     fn write(&mut self, token_slot: usize, dim: usize, row: &[f32]) {
+        if row.is_empty() {
+            return; // MLA's latent cache has keys only
+        }
         let at = token_slot * row.len();
         match self {
             Store::F32(v) => v[at..at + row.len()].copy_from_slice(row),
@@ -129,6 +132,10 @@ pub struct KvCache {
     pub page_size: usize,
     pub num_pages: usize,
     pub slots: Vec<KvSlot>,
+    /// Per recurrent op: `max_seqs` rows of its per-sequence state (f32).
+    states: Vec<Vec<f32>>,
+    state_sizes: Vec<usize>,
+    max_seqs: usize,
 }
 
 impl KvCache {
@@ -163,11 +170,62 @@ impl KvCache {
                 })
             })
             .collect::<Result<_>>()?;
+        let states = layout
+            .state_slots
+            .iter()
+            .map(|&floats| {
+                floats
+                    .checked_mul(layout.max_seqs)
+                    .map(|n| vec![0f32; n])
+                    .ok_or_else(|| DriverError::Invalid("recurrent state size overflows".into()))
+            })
+            .collect::<Result<_>>()?;
         Ok(KvCache {
             page_size: layout.page_size,
             num_pages: layout.num_pages,
             slots,
+            states,
+            state_sizes: layout.state_slots.clone(),
+            max_seqs: layout.max_seqs,
         })
+    }
+
+    /// The recurrent state of recurrent op `slot` for `seq`, zeroed when
+    /// the chunk starts the sequence (position 0).
+    pub fn state(&mut self, slot: usize, seq: &SeqChunk) -> Result<&mut [f32]> {
+        let size = *self.state_sizes.get(slot).ok_or_else(|| {
+            DriverError::Invalid(format!(
+                "recurrent state slot {slot} requested; the cache has {}",
+                self.state_sizes.len()
+            ))
+        })?;
+        let row = seq.state as usize;
+        if row >= self.max_seqs {
+            return Err(DriverError::Invalid(format!(
+                "recurrent state row {row} does not exist (the cache holds state for {} sequences)",
+                self.max_seqs
+            )));
+        }
+        let state = &mut self.states[slot][row * size..(row + 1) * size];
+        if seq.first_pos == 0 {
+            state.fill(0.0);
+        }
+        Ok(state)
+    }
+
+    /// Copies every recurrent state of sequence row `from` to row `to`
+    /// (forking a context).
+    pub fn copy_state(&mut self, from: usize, to: usize) -> Result<()> {
+        if from >= self.max_seqs || to >= self.max_seqs {
+            return Err(DriverError::Invalid(format!(
+                "state rows {from} -> {to}: the cache holds {} sequences",
+                self.max_seqs
+            )));
+        }
+        for (states, &size) in self.states.iter_mut().zip(&self.state_sizes) {
+            states.copy_within(from * size..(from + 1) * size, to * size);
+        }
+        Ok(())
     }
 
     /// Token slot index of position `pos` of a sequence.
@@ -290,5 +348,56 @@ mod fp8_e4m3 {
             assert_eq!(decode(encode(1.0)), 1.0);
             assert_eq!(decode(encode(-0.3)), -0.3125 + 0.0); // nearest of 0.28125 / 0.3125
         }
+    }
+}
+
+#[cfg(test)]
+mod state_tests {
+    use super::*;
+
+    fn cache() -> KvCache {
+        KvCache::new(&KvLayout {
+            page_size: 4,
+            num_pages: 1,
+            slots: vec![],
+            dtype: KvDType::Auto,
+            state_slots: vec![3, 2],
+            max_seqs: 2,
+        })
+        .unwrap()
+    }
+
+    fn chunk(first_pos: usize, state: u32) -> SeqChunk {
+        SeqChunk {
+            start: 0,
+            len: 1,
+            first_pos,
+            pages: vec![0],
+            state,
+        }
+    }
+
+    #[test]
+    fn state_persists_between_chunks_and_resets_at_position_zero() {
+        let mut kv = cache();
+        kv.state(0, &chunk(0, 1)).unwrap().fill(2.0);
+        assert_eq!(kv.state(0, &chunk(1, 1)).unwrap(), &[2.0; 3]);
+        assert_eq!(kv.state(0, &chunk(0, 1)).unwrap(), &[0.0; 3]);
+        assert!(kv.state(0, &chunk(0, 2)).is_err(), "row beyond max_seqs");
+        assert!(
+            kv.state(2, &chunk(0, 0)).is_err(),
+            "slot beyond the model's"
+        );
+    }
+
+    #[test]
+    fn fork_copies_every_slot() {
+        let mut kv = cache();
+        kv.state(0, &chunk(0, 0)).unwrap().fill(1.0);
+        kv.state(1, &chunk(0, 0)).unwrap().fill(5.0);
+        kv.copy_state(0, 1).unwrap();
+        assert_eq!(kv.state(0, &chunk(3, 1)).unwrap(), &[1.0; 3]);
+        assert_eq!(kv.state(1, &chunk(3, 1)).unwrap(), &[5.0; 2]);
+        assert!(kv.copy_state(0, 2).is_err());
     }
 }

@@ -4,8 +4,12 @@
 
 mod attention;
 mod elementwise;
+mod gdn;
 mod kv;
+mod mamba2;
+mod mla;
 mod moe;
+mod recurrent;
 mod rope;
 mod tensor;
 
@@ -75,7 +79,7 @@ impl Default for PortableDriver {
 }
 
 /// Ops this driver runs. Models using others are refused at load.
-const SUPPORTED: [OpKind; 13] = [
+const SUPPORTED: [OpKind; 16] = [
     OpKind::Embedding,
     OpKind::Linear,
     OpKind::RmsNorm,
@@ -89,6 +93,9 @@ const SUPPORTED: [OpKind; 13] = [
     OpKind::Softcap,
     OpKind::Split,
     OpKind::Moe,
+    OpKind::GatedDeltaNet,
+    OpKind::Mamba2,
+    OpKind::MlaAttention,
 ];
 
 impl Driver for PortableDriver {
@@ -241,16 +248,23 @@ impl Driver for PortableDriver {
         inputs: &[&Act],
         weights: &[Option<&Weight>],
         a: &CompositeAttrs,
-        _kv: &mut KvCache,
-        _batch: &ForwardBatch,
+        kv: &mut KvCache,
+        batch: &ForwardBatch,
     ) -> Result<Act> {
         match (op, inputs) {
             (OpKind::Moe, [x]) => moe::moe(x, weights, a),
+            (OpKind::GatedDeltaNet, [x]) => gdn::gated_delta_net(x, weights, a, kv, batch),
+            (OpKind::Mamba2, [x]) => mamba2::mamba2(x, weights, a, kv, batch),
+            (OpKind::MlaAttention, [x]) => mla::mla_attention(x, weights, a, kv, batch),
             _ => Err(DriverError::Unsupported {
                 op,
                 driver: self.name(),
             }),
         }
+    }
+
+    fn copy_state(&self, kv: &mut KvCache, from: u32, to: u32) -> Result<()> {
+        kv.copy_state(from as usize, to as usize)
     }
 
     fn select_rows(&self, x: &Act, rows: &[usize]) -> Result<Act> {

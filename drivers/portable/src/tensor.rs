@@ -71,8 +71,11 @@ impl Weight {
             _ => Weight::F16(read_le(bytes, |b| f16::from_bits(u16::from_le_bytes(b)))),
         };
         Ok(match role {
-            WeightRole::Vector => Weight::F32(weight.to_f32()),
-            WeightRole::Matrix | WeightRole::Experts(_) => weight,
+            // Matrices stay in their file dtype for the matmul; vectors and
+            // other shapes (conv kernels `[channels, 1, k]`) are read
+            // element-wise by the ops, as f32.
+            WeightRole::Matrix | WeightRole::Experts(_) if expected.len() == 2 => weight,
+            _ => Weight::F32(weight.to_f32()),
         })
     }
 
@@ -171,6 +174,21 @@ impl Weight {
             (Weight::Experts(_), _) => panic!("expert weights are not embedding tables"),
             (_, Some(w)) => pie_kernels::gather_rows(w, k, ids, out),
             (_, None) => unreachable!("every non-quantized weight is a matrix"),
+        }
+    }
+
+    /// The whole `[rows, cols]` matrix as f32 (for ops that read weights
+    /// element-wise, such as MLA's absorbed up-projections).
+    pub fn dense_f32(&self, rows: usize, cols: usize) -> Vec<f32> {
+        match self {
+            Weight::F32(v) => v.clone(),
+            Weight::Bf16(_) | Weight::F16(_) => self.to_f32(),
+            _ => {
+                let ids: Vec<u32> = (0..rows as u32).collect();
+                let mut out = vec![0f32; rows * cols];
+                self.gather(cols, &ids, &mut out);
+                out
+            }
         }
     }
 

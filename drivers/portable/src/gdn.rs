@@ -1,0 +1,213 @@
+//! Gated DeltaNet (Qwen3.5 / Qwen3-Next linear attention): a short causal
+//! convolution over the q/k/v projections, then per value head a matrix
+//! state `S` (key_dim × value_dim) that decays by `exp(g)` and takes a
+//! delta-rule update each token; the output is `Sᵀq`, RMS-normalized and
+//! gated by `silu(z)`.
+//!
+//! This runs the recurrent form token by token — exact, and the reference
+//! for the chunked form a GPU driver uses for prefill.
+
+use pie_driver::ir::CompositeAttrs;
+use pie_driver::{ForwardBatch, Result};
+use rayon::prelude::*;
+
+use crate::kv::KvCache;
+use crate::recurrent::{project, rms_normalize, sigmoid, silu, softplus, Attrs, CausalConv};
+use crate::tensor::{Act, Weight};
+
+struct Dims {
+    hidden: usize,
+    key_heads: usize,
+    value_heads: usize,
+    dk: usize,
+    dv: usize,
+    kernel: usize,
+    eps: f32,
+}
+
+impl Dims {
+    fn key_dim(&self) -> usize {
+        self.key_heads * self.dk
+    }
+    fn value_dim(&self) -> usize {
+        self.value_heads * self.dv
+    }
+    fn conv_dim(&self) -> usize {
+        2 * self.key_dim() + self.value_dim()
+    }
+}
+
+// Weight slots, in the op schema's order.
+const QKV: usize = 0;
+const Z: usize = 1;
+const B: usize = 2;
+const A: usize = 3;
+const QKVZ: usize = 4;
+const CONV: usize = 6;
+const DT_BIAS: usize = 7;
+const A_LOG: usize = 8;
+const NORM: usize = 9;
+const OUT_PROJ: usize = 10;
+
+pub fn gated_delta_net(
+    x: &Act,
+    weights: &[Option<&Weight>],
+    attrs: &CompositeAttrs,
+    kv: &mut KvCache,
+    batch: &ForwardBatch,
+) -> Result<Act> {
+    let at = Attrs {
+        op: "gated_delta_net",
+        a: attrs,
+    };
+    let d = Dims {
+        hidden: at.usize("hidden")?,
+        key_heads: at.usize("key_heads")?,
+        value_heads: at.usize("value_heads")?,
+        dk: at.usize("key_head_dim")?,
+        dv: at.usize("value_head_dim")?,
+        kernel: at.usize("conv_kernel")?,
+        eps: at.f32("eps")?,
+    };
+    x.expect_width(d.hidden, "gated_delta_net")?;
+    if weights.get(QKVZ).copied().flatten().is_some() {
+        return Err(at.invalid(
+            "fused `qkvz`/`ba` projections (Qwen3-Next checkpoints) are not supported by the portable driver yet",
+        ));
+    }
+    let slot = at.usize("state_slot")?;
+    let mixed = project(x, at.weight(weights, QKV, "qkv")?, d.conv_dim());
+    let z = project(x, at.weight(weights, Z, "z")?, d.value_dim());
+    let b = project(x, at.weight(weights, B, "b")?, d.value_heads);
+    let a = project(x, at.weight(weights, A, "a")?, d.value_heads);
+    let conv = CausalConv {
+        weight: at.weight(weights, CONV, "conv")?.vector(),
+        bias: None,
+        channels: d.conv_dim(),
+        kernel: d.kernel,
+    };
+    conv.check("gated_delta_net")?;
+    let dt_bias = at.weight(weights, DT_BIAS, "dt_bias")?.vector();
+    let a_log = at.weight(weights, A_LOG, "a_log")?.vector();
+    let norm = at.weight(weights, NORM, "norm")?.vector();
+    if dt_bias.len() != d.value_heads || a_log.len() != d.value_heads || norm.len() != d.dv {
+        return Err(at.invalid(format!(
+            "dt_bias/A_log need {} values and norm {}; found {}, {}, {}",
+            d.value_heads,
+            d.dv,
+            dt_bias.len(),
+            a_log.len(),
+            norm.len()
+        )));
+    }
+
+    let mut core = Act::zeros(x.rows, d.value_dim());
+    let conv_len = d.conv_dim() * (d.kernel - 1);
+    for seq in &batch.seqs {
+        let state = kv.state(slot, seq)?;
+        let (conv_state, delta_state) = state.split_at_mut(conv_len);
+        let mut qkv = vec![0f32; d.conv_dim()];
+        for row in seq.start..seq.start + seq.len {
+            conv.step(conv_state, mixed.row(row), &mut qkv);
+            let gates: Vec<(f32, f32)> = (0..d.value_heads)
+                .map(|h| {
+                    let beta = sigmoid(b.row(row)[h]);
+                    let g = -a_log[h].exp() * softplus(a.row(row)[h] + dt_bias[h]);
+                    (beta, g)
+                })
+                .collect();
+            let out = &mut core.data[row * d.value_dim()..(row + 1) * d.value_dim()];
+            delta_rule_step(&d, &qkv, &gates, delta_state, out);
+        }
+    }
+
+    // Per value head: RMSNorm (weight, no offset), then the silu(z) gate.
+    for (o, zr) in core
+        .data
+        .chunks_exact_mut(d.dv)
+        .zip(z.data.chunks_exact(d.dv))
+    {
+        rms_normalize(o, d.eps);
+        o.iter_mut()
+            .zip(norm)
+            .zip(zr)
+            .for_each(|((v, w), g)| *v *= w * silu(*g));
+    }
+    Ok(project(
+        &core,
+        at.weight(weights, OUT_PROJ, "out_proj")?,
+        d.hidden,
+    ))
+}
+
+/// One token of the delta rule for every value head. `qkv` is the
+/// convolved projection (q, k for each key head; v for each value head);
+/// `state` is `[value_heads][dk][dv]`.
+fn delta_rule_step(
+    d: &Dims,
+    qkv: &[f32],
+    gates: &[(f32, f32)],
+    state: &mut [f32],
+    out: &mut [f32],
+) {
+    let (q_all, rest) = qkv.split_at(d.key_dim());
+    let (k_all, v_all) = rest.split_at(d.key_dim());
+    // q and k: L2-normalized per key head; q also scaled by 1/√dk.
+    let normalize = |x: &[f32], scale: f32| -> Vec<f32> {
+        x.chunks_exact(d.dk)
+            .flat_map(|h| {
+                let inv = 1.0 / (h.iter().map(|v| v * v).sum::<f32>() + 1e-6).sqrt();
+                h.iter().map(move |v| v * inv * scale)
+            })
+            .collect()
+    };
+    let q = normalize(q_all, 1.0 / (d.dk as f32).sqrt());
+    let k = normalize(k_all, 1.0);
+    let per_key_head = d.value_heads / d.key_heads;
+    let step = |h: usize, s: &mut [f32], o: &mut [f32]| {
+        let kh = h / per_key_head;
+        let (qh, kh) = (
+            &q[kh * d.dk..(kh + 1) * d.dk],
+            &k[kh * d.dk..(kh + 1) * d.dk],
+        );
+        let vh = &v_all[h * d.dv..(h + 1) * d.dv];
+        let (beta, g) = gates[h];
+        let decay = g.exp();
+        s.iter_mut().for_each(|x| *x *= decay);
+        // What the state already predicts for this key, then the
+        // beta-weighted correction towards v.
+        let mut delta = vec![0f32; d.dv];
+        for (i, &ki) in kh.iter().enumerate() {
+            let srow = &s[i * d.dv..(i + 1) * d.dv];
+            delta.iter_mut().zip(srow).for_each(|(m, x)| *m += x * ki);
+        }
+        delta
+            .iter_mut()
+            .zip(vh)
+            .for_each(|(m, v)| *m = (v - *m) * beta);
+        o.fill(0.0);
+        for (i, (&ki, &qi)) in kh.iter().zip(qh).enumerate() {
+            let srow = &mut s[i * d.dv..(i + 1) * d.dv];
+            srow.iter_mut()
+                .zip(&delta)
+                .for_each(|(x, dl)| *x += ki * dl);
+            o.iter_mut()
+                .zip(srow.iter())
+                .for_each(|(y, x)| *y += x * qi);
+        }
+    };
+    let per_head = d.dk * d.dv;
+    if d.value_heads * per_head >= 1 << 15 {
+        state
+            .par_chunks_mut(per_head)
+            .zip(out.par_chunks_mut(d.dv))
+            .enumerate()
+            .for_each(|(h, (s, o))| step(h, s, o));
+    } else {
+        state
+            .chunks_mut(per_head)
+            .zip(out.chunks_mut(d.dv))
+            .enumerate()
+            .for_each(|(h, (s, o))| step(h, s, o));
+    }
+}
