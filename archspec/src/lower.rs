@@ -420,10 +420,17 @@ impl<'a> Lowerer<'a> {
                     return self.fail(op, format!("input width {w0}, head_dim {head_dim} and rotary_dim {rotary_dim} do not fit (width = heads × head_dim, even rotary_dim ≤ head_dim)"));
                 }
                 let theta = self.f64_attr(op, "theta", None)?;
-                let scaling = match self.attr(op, "scaling")? {
+                let mut scaling = match self.attr(op, "scaling")? {
                     None | Some(Value::Null) => RopeScaling::None,
                     Some(v) => parse_rope_scaling(&v).or_else(|m| self.fail(op, m))?,
                 };
+                // LongRoPE without `factor` takes it from the model's context
+                // length (`max_position_embeddings`), as Phi-3 configs do.
+                if let RopeScaling::LongRope { max_position, .. } = &mut scaling {
+                    if *max_position == 0.0 {
+                        *max_position = self.opt_f64_attr(op, "max_position")?.unwrap_or(0.0);
+                    }
+                }
                 let style = match self.name_attr(op, "style", "half").as_str() {
                     "interleaved" => RopeStyle::Interleaved,
                     _ => RopeStyle::Half,

@@ -78,7 +78,12 @@ const fn name_opt(key: &'static str, names: &'static [&'static str]) -> AttrSpec
 
 pub const ACTIVATIONS: &[&str] = &crate::ir::ActivationFn::NAMES;
 pub const ROPE_STYLES: &[&str] = &["half", "interleaved"];
-pub const ROUTINGS: &[&str] = &["softmax_topk", "topk_softmax", "sigmoid_group_topk"];
+pub const ROUTINGS: &[&str] = &[
+    "softmax_topk",
+    "topk_softmax",
+    "softmax_group_topk",
+    "sigmoid_group_topk",
+];
 pub const EXPERT_LAYOUTS: &[&str] = &["out_in", "in_out"];
 pub const GATE_UP_ORDERS: &[&str] = &["concat", "interleaved"];
 
@@ -131,6 +136,7 @@ pub const SCHEMAS: &[OpSchema] = &[
             a("theta"),
             a_opt("rotary_dim"),
             a_opt("scaling"),
+            a_opt("max_position"),
             name_opt("style", ROPE_STYLES),
         ],
         "rotary position embedding applied per head",

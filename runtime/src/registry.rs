@@ -46,10 +46,12 @@ architectures! {
     gemma3 => "../specs/gemma3.toml",
     olmo2 => "../specs/olmo2.toml",
     phi3 => "../specs/phi3.toml",
+    mistral3 => "../specs/mistral3.toml",
     mixtral => "../specs/mixtral.toml",
     gpt_oss => "../specs/gpt_oss.toml",
     qwen3_moe => "../specs/qwen3_moe.toml",
     qwen3_5 => "../specs/qwen3_5.toml",
+    deepseek_v2 => "../specs/deepseek_v2.toml",
     deepseek_v3 => "../specs/deepseek_v3.toml",
     nemotron_h => "../specs/nemotron_h.toml",
 }

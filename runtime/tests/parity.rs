@@ -16,6 +16,10 @@ struct Prompt {
     ids: Vec<u32>,
     logits: Vec<Vec<f32>>,
     greedy: Vec<u32>,
+    /// transformers' `generate` (KV cache) agreed with repeated full
+    /// forwards. Phi-3 LongRoPE is the exception: crossing the original
+    /// context there changes the rope of every cached key.
+    cache_consistent: bool,
 }
 
 fn fixture(name: &str) -> (PathBuf, Vec<Prompt>) {
@@ -33,6 +37,7 @@ fn fixture(name: &str) -> (PathBuf, Vec<Prompt>) {
             ids: serde_json::from_value(p["ids"].clone()).unwrap(),
             logits: serde_json::from_value(p["logits"].clone()).unwrap(),
             greedy: serde_json::from_value(p["greedy"].clone()).unwrap(),
+            cache_consistent: p["cache_consistent"].as_bool().unwrap_or(true),
         })
         .collect();
     (dir, prompts)
@@ -80,7 +85,11 @@ fn check(name: &str, page_size: usize) {
     }
 
     // Chunked prefill (3 tokens a call) continues KV pages and recurrent
-    // state across calls.
+    // state across calls. (LongRoPE picks its factors per forward pass, so
+    // chunks of a long prompt legitimately differ from one whole pass.)
+    if name == "phi3_longrope" {
+        return finish_greedy(name, &mut engine, &prompts, &inputs);
+    }
     let chunked = engine.prompt_logits_chunked(&prompts[0].ids, 3).unwrap();
     let (diff, scale) = max_error(&chunked, &prompts[0].logits);
     assert!(
@@ -88,9 +97,22 @@ fn check(name: &str, page_size: usize) {
         "{name} chunked prefill: max|diff| {diff} > {REL_TOL} × {scale}"
     );
 
-    // Greedy decoding of all prompts together, then of each alone.
-    let greedy = engine.generate(&inputs, 10, &Sampler::greedy()).unwrap();
-    for (i, (ours, p)) in greedy.iter().zip(&prompts).enumerate() {
+    finish_greedy(name, &mut engine, &prompts, &inputs);
+}
+
+/// Greedy decoding of all prompts together, then of each alone.
+fn finish_greedy(
+    name: &str,
+    engine: &mut Engine<PortableDriver>,
+    prompts: &[Prompt],
+    inputs: &[Vec<u32>],
+) {
+    let greedy = engine.generate(inputs, 10, &Sampler::greedy()).unwrap();
+    for (i, (ours, p)) in greedy.iter().zip(prompts).enumerate() {
+        if !p.cache_consistent {
+            eprintln!("{name} prompt {i}: reference generate() is not cache-consistent; greedy not compared");
+            continue;
+        }
         assert_eq!(ours, &p.greedy, "{name} prompt {i}: batched greedy tokens");
         let alone = engine
             .generate(std::slice::from_ref(&p.ids), 10, &Sampler::greedy())
@@ -128,6 +150,10 @@ parity! {
     parity_qwen3_5_gated_delta_net => "qwen3_5",
     parity_deepseek_v3_mla_moe => "deepseek_v3",
     parity_nemotron_h_mamba2 => "nemotron_h",
+    parity_olmo3_sliding => "olmo3",
+    parity_mistral3_text => "mistral3",
+    parity_deepseek_v2_mla_group_greedy => "deepseek_v2",
+    parity_phi3_longrope => "phi3_longrope",
 }
 
 /// The fixture's tokenizer and chat template give what transformers gave.

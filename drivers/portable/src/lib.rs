@@ -181,7 +181,7 @@ impl Driver for PortableDriver {
 
     fn rope(&self, x: &Act, batch: &ForwardBatch, a: &RopeAttrs) -> Result<Act> {
         x.expect_width(a.heads * a.head_dim, "rope")?;
-        rope::apply(x, &batch.positions, a)
+        rope::apply_in_batch(x, batch, a)
     }
 
     fn attention(

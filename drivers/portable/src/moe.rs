@@ -16,6 +16,10 @@ enum Routing {
     SoftmaxTopk,
     /// Top k logits, then a softmax over those k (GPT-OSS).
     TopkSoftmax,
+    /// Softmax over all experts; only the `topk_groups` groups with the
+    /// highest single score compete for the top k (DeepSeek-V2's
+    /// group-limited greedy; one group = plain greedy top-k).
+    SoftmaxGroupTopk { groups: usize, topk_groups: usize },
     /// Sigmoid scores; experts chosen by score + bias within the best
     /// groups (DeepSeek-V3, Nemotron-H), weighted by the plain scores.
     SigmoidGroupTopk { groups: usize, topk_groups: usize },
@@ -46,6 +50,10 @@ impl MoeParams {
         let routing = match a.name("routing").unwrap_or("softmax_topk") {
             "softmax_topk" => Routing::SoftmaxTopk,
             "topk_softmax" => Routing::TopkSoftmax,
+            "softmax_group_topk" => Routing::SoftmaxGroupTopk {
+                groups: a.usize("groups").map_err(invalid)?.unwrap_or(1).max(1),
+                topk_groups: a.usize("topk_groups").map_err(invalid)?.unwrap_or(1).max(1),
+            },
             "sigmoid_group_topk" => Routing::SigmoidGroupTopk {
                 groups: a.usize("groups").map_err(invalid)?.unwrap_or(1).max(1),
                 topk_groups: a.usize("topk_groups").map_err(invalid)?.unwrap_or(1).max(1),
@@ -76,6 +84,10 @@ impl MoeParams {
             )));
         }
         if let Routing::SigmoidGroupTopk {
+            groups,
+            topk_groups,
+        }
+        | Routing::SoftmaxGroupTopk {
             groups,
             topk_groups,
         } = p.routing
@@ -183,63 +195,102 @@ fn route(x: &Act, p: &MoeParams, w: &MoeWeights) -> Vec<Vec<(usize, f32)>> {
         .matmul(&x.data, x.rows, p.hidden, p.experts, &mut logits);
     logits
         .chunks_exact(p.experts)
-        .map(|l| match p.routing {
-            Routing::SoftmaxTopk => {
-                let l = with_bias(l, w.router_bias);
-                let probs = softmax(&l);
-                let mut chosen: Vec<(usize, f32)> = top_k(&probs, p.top_k)
-                    .into_iter()
-                    .map(|e| (e, probs[e]))
-                    .collect();
-                if p.norm_topk {
-                    normalize(&mut chosen);
-                }
-                chosen
-            }
-            Routing::TopkSoftmax => {
-                let l = with_bias(l, w.router_bias);
-                let idx = top_k(&l, p.top_k);
-                let probs = softmax(&idx.iter().map(|&e| l[e]).collect::<Vec<_>>());
-                idx.into_iter().zip(probs).collect()
-            }
-            Routing::SigmoidGroupTopk {
-                groups,
-                topk_groups,
-            } => {
-                let scores: Vec<f32> = l.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect();
-                // The bias steers the choice only (load balancing); the
-                // weights are the plain scores.
-                let choice = with_bias(&scores, w.router_bias);
-                let per_group = p.experts / groups;
-                let group_score: Vec<f32> = choice
-                    .chunks_exact(per_group)
-                    .map(|g| top_k(g, 2.min(per_group)).iter().map(|&i| g[i]).sum())
-                    .collect();
-                let keep = top_k(&group_score, topk_groups);
-                let masked: Vec<f32> = choice
-                    .iter()
-                    .enumerate()
-                    .map(|(e, &v)| {
-                        if keep.contains(&(e / per_group)) {
-                            v
-                        } else {
-                            f32::NEG_INFINITY
-                        }
-                    })
-                    .collect();
-                let mut chosen: Vec<(usize, f32)> = top_k(&masked, p.top_k)
-                    .into_iter()
-                    .map(|e| (e, scores[e]))
-                    .collect();
-                if p.norm_topk {
-                    let sum: f32 = chosen.iter().map(|(_, s)| s).sum::<f32>() + 1e-20;
-                    chosen.iter_mut().for_each(|(_, s)| *s /= sum);
-                }
-                chosen.iter_mut().for_each(|(_, s)| *s *= p.routed_scale);
-                chosen
-            }
+        .map(|l| {
+            let mut chosen = choose(l, p, w.router_bias);
+            chosen.iter_mut().for_each(|(_, s)| *s *= p.routed_scale);
+            chosen
         })
         .collect()
+}
+
+/// One token's experts and weights (before `routed_scale`).
+fn choose(l: &[f32], p: &MoeParams, router_bias: Option<&[f32]>) -> Vec<(usize, f32)> {
+    match p.routing {
+        Routing::SoftmaxTopk => {
+            let l = with_bias(l, router_bias);
+            let probs = softmax(&l);
+            let mut chosen: Vec<(usize, f32)> = top_k(&probs, p.top_k)
+                .into_iter()
+                .map(|e| (e, probs[e]))
+                .collect();
+            if p.norm_topk {
+                normalize(&mut chosen);
+            }
+            chosen
+        }
+        Routing::TopkSoftmax => {
+            let l = with_bias(l, router_bias);
+            let idx = top_k(&l, p.top_k);
+            let probs = softmax(&idx.iter().map(|&e| l[e]).collect::<Vec<_>>());
+            idx.into_iter().zip(probs).collect()
+        }
+        Routing::SigmoidGroupTopk {
+            groups,
+            topk_groups,
+        } => {
+            let scores: Vec<f32> = l.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect();
+            // The bias steers the choice only (load balancing); the
+            // weights are the plain scores.
+            let choice = with_bias(&scores, router_bias);
+            let per_group = p.experts / groups;
+            let group_score: Vec<f32> = choice
+                .chunks_exact(per_group)
+                .map(|g| top_k(g, 2.min(per_group)).iter().map(|&i| g[i]).sum())
+                .collect();
+            let keep = top_k(&group_score, topk_groups);
+            let masked: Vec<f32> = choice
+                .iter()
+                .enumerate()
+                .map(|(e, &v)| {
+                    if keep.contains(&(e / per_group)) {
+                        v
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+                .collect();
+            let mut chosen: Vec<(usize, f32)> = top_k(&masked, p.top_k)
+                .into_iter()
+                .map(|e| (e, scores[e]))
+                .collect();
+            if p.norm_topk {
+                let sum: f32 = chosen.iter().map(|(_, s)| s).sum::<f32>() + 1e-20;
+                chosen.iter_mut().for_each(|(_, s)| *s /= sum);
+            }
+            chosen
+        }
+        Routing::SoftmaxGroupTopk {
+            groups,
+            topk_groups,
+        } => {
+            let probs = softmax(&with_bias(l, router_bias));
+            let per_group = p.experts / groups;
+            let group_max: Vec<f32> = probs
+                .chunks_exact(per_group)
+                .map(|g| g.iter().copied().fold(f32::NEG_INFINITY, f32::max))
+                .collect();
+            let keep = top_k(&group_max, topk_groups);
+            let masked: Vec<f32> = probs
+                .iter()
+                .enumerate()
+                .map(|(e, &v)| {
+                    if keep.contains(&(e / per_group)) {
+                        v
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let mut chosen: Vec<(usize, f32)> = top_k(&masked, p.top_k)
+                .into_iter()
+                .map(|e| (e, masked[e]))
+                .collect();
+            if p.norm_topk {
+                normalize(&mut chosen);
+            }
+            chosen
+        }
+    }
 }
 
 /// `down(act(gate(x)) · up(x))` of expert `e` (`down(act(up(x)))` for

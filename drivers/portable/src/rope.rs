@@ -1,7 +1,7 @@
 //! Rotary position embeddings with the Hugging Face frequency schemes.
 
 use pie_driver::ir::{RopeAttrs, RopeScaling, RopeStyle};
-use pie_driver::{DriverError, Result};
+use pie_driver::{DriverError, ForwardBatch, Result};
 
 use crate::tensor::Act;
 
@@ -10,14 +10,19 @@ use crate::tensor::Act;
 pub struct Frequencies {
     pub inv_freqs: Vec<f64>,
     pub scale: f64,
-    /// LongRoPE: positions at or past the original context use these.
+    /// LongRoPE: the original context length, and the factors used once a
+    /// sequence is longer.
     pub long: Option<(u32, Vec<f64>)>,
 }
 
 impl Frequencies {
-    fn at(&self, pos: u32) -> &[f64] {
+    /// The frequencies for a token of a sequence that is `seq_len` tokens
+    /// long as of this forward pass. LongRoPE switches a whole chunk to the
+    /// long factors once its sequence outgrows the original context, as
+    /// the reference does per forward pass (keys cached before keep theirs).
+    fn at(&self, seq_len: u32) -> &[f64] {
         match &self.long {
-            Some((from, long)) if pos >= *from => long,
+            Some((original, long)) if seq_len > *original => long,
             _ => &self.inv_freqs,
         }
     }
@@ -144,16 +149,30 @@ pub fn frequencies(a: &RopeAttrs) -> Result<Frequencies> {
             Frequencies {
                 inv_freqs: scaled(short_factor),
                 scale,
-                // Each position past the original context uses the long
-                // factors (the reference switches a whole forward pass once
-                // its longest sequence passes that point).
                 long: Some((*original_max_position as u32, scaled(long_factor))),
             }
         }
     })
 }
 
+/// Rotates every token of a batch; each sequence chunk's length picks
+/// LongRoPE's factors.
+pub fn apply_in_batch(x: &Act, batch: &ForwardBatch, a: &RopeAttrs) -> Result<Act> {
+    let mut seq_lens = vec![0u32; x.rows];
+    for seq in &batch.seqs {
+        let end = (seq.start + seq.len).min(x.rows);
+        seq_lens[seq.start.min(end)..end].fill(seq.kv_len() as u32);
+    }
+    apply_with_lens(x, &batch.positions, &seq_lens, a)
+}
+
+/// Rotates tokens at `positions`, each as if its sequence ended there.
 pub fn apply(x: &Act, positions: &[u32], a: &RopeAttrs) -> Result<Act> {
+    let lens: Vec<u32> = positions.iter().map(|p| p + 1).collect();
+    apply_with_lens(x, positions, &lens, a)
+}
+
+fn apply_with_lens(x: &Act, positions: &[u32], seq_lens: &[u32], a: &RopeAttrs) -> Result<Act> {
     if positions.len() != x.rows {
         return Err(DriverError::Invalid(format!(
             "rope: {} positions for {} tokens",
@@ -166,8 +185,8 @@ pub fn apply(x: &Act, positions: &[u32], a: &RopeAttrs) -> Result<Act> {
     let mut out = x.clone();
     let mut cos = vec![0f32; half];
     let mut sin = vec![0f32; half];
-    for (row, &pos) in out.data.chunks_mut(x.width).zip(positions) {
-        for (j, f) in freqs.at(pos).iter().enumerate() {
+    for ((row, &pos), &len) in out.data.chunks_mut(x.width).zip(positions).zip(seq_lens) {
+        for (j, f) in freqs.at(len).iter().enumerate() {
             let angle = pos as f64 * f;
             cos[j] = (angle.cos() * freqs.scale) as f32;
             sin[j] = (angle.sin() * freqs.scale) as f32;
@@ -236,7 +255,7 @@ mod tests {
     }
 
     #[test]
-    fn longrope_switches_factors_at_the_original_context() {
+    fn longrope_switches_factors_past_the_original_context() {
         let s = RopeScaling::LongRope {
             short_factor: vec![1.0, 2.0],
             long_factor: vec![4.0, 8.0],
@@ -246,8 +265,8 @@ mod tests {
         };
         let base = frequencies(&attrs(RopeScaling::None)).unwrap().inv_freqs;
         let f = frequencies(&attrs(s)).unwrap();
-        assert_eq!(f.at(15), &[base[0], base[1] / 2.0]);
-        assert_eq!(f.at(16), &[base[0] / 4.0, base[1] / 8.0]);
+        assert_eq!(f.at(16), &[base[0], base[1] / 2.0]);
+        assert_eq!(f.at(17), &[base[0] / 4.0, base[1] / 8.0]);
         let expected = (1.0 + 4f64.ln() / 16f64.ln()).sqrt();
         assert!((f.scale - expected).abs() < 1e-12);
     }
