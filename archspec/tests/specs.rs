@@ -62,3 +62,5 @@ ir_snapshot!(ir_nemotron_h, "nemotron_h", "nemotron_h");
 ir_snapshot!(ir_mixtral, "mixtral", "mixtral");
 ir_snapshot!(ir_gpt_oss, "gpt_oss", "gpt_oss");
 ir_snapshot!(ir_phi3_longrope, "phi3", "phi3");
+ir_snapshot!(ir_qwen3_next, "qwen3_next", "qwen3_next");
+ir_snapshot!(ir_glm_moe_dsa, "glm_moe_dsa", "glm_moe_dsa");

@@ -51,8 +51,10 @@ architectures! {
     gpt_oss => "../specs/gpt_oss.toml",
     qwen3_moe => "../specs/qwen3_moe.toml",
     qwen3_5 => "../specs/qwen3_5.toml",
+    qwen3_next => "../specs/qwen3_next.toml",
     deepseek_v2 => "../specs/deepseek_v2.toml",
     deepseek_v3 => "../specs/deepseek_v3.toml",
+    glm_moe_dsa => "../specs/glm_moe_dsa.toml",
     nemotron_h => "../specs/nemotron_h.toml",
 }
 

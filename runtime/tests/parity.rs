@@ -154,6 +154,9 @@ parity! {
     parity_mistral3_text => "mistral3",
     parity_deepseek_v2_mla_group_greedy => "deepseek_v2",
     parity_phi3_longrope => "phi3_longrope",
+    parity_qwen3_next_fused_gdn_moe => "qwen3_next",
+    parity_qwen3_5_moe_shared_expert => "qwen3_5_moe",
+    parity_glm_moe_dsa_within_index_topk => "glm_moe_dsa",
 }
 
 /// The fixture's tokenizer and chat template give what transformers gave.
@@ -343,4 +346,19 @@ fn runtime_int8_weights_quality() {
     );
     assert!(worst > 1e-5, "weights were not quantized");
     assert!(worst <= 6e-2, "{worst}");
+}
+
+/// GLM-MoE-DSA's sparse indexer selects the top `index_topk` cached tokens;
+/// past that many the portable driver refuses rather than attend densely.
+#[test]
+fn glm_moe_dsa_refuses_sequences_past_index_topk() {
+    let (dir, _) = fixture("glm_moe_dsa");
+    let mut engine =
+        Engine::load(&dir, PortableDriver::new(), &LoadOptions::default(), None).unwrap();
+    let long: Vec<u32> = (0..70).map(|i| 5 + i % 300).collect();
+    let err = engine.prompt_logits(&[long]).unwrap_err().to_string();
+    assert!(
+        err.contains("exceeds the sparse indexer's top-k (64)"),
+        "{err}"
+    );
 }

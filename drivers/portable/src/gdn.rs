@@ -43,6 +43,7 @@ const Z: usize = 1;
 const B: usize = 2;
 const A: usize = 3;
 const QKVZ: usize = 4;
+const BA: usize = 5;
 const CONV: usize = 6;
 const DT_BIAS: usize = 7;
 const A_LOG: usize = 8;
@@ -70,16 +71,22 @@ pub fn gated_delta_net(
         eps: at.f32("eps")?,
     };
     x.expect_width(d.hidden, "gated_delta_net")?;
-    if weights.get(QKVZ).copied().flatten().is_some() {
-        return Err(at.invalid(
-            "fused `qkvz`/`ba` projections (Qwen3-Next checkpoints) are not supported by the portable driver yet",
-        ));
+    if d.key_heads == 0 || d.value_heads % d.key_heads != 0 || d.kernel == 0 {
+        return Err(at.invalid(format!(
+            "value_heads {} must be a multiple of key_heads {}, conv_kernel at least 1",
+            d.value_heads, d.key_heads
+        )));
     }
     let slot = at.usize("state_slot")?;
-    let mixed = project(x, at.weight(weights, QKV, "qkv")?, d.conv_dim());
-    let z = project(x, at.weight(weights, Z, "z")?, d.value_dim());
-    let b = project(x, at.weight(weights, B, "b")?, d.value_heads);
-    let a = project(x, at.weight(weights, A, "a")?, d.value_heads);
+    let Projections { mixed, z, b, a } = match weights.get(QKVZ).copied().flatten() {
+        Some(qkvz) => fused_projections(&at, &d, x, qkvz, weights)?,
+        None => Projections {
+            mixed: project(x, at.weight(weights, QKV, "qkv")?, d.conv_dim()),
+            z: project(x, at.weight(weights, Z, "z")?, d.value_dim()),
+            b: project(x, at.weight(weights, B, "b")?, d.value_heads),
+            a: project(x, at.weight(weights, A, "a")?, d.value_heads),
+        },
+    };
     let conv = CausalConv {
         weight: at.weight(weights, CONV, "conv")?.vector(),
         bias: None,
@@ -138,6 +145,56 @@ pub fn gated_delta_net(
         at.weight(weights, OUT_PROJ, "out_proj")?,
         d.hidden,
     ))
+}
+
+/// The input projections: `mixed` = q (all key heads), k, v (all value
+/// heads) as the convolution expects; `z`, `b`, `a` per value head.
+struct Projections {
+    mixed: Act,
+    z: Act,
+    b: Act,
+    a: Act,
+}
+
+/// Qwen3-Next's fused projections, grouped per key head — `qkvz` as
+/// `[q, k, v (r heads), z (r heads)]` and `ba` as `[b (r), a (r)]` for each
+/// key head, r = value_heads / key_heads — regrouped into [`Projections`].
+fn fused_projections(
+    at: &Attrs,
+    d: &Dims,
+    x: &Act,
+    qkvz: &Weight,
+    weights: &[Option<&Weight>],
+) -> Result<Projections> {
+    let r = d.value_heads / d.key_heads;
+    let group = 2 * d.dk + 2 * r * d.dv;
+    let fused = project(x, qkvz, d.key_heads * group);
+    let ba = project(x, at.weight(weights, BA, "ba")?, 2 * d.value_heads);
+    let mut p = Projections {
+        mixed: Act::zeros(x.rows, d.conv_dim()),
+        z: Act::zeros(x.rows, d.value_dim()),
+        b: Act::zeros(x.rows, d.value_heads),
+        a: Act::zeros(x.rows, d.value_heads),
+    };
+    let (kd, rv) = (d.dk, r * d.dv);
+    for row in 0..x.rows {
+        let src = fused.row(row);
+        let mixed = &mut p.mixed.data[row * d.conv_dim()..(row + 1) * d.conv_dim()];
+        let z = &mut p.z.data[row * d.value_dim()..(row + 1) * d.value_dim()];
+        for h in 0..d.key_heads {
+            let g = &src[h * group..(h + 1) * group];
+            mixed[h * kd..(h + 1) * kd].copy_from_slice(&g[..kd]);
+            let k_at = d.key_dim() + h * kd;
+            mixed[k_at..k_at + kd].copy_from_slice(&g[kd..2 * kd]);
+            let v_at = 2 * d.key_dim() + h * rv;
+            mixed[v_at..v_at + rv].copy_from_slice(&g[2 * kd..2 * kd + rv]);
+            z[h * rv..(h + 1) * rv].copy_from_slice(&g[2 * kd + rv..]);
+            let bag = &ba.row(row)[h * 2 * r..(h + 1) * 2 * r];
+            p.b.data[row * d.value_heads + h * r..][..r].copy_from_slice(&bag[..r]);
+            p.a.data[row * d.value_heads + h * r..][..r].copy_from_slice(&bag[r..]);
+        }
+    }
+    Ok(p)
 }
 
 /// One token of the delta rule for every value head. `qkv` is the
