@@ -71,7 +71,7 @@ pub fn gated_delta_net(
         eps: at.f32("eps")?,
     };
     x.expect_width(d.hidden, "gated_delta_net")?;
-    if d.key_heads == 0 || d.value_heads % d.key_heads != 0 || d.kernel == 0 {
+    if d.key_heads == 0 || !d.value_heads.is_multiple_of(d.key_heads) || d.kernel == 0 {
         return Err(at.invalid(format!(
             "value_heads {} must be a multiple of key_heads {}, conv_kernel at least 1",
             d.value_heads, d.key_heads
