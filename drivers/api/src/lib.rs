@@ -7,6 +7,7 @@
 
 mod batch;
 pub mod loader;
+pub mod rope;
 mod tensor;
 
 pub use batch::{ForwardBatch, KvDType, KvLayout, KvSlotShape, SeqChunk};
