@@ -154,4 +154,3 @@ pub fn frequencies(a: &RopeAttrs) -> Result<Frequencies> {
         }
     })
 }
-

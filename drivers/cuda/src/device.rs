@@ -1,0 +1,151 @@
+//! Finding the GPU and building the kernels: the CUDA libraries are loaded
+//! at run time (cudarc `dynamic-loading`), so every build runs on machines
+//! without CUDA and says what is missing instead of failing to start.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+use pie_driver::{DriverError, Result};
+
+/// Kernel sources, compiled together into one module.
+pub const KERNEL_SOURCES: [(&str, &str); 3] = [
+    (
+        "elementwise.cu",
+        include_str!("../../../kernels/cuda/elementwise.cu"),
+    ),
+    (
+        "norm_rope.cu",
+        include_str!("../../../kernels/cuda/norm_rope.cu"),
+    ),
+    (
+        "attention.cu",
+        include_str!("../../../kernels/cuda/attention.cu"),
+    ),
+];
+
+/// Every kernel the driver launches.
+pub const KERNELS: [&str; 18] = [
+    "pie_add",
+    "pie_mul",
+    "pie_scale",
+    "pie_softcap",
+    "pie_activation",
+    "pie_glu",
+    "pie_add_bias",
+    "pie_split_part",
+    "pie_gather_rows",
+    "pie_cast_bf16",
+    "pie_embedding",
+    "pie_widen",
+    "pie_rms_norm",
+    "pie_rope",
+    "pie_kv_write",
+    "pie_attention",
+    "pie_noop_check",
+    "pie_fill",
+];
+
+/// Whether a shared library can be opened, without cudarc's panic when it
+/// cannot.
+fn library_present(probe: impl FnOnce() + std::panic::UnwindSafe) -> bool {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let ok = std::panic::catch_unwind(probe).is_ok();
+    std::panic::set_hook(hook);
+    ok
+}
+
+fn cuda_error(what: &str, e: impl std::fmt::Display) -> DriverError {
+    DriverError::Invalid(format!("CUDA: {what}: {e}"))
+}
+
+/// The context and default stream of GPU `ordinal`, or an error naming what
+/// is missing.
+pub fn open(ordinal: usize) -> Result<(Arc<CudaContext>, Arc<CudaStream>, String)> {
+    if !library_present(|| unsafe {
+        cudarc::driver::sys::culib();
+    }) {
+        return Err(DriverError::Invalid(
+            "no CUDA driver found (libcuda.so could not be loaded): the cuda driver needs an NVIDIA GPU \
+             with its driver installed; use the portable driver on this machine"
+                .into(),
+        ));
+    }
+    let ctx =
+        CudaContext::new(ordinal).map_err(|e| cuda_error(&format!("opening GPU {ordinal}"), e))?;
+    let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+    let stream = ctx.default_stream();
+    Ok((ctx, stream, name))
+}
+
+/// Compiles the kernel sources with NVRTC and loads them.
+pub fn build_kernels(ctx: &Arc<CudaContext>) -> Result<Kernels> {
+    if !library_present(|| unsafe {
+        cudarc::nvrtc::sys::culib();
+    }) {
+        return Err(DriverError::Invalid(
+            "NVRTC (libnvrtc.so) could not be loaded: install the CUDA toolkit's NVRTC, or the \
+             `nvidia-cuda-nvrtc` Python wheel and add its lib directory to LD_LIBRARY_PATH"
+                .into(),
+        ));
+    }
+    let source: String = KERNEL_SOURCES
+        .iter()
+        .map(|(name, text)| format!("// ---- {name}\n{text}\n"))
+        .collect::<String>()
+        + EXTRA_KERNELS;
+    let ptx = compile_ptx_with_opts(
+        source,
+        CompileOptions {
+            name: Some("pie_kernels.cu".into()),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| cuda_error("compiling the kernels with NVRTC", e))?;
+    let module = ctx
+        .load_module(ptx)
+        .map_err(|e| cuda_error("loading the kernel module", e))?;
+    Kernels::load(module)
+}
+
+/// Small kernels used by the driver itself.
+const EXTRA_KERNELS: &str = r#"
+extern "C" __global__ void pie_noop_check(int* out) { if (threadIdx.x == 0) out[0] = 42; }
+extern "C" __global__ void pie_fill(float* out, float v, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = v;
+}
+"#;
+
+pub struct Kernels {
+    _module: Arc<CudaModule>,
+    functions: Vec<(&'static str, CudaFunction)>,
+}
+
+impl Kernels {
+    fn load(module: Arc<CudaModule>) -> Result<Self> {
+        let functions = KERNELS
+            .iter()
+            .map(|&name| {
+                module
+                    .load_function(name)
+                    .map(|f| (name, f))
+                    .map_err(|e| cuda_error(&format!("kernel `{name}`"), e))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Kernels {
+            _module: module,
+            functions,
+        })
+    }
+
+    pub fn get(&self, name: &str) -> &CudaFunction {
+        &self
+            .functions
+            .iter()
+            .find(|(n, _)| *n == name)
+            .unwrap_or_else(|| panic!("kernel `{name}` is listed in KERNELS"))
+            .1
+    }
+}

@@ -1,0 +1,120 @@
+//! Paged KV storage in GPU memory (f32), one key and one value buffer per
+//! attention op, and the per-batch index tables the kernels read.
+
+use cudarc::driver::CudaSlice;
+use pie_driver::ir::AttentionAttrs;
+use pie_driver::{DriverError, ForwardBatch, KvLayout, KvSlotShape, Result};
+
+pub struct KvSlotBuffers {
+    pub shape: KvSlotShape,
+    pub k: CudaSlice<f32>,
+    pub v: CudaSlice<f32>,
+}
+
+pub struct CudaKv {
+    page_size: usize,
+    num_pages: usize,
+    slots: Vec<KvSlotBuffers>,
+}
+
+/// Where a batch's tokens go and what each query row reads.
+pub struct AttentionPlan {
+    /// Token slot of each new token (row).
+    pub new_slots: Vec<i32>,
+    /// Token slots of every position of every sequence, sequence after sequence.
+    pub table: Vec<i32>,
+    /// Per row: where its sequence starts in `table`.
+    pub table_offsets: Vec<i32>,
+    /// Per row: its position.
+    pub positions: Vec<i32>,
+}
+
+impl CudaKv {
+    pub fn new(
+        layout: &KvLayout,
+        mut zeros: impl FnMut(usize) -> Result<CudaSlice<f32>>,
+    ) -> Result<Self> {
+        if layout.page_size == 0 {
+            return Err(DriverError::Invalid(
+                "kv page size must be at least 1".into(),
+            ));
+        }
+        let tokens = layout
+            .page_size
+            .checked_mul(layout.num_pages)
+            .ok_or_else(|| DriverError::Invalid("kv cache size overflows".into()))?;
+        let slots = layout
+            .slots
+            .iter()
+            .map(|shape| {
+                Ok(KvSlotBuffers {
+                    k: zeros(tokens * shape.kv_heads * shape.head_dim)?,
+                    v: zeros(tokens * shape.kv_heads * shape.v_head_dim)?,
+                    shape: shape.clone(),
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(CudaKv {
+            page_size: layout.page_size,
+            num_pages: layout.num_pages,
+            slots,
+        })
+    }
+
+    pub fn slot_mut(&mut self, slot: usize, a: &AttentionAttrs) -> Result<&mut KvSlotBuffers> {
+        let count = self.slots.len();
+        let s = self.slots.get_mut(slot).ok_or_else(|| {
+            DriverError::Invalid(format!(
+                "attention uses KV slot {slot}, the cache has {count}"
+            ))
+        })?;
+        if (s.shape.kv_heads, s.shape.head_dim, s.shape.v_head_dim)
+            != (a.kv_heads, a.head_dim, a.v_head_dim)
+        {
+            return Err(DriverError::Invalid(format!(
+                "KV slot {slot} was allocated for another shape"
+            )));
+        }
+        Ok(s)
+    }
+
+    /// Checks every sequence's pages and lays out the index tables.
+    pub fn plan(&self, batch: &ForwardBatch) -> Result<AttentionPlan> {
+        let mut plan = AttentionPlan {
+            new_slots: vec![0; batch.num_tokens()],
+            table: Vec::new(),
+            table_offsets: vec![0; batch.num_tokens()],
+            positions: vec![0; batch.num_tokens()],
+        };
+        for seq in &batch.seqs {
+            let need = seq.kv_len().div_ceil(self.page_size);
+            if seq.pages.len() < need {
+                return Err(DriverError::Invalid(format!(
+                    "sequence of {} tokens needs {need} KV pages of {}, got {}",
+                    seq.kv_len(),
+                    self.page_size,
+                    seq.pages.len()
+                )));
+            }
+            if let Some(bad) = seq.pages.iter().find(|&&p| p as usize >= self.num_pages) {
+                return Err(DriverError::Invalid(format!(
+                    "KV page {bad} does not exist (the cache has {} pages)",
+                    self.num_pages
+                )));
+            }
+            let slot_of = |pos: usize| {
+                (seq.pages[pos / self.page_size] as usize * self.page_size + pos % self.page_size)
+                    as i32
+            };
+            let offset = plan.table.len() as i32;
+            plan.table.extend((0..seq.kv_len()).map(slot_of));
+            for t in 0..seq.len {
+                let row = seq.start + t;
+                plan.new_slots[row] = slot_of(seq.first_pos + t);
+                plan.table_offsets[row] = offset;
+                plan.positions[row] = (seq.first_pos + t) as i32;
+            }
+        }
+        Ok(plan)
+    }
+}

@@ -1,0 +1,662 @@
+//! The CUDA driver: f32 activations on the GPU, weights in their file dtype
+//! (f32, bf16; f16 widened), GEMMs through cuBLAS (`cublasGemmEx`, f32
+//! accumulation), and NVRTC-compiled kernels from `kernels/cuda/` for the
+//! other ops, including paged attention with an online softmax.
+//!
+//! The CUDA libraries are opened at run time, so this crate builds, and
+//! `CudaDriver::new` fails with a clear message, on machines without CUDA.
+//! Composite ops (MoE, Gated DeltaNet, Mamba2, MLA) are not implemented
+//! here yet; models using them are refused at load.
+
+mod device;
+mod kv;
+mod tensor;
+
+use std::sync::Arc;
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use pie_driver::ir::*;
+use pie_driver::{
+    DType, Driver, DriverError, ForwardBatch, KvDType, KvLayout, Result, TensorView, WeightRole,
+};
+
+pub use kv::CudaKv;
+pub use tensor::{CudaAct, CudaWeight};
+
+use device::Kernels;
+
+/// A GPU with its stream, cuBLAS handle and compiled kernels.
+pub struct CudaDriver {
+    _ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    kernels: Kernels,
+    gpu: String,
+}
+
+const SUPPORTED: [OpKind; 12] = [
+    OpKind::Embedding,
+    OpKind::Linear,
+    OpKind::RmsNorm,
+    OpKind::Rope,
+    OpKind::Attention,
+    OpKind::Add,
+    OpKind::Mul,
+    OpKind::Scale,
+    OpKind::Glu,
+    OpKind::Activation,
+    OpKind::Softcap,
+    OpKind::Split,
+];
+
+fn cuda_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> DriverError + '_ {
+    move |e| DriverError::Invalid(format!("CUDA: {what}: {e}"))
+}
+
+fn blocks(n: usize) -> LaunchConfig {
+    LaunchConfig::for_num_elems(n.max(1) as u32)
+}
+
+fn int(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| {
+        DriverError::Invalid(format!(
+            "{what} = {v} exceeds the CUDA kernels' 32-bit range"
+        ))
+    })
+}
+
+impl CudaDriver {
+    /// The first GPU, or an error saying what is missing (no driver, no
+    /// GPU, no NVRTC).
+    pub fn new() -> Result<Self> {
+        let (ctx, stream, gpu) = device::open(0)?;
+        let kernels = device::build_kernels(&ctx)?;
+        let blas = CudaBlas::new(stream.clone())
+            .map_err(|e| DriverError::Invalid(format!("CUDA: creating the cuBLAS handle: {e}")))?;
+        Ok(CudaDriver {
+            _ctx: ctx,
+            stream,
+            blas,
+            kernels,
+            gpu,
+        })
+    }
+
+    /// The GPU's name, as the driver reports it.
+    pub fn gpu_name(&self) -> &str {
+        &self.gpu
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(cuda_err("synchronizing"))
+    }
+
+    fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.stream
+            .alloc_zeros::<f32>(n.max(1))
+            .map_err(cuda_err("allocating GPU memory (out of memory?)"))
+    }
+
+    fn upload<T: cudarc::driver::DeviceRepr>(&self, v: &[T]) -> Result<CudaSlice<T>> {
+        self.stream
+            .clone_htod(v)
+            .map_err(cuda_err("copying to the GPU"))
+    }
+
+    fn act(&self, rows: usize, width: usize) -> Result<CudaAct> {
+        Ok(CudaAct {
+            data: self.zeros(rows * width)?,
+            rows,
+            width,
+        })
+    }
+
+    /// out = x ⊙ y elementwise with kernel `name`.
+    fn zip(&self, name: &str, x: &CudaAct, y: &CudaAct) -> Result<CudaAct> {
+        if x.rows != y.rows || x.width != y.width {
+            return Err(DriverError::Invalid(format!(
+                "elementwise op on [{}, {}] and [{}, {}]",
+                x.rows, x.width, y.rows, y.width
+            )));
+        }
+        let n = x.rows * x.width;
+        let mut out = self.act(x.rows, x.width)?;
+        let ni = int(n, "elements")?;
+        let mut b = self.stream.launch_builder(self.kernels.get(name));
+        b.arg(&mut out.data).arg(&x.data).arg(&y.data).arg(&ni);
+        unsafe { b.launch(blocks(n)) }.map_err(cuda_err(name))?;
+        Ok(out)
+    }
+
+    /// `out = x · Wᵀ` through cuBLAS: x `[m, k]`, W `[n, k]`, out `[m, n]`.
+    fn gemm(&self, x: &CudaAct, w: &CudaWeight, n: usize) -> Result<CudaAct> {
+        use cudarc::cublas::sys::{
+            cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType,
+        };
+        use cudarc::driver::{DevicePtr, DevicePtrMut};
+        let (m, k) = (x.rows, x.width);
+        let mut out = self.act(m, n)?;
+        let (mi, ni, ki) = (int(m, "rows")?, int(n, "features")?, int(k, "width")?);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // Row-major out[m, n] = x[m, k] · W[n, k]ᵀ is column-major
+        // outᵀ[n, m] = W[k, n]ᵀ · xᵀ[k, m].
+        let run = |a_ptr: u64, b_ptr: u64, dtype: cudaDataType, out_ptr: u64| unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                ni,
+                mi,
+                ki,
+                &alpha as *const f32 as *const _,
+                a_ptr as *const _,
+                dtype,
+                ki,
+                b_ptr as *const _,
+                dtype,
+                ki,
+                &beta as *const f32 as *const _,
+                out_ptr as *mut _,
+                cudaDataType::CUDA_R_32F,
+                ni,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        let result = match w {
+            CudaWeight::F32(wd) => {
+                let (a, _ga) = wd.device_ptr(&self.stream);
+                let (b, _gb) = x.data.device_ptr(&self.stream);
+                let (c, _gc) = out.data.device_ptr_mut(&self.stream);
+                run(a, b, cudaDataType::CUDA_R_32F, c)
+            }
+            CudaWeight::Bf16(wd) => {
+                let xb = self.to_bf16(x)?;
+                let (a, _ga) = wd.device_ptr(&self.stream);
+                let (b, _gb) = xb.device_ptr(&self.stream);
+                let (c, _gc) = out.data.device_ptr_mut(&self.stream);
+                run(a, b, cudaDataType::CUDA_R_16BF, c)
+            }
+        };
+        result.map_err(|e| {
+            DriverError::Invalid(format!("cuBLAS GEMM [{m}, {k}] x [{n}, {k}]ᵀ: {e}"))
+        })?;
+        Ok(out)
+    }
+
+    fn to_bf16(&self, x: &CudaAct) -> Result<CudaSlice<u16>> {
+        let n = x.rows * x.width;
+        let mut out = self
+            .stream
+            .alloc_zeros::<u16>(n.max(1))
+            .map_err(cuda_err("allocating GPU memory"))?;
+        let ni = int(n, "elements")?;
+        let mut b = self
+            .stream
+            .launch_builder(self.kernels.get("pie_cast_bf16"));
+        b.arg(&mut out).arg(&x.data).arg(&ni);
+        unsafe { b.launch(blocks(n)) }.map_err(cuda_err("pie_cast_bf16"))?;
+        Ok(out)
+    }
+
+    fn gather(&self, x: &CudaAct, rows: &[usize]) -> Result<CudaAct> {
+        if let Some(&bad) = rows.iter().find(|&&r| r >= x.rows) {
+            return Err(DriverError::Invalid(format!(
+                "row {bad} requested from an activation of {} rows",
+                x.rows
+            )));
+        }
+        let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
+        let idx = self.upload(&idx)?;
+        let mut out = self.act(rows.len(), x.width)?;
+        let (nr, w) = (int(rows.len(), "rows")?, int(x.width, "width")?);
+        let mut b = self
+            .stream
+            .launch_builder(self.kernels.get("pie_gather_rows"));
+        b.arg(&mut out.data).arg(&x.data).arg(&idx).arg(&nr).arg(&w);
+        unsafe { b.launch(blocks(rows.len() * x.width)) }.map_err(cuda_err("pie_gather_rows"))?;
+        Ok(out)
+    }
+
+    /// `out[i] = f(x[i], param)` with kernel `name`.
+    fn map<T: cudarc::driver::DeviceRepr>(
+        &self,
+        x: &CudaAct,
+        name: &str,
+        param: T,
+    ) -> Result<CudaAct> {
+        let n = x.rows * x.width;
+        let mut out = self.act(x.rows, x.width)?;
+        let ni = int(n, "elements")?;
+        let mut b = self.stream.launch_builder(self.kernels.get(name));
+        b.arg(&mut out.data).arg(&x.data).arg(&param).arg(&ni);
+        unsafe { b.launch(blocks(n)) }.map_err(cuda_err(name))?;
+        Ok(out)
+    }
+}
+
+fn activation_code(f: ActivationFn) -> i32 {
+    match f {
+        ActivationFn::Silu => 0,
+        ActivationFn::Gelu => 1,
+        ActivationFn::GeluTanh => 2,
+        ActivationFn::Relu => 3,
+        ActivationFn::Relu2 => 4,
+        ActivationFn::Sigmoid => 5,
+    }
+}
+
+impl Driver for CudaDriver {
+    type Weight = CudaWeight;
+    type Act = CudaAct;
+    type Kv = CudaKv;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn supports(&self, op: OpKind) -> bool {
+        SUPPORTED.contains(&op)
+    }
+
+    fn load_weight(
+        &self,
+        name: &str,
+        view: &TensorView<'_>,
+        expected: &[usize],
+        role: WeightRole,
+    ) -> Result<CudaWeight> {
+        if view.shape != expected {
+            return Err(DriverError::Shape {
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                found: view.shape.to_vec(),
+            });
+        }
+        let elems: usize = expected.iter().product();
+        let size = view.dtype.size().unwrap_or(0);
+        if !matches!(view.dtype, DType::F32 | DType::BF16 | DType::F16)
+            || elems * size != view.data.len()
+        {
+            return Err(DriverError::DType {
+                name: name.to_string(),
+                found: view.dtype,
+                driver: "cuda",
+                supported: "f32, bf16, f16 (GGUF block formats: use the portable driver)",
+            });
+        }
+        let u16s = || -> Vec<u16> {
+            view.data
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect()
+        };
+        let f32s: Vec<f32> = match (view.dtype, role) {
+            (DType::BF16, WeightRole::Matrix) => {
+                return Ok(CudaWeight::Bf16(self.upload(&u16s())?));
+            }
+            (DType::F32, _) => view
+                .data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            (DType::BF16, _) => u16s()
+                .into_iter()
+                .map(|b| half::bf16::from_bits(b).to_f32())
+                .collect(),
+            _ => u16s()
+                .into_iter()
+                .map(|b| half::f16::from_bits(b).to_f32())
+                .collect(),
+        };
+        Ok(CudaWeight::F32(self.upload(&f32s).map_err(|e| {
+            DriverError::Invalid(format!("tensor `{name}` ({} MB): {e}", elems * 4 >> 20))
+        })?))
+    }
+
+    fn new_kv(&self, layout: &KvLayout) -> Result<CudaKv> {
+        if layout.dtype != KvDType::Auto {
+            return Err(DriverError::Invalid(format!(
+                "kv_cache_dtype {:?} is not implemented by the cuda driver yet (use auto)",
+                layout.dtype
+            )));
+        }
+        if !layout.state_slots.is_empty() {
+            return Err(DriverError::Invalid(
+                "recurrent-state models are not implemented by the cuda driver yet".into(),
+            ));
+        }
+        CudaKv::new(layout, |n| self.zeros(n))
+    }
+
+    fn embedding(
+        &self,
+        table: &CudaWeight,
+        batch: &ForwardBatch,
+        a: &EmbeddingAttrs,
+    ) -> Result<CudaAct> {
+        if let Some(&bad) = batch.tokens.iter().find(|&&t| t as usize >= a.vocab) {
+            return Err(DriverError::Invalid(format!(
+                "token id {bad} is out of range: the model's vocabulary has {} tokens (ids 0..={})",
+                a.vocab,
+                a.vocab - 1
+            )));
+        }
+        let n = batch.tokens.len();
+        let ids = self.upload(&batch.tokens)?;
+        let mut out = self.act(n, a.hidden)?;
+        let (ni, hi) = (int(n, "tokens")?, int(a.hidden, "hidden")?);
+        let mut b = self
+            .stream
+            .launch_builder(self.kernels.get("pie_embedding"));
+        let dtype: i32;
+        b.arg(&mut out.data);
+        match table {
+            CudaWeight::F32(t) => {
+                dtype = 0;
+                b.arg(t);
+            }
+            CudaWeight::Bf16(t) => {
+                dtype = 1;
+                b.arg(t);
+            }
+        }
+        b.arg(&dtype).arg(&ids).arg(&ni).arg(&hi);
+        unsafe { b.launch(blocks(n * a.hidden)) }.map_err(cuda_err("pie_embedding"))?;
+        Ok(out)
+    }
+
+    fn linear(
+        &self,
+        x: &CudaAct,
+        w: &CudaWeight,
+        bias: Option<&CudaWeight>,
+        a: &LinearAttrs,
+    ) -> Result<CudaAct> {
+        if x.width != a.in_features {
+            return Err(DriverError::Invalid(format!(
+                "`linear` expected an input of width {}, got {}",
+                a.in_features, x.width
+            )));
+        }
+        let mut out = self.gemm(x, w, a.out_features)?;
+        if let Some(bias) = bias.and_then(CudaWeight::f32) {
+            let (r, wd) = (int(out.rows, "rows")?, int(out.width, "width")?);
+            let mut b = self.stream.launch_builder(self.kernels.get("pie_add_bias"));
+            b.arg(&mut out.data).arg(bias).arg(&r).arg(&wd);
+            unsafe { b.launch(blocks(out.rows * out.width)) }.map_err(cuda_err("pie_add_bias"))?;
+        }
+        Ok(out)
+    }
+
+    fn rms_norm(&self, x: &CudaAct, w: Option<&CudaWeight>, a: &RmsNormAttrs) -> Result<CudaAct> {
+        if x.width != a.width || a.group == 0 || a.width % a.group != 0 {
+            return Err(DriverError::Invalid(format!(
+                "`rms_norm` of width {} (groups of {}) on an input of width {}",
+                a.width, a.group, x.width
+            )));
+        }
+        let mut out = self.act(x.rows, x.width)?;
+        let dummy;
+        let (weight, has) = match w.and_then(CudaWeight::f32) {
+            Some(w) => (w, 1i32),
+            None => {
+                dummy = self.zeros(1)?;
+                (&dummy, 0i32)
+            }
+        };
+        let groups = x.rows * (x.width / a.group);
+        let g = int(a.group, "group")?;
+        let threads = 256u32;
+        let cfg = LaunchConfig {
+            grid_dim: (groups.max(1) as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: threads * 4,
+        };
+        let mut b = self.stream.launch_builder(self.kernels.get("pie_rms_norm"));
+        b.arg(&mut out.data)
+            .arg(&x.data)
+            .arg(weight)
+            .arg(&has)
+            .arg(&g)
+            .arg(&a.eps)
+            .arg(&a.offset);
+        unsafe { b.launch(cfg) }.map_err(cuda_err("pie_rms_norm"))?;
+        Ok(out)
+    }
+
+    fn rope(&self, x: &CudaAct, batch: &ForwardBatch, a: &RopeAttrs) -> Result<CudaAct> {
+        if x.width != a.heads * a.head_dim || batch.positions.len() != x.rows {
+            return Err(DriverError::Invalid(format!(
+                "`rope` on [{}, {}] with {} heads of {} and {} positions",
+                x.rows,
+                x.width,
+                a.heads,
+                a.head_dim,
+                batch.positions.len()
+            )));
+        }
+        let freqs = pie_driver::rope::frequencies(a)?;
+        let mut seq_lens = vec![0i32; x.rows];
+        for seq in &batch.seqs {
+            let end = (seq.start + seq.len).min(x.rows);
+            seq_lens[seq.start.min(end)..end].fill(seq.kv_len() as i32);
+        }
+        let positions: Vec<i32> = batch.positions.iter().map(|&p| p as i32).collect();
+        let (long_from, long) = match &freqs.long {
+            Some((from, long)) => (*from as i32, long.clone()),
+            None => (-1, freqs.inv_freqs.clone()),
+        };
+        let mut out = CudaAct {
+            data: self
+                .stream
+                .clone_dtod(&x.data)
+                .map_err(cuda_err("copying an activation"))?,
+            rows: x.rows,
+            width: x.width,
+        };
+        let (pos_d, lens_d) = (self.upload(&positions)?, self.upload(&seq_lens)?);
+        let (short_d, long_d) = (self.upload(&freqs.inv_freqs)?, self.upload(&long)?);
+        let rows = int(x.rows, "rows")?;
+        let (heads, hd, rd) = (a.heads as i32, a.head_dim as i32, a.rotary_dim as i32);
+        let interleaved = i32::from(a.style == RopeStyle::Interleaved);
+        let n = x.rows * a.heads * (a.rotary_dim / 2);
+        let mut b = self.stream.launch_builder(self.kernels.get("pie_rope"));
+        b.arg(&mut out.data)
+            .arg(&pos_d)
+            .arg(&lens_d)
+            .arg(&short_d)
+            .arg(&long_d)
+            .arg(&long_from)
+            .arg(&freqs.scale)
+            .arg(&rows)
+            .arg(&heads)
+            .arg(&hd)
+            .arg(&rd)
+            .arg(&interleaved);
+        unsafe { b.launch(blocks(n)) }.map_err(cuda_err("pie_rope"))?;
+        Ok(out)
+    }
+
+    fn attention(
+        &self,
+        q: &CudaAct,
+        k: &CudaAct,
+        v: &CudaAct,
+        sinks: Option<&CudaWeight>,
+        kv: &mut CudaKv,
+        batch: &ForwardBatch,
+        a: &AttentionAttrs,
+    ) -> Result<CudaAct> {
+        if a.v_head_dim > 512 || a.kv_heads == 0 || a.heads % a.kv_heads != 0 {
+            return Err(DriverError::Invalid(format!(
+                "attention with {} heads over {} kv heads, v_head_dim {} (at most 512) is not supported by the cuda driver",
+                a.heads, a.kv_heads, a.v_head_dim
+            )));
+        }
+        let plan = kv.plan(batch)?;
+        let slot = kv.slot_mut(a.cache_slot, a)?;
+        let (kw, vw) = (a.kv_heads * a.head_dim, a.kv_heads * a.v_head_dim);
+        let new_slots = self.upload(&plan.new_slots)?;
+        let (rows, kwi, vwi) = (
+            int(q.rows, "rows")?,
+            int(kw, "k width")?,
+            int(vw, "v width")?,
+        );
+        let mut b = self.stream.launch_builder(self.kernels.get("pie_kv_write"));
+        b.arg(&mut slot.k)
+            .arg(&mut slot.v)
+            .arg(&k.data)
+            .arg(&v.data)
+            .arg(&new_slots)
+            .arg(&rows)
+            .arg(&kwi)
+            .arg(&vwi);
+        unsafe { b.launch(blocks(q.rows * (kw + vw))) }.map_err(cuda_err("pie_kv_write"))?;
+
+        let (table, offsets, positions) = (
+            self.upload(&plan.table)?,
+            self.upload(&plan.table_offsets)?,
+            self.upload(&plan.positions)?,
+        );
+        let dummy;
+        let (sinks_d, has_sinks) = match sinks.and_then(CudaWeight::f32) {
+            Some(s) => (s, 1i32),
+            None => {
+                dummy = self.zeros(1)?;
+                (&dummy, 0i32)
+            }
+        };
+        let mut out = self.act(q.rows, a.heads * a.v_head_dim)?;
+        let cfg = LaunchConfig {
+            grid_dim: ((q.rows * a.heads).max(1) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: (a.head_dim * 4) as u32,
+        };
+        let (heads, kvh, hd, vhd) = (
+            a.heads as i32,
+            a.kv_heads as i32,
+            a.head_dim as i32,
+            a.v_head_dim as i32,
+        );
+        let window = a.window.map_or(0, |w| w as i32);
+        let softcap = a.softcap.unwrap_or(0.0);
+        let mut b = self
+            .stream
+            .launch_builder(self.kernels.get("pie_attention"));
+        b.arg(&mut out.data)
+            .arg(&q.data)
+            .arg(&slot.k)
+            .arg(&slot.v)
+            .arg(&positions)
+            .arg(&table)
+            .arg(&offsets)
+            .arg(sinks_d)
+            .arg(&has_sinks)
+            .arg(&heads)
+            .arg(&kvh)
+            .arg(&hd)
+            .arg(&vhd)
+            .arg(&a.scale)
+            .arg(&window)
+            .arg(&softcap);
+        unsafe { b.launch(cfg) }.map_err(cuda_err("pie_attention"))?;
+        Ok(out)
+    }
+
+    fn add(&self, x: &CudaAct, y: &CudaAct, _a: &ElementwiseAttrs) -> Result<CudaAct> {
+        self.zip("pie_add", x, y)
+    }
+
+    fn mul(&self, x: &CudaAct, y: &CudaAct, _a: &ElementwiseAttrs) -> Result<CudaAct> {
+        self.zip("pie_mul", x, y)
+    }
+
+    fn scale(&self, x: &CudaAct, a: &ScaleAttrs) -> Result<CudaAct> {
+        self.map(x, "pie_scale", a.factor)
+    }
+
+    fn glu(&self, gate: &CudaAct, up: &CudaAct, a: &GluAttrs) -> Result<CudaAct> {
+        if gate.rows != up.rows || gate.width != up.width {
+            return Err(DriverError::Invalid(
+                "glu: gate and up differ in shape".into(),
+            ));
+        }
+        let n = gate.rows * gate.width;
+        let mut out = self.act(gate.rows, gate.width)?;
+        let (f, limit, ni) = (
+            activation_code(a.func),
+            a.limit.unwrap_or(0.0),
+            int(n, "elements")?,
+        );
+        let mut b = self.stream.launch_builder(self.kernels.get("pie_glu"));
+        b.arg(&mut out.data)
+            .arg(&gate.data)
+            .arg(&up.data)
+            .arg(&f)
+            .arg(&limit)
+            .arg(&ni);
+        unsafe { b.launch(blocks(n)) }.map_err(cuda_err("pie_glu"))?;
+        Ok(out)
+    }
+
+    fn activation(&self, x: &CudaAct, a: &ActivationAttrs) -> Result<CudaAct> {
+        self.map(x, "pie_activation", activation_code(a.func))
+    }
+
+    fn softcap(&self, x: &CudaAct, a: &SoftcapAttrs) -> Result<CudaAct> {
+        self.map(x, "pie_softcap", a.cap)
+    }
+
+    fn split(&self, x: &CudaAct, a: &SplitAttrs) -> Result<Vec<CudaAct>> {
+        if a.group == 0 || x.width % a.group != 0 || a.sizes.iter().sum::<usize>() != a.group {
+            return Err(DriverError::Invalid(format!(
+                "split of width {} by {:?} per {}",
+                x.width, a.sizes, a.group
+            )));
+        }
+        let groups = x.width / a.group;
+        let mut offset = 0;
+        let mut parts = Vec::with_capacity(a.sizes.len());
+        for &size in &a.sizes {
+            let mut out = self.act(x.rows, groups * size)?;
+            let (r, w, g, o, s) = (
+                x.rows as i32,
+                x.width as i32,
+                a.group as i32,
+                offset as i32,
+                size as i32,
+            );
+            let mut b = self
+                .stream
+                .launch_builder(self.kernels.get("pie_split_part"));
+            b.arg(&mut out.data)
+                .arg(&x.data)
+                .arg(&r)
+                .arg(&w)
+                .arg(&g)
+                .arg(&o)
+                .arg(&s);
+            unsafe { b.launch(blocks(x.rows * groups * size)) }
+                .map_err(cuda_err("pie_split_part"))?;
+            parts.push(out);
+            offset += size;
+        }
+        Ok(parts)
+    }
+
+    fn select_rows(&self, x: &CudaAct, rows: &[usize]) -> Result<CudaAct> {
+        self.gather(x, rows)
+    }
+
+    fn read_rows(&self, x: &CudaAct, rows: &[usize]) -> Result<Vec<f32>> {
+        let picked = self.gather(x, rows)?;
+        let mut host = self
+            .stream
+            .clone_dtoh(&picked.data)
+            .map_err(cuda_err("copying logits to the host"))?;
+        host.truncate(rows.len() * x.width);
+        Ok(host)
+    }
+}

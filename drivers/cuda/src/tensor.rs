@@ -1,0 +1,27 @@
+//! Device tensors: f32 activations and weights in their file dtype (bf16
+//! matrices stay bf16 for the GEMM; f16 is widened to f32 at load).
+
+use cudarc::driver::CudaSlice;
+
+/// An activation `[rows, width]`, row-major f32 in GPU memory.
+pub struct CudaAct {
+    pub data: CudaSlice<f32>,
+    pub rows: usize,
+    pub width: usize,
+}
+
+/// A weight in GPU memory.
+pub enum CudaWeight {
+    F32(CudaSlice<f32>),
+    /// bf16 bits; matrices used by the bf16 GEMM and embedding gathers.
+    Bf16(CudaSlice<u16>),
+}
+
+impl CudaWeight {
+    pub fn f32(&self) -> Option<&CudaSlice<f32>> {
+        match self {
+            CudaWeight::F32(v) => Some(v),
+            CudaWeight::Bf16(_) => None,
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! The CUDA driver against Hugging Face transformers (the fixtures of
+//! `tests/fixtures/`, references computed by transformers) and against the
+//! portable driver. The GPU tests are `#[ignore]`d: run them on a machine
+//! with an NVIDIA GPU with `cargo test -p pie-driver-cuda --release --
+//! --ignored` (or the prebuilt test binary with `--ignored`).
+
+use std::path::{Path, PathBuf};
+
+use pie_driver_cuda::CudaDriver;
+use pie_driver_portable::PortableDriver;
+use pie_runtime::sampling::Sampler;
+use pie_runtime::{Engine, LoadOptions};
+
+/// Architectures whose ops the CUDA driver runs.
+const FIXTURES: [&str; 11] = [
+    "llama",
+    "llama3_rope",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma3_text",
+    "gemma2",
+    "olmo2",
+    "olmo3",
+    "phi3",
+    "mistral3",
+];
+
+/// f32 weights: max|diff| ≤ 1e-3 · max|ref| on every position's logits.
+const F32_TOL: f32 = 1e-3;
+/// bf16 weights (and bf16 GEMM inputs) against the f32 reference.
+const BF16_TOL: f32 = 3e-2;
+
+struct Prompt {
+    ids: Vec<u32>,
+    logits: Vec<Vec<f32>>,
+    greedy: Vec<u32>,
+}
+
+fn fixture(name: &str) -> (PathBuf, Vec<Prompt>) {
+    // PIE_FIXTURES: where the fixtures are when this test binary runs on
+    // another machine than the one that built it.
+    let root = std::env::var_os("PIE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"));
+    let dir = root.join(name);
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let prompts = v["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| Prompt {
+            ids: serde_json::from_value(p["ids"].clone()).unwrap(),
+            logits: serde_json::from_value(p["logits"].clone()).unwrap(),
+            greedy: serde_json::from_value(p["greedy"].clone()).unwrap(),
+        })
+        .collect();
+    (dir, prompts)
+}
+
+fn max_error(ours: &[Vec<f32>], reference: &[Vec<f32>]) -> (f32, f32) {
+    let (mut diff, mut scale) = (0f32, 0f32);
+    for (a, b) in ours.iter().zip(reference) {
+        for (x, y) in a.iter().zip(b) {
+            diff = diff.max((x - y).abs());
+            scale = scale.max(y.abs());
+        }
+    }
+    (diff, scale)
+}
+
+fn gpu() -> CudaDriver {
+    CudaDriver::new().unwrap_or_else(|e| panic!("this test needs a GPU: {e}"))
+}
+
+/// Without a GPU the driver says what is missing; it never panics.
+#[test]
+fn cuda_driver_reports_what_is_missing() {
+    match CudaDriver::new() {
+        Ok(d) => eprintln!("GPU found: {}", d.gpu_name()),
+        Err(e) => {
+            let msg = e.to_string();
+            eprintln!("{msg}");
+            assert!(
+                msg.contains("no CUDA driver found")
+                    || msg.contains("NVRTC")
+                    || msg.contains("CUDA:"),
+                "{msg}"
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn gpu_parity_with_transformers_and_the_portable_driver() {
+    for name in FIXTURES {
+        let (dir, prompts) = fixture(name);
+        let opts = LoadOptions::default();
+        let mut engine =
+            Engine::load(&dir, gpu(), &opts, None).unwrap_or_else(|e| panic!("{name}: {e}"));
+        engine.stop_ids.clear();
+        let inputs: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+        let logits = engine.prompt_logits(&inputs).unwrap();
+        for (i, (ours, p)) in logits.iter().zip(&prompts).enumerate() {
+            let (diff, scale) = max_error(ours, &p.logits);
+            eprintln!(
+                "gpu {name} prompt {i}: max|diff| {diff:.3e}, max|ref| {scale:.3}, ratio {:.3e}",
+                diff / scale
+            );
+            assert!(
+                diff <= F32_TOL * scale,
+                "{name} prompt {i}: {diff} > {F32_TOL} × {scale}"
+            );
+        }
+        // 10 greedy tokens as transformers generated them, batched and alone.
+        let greedy = engine.generate(&inputs, 10, &Sampler::greedy()).unwrap();
+        for (i, (ours, p)) in greedy.iter().zip(&prompts).enumerate() {
+            assert_eq!(ours, &p.greedy, "{name} prompt {i}: batched greedy");
+            let alone = engine
+                .generate(std::slice::from_ref(&p.ids), 10, &Sampler::greedy())
+                .unwrap();
+            assert_eq!(alone[0], p.greedy, "{name} prompt {i}: greedy alone");
+        }
+        // 32 greedy tokens: the GPU in a mixed batch and alone against the
+        // portable driver (itself checked against transformers).
+        let mut cpu = Engine::load(&dir, PortableDriver::new(), &opts, None).unwrap();
+        cpu.stop_ids.clear();
+        let want = cpu.generate(&inputs, 32, &Sampler::greedy()).unwrap();
+        let got = engine.generate(&inputs, 32, &Sampler::greedy()).unwrap();
+        assert_eq!(got, want, "{name}: 32 greedy tokens in a mixed batch");
+        for (p, w) in inputs.iter().zip(&want) {
+            let alone = engine
+                .generate(std::slice::from_ref(p), 32, &Sampler::greedy())
+                .unwrap();
+            assert_eq!(&alone[0], w, "{name}: 32 greedy tokens alone");
+        }
+        eprintln!(
+            "gpu {name}: 10 tokens = transformers, 32 tokens = portable (mixed batch and alone)"
+        );
+    }
+}
+
+/// bf16 copies of f32 fixtures: the bf16 GEMM path.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn gpu_bf16_weights_against_the_f32_reference() {
+    use safetensors::tensor::{Dtype, TensorView};
+    for name in ["llama", "qwen3"] {
+        let (dir, prompts) = fixture(name);
+        let out = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let file = path.file_name().unwrap().to_str().unwrap().to_string();
+            if file.ends_with(".json") && !file.contains("index") {
+                std::fs::copy(&path, out.path().join(&file)).unwrap();
+            }
+        }
+        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "safetensors") {
+                continue;
+            }
+            let bytes = std::fs::read(&path).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            for (tname, view) in st.tensors() {
+                let data = view
+                    .data()
+                    .chunks_exact(4)
+                    .flat_map(|c| {
+                        half::bf16::from_f32(f32::from_le_bytes(c.try_into().unwrap()))
+                            .to_le_bytes()
+                    })
+                    .collect();
+                tensors.push((tname, view.shape().to_vec(), data));
+            }
+        }
+        let views: Vec<(&str, TensorView)> = tensors
+            .iter()
+            .map(|(n, s, d)| {
+                (
+                    n.as_str(),
+                    TensorView::new(Dtype::BF16, s.clone(), d).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, &None, &out.path().join("model.safetensors"))
+            .unwrap();
+        let mut engine = Engine::load(out.path(), gpu(), &LoadOptions::default(), None).unwrap();
+        let logits = engine
+            .prompt_logits(std::slice::from_ref(&prompts[0].ids))
+            .unwrap();
+        let (diff, scale) = max_error(&logits[0], &prompts[0].logits);
+        eprintln!(
+            "gpu bf16 {name}: max|diff| {diff:.3e}, max|ref| {scale:.3}, ratio {:.3e}",
+            diff / scale
+        );
+        assert!(
+            diff <= BF16_TOL * scale,
+            "{name}: {diff} > {BF16_TOL} × {scale}"
+        );
+    }
+}

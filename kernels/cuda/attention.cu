@@ -1,0 +1,93 @@
+// Paged causal attention of the CUDA driver: keys and values live in token
+// slots of fixed-size pages; each sequence's page table is flattened by the
+// host into `table` (token slot of every position), `table_off[row]` saying
+// where the row's sequence starts.
+
+#define PIE_ATTN_THREADS 128
+#define PIE_ATTN_MAX_DIMS_PER_THREAD 4
+#define PIE_NEG_INF __int_as_float(0xff800000)
+
+// Writes each new token's key and value rows into their token slots.
+extern "C" __global__ void pie_kv_write(float* k_cache, float* v_cache, const float* k, const float* v,
+                                        const int* slots, int rows, int k_width, int v_width) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    int width = k_width + v_width;
+    if (i >= (long long)rows * width) return;
+    int r = i / width, c = i % width;
+    long long slot = slots[r];
+    if (c < k_width) k_cache[slot * k_width + c] = k[(long long)r * k_width + c];
+    else v_cache[slot * v_width + (c - k_width)] = v[(long long)r * v_width + (c - k_width)];
+}
+
+// One block of PIE_ATTN_THREADS threads per (query row, head), walking the
+// row's visible positions in tiles with an online softmax (running max and
+// sum), so any context length fits in constant shared memory.
+// window <= 0: full causal attention; softcap <= 0: none; has_sinks: a
+// learned per-head logit in the denominator (GPT-OSS).
+extern "C" __global__ void pie_attention(float* out, const float* q, const float* k_cache,
+                                         const float* v_cache, const int* positions, const int* table,
+                                         const int* table_off, const float* sinks, int has_sinks,
+                                         int heads, int kv_heads, int head_dim, int v_head_dim,
+                                         float scale, int window, float softcap) {
+    __shared__ float scores[PIE_ATTN_THREADS];
+    __shared__ float reduce[PIE_ATTN_THREADS];
+    extern __shared__ float q_shared[];
+    int row = blockIdx.x / heads, h = blockIdx.x % heads;
+    int kvh = h / (heads / kv_heads);
+    int tid = threadIdx.x;
+    int pos = positions[row];
+    int first = window > 0 ? max(0, pos + 1 - window) : 0;
+    const int* slots = table + table_off[row];
+    const float* qh = q + (long long)row * heads * head_dim + (long long)h * head_dim;
+    for (int d = tid; d < head_dim; d += PIE_ATTN_THREADS) q_shared[d] = qh[d];
+    __syncthreads();
+
+    float acc[PIE_ATTN_MAX_DIMS_PER_THREAD];
+    for (int a = 0; a < PIE_ATTN_MAX_DIMS_PER_THREAD; a++) acc[a] = 0.0f;
+    float m = PIE_NEG_INF, l = 0.0f;
+    int k_width = kv_heads * head_dim, v_width = kv_heads * v_head_dim;
+
+    for (int tile = first; tile <= pos; tile += PIE_ATTN_THREADS) {
+        int j = tile + tid;
+        float s = PIE_NEG_INF;
+        if (j <= pos) {
+            const float* kj = k_cache + (long long)slots[j] * k_width + (long long)kvh * head_dim;
+            float dot = 0.0f;
+            for (int d = 0; d < head_dim; d++) dot += q_shared[d] * kj[d];
+            s = dot * scale;
+            if (softcap > 0.0f) s = tanhf(s / softcap) * softcap;
+        }
+        scores[tid] = s;
+        reduce[tid] = s;
+        __syncthreads();
+        for (int st = PIE_ATTN_THREADS / 2; st > 0; st >>= 1) {
+            if (tid < st) reduce[tid] = fmaxf(reduce[tid], reduce[tid + st]);
+            __syncthreads();
+        }
+        float m_new = fmaxf(m, reduce[0]);
+        float correction = expf(m - m_new);
+        int n = min(PIE_ATTN_THREADS, pos + 1 - tile);
+        float tile_sum = 0.0f;
+        for (int t = 0; t < n; t++) tile_sum += expf(scores[t] - m_new);
+        l = l * correction + tile_sum;
+        for (int a = 0; a < PIE_ATTN_MAX_DIMS_PER_THREAD; a++) {
+            int d = tid + a * PIE_ATTN_THREADS;
+            if (d >= v_head_dim) break;
+            float sum = acc[a] * correction;
+            for (int t = 0; t < n; t++) {
+                const float* vj = v_cache + (long long)slots[tile + t] * v_width + (long long)kvh * v_head_dim;
+                sum += expf(scores[t] - m_new) * vj[d];
+            }
+            acc[a] = sum;
+        }
+        m = m_new;
+        __syncthreads();
+    }
+    if (has_sinks) l += expf(sinks[h] - m);
+    float* oh = out + (long long)row * heads * v_head_dim + (long long)h * v_head_dim;
+    for (int a = 0; a < PIE_ATTN_MAX_DIMS_PER_THREAD; a++) {
+        int d = tid + a * PIE_ATTN_THREADS;
+        if (d >= v_head_dim) break;
+        oh[d] = acc[a] / l;
+    }
+}
