@@ -1,17 +1,21 @@
-//! `pie bench`: prefill and decode throughput of a model on this machine.
+//! `pie bench`: prefill and decode throughput of a model on this machine,
+//! for one or several batch sizes.
 //!
-//! Prefill is timed as one forward over the whole prompt producing the next
-//! token (logits of the last row only, as a server does); decode as the
+//! Prefill is timed as one forward over every prompt producing the next
+//! token (logits of the last rows only, as a server does); decode as the
 //! remaining time of a greedy generation of `--gen` tokens after the same
-//! prefill, divided by the tokens decoded after the first. Prompt ids are a
-//! fixed pseudo-random sequence, so runs are comparable.
+//! prefill, divided by the decode steps after the first token. Prompt ids
+//! are fixed pseudo-random sequences, so runs are comparable. With
+//! `--config`, the weights are random bf16 of that config's shapes.
 
 use std::time::Instant;
 
 use clap::Args;
+use pie_driver::Driver;
 use pie_runtime::sampling::Sampler;
+use pie_runtime::Engine;
 
-use crate::model_cmds::{load, ModelArgs};
+use crate::model_cmds::{run_job, EngineJob, ModelArgs};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -23,68 +27,120 @@ pub struct BenchArgs {
     /// Tokens to generate.
     #[arg(long, default_value_t = 128)]
     gen: usize,
-    /// Repetitions; the best run is reported.
+    /// Batch sizes (sequences decoded together), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    batch: Vec<usize>,
+    /// Repetitions per batch size; the best run is reported.
     #[arg(long, default_value_t = 3)]
     reps: usize,
-    /// Print JSON.
+    /// Print one JSON object per batch size.
     #[arg(long)]
     json: bool,
 }
 
 pub fn bench(args: BenchArgs) -> Result<(), String> {
-    let mut engine = load(&args.model)?;
-    engine.stop_ids.clear(); // always decode exactly --gen tokens
-    let vocab = engine.ir.vocab as u64;
+    run_job(&args.model, BenchJob(&args))
+}
+
+struct BenchJob<'a>(&'a BenchArgs);
+
+impl EngineJob for BenchJob<'_> {
+    fn run<D: Driver + 'static>(self, mut engine: Engine<D>, _: &ModelArgs) -> Result<(), String> {
+        let args = self.0;
+        engine.stop_ids.clear(); // always decode exactly --gen tokens
+        for &batch in &args.batch {
+            let row = measure(&mut engine, args, batch.max(1))?;
+            report(&engine, args, &row);
+        }
+        Ok(())
+    }
+}
+
+struct Row {
+    batch: usize,
+    prefill_s: f64,
+    decode_s: f64,
+}
+
+fn prompts(vocab: u64, batch: usize, len: usize) -> Vec<Vec<u32>> {
     let mut s = 0x2545_f491_4f6c_dd1du64;
-    let prompt: Vec<u32> = (0..args.prompt.max(1))
+    (0..batch)
         .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % vocab.min(32_000)) as u32
+            (0..len.max(1))
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    (s % vocab.min(32_000)) as u32
+                })
+                .collect()
         })
-        .collect();
-    let prompts = vec![prompt];
-    let (mut best_prefill, mut best_decode) = (f64::MAX, f64::MAX);
+        .collect()
+}
+
+fn measure<D: Driver + 'static>(engine: &mut Engine<D>, args: &BenchArgs, batch: usize) -> Result<Row, String> {
+    let prompts = prompts(engine.ir.vocab as u64, batch, args.prompt);
+    let gen = args.gen.max(2);
+    let (mut prefill_s, mut decode_s) = (f64::MAX, f64::MAX);
     for _ in 0..args.reps.max(1) {
         let t = Instant::now();
-        engine
-            .generate(&prompts, 1, &Sampler::greedy())
-            .map_err(|e| e.to_string())?;
+        engine.generate(&prompts, 1, &Sampler::greedy()).map_err(|e| e.to_string())?;
         let prefill = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        engine
-            .generate(&prompts, args.gen.max(2), &Sampler::greedy())
-            .map_err(|e| e.to_string())?;
+        engine.generate(&prompts, gen, &Sampler::greedy()).map_err(|e| e.to_string())?;
         let total = t.elapsed().as_secs_f64();
-        best_prefill = best_prefill.min(prefill);
-        best_decode = best_decode.min((total - prefill).max(1e-9));
+        prefill_s = prefill_s.min(prefill);
+        decode_s = decode_s.min((total - prefill).max(1e-9));
     }
-    let prefill_tok_s = args.prompt as f64 / best_prefill;
-    let decode_tok_s = (args.gen.max(2) - 1) as f64 / best_decode;
-    let threads = engine.driver.threads();
+    Ok(Row {
+        batch,
+        prefill_s,
+        decode_s,
+    })
+}
+
+fn report<D: Driver + 'static>(engine: &Engine<D>, args: &BenchArgs, row: &Row) {
+    let steps = (args.gen.max(2) - 1) as f64;
+    let prefill_tok_s = (row.batch * args.prompt) as f64 / row.prefill_s;
+    let decode_tok_s = row.batch as f64 * steps / row.decode_s;
+    let ms_per_step = row.decode_s / steps * 1e3;
     let rss_mb = peak_rss_mb();
+    let round = |v: f64, digits: i32| (v * 10f64.powi(digits)).round() / 10f64.powi(digits);
     if args.json {
         let out = serde_json::json!({
-            "engine": "pie portable",
+            "engine": format!("pie {}", engine.driver.name()),
+            "driver": engine.driver.describe(),
             "arch": engine.arch,
-            "threads": threads,
+            "weight_params": weight_params(&engine.ir),
+            "batch": row.batch,
             "prompt": args.prompt,
             "gen": args.gen,
-            "prefill_tok_s": (prefill_tok_s * 10.0).round() / 10.0,
-            "decode_tok_s": (decode_tok_s * 10.0).round() / 10.0,
+            "prefill_tok_s": round(prefill_tok_s, 1),
+            "decode_tok_s": round(decode_tok_s, 1),
+            "decode_ms_per_step": round(ms_per_step, 3),
             "peak_rss_mb": rss_mb,
         });
         println!("{out}");
     } else {
         println!(
-            "{} ({} threads): prefill {prefill_tok_s:.1} tok/s, decode {decode_tok_s:.1} tok/s, peak RSS {} MB",
+            "{} on {}, batch {}: prefill {prefill_tok_s:.1} tok/s, decode {ms_per_step:.3} ms/step = {decode_tok_s:.1} tok/s, peak RSS {} MB",
             engine.arch,
-            threads,
+            engine.driver.describe(),
+            row.batch,
             rss_mb.map(|m| m.to_string()).unwrap_or("?".into())
         );
     }
-    Ok(())
+}
+
+/// Parameters of every distinct weight the model reads.
+fn weight_params(ir: &pie_driver::ir::Model) -> u64 {
+    let mut seen = std::collections::HashSet::new();
+    ir.nodes()
+        .flat_map(|n| &n.weights)
+        .filter_map(|w| Some((w.name.as_ref()?, w.shape.as_ref()?)))
+        .filter(|(name, _)| seen.insert(name.to_string()))
+        .map(|(_, shape)| shape.iter().product::<usize>() as u64)
+        .sum()
 }
 
 /// Peak resident set size (Linux `VmHWM`).

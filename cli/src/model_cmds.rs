@@ -1,11 +1,12 @@
-//! `pie logits` and `pie generate`: load a model directory and run it on the
-//! portable driver.
+//! `pie logits`, `pie generate`, `pie tokenize`: load a model and run it on
+//! the chosen driver (portable CPU by default, or CUDA).
 
 use std::path::PathBuf;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use pie_driver::KvDType;
+use pie_driver::{Driver, KvDType};
+use pie_driver_cuda::CudaDriver;
 use pie_driver_portable::{PortableDriver, RuntimeQuant};
 use pie_runtime::catalog;
 use pie_runtime::chat_template::ChatMessage;
@@ -16,8 +17,15 @@ use pie_runtime::{Engine, LoadOptions};
 pub struct ModelArgs {
     /// A Hugging Face model directory (config.json + safetensors), a GGUF
     /// file, or a known model name (`pie model list`), e.g. `smollm2`.
-    #[arg(long)]
-    pub model: PathBuf,
+    #[arg(long, required_unless_present = "config")]
+    pub model: Option<PathBuf>,
+    /// Instead of --model: a config.json whose architecture and shapes are
+    /// run with random bf16 weights (benchmarks).
+    #[arg(long, conflicts_with = "model")]
+    pub config: Option<PathBuf>,
+    /// Where the model runs: `portable` (CPU) or `cuda` (NVIDIA GPU).
+    #[arg(long, default_value = "portable", value_parser = ["portable", "cuda"])]
+    pub driver: String,
     /// Tokens per KV cache page.
     #[arg(long, default_value_t = 32)]
     kv_page_size: usize,
@@ -75,9 +83,34 @@ pub struct GenerateArgs {
     json: bool,
 }
 
-fn driver(args: &ModelArgs) -> PortableDriver {
-    let quant = args.runtime_quant.as_deref().map(|_| RuntimeQuant::Int8);
-    PortableDriver::new().with_runtime_quant(quant)
+/// Work to do with a loaded engine, whatever its driver.
+pub trait EngineJob {
+    fn run<D: Driver + 'static>(self, engine: Engine<D>, args: &ModelArgs) -> Result<(), String>;
+}
+
+/// Loads the model on the driver `--driver` names and runs `job` on it.
+pub fn run_job(args: &ModelArgs, job: impl EngineJob) -> Result<(), String> {
+    match args.driver.as_str() {
+        "cuda" => {
+            if args.runtime_quant.is_some() {
+                return Err("--runtime-quant is implemented by the portable driver only".into());
+            }
+            let driver = CudaDriver::new().map_err(|e| e.to_string())?;
+            job.run(load(args, driver)?, args)
+        }
+        _ => {
+            let quant = args.runtime_quant.as_deref().map(|_| RuntimeQuant::Int8);
+            let driver = PortableDriver::new().with_runtime_quant(quant);
+            job.run(load(args, driver)?, args)
+        }
+    }
+}
+
+impl ModelArgs {
+    /// The model path or config, for messages.
+    pub fn label(&self) -> PathBuf {
+        self.model.clone().or_else(|| self.config.clone()).unwrap_or_default()
+    }
 }
 
 fn parse_kv_dtype(name: &str) -> Result<KvDType, String> {
@@ -89,7 +122,7 @@ fn parse_kv_dtype(name: &str) -> Result<KvDType, String> {
     })
 }
 
-pub fn load(args: &ModelArgs) -> Result<Engine<PortableDriver>, String> {
+pub fn load<D: Driver + 'static>(args: &ModelArgs, driver: D) -> Result<Engine<D>, String> {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("loading {bar:30} {pos}/{len} tensors {msg}")
@@ -104,8 +137,14 @@ pub fn load(args: &ModelArgs) -> Result<Engine<PortableDriver>, String> {
         page_size: args.kv_page_size,
         kv_cache_dtype: args.kv_cache_dtype,
     };
-    let path = resolve_model(&args.model)?;
-    let engine = Engine::load(&path, driver(args), &opts, Some(&progress));
+    let engine = match (&args.model, &args.config) {
+        (_, Some(config)) => Engine::load_random(config, driver, &opts, Some(&progress)),
+        (Some(model), None) => {
+            let path = resolve_model(model)?;
+            Engine::load(&path, driver, &opts, Some(&progress))
+        }
+        (None, None) => return Err("give --model or --config".into()),
+    };
     bar.finish_and_clear();
     engine.map_err(|e| e.to_string())
 }
@@ -132,7 +171,18 @@ fn resolve_model(model: &std::path::Path) -> Result<PathBuf, String> {
 }
 
 pub fn logits(args: LogitsArgs) -> Result<(), String> {
-    let mut engine = load(&args.model)?;
+    run_job(&args.model, LogitsJob(&args))
+}
+
+struct LogitsJob<'a>(&'a LogitsArgs);
+
+impl EngineJob for LogitsJob<'_> {
+    fn run<D: Driver + 'static>(self, engine: Engine<D>, _: &ModelArgs) -> Result<(), String> {
+        print_logits(engine, self.0)
+    }
+}
+
+fn print_logits<D: Driver + 'static>(mut engine: Engine<D>, args: &LogitsArgs) -> Result<(), String> {
     let rows = engine
         .prompt_logits(std::slice::from_ref(&args.ids))
         .map_err(|e| e.to_string())?
@@ -153,10 +203,21 @@ pub fn logits(args: LogitsArgs) -> Result<(), String> {
 }
 
 pub fn generate(args: GenerateArgs) -> Result<(), String> {
-    let mut engine = load(&args.model)?;
+    run_job(&args.model, GenerateJob(&args))
+}
+
+struct GenerateJob<'a>(&'a GenerateArgs);
+
+impl EngineJob for GenerateJob<'_> {
+    fn run<D: Driver + 'static>(self, engine: Engine<D>, _: &ModelArgs) -> Result<(), String> {
+        run_generate(engine, self.0)
+    }
+}
+
+fn run_generate<D: Driver + 'static>(mut engine: Engine<D>, args: &GenerateArgs) -> Result<(), String> {
     let prompt_ids = prompt_ids(
         &engine,
-        &args.model.model,
+        &args.model.label(),
         args.ids.as_deref(),
         args.prompt.as_deref(),
         args.chat,
@@ -198,8 +259,8 @@ pub fn generate(args: GenerateArgs) -> Result<(), String> {
 
 /// Token ids of a prompt: given directly, or encoded (as a chat user
 /// message when `chat`).
-fn prompt_ids(
-    engine: &Engine<PortableDriver>,
+fn prompt_ids<D: Driver + 'static>(
+    engine: &Engine<D>,
     model: &std::path::Path,
     ids: Option<&[u32]>,
     prompt: Option<&str>,
@@ -252,14 +313,16 @@ pub struct TokenizeArgs {
 
 /// Prints the prompt's token ids as a JSON list.
 pub fn tokenize(args: TokenizeArgs) -> Result<(), String> {
-    let engine = load(&args.model)?;
-    let ids = prompt_ids(
-        &engine,
-        &args.model.model,
-        None,
-        Some(&args.prompt),
-        args.chat,
-    )?;
-    println!("{}", serde_json::json!(ids));
-    Ok(())
+    run_job(&args.model, TokenizeJob(&args))
+}
+
+struct TokenizeJob<'a>(&'a TokenizeArgs);
+
+impl EngineJob for TokenizeJob<'_> {
+    fn run<D: Driver + 'static>(self, engine: Engine<D>, _: &ModelArgs) -> Result<(), String> {
+        let args = self.0;
+        let ids = prompt_ids(&engine, &args.model.label(), None, Some(&args.prompt), args.chat)?;
+        println!("{}", serde_json::json!(ids));
+        Ok(())
+    }
 }

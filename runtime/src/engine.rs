@@ -11,7 +11,7 @@ use pie_driver::{ir, Driver, ForwardBatch, KvDType, KvLayout, KvSlotShape, Model
 use crate::chat_template::ChatTemplate;
 use crate::error::PieError;
 use crate::model_source::ModelSource;
-use crate::registry;
+use crate::registry::{self, Arch};
 use crate::sampling::{self, Rng, Sampler};
 use crate::tokenizer::Tokenizer;
 
@@ -58,9 +58,38 @@ impl<D: Driver + 'static> Engine<D> {
         opts: &LoadOptions,
         progress: Option<Progress<'_>>,
     ) -> Result<Self, PieError> {
-        let files = ModelSource::open(path)?;
-        let model_type = files
-            .config
+        Self::from_source(ModelSource::open(path)?, driver, opts, progress)
+    }
+
+    /// A model of `config_path`'s architecture and shapes with random bf16
+    /// weights (benchmarks); no tokenizer.
+    pub fn load_random(
+        config_path: &Path,
+        driver: D,
+        opts: &LoadOptions,
+        progress: Option<Progress<'_>>,
+    ) -> Result<Self, PieError> {
+        let label = config_path.display().to_string();
+        let text = std::fs::read_to_string(config_path)
+            .map_err(|e| PieError::Input(format!("{label}: {e}")))?;
+        let config: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| PieError::Input(format!("{label}: invalid JSON: {e}")))?;
+        let (_, ir) = Self::lower(&config, &label)?;
+        let weights = crate::random_weights::RandomWeights::for_model(&ir, 0x5eed)?;
+        let files = ModelSource {
+            config,
+            config_label: label,
+            weights: Box::new(weights),
+            tokenizer: None,
+            chat_template: None,
+            stop_ids: Vec::new(),
+        };
+        Self::from_source(files, driver, opts, progress)
+    }
+
+    /// The compiled-in architecture serving `config` and its lowered IR.
+    fn lower(config: &serde_json::Value, label: &str) -> Result<(Arch<D>, ir::Model), PieError> {
+        let model_type = config
             .get("model_type")
             .and_then(|v| v.as_str())
             .unwrap_or_default()
@@ -71,13 +100,23 @@ impl<D: Driver + 'static> Engine<D> {
                 .flat_map(|a| a.hf_model_types.iter().copied())
                 .collect();
             PieError::UnsupportedModelType {
-                config: files.config_label.clone(),
+                config: label.to_string(),
                 model_type: model_type.clone(),
                 known: known.into_iter().collect::<Vec<_>>().join(", "),
             }
         })?;
         let spec = pie_archspec::parse(arch.spec_path, arch.spec_text)?;
-        let ir = pie_archspec::lower(&spec, &files.config, &files.config_label)?;
+        let ir = pie_archspec::lower(&spec, config, label)?;
+        Ok((arch, ir))
+    }
+
+    fn from_source(
+        files: ModelSource,
+        driver: D,
+        opts: &LoadOptions,
+        progress: Option<Progress<'_>>,
+    ) -> Result<Self, PieError> {
+        let (arch, ir) = Self::lower(&files.config, &files.config_label)?;
         check_driver_support(&driver, &ir)?;
 
         let total = count_weights(&ir);

@@ -9,6 +9,7 @@ pub mod gguf;
 mod load_error;
 pub mod model_dir;
 pub mod model_source;
+pub mod random_weights;
 pub mod registry;
 pub mod safetensors_source;
 pub mod sampling;

@@ -70,6 +70,12 @@ pub trait Driver: Send + Sync {
     fn name(&self) -> &'static str;
     fn supports(&self, op: OpKind) -> bool;
 
+    /// What runs the ops, for reports: `portable (2 threads)`, `cuda
+    /// (NVIDIA H100 80GB HBM3)`.
+    fn describe(&self) -> String {
+        self.name().to_string()
+    }
+
     /// Runs `f` (a whole forward pass) in the driver's execution context:
     /// the portable driver runs it on its own worker pool, so the ops'
     /// parallel loops start from a worker instead of waking one per op.

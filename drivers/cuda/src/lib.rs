@@ -260,6 +260,10 @@ impl Driver for CudaDriver {
         SUPPORTED.contains(&op)
     }
 
+    fn describe(&self) -> String {
+        format!("cuda ({})", self.gpu)
+    }
+
     fn load_weight(
         &self,
         name: &str,

@@ -111,6 +111,10 @@ impl Driver for PortableDriver {
         SUPPORTED.contains(&op)
     }
 
+    fn describe(&self) -> String {
+        format!("portable ({} threads)", self.threads())
+    }
+
     fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         self.pool.install(f)
     }
