@@ -78,16 +78,24 @@ fn prompts(vocab: u64, batch: usize, len: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
-fn measure<D: Driver + 'static>(engine: &mut Engine<D>, args: &BenchArgs, batch: usize) -> Result<Row, String> {
+fn measure<D: Driver + 'static>(
+    engine: &mut Engine<D>,
+    args: &BenchArgs,
+    batch: usize,
+) -> Result<Row, String> {
     let prompts = prompts(engine.ir.vocab as u64, batch, args.prompt);
     let gen = args.gen.max(2);
     let (mut prefill_s, mut decode_s) = (f64::MAX, f64::MAX);
     for _ in 0..args.reps.max(1) {
         let t = Instant::now();
-        engine.generate(&prompts, 1, &Sampler::greedy()).map_err(|e| e.to_string())?;
+        engine
+            .generate(&prompts, 1, &Sampler::greedy())
+            .map_err(|e| e.to_string())?;
         let prefill = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        engine.generate(&prompts, gen, &Sampler::greedy()).map_err(|e| e.to_string())?;
+        engine
+            .generate(&prompts, gen, &Sampler::greedy())
+            .map_err(|e| e.to_string())?;
         let total = t.elapsed().as_secs_f64();
         prefill_s = prefill_s.min(prefill);
         decode_s = decode_s.min((total - prefill).max(1e-9));

@@ -109,7 +109,10 @@ pub fn run_job(args: &ModelArgs, job: impl EngineJob) -> Result<(), String> {
 impl ModelArgs {
     /// The model path or config, for messages.
     pub fn label(&self) -> PathBuf {
-        self.model.clone().or_else(|| self.config.clone()).unwrap_or_default()
+        self.model
+            .clone()
+            .or_else(|| self.config.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -182,7 +185,10 @@ impl EngineJob for LogitsJob<'_> {
     }
 }
 
-fn print_logits<D: Driver + 'static>(mut engine: Engine<D>, args: &LogitsArgs) -> Result<(), String> {
+fn print_logits<D: Driver + 'static>(
+    mut engine: Engine<D>,
+    args: &LogitsArgs,
+) -> Result<(), String> {
     let rows = engine
         .prompt_logits(std::slice::from_ref(&args.ids))
         .map_err(|e| e.to_string())?
@@ -214,7 +220,10 @@ impl EngineJob for GenerateJob<'_> {
     }
 }
 
-fn run_generate<D: Driver + 'static>(mut engine: Engine<D>, args: &GenerateArgs) -> Result<(), String> {
+fn run_generate<D: Driver + 'static>(
+    mut engine: Engine<D>,
+    args: &GenerateArgs,
+) -> Result<(), String> {
     let prompt_ids = prompt_ids(
         &engine,
         &args.model.label(),
@@ -321,7 +330,13 @@ struct TokenizeJob<'a>(&'a TokenizeArgs);
 impl EngineJob for TokenizeJob<'_> {
     fn run<D: Driver + 'static>(self, engine: Engine<D>, _: &ModelArgs) -> Result<(), String> {
         let args = self.0;
-        let ids = prompt_ids(&engine, &args.model.label(), None, Some(&args.prompt), args.chat)?;
+        let ids = prompt_ids(
+            &engine,
+            &args.model.label(),
+            None,
+            Some(&args.prompt),
+            args.chat,
+        )?;
         println!("{}", serde_json::json!(ids));
         Ok(())
     }

@@ -19,9 +19,12 @@ extern "C" __global__ void pie_kv_write(float* k_cache, float* v_cache, const fl
     else v_cache[slot * v_width + (c - k_width)] = v[(long long)r * v_width + (c - k_width)];
 }
 
-// One block of PIE_ATTN_THREADS threads per (query row, head), walking the
-// row's visible positions in tiles with an online softmax (running max and
-// sum), so any context length fits in constant shared memory.
+// One block of PIE_ATTN_THREADS threads (4 warps) per (query row, head),
+// walking the row's visible positions in tiles with an online softmax
+// (running max and sum), so any context length fits in constant shared
+// memory. Scores: one warp per key, lanes splitting the head dimension
+// (coalesced reads) and a shuffle reduction; values: one thread per output
+// dimension, reading each value row coalesced.
 // window <= 0: full causal attention; softcap <= 0: none; has_sinks: a
 // learned per-head logit in the denominator (GPT-OSS).
 extern "C" __global__ void pie_attention(float* out, const float* q, const float* k_cache,
@@ -29,12 +32,13 @@ extern "C" __global__ void pie_attention(float* out, const float* q, const float
                                          const int* table_off, const float* sinks, int has_sinks,
                                          int heads, int kv_heads, int head_dim, int v_head_dim,
                                          float scale, int window, float softcap) {
-    __shared__ float scores[PIE_ATTN_THREADS];
+    __shared__ float probs[PIE_ATTN_THREADS];
     __shared__ float reduce[PIE_ATTN_THREADS];
     extern __shared__ float q_shared[];
     int row = blockIdx.x / heads, h = blockIdx.x % heads;
     int kvh = h / (heads / kv_heads);
-    int tid = threadIdx.x;
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int warps = PIE_ATTN_THREADS / 32;
     int pos = positions[row];
     int first = window > 0 ? max(0, pos + 1 - window) : 0;
     const int* slots = table + table_off[row];
@@ -48,35 +52,48 @@ extern "C" __global__ void pie_attention(float* out, const float* q, const float
     int k_width = kv_heads * head_dim, v_width = kv_heads * v_head_dim;
 
     for (int tile = first; tile <= pos; tile += PIE_ATTN_THREADS) {
-        int j = tile + tid;
-        float s = PIE_NEG_INF;
-        if (j <= pos) {
-            const float* kj = k_cache + (long long)slots[j] * k_width + (long long)kvh * head_dim;
+        int n = min(PIE_ATTN_THREADS, pos + 1 - tile);
+        for (int t = warp; t < PIE_ATTN_THREADS; t += warps) {
             float dot = 0.0f;
-            for (int d = 0; d < head_dim; d++) dot += q_shared[d] * kj[d];
-            s = dot * scale;
-            if (softcap > 0.0f) s = tanhf(s / softcap) * softcap;
+            if (t < n) {
+                const float* kj = k_cache + (long long)slots[tile + t] * k_width + (long long)kvh * head_dim;
+                for (int d = lane; d < head_dim; d += 32) dot += q_shared[d] * kj[d];
+            }
+            for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+            if (lane == 0) {
+                float s = PIE_NEG_INF;
+                if (t < n) {
+                    s = dot * scale;
+                    if (softcap > 0.0f) s = tanhf(s / softcap) * softcap;
+                }
+                probs[t] = s;
+            }
         }
-        scores[tid] = s;
-        reduce[tid] = s;
+        __syncthreads();
+        reduce[tid] = probs[tid];
         __syncthreads();
         for (int st = PIE_ATTN_THREADS / 2; st > 0; st >>= 1) {
             if (tid < st) reduce[tid] = fmaxf(reduce[tid], reduce[tid + st]);
             __syncthreads();
         }
         float m_new = fmaxf(m, reduce[0]);
+        __syncthreads();
+        float p = tid < n ? expf(probs[tid] - m_new) : 0.0f;
+        probs[tid] = p;
+        reduce[tid] = p;
+        __syncthreads();
+        for (int st = PIE_ATTN_THREADS / 2; st > 0; st >>= 1) {
+            if (tid < st) reduce[tid] += reduce[tid + st];
+            __syncthreads();
+        }
         float correction = expf(m - m_new);
-        int n = min(PIE_ATTN_THREADS, pos + 1 - tile);
-        float tile_sum = 0.0f;
-        for (int t = 0; t < n; t++) tile_sum += expf(scores[t] - m_new);
-        l = l * correction + tile_sum;
+        l = l * correction + reduce[0];
         for (int a = 0; a < PIE_ATTN_MAX_DIMS_PER_THREAD; a++) {
             int d = tid + a * PIE_ATTN_THREADS;
             if (d >= v_head_dim) break;
             float sum = acc[a] * correction;
             for (int t = 0; t < n; t++) {
-                const float* vj = v_cache + (long long)slots[tile + t] * v_width + (long long)kvh * v_head_dim;
-                sum += expf(scores[t] - m_new) * vj[d];
+                sum += probs[t] * v_cache[(long long)slots[tile + t] * v_width + (long long)kvh * v_head_dim + d];
             }
             acc[a] = sum;
         }
@@ -90,4 +107,33 @@ extern "C" __global__ void pie_attention(float* out, const float* q, const float
         if (d >= v_head_dim) break;
         oh[d] = acc[a] / l;
     }
+}
+
+// Greedy sampling on the device: the index of each row's largest value
+// (the first on ties). One block of 1024 threads per row.
+extern "C" __global__ void pie_argmax(unsigned int* out, const float* x, const int* rows, int width) {
+    __shared__ float best_v[1024];
+    __shared__ int best_i[1024];
+    const float* r = x + (long long)rows[blockIdx.x] * width;
+    float bv = PIE_NEG_INF;
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        float v = r[i];
+        if (v > bv) { bv = v; bi = i; }
+    }
+    best_v[threadIdx.x] = bv;
+    best_i[threadIdx.x] = bi;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            float ov = best_v[threadIdx.x + s];
+            int oi = best_i[threadIdx.x + s];
+            if (ov > best_v[threadIdx.x] || (ov == best_v[threadIdx.x] && oi < best_i[threadIdx.x])) {
+                best_v[threadIdx.x] = ov;
+                best_i[threadIdx.x] = oi;
+            }
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[blockIdx.x] = best_i[0] == 0x7fffffff ? 0 : best_i[0];
 }

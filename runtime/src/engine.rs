@@ -248,11 +248,26 @@ impl<D: Driver + 'static> Engine<D> {
         let vocab = self.ir.vocab;
         while !live.is_empty() && max_tokens > 0 {
             let rows = batch.last_rows();
-            let logits = self.run(&batch, &rows)?;
+            let tokens: Vec<u32> = if sampler.is_greedy() {
+                // Greedy: only the ids leave the device.
+                let (logits, read) = self.forward(&batch, &rows)?;
+                self.driver.argmax_rows(&logits, &read)?
+            } else {
+                let logits = self.run(&batch, &rows)?;
+                live.iter()
+                    .enumerate()
+                    .map(|(k, &seq)| {
+                        sampling::sample(
+                            &logits[k * vocab..(k + 1) * vocab],
+                            sampler,
+                            &mut rngs[seq],
+                        )
+                    })
+                    .collect()
+            };
             let mut next = Vec::new();
             for (k, &seq) in live.iter().enumerate() {
-                let token =
-                    sampling::sample(&logits[k * vocab..(k + 1) * vocab], sampler, &mut rngs[seq]);
+                let token = tokens[k];
                 out[seq].push(token);
                 if out[seq].len() < max_tokens && !self.stop_ids.contains(&token) {
                     next.push((seq, token));
@@ -307,6 +322,17 @@ impl<D: Driver + 'static> Engine<D> {
     }
 
     fn run(&mut self, batch: &ForwardBatch, rows: &[usize]) -> Result<Vec<f32>, PieError> {
+        let (logits, read) = self.forward(batch, rows)?;
+        Ok(self.driver.read_rows(&logits, &read)?)
+    }
+
+    /// Runs `batch`, computing logits only for `rows`; returns them with
+    /// the row indices to read from the result.
+    fn forward(
+        &mut self,
+        batch: &ForwardBatch,
+        rows: &[usize],
+    ) -> Result<(D::Act, Vec<usize>), PieError> {
         let (kv, _, _) = self.kv.as_mut().expect("prefill_batch allocates the cache");
         let all: Vec<usize> = (0..batch.num_tokens()).collect();
         let (batch, read): (ForwardBatch, Vec<usize>) = if rows == all.as_slice() {
@@ -322,7 +348,7 @@ impl<D: Driver + 'static> Engine<D> {
         };
         let (driver, model) = (&self.driver, &self.model);
         let logits = driver.install(|| model.forward(driver, kv, &batch))?;
-        Ok(self.driver.read_rows(&logits, &read)?)
+        Ok((logits, read))
     }
 }
 

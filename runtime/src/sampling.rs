@@ -14,6 +14,10 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+
     pub fn greedy() -> Self {
         Sampler {
             temperature: 0.0,
@@ -42,15 +46,7 @@ impl Rng {
 }
 
 /// The index of the largest logit; the first one on ties, like `torch.argmax`.
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
+pub use pie_driver::argmax;
 
 pub fn sample(logits: &[f32], s: &Sampler, rng: &mut Rng) -> u32 {
     if s.temperature <= 0.0 {

@@ -166,6 +166,29 @@ pub trait Driver: Send + Sync {
     /// Copies the given token rows of `x` (a `[tokens, vocab]` logits
     /// activation) to host memory, row after row.
     fn read_rows(&self, x: &Self::Act, rows: &[usize]) -> Result<Vec<f32>>;
+
+    /// The index of the largest value of each given row (greedy sampling;
+    /// the first index wins ties). Drivers with device memory override it
+    /// so only the ids cross to the host.
+    fn argmax_rows(&self, x: &Self::Act, rows: &[usize]) -> Result<Vec<u32>> {
+        let flat = self.read_rows(x, rows)?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let width = flat.len() / rows.len();
+        Ok(flat.chunks_exact(width.max(1)).map(argmax).collect())
+    }
+}
+
+/// Index of the largest value; the first one on ties.
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
 }
 
 /// A loaded model of any architecture, as the runtime drives it.

@@ -25,7 +25,7 @@ pub const KERNEL_SOURCES: [(&str, &str); 3] = [
 ];
 
 /// Every kernel the driver launches.
-pub const KERNELS: [&str; 18] = [
+pub const KERNELS: [&str; 19] = [
     "pie_add",
     "pie_mul",
     "pie_scale",
@@ -42,6 +42,7 @@ pub const KERNELS: [&str; 18] = [
     "pie_rope",
     "pie_kv_write",
     "pie_attention",
+    "pie_argmax",
     "pie_noop_check",
     "pie_fill",
 ];

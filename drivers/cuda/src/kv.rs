@@ -15,6 +15,20 @@ pub struct CudaKv {
     page_size: usize,
     num_pages: usize,
     slots: Vec<KvSlotBuffers>,
+    /// The current batch's index tables on the device, built by the first
+    /// attention op of a forward pass and reused by the others.
+    tables: Option<DeviceTables>,
+}
+
+/// A batch's sequence layout (what the tables depend on).
+type BatchKey = Vec<(usize, usize, usize, Vec<u32>)>;
+
+pub struct DeviceTables {
+    key: BatchKey,
+    pub new_slots: CudaSlice<i32>,
+    pub table: CudaSlice<i32>,
+    pub table_offsets: CudaSlice<i32>,
+    pub positions: CudaSlice<i32>,
 }
 
 /// Where a batch's tokens go and what each query row reads.
@@ -58,12 +72,45 @@ impl CudaKv {
             page_size: layout.page_size,
             num_pages: layout.num_pages,
             slots,
+            tables: None,
         })
     }
 
-    pub fn slot_mut(&mut self, slot: usize, a: &AttentionAttrs) -> Result<&mut KvSlotBuffers> {
-        let count = self.slots.len();
-        let s = self.slots.get_mut(slot).ok_or_else(|| {
+    /// The batch's device tables (uploaded when the batch changed) and the
+    /// buffers of KV slot `slot`.
+    pub fn prepare(
+        &mut self,
+        batch: &ForwardBatch,
+        slot: usize,
+        a: &AttentionAttrs,
+        upload: impl Fn(&[i32]) -> Result<CudaSlice<i32>>,
+    ) -> Result<(&DeviceTables, &mut KvSlotBuffers)> {
+        let key: BatchKey = batch
+            .seqs
+            .iter()
+            .map(|s| (s.start, s.len, s.first_pos, s.pages.clone()))
+            .collect();
+        if self.tables.as_ref().is_none_or(|t| t.key != key) {
+            let plan = self.plan(batch)?;
+            self.tables = Some(DeviceTables {
+                key,
+                new_slots: upload(&plan.new_slots)?,
+                table: upload(&plan.table)?,
+                table_offsets: upload(&plan.table_offsets)?,
+                positions: upload(&plan.positions)?,
+            });
+        }
+        let buffers = Self::slot_in(&mut self.slots, slot, a)?;
+        Ok((self.tables.as_ref().expect("set above"), buffers))
+    }
+
+    fn slot_in<'s>(
+        slots: &'s mut [KvSlotBuffers],
+        slot: usize,
+        a: &AttentionAttrs,
+    ) -> Result<&'s mut KvSlotBuffers> {
+        let count = slots.len();
+        let s = slots.get_mut(slot).ok_or_else(|| {
             DriverError::Invalid(format!(
                 "attention uses KV slot {slot}, the cache has {count}"
             ))
@@ -79,7 +126,7 @@ impl CudaKv {
     }
 
     /// Checks every sequence's pages and lays out the index tables.
-    pub fn plan(&self, batch: &ForwardBatch) -> Result<AttentionPlan> {
+    fn plan(&self, batch: &ForwardBatch) -> Result<AttentionPlan> {
         let mut plan = AttentionPlan {
             new_slots: vec![0; batch.num_tokens()],
             table: Vec::new(),

@@ -33,6 +33,18 @@ pub struct CudaDriver {
     blas: CudaBlas,
     kernels: Kernels,
     gpu: String,
+    /// Rope inputs of the batch being run, uploaded once for every layer.
+    rope_tables: std::sync::Mutex<Option<RopeTables>>,
+}
+
+/// Positions and sequence lengths of one batch, and the frequency tables
+/// of each distinct rope op, on the device.
+struct RopeTables {
+    positions: Vec<u32>,
+    seq_lens: Vec<i32>,
+    positions_d: CudaSlice<i32>,
+    seq_lens_d: CudaSlice<i32>,
+    freqs: Vec<(String, CudaSlice<f64>, CudaSlice<f64>, i32, f64)>,
 }
 
 const SUPPORTED: [OpKind; 12] = [
@@ -80,6 +92,7 @@ impl CudaDriver {
             blas,
             kernels,
             gpu,
+            rope_tables: std::sync::Mutex::new(None),
         })
     }
 
@@ -90,6 +103,13 @@ impl CudaDriver {
 
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(cuda_err("synchronizing"))
+    }
+
+    /// Uninitialized device memory for an output every element of which a
+    /// kernel writes (no memset).
+    fn uninit(&self, n: usize) -> Result<CudaSlice<f32>> {
+        unsafe { self.stream.alloc::<f32>(n.max(1)) }
+            .map_err(cuda_err("allocating GPU memory (out of memory?)"))
     }
 
     fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
@@ -106,7 +126,7 @@ impl CudaDriver {
 
     fn act(&self, rows: usize, width: usize) -> Result<CudaAct> {
         Ok(CudaAct {
-            data: self.zeros(rows * width)?,
+            data: self.uninit(rows * width)?,
             rows,
             width,
         })
@@ -183,6 +203,35 @@ impl CudaDriver {
             DriverError::Invalid(format!("cuBLAS GEMM [{m}, {k}] x [{n}, {k}]ᵀ: {e}"))
         })?;
         Ok(out)
+    }
+
+    /// The batch's rope inputs, uploaded on the first rope op of a forward
+    /// pass and reused by the others (same positions, same sequences).
+    fn rope_tables_for<'g>(
+        &self,
+        guard: &'g mut Option<RopeTables>,
+        batch: &ForwardBatch,
+    ) -> Result<&'g mut RopeTables> {
+        let mut seq_lens = vec![0i32; batch.positions.len()];
+        for seq in &batch.seqs {
+            let end = (seq.start + seq.len).min(seq_lens.len());
+            seq_lens[seq.start.min(end)..end].fill(seq.kv_len() as i32);
+        }
+        let fresh = guard
+            .as_ref()
+            .is_none_or(|t| t.positions != batch.positions || t.seq_lens != seq_lens);
+        if fresh {
+            let positions: Vec<i32> = batch.positions.iter().map(|&p| p as i32).collect();
+            let freqs = guard.take().map(|t| t.freqs).unwrap_or_default();
+            *guard = Some(RopeTables {
+                positions_d: self.upload(&positions)?,
+                seq_lens_d: self.upload(&seq_lens)?,
+                positions: batch.positions.clone(),
+                seq_lens,
+                freqs,
+            });
+        }
+        Ok(guard.as_mut().expect("set above"))
     }
 
     fn to_bf16(&self, x: &CudaAct) -> Result<CudaSlice<u16>> {
@@ -441,17 +490,6 @@ impl Driver for CudaDriver {
                 batch.positions.len()
             )));
         }
-        let freqs = pie_driver::rope::frequencies(a)?;
-        let mut seq_lens = vec![0i32; x.rows];
-        for seq in &batch.seqs {
-            let end = (seq.start + seq.len).min(x.rows);
-            seq_lens[seq.start.min(end)..end].fill(seq.kv_len() as i32);
-        }
-        let positions: Vec<i32> = batch.positions.iter().map(|&p| p as i32).collect();
-        let (long_from, long) = match &freqs.long {
-            Some((from, long)) => (*from as i32, long.clone()),
-            None => (-1, freqs.inv_freqs.clone()),
-        };
         let mut out = CudaAct {
             data: self
                 .stream
@@ -460,20 +498,41 @@ impl Driver for CudaDriver {
             rows: x.rows,
             width: x.width,
         };
-        let (pos_d, lens_d) = (self.upload(&positions)?, self.upload(&seq_lens)?);
-        let (short_d, long_d) = (self.upload(&freqs.inv_freqs)?, self.upload(&long)?);
+        let mut guard = self.rope_tables.lock().expect("rope table lock");
+        let tables = self.rope_tables_for(&mut guard, batch)?;
+        let key = format!("{:?}/{}/{:?}", a.theta, a.rotary_dim, a.scaling);
+        if !tables.freqs.iter().any(|f| f.0 == key) {
+            let freqs = pie_driver::rope::frequencies(a)?;
+            let (long_from, long) = match &freqs.long {
+                Some((from, long)) => (*from as i32, long.clone()),
+                None => (-1, freqs.inv_freqs.clone()),
+            };
+            tables.freqs.push((
+                key.clone(),
+                self.upload(&freqs.inv_freqs)?,
+                self.upload(&long)?,
+                long_from,
+                freqs.scale,
+            ));
+        }
+        let (_, short_d, long_d, long_from, scale) = tables
+            .freqs
+            .iter()
+            .find(|f| f.0 == key)
+            .expect("inserted above");
+        let (pos_d, lens_d) = (&tables.positions_d, &tables.seq_lens_d);
         let rows = int(x.rows, "rows")?;
         let (heads, hd, rd) = (a.heads as i32, a.head_dim as i32, a.rotary_dim as i32);
         let interleaved = i32::from(a.style == RopeStyle::Interleaved);
         let n = x.rows * a.heads * (a.rotary_dim / 2);
         let mut b = self.stream.launch_builder(self.kernels.get("pie_rope"));
         b.arg(&mut out.data)
-            .arg(&pos_d)
-            .arg(&lens_d)
-            .arg(&short_d)
-            .arg(&long_d)
-            .arg(&long_from)
-            .arg(&freqs.scale)
+            .arg(pos_d)
+            .arg(lens_d)
+            .arg(short_d)
+            .arg(long_d)
+            .arg(long_from)
+            .arg(scale)
             .arg(&rows)
             .arg(&heads)
             .arg(&hd)
@@ -499,10 +558,8 @@ impl Driver for CudaDriver {
                 a.heads, a.kv_heads, a.v_head_dim
             )));
         }
-        let plan = kv.plan(batch)?;
-        let slot = kv.slot_mut(a.cache_slot, a)?;
+        let (tables, slot) = kv.prepare(batch, a.cache_slot, a, |v| self.upload(v))?;
         let (kw, vw) = (a.kv_heads * a.head_dim, a.kv_heads * a.v_head_dim);
-        let new_slots = self.upload(&plan.new_slots)?;
         let (rows, kwi, vwi) = (
             int(q.rows, "rows")?,
             int(kw, "k width")?,
@@ -513,17 +570,12 @@ impl Driver for CudaDriver {
             .arg(&mut slot.v)
             .arg(&k.data)
             .arg(&v.data)
-            .arg(&new_slots)
+            .arg(&tables.new_slots)
             .arg(&rows)
             .arg(&kwi)
             .arg(&vwi);
         unsafe { b.launch(blocks(q.rows * (kw + vw))) }.map_err(cuda_err("pie_kv_write"))?;
-
-        let (table, offsets, positions) = (
-            self.upload(&plan.table)?,
-            self.upload(&plan.table_offsets)?,
-            self.upload(&plan.positions)?,
-        );
+        let (table, offsets, positions) = (&tables.table, &tables.table_offsets, &tables.positions);
         let dummy;
         let (sinks_d, has_sinks) = match sinks.and_then(CudaWeight::f32) {
             Some(s) => (s, 1i32),
@@ -553,9 +605,9 @@ impl Driver for CudaDriver {
             .arg(&q.data)
             .arg(&slot.k)
             .arg(&slot.v)
-            .arg(&positions)
-            .arg(&table)
-            .arg(&offsets)
+            .arg(positions)
+            .arg(table)
+            .arg(offsets)
             .arg(sinks_d)
             .arg(&has_sinks)
             .arg(&heads)
@@ -652,6 +704,34 @@ impl Driver for CudaDriver {
 
     fn select_rows(&self, x: &CudaAct, rows: &[usize]) -> Result<CudaAct> {
         self.gather(x, rows)
+    }
+
+    fn argmax_rows(&self, x: &CudaAct, rows: &[usize]) -> Result<Vec<u32>> {
+        if let Some(&bad) = rows.iter().find(|&&r| r >= x.rows) {
+            return Err(DriverError::Invalid(format!(
+                "row {bad} requested from an activation of {} rows",
+                x.rows
+            )));
+        }
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
+        let idx = self.upload(&idx)?;
+        let mut ids = unsafe { self.stream.alloc::<u32>(rows.len()) }
+            .map_err(cuda_err("allocating GPU memory"))?;
+        let width = int(x.width, "width")?;
+        let cfg = LaunchConfig {
+            grid_dim: (rows.len() as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(self.kernels.get("pie_argmax"));
+        b.arg(&mut ids).arg(&x.data).arg(&idx).arg(&width);
+        unsafe { b.launch(cfg) }.map_err(cuda_err("pie_argmax"))?;
+        self.stream
+            .clone_dtoh(&ids)
+            .map_err(cuda_err("copying token ids to the host"))
     }
 
     fn read_rows(&self, x: &CudaAct, rows: &[usize]) -> Result<Vec<f32>> {
