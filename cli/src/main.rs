@@ -2,6 +2,7 @@
 //! (`pie logits`, `pie generate`).
 
 mod bench_cmd;
+mod build_cmd;
 mod catalog_cmds;
 mod model_cmds;
 mod spec_cmds;
@@ -34,6 +35,9 @@ enum Command {
     Bench(bench_cmd::BenchArgs),
     /// Print the token ids of a prompt.
     Tokenize(model_cmds::TokenizeArgs),
+    /// Build a serving binary for one architecture and flavor
+    /// (`portable`, `cuda12.8`, `cuda13.0`) into dist/.
+    Build(build_cmd::BuildArgs),
     /// Known models: list them, fetch them into the cache.
     #[command(subcommand)]
     Model(catalog_cmds::ModelCommand),
@@ -48,6 +52,7 @@ fn main() -> ExitCode {
         Command::Model(cmd) => catalog_cmds::run(cmd),
         Command::Tokenize(args) => model_cmds::tokenize(args),
         Command::Bench(args) => bench_cmd::bench(args),
+        Command::Build(args) => build_cmd::build(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

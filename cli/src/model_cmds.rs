@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use pie_driver::{Driver, KvDType};
+#[cfg(feature = "cuda")]
 use pie_driver_cuda::CudaDriver;
 use pie_driver_portable::{PortableDriver, RuntimeQuant};
 use pie_runtime::catalog;
@@ -91,6 +92,7 @@ pub trait EngineJob {
 /// Loads the model on the driver `--driver` names and runs `job` on it.
 pub fn run_job(args: &ModelArgs, job: impl EngineJob) -> Result<(), String> {
     match args.driver.as_str() {
+        #[cfg(feature = "cuda")]
         "cuda" => {
             if args.runtime_quant.is_some() {
                 return Err("--runtime-quant is implemented by the portable driver only".into());
@@ -98,6 +100,12 @@ pub fn run_job(args: &ModelArgs, job: impl EngineJob) -> Result<(), String> {
             let driver = CudaDriver::new().map_err(|e| e.to_string())?;
             job.run(load(args, driver)?, args)
         }
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => Err(
+            "this pie binary was built without the CUDA driver (flavor portable); build one with \
+             `pie build --arch ARCH --flavor cuda12.8`"
+                .into(),
+        ),
         _ => {
             let quant = args.runtime_quant.as_deref().map(|_| RuntimeQuant::Int8);
             let driver = PortableDriver::new().with_runtime_quant(quant);

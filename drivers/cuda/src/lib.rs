@@ -9,6 +9,7 @@
 //! here yet; models using them are refused at load.
 
 mod device;
+pub mod kernel_build;
 mod kv;
 mod tensor;
 
@@ -44,8 +45,12 @@ struct RopeTables {
     seq_lens: Vec<i32>,
     positions_d: CudaSlice<i32>,
     seq_lens_d: CudaSlice<i32>,
-    freqs: Vec<(String, CudaSlice<f64>, CudaSlice<f64>, i32, f64)>,
+    freqs: Vec<RopeFreqs>,
 }
+
+/// One rope op's frequencies on the device: key, short and long inverse
+/// frequencies, LongRoPE switch length (-1: none), cos/sin scale.
+type RopeFreqs = (String, CudaSlice<f64>, CudaSlice<f64>, i32, f64);
 
 const SUPPORTED: [OpKind; 12] = [
     OpKind::Embedding,
@@ -364,7 +369,7 @@ impl Driver for CudaDriver {
                 .collect(),
         };
         Ok(CudaWeight::F32(self.upload(&f32s).map_err(|e| {
-            DriverError::Invalid(format!("tensor `{name}` ({} MB): {e}", elems * 4 >> 20))
+            DriverError::Invalid(format!("tensor `{name}` ({} MB): {e}", (elems * 4) >> 20))
         })?))
     }
 
@@ -444,7 +449,7 @@ impl Driver for CudaDriver {
     }
 
     fn rms_norm(&self, x: &CudaAct, w: Option<&CudaWeight>, a: &RmsNormAttrs) -> Result<CudaAct> {
-        if x.width != a.width || a.group == 0 || a.width % a.group != 0 {
+        if x.width != a.width || a.group == 0 || !a.width.is_multiple_of(a.group) {
             return Err(DriverError::Invalid(format!(
                 "`rms_norm` of width {} (groups of {}) on an input of width {}",
                 a.width, a.group, x.width
@@ -552,7 +557,7 @@ impl Driver for CudaDriver {
         batch: &ForwardBatch,
         a: &AttentionAttrs,
     ) -> Result<CudaAct> {
-        if a.v_head_dim > 512 || a.kv_heads == 0 || a.heads % a.kv_heads != 0 {
+        if a.v_head_dim > 512 || a.kv_heads == 0 || !a.heads.is_multiple_of(a.kv_heads) {
             return Err(DriverError::Invalid(format!(
                 "attention with {} heads over {} kv heads, v_head_dim {} (at most 512) is not supported by the cuda driver",
                 a.heads, a.kv_heads, a.v_head_dim
@@ -666,7 +671,7 @@ impl Driver for CudaDriver {
     }
 
     fn split(&self, x: &CudaAct, a: &SplitAttrs) -> Result<Vec<CudaAct>> {
-        if a.group == 0 || x.width % a.group != 0 || a.sizes.iter().sum::<usize>() != a.group {
+        if a.group == 0 || !x.width.is_multiple_of(a.group) || a.sizes.iter().sum::<usize>() != a.group {
             return Err(DriverError::Invalid(format!(
                 "split of width {} by {:?} per {}",
                 x.width, a.sizes, a.group
