@@ -80,6 +80,21 @@ pub fn open(ordinal: usize) -> Result<(Arc<CudaContext>, Arc<CudaStream>, String
     Ok((ctx, stream, name))
 }
 
+/// cuBLAS must be loadable (it runs the GEMMs).
+pub fn require_cublas() -> Result<()> {
+    if library_present(|| unsafe {
+        cudarc::cublas::sys::culib();
+    }) {
+        Ok(())
+    } else {
+        Err(DriverError::Invalid(
+            "cuBLAS (libcublas.so) could not be loaded: install the CUDA toolkit's cuBLAS, or the \
+             `nvidia-cublas` Python wheel, and add its lib directory to LD_LIBRARY_PATH"
+                .into(),
+        ))
+    }
+}
+
 /// The kernel sources as one translation unit.
 pub fn kernel_source() -> String {
     KERNEL_SOURCES

@@ -22,15 +22,39 @@ type Prog = *mut c_void;
 
 struct Nvrtc {
     lib: Library,
+    /// `libnvrtc-builtins`, loaded first by path: NVRTC opens it by name,
+    /// which finds the already-loaded copy whatever the library path.
+    _builtins: Vec<libloading::os::unix::Library>,
 }
 
 impl Nvrtc {
     fn open(path: &Path) -> Result<Self, String> {
+        let mut builtins = Vec::new();
+        if let Some(dir) = path.parent() {
+            for entry in std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+                let file = entry.map_err(|e| e.to_string())?.path();
+                let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                if name.starts_with("libnvrtc-builtins.so") {
+                    // SAFETY: as for NVRTC itself below.
+                    let lib = unsafe {
+                        libloading::os::unix::Library::open(
+                            Some(&file),
+                            libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL,
+                        )
+                    }
+                    .map_err(|e| format!("cannot load {}: {e}", file.display()))?;
+                    builtins.push(lib);
+                }
+            }
+        }
         // SAFETY: loading NVRTC runs its initializers, which have no
         // preconditions.
         let lib = unsafe { Library::new(path) }
             .map_err(|e| format!("cannot load NVRTC from {}: {e}", path.display()))?;
-        Ok(Nvrtc { lib })
+        Ok(Nvrtc {
+            lib,
+            _builtins: builtins,
+        })
     }
 
     fn sym<T>(&self, name: &[u8]) -> Result<Symbol<'_, T>, String> {

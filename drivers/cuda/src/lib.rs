@@ -89,6 +89,7 @@ impl CudaDriver {
     pub fn new() -> Result<Self> {
         let (ctx, stream, gpu) = device::open(0)?;
         let kernels = device::build_kernels(&ctx)?;
+        device::require_cublas()?;
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| DriverError::Invalid(format!("CUDA: creating the cuBLAS handle: {e}")))?;
         Ok(CudaDriver {
