@@ -6,7 +6,9 @@
 //! its own page table — per forward call.
 
 mod batch;
+pub mod experts;
 pub mod loader;
+pub mod moe;
 pub mod rope;
 mod tensor;
 

@@ -33,7 +33,10 @@ impl Nvrtc {
         if let Some(dir) = path.parent() {
             for entry in std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
                 let file = entry.map_err(|e| e.to_string())?.path();
-                let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                let name = file
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default();
                 if name.starts_with("libnvrtc-builtins.so") {
                     // SAFETY: as for NVRTC itself below.
                     let lib = unsafe {

@@ -672,7 +672,10 @@ impl Driver for CudaDriver {
     }
 
     fn split(&self, x: &CudaAct, a: &SplitAttrs) -> Result<Vec<CudaAct>> {
-        if a.group == 0 || !x.width.is_multiple_of(a.group) || a.sizes.iter().sum::<usize>() != a.group {
+        if a.group == 0
+            || !x.width.is_multiple_of(a.group)
+            || a.sizes.iter().sum::<usize>() != a.group
+        {
             return Err(DriverError::Invalid(format!(
                 "split of width {} by {:?} per {}",
                 x.width, a.sizes, a.group

@@ -221,88 +221,31 @@ impl Weight {
 }
 
 mod experts {
-    //! Splitting a stacked `[count, ..]` expert view into one weight per
-    //! expert in the driver's `[out, in]`, gate-then-up layout.
+    //! One weight per expert from a stacked `[count, ..]` expert view.
 
     use super::Weight;
     use pie_driver::ir::ExpertLayout;
-    use pie_driver::{DType, DriverError, Result, TensorView, WeightRole};
+    use pie_driver::{Result, TensorView, WeightRole};
 
     pub fn split(name: &str, view: &TensorView<'_>, layout: ExpertLayout) -> Result<Weight> {
-        let one = &view.shape[1..];
-        let count = layout.count.max(1);
-        if !view.data.len().is_multiple_of(count) {
-            return Err(DriverError::Invalid(format!(
-                "tensor `{name}`: {} bytes do not split into {count} experts",
-                view.data.len()
-            )));
-        }
-        let elem = view.dtype.size();
-        let needs_reorder = layout.transposed && one.len() == 2 || layout.interleaved;
-        if needs_reorder && (elem.is_none() || matches!(view.dtype, DType::Quant(_))) {
-            return Err(DriverError::Invalid(format!(
-                "tensor `{name}`: {} expert weights cannot be transposed or de-interleaved; \
-                 store them as [out, in] with gate rows before up rows",
-                view.dtype
-            )));
-        }
-        let role = if one.len() == 1 {
-            WeightRole::Vector
-        } else {
-            WeightRole::Matrix
-        };
-        let mut shape = one.to_vec();
-        if layout.transposed && shape.len() == 2 {
-            shape.swap(0, 1);
-        }
-        view.data
-            .chunks_exact(view.data.len() / count)
+        pie_driver::experts::split(name, view, layout)?
+            .iter()
             .enumerate()
-            .map(|(e, bytes)| {
-                let mut data = bytes.to_vec();
-                if let Some(size) = elem {
-                    if layout.transposed && one.len() == 2 {
-                        data = transpose(&data, one[0], one[1], size);
-                    }
-                    if layout.interleaved {
-                        let cols = if shape.len() == 2 { shape[1] } else { 1 };
-                        data = deinterleave_rows(&data, shape[0], cols * size);
-                    }
-                }
-                let expert = TensorView {
-                    dtype: view.dtype,
-                    shape: &shape,
-                    data: &data,
+            .map(|(e, expert)| {
+                let role = if expert.shape.len() == 1 {
+                    WeightRole::Vector
+                } else {
+                    WeightRole::Matrix
                 };
-                Weight::from_view(&format!("{name} (expert {e})"), &expert, &shape, role)
+                Weight::from_view(
+                    &format!("{name} (expert {e})"),
+                    &expert.view(),
+                    &expert.shape,
+                    role,
+                )
             })
             .collect::<Result<Vec<_>>>()
             .map(Weight::Experts)
-    }
-
-    /// `[rows, cols]` elements of `size` bytes → `[cols, rows]`.
-    fn transpose(data: &[u8], rows: usize, cols: usize, size: usize) -> Vec<u8> {
-        let mut out = vec![0u8; data.len()];
-        for r in 0..rows {
-            for c in 0..cols {
-                let src = (r * cols + c) * size;
-                let dst = (c * rows + r) * size;
-                out[dst..dst + size].copy_from_slice(&data[src..src + size]);
-            }
-        }
-        out
-    }
-
-    /// Rows alternating gate, up → all gate rows, then all up rows.
-    fn deinterleave_rows(data: &[u8], rows: usize, row_bytes: usize) -> Vec<u8> {
-        let half = rows / 2;
-        let mut out = vec![0u8; data.len()];
-        for r in 0..rows {
-            let dst = if r % 2 == 0 { r / 2 } else { half + r / 2 };
-            out[dst * row_bytes..(dst + 1) * row_bytes]
-                .copy_from_slice(&data[r * row_bytes..(r + 1) * row_bytes]);
-        }
-        out
     }
 }
 
