@@ -127,3 +127,13 @@ extern "C" __global__ void pie_widen(float* out, const pie_u16* x, int dtype, lo
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = dtype == 1 ? pie_bf16_to_f32(x[i]) : pie_f16_to_f32(x[i]);
 }
+
+// out[rows[i]] += scales[i] * y[i] for each row i of y (MoE: an expert's
+// outputs weighted into their tokens; experts run one after another).
+extern "C" __global__ void pie_scatter_add(float* out, const float* y, const int* rows, const float* scales,
+                                           int n_rows, int width) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n_rows * width) return;
+    int r = i / width, c = i % width;
+    out[(long long)rows[r] * width + c] += scales[r] * y[i];
+}

@@ -25,7 +25,7 @@ pub const KERNEL_SOURCES: [(&str, &str); 3] = [
 ];
 
 /// Every kernel the driver launches.
-pub const KERNELS: [&str; 19] = [
+pub const KERNELS: [&str; 20] = [
     "pie_add",
     "pie_mul",
     "pie_scale",
@@ -43,6 +43,7 @@ pub const KERNELS: [&str; 19] = [
     "pie_kv_write",
     "pie_attention",
     "pie_argmax",
+    "pie_scatter_add",
     "pie_noop_check",
     "pie_fill",
 ];

@@ -11,6 +11,7 @@
 mod device;
 pub mod kernel_build;
 mod kv;
+mod moe;
 mod tensor;
 
 use std::sync::Arc;
@@ -52,7 +53,7 @@ struct RopeTables {
 /// frequencies, LongRoPE switch length (-1: none), cos/sin scale.
 type RopeFreqs = (String, CudaSlice<f64>, CudaSlice<f64>, i32, f64);
 
-const SUPPORTED: [OpKind; 12] = [
+const SUPPORTED: [OpKind; 13] = [
     OpKind::Embedding,
     OpKind::Linear,
     OpKind::RmsNorm,
@@ -65,6 +66,7 @@ const SUPPORTED: [OpKind; 12] = [
     OpKind::Activation,
     OpKind::Softcap,
     OpKind::Split,
+    OpKind::Moe,
 ];
 
 fn cuda_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> DriverError + '_ {
@@ -130,6 +132,67 @@ impl CudaDriver {
             .map_err(cuda_err("copying to the GPU"))
     }
 
+    pub(crate) fn act_zeros(&self, rows: usize, width: usize) -> Result<CudaAct> {
+        Ok(CudaAct {
+            data: self.zeros(rows * width)?,
+            rows,
+            width,
+        })
+    }
+
+    /// `x += bias` per row (no-op without a bias).
+    pub(crate) fn add_bias_to(&self, x: &mut CudaAct, bias: Option<&CudaWeight>) -> Result<()> {
+        let Some(bias) = bias.and_then(CudaWeight::f32) else {
+            return Ok(());
+        };
+        let (r, w) = (int(x.rows, "rows")?, int(x.width, "width")?);
+        let mut b = self.stream.launch_builder(self.kernels.get("pie_add_bias"));
+        b.arg(&mut x.data).arg(bias).arg(&r).arg(&w);
+        unsafe { b.launch(blocks(x.rows * x.width)) }.map_err(cuda_err("pie_add_bias"))?;
+        Ok(())
+    }
+
+    /// `out[rows[i]] += scales[i] · y[i]`.
+    pub(crate) fn scatter_add(
+        &self,
+        out: &mut CudaAct,
+        y: &CudaAct,
+        rows: &[usize],
+        scales: &[f32],
+    ) -> Result<()> {
+        let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
+        let (idx, sc) = (self.upload(&idx)?, self.upload(scales)?);
+        let (n, w) = (int(rows.len(), "rows")?, int(y.width, "width")?);
+        let mut b = self
+            .stream
+            .launch_builder(self.kernels.get("pie_scatter_add"));
+        b.arg(&mut out.data)
+            .arg(&y.data)
+            .arg(&idx)
+            .arg(&sc)
+            .arg(&n)
+            .arg(&w);
+        unsafe { b.launch(blocks(rows.len() * y.width)) }.map_err(cuda_err("pie_scatter_add"))?;
+        Ok(())
+    }
+
+    /// Consecutive parts of every group of `group` features.
+    pub(crate) fn split_act(
+        &self,
+        x: &CudaAct,
+        sizes: &[usize],
+        group: usize,
+    ) -> Result<Vec<CudaAct>> {
+        use pie_driver::Driver;
+        self.split(
+            x,
+            &SplitAttrs {
+                sizes: sizes.to_vec(),
+                group,
+            },
+        )
+    }
+
     fn act(&self, rows: usize, width: usize) -> Result<CudaAct> {
         Ok(CudaAct {
             data: self.uninit(rows * width)?,
@@ -156,7 +219,7 @@ impl CudaDriver {
     }
 
     /// `out = x · Wᵀ` through cuBLAS: x `[m, k]`, W `[n, k]`, out `[m, n]`.
-    fn gemm(&self, x: &CudaAct, w: &CudaWeight, n: usize) -> Result<CudaAct> {
+    pub(crate) fn gemm(&self, x: &CudaAct, w: &CudaWeight, n: usize) -> Result<CudaAct> {
         use cudarc::cublas::sys::{
             cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType,
         };
@@ -196,6 +259,11 @@ impl CudaDriver {
                 let (b, _gb) = x.data.device_ptr(&self.stream);
                 let (c, _gc) = out.data.device_ptr_mut(&self.stream);
                 run(a, b, cudaDataType::CUDA_R_32F, c)
+            }
+            CudaWeight::Experts(_) => {
+                return Err(DriverError::Invalid(
+                    "expert weights are used one expert at a time".into(),
+                ))
             }
             CudaWeight::Bf16(wd) => {
                 let xb = self.to_bf16(x)?;
@@ -255,7 +323,7 @@ impl CudaDriver {
         Ok(out)
     }
 
-    fn gather(&self, x: &CudaAct, rows: &[usize]) -> Result<CudaAct> {
+    pub(crate) fn gather(&self, x: &CudaAct, rows: &[usize]) -> Result<CudaAct> {
         if let Some(&bad) = rows.iter().find(|&&r| r >= x.rows) {
             return Err(DriverError::Invalid(format!(
                 "row {bad} requested from an activation of {} rows",
@@ -275,7 +343,7 @@ impl CudaDriver {
     }
 
     /// `out[i] = f(x[i], param)` with kernel `name`.
-    fn map<T: cudarc::driver::DeviceRepr>(
+    pub(crate) fn map<T: cudarc::driver::DeviceRepr>(
         &self,
         x: &CudaAct,
         name: &str,
@@ -291,7 +359,7 @@ impl CudaDriver {
     }
 }
 
-fn activation_code(f: ActivationFn) -> i32 {
+pub(crate) fn activation_code(f: ActivationFn) -> i32 {
     match f {
         ActivationFn::Silu => 0,
         ActivationFn::Gelu => 1,
@@ -332,6 +400,21 @@ impl Driver for CudaDriver {
                 expected: expected.to_vec(),
                 found: view.shape.to_vec(),
             });
+        }
+        if let WeightRole::Experts(layout) = role {
+            return pie_driver::experts::split(name, view, layout)?
+                .iter()
+                .enumerate()
+                .map(|(e, t)| {
+                    let role = if t.shape.len() == 1 {
+                        WeightRole::Vector
+                    } else {
+                        WeightRole::Matrix
+                    };
+                    self.load_weight(&format!("{name} (expert {e})"), &t.view(), &t.shape, role)
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(CudaWeight::Experts);
         }
         let elems: usize = expected.iter().product();
         let size = view.dtype.size().unwrap_or(0);
@@ -420,6 +503,11 @@ impl Driver for CudaDriver {
                 dtype = 1;
                 b.arg(t);
             }
+            CudaWeight::Experts(_) => {
+                return Err(DriverError::Invalid(
+                    "an expert weight is not an embedding table".into(),
+                ))
+            }
         }
         b.arg(&dtype).arg(&ids).arg(&ni).arg(&hi);
         unsafe { b.launch(blocks(n * a.hidden)) }.map_err(cuda_err("pie_embedding"))?;
@@ -440,12 +528,7 @@ impl Driver for CudaDriver {
             )));
         }
         let mut out = self.gemm(x, w, a.out_features)?;
-        if let Some(bias) = bias.and_then(CudaWeight::f32) {
-            let (r, wd) = (int(out.rows, "rows")?, int(out.width, "width")?);
-            let mut b = self.stream.launch_builder(self.kernels.get("pie_add_bias"));
-            b.arg(&mut out.data).arg(bias).arg(&r).arg(&wd);
-            unsafe { b.launch(blocks(out.rows * out.width)) }.map_err(cuda_err("pie_add_bias"))?;
-        }
+        self.add_bias_to(&mut out, bias)?;
         Ok(out)
     }
 
@@ -709,6 +792,24 @@ impl Driver for CudaDriver {
             offset += size;
         }
         Ok(parts)
+    }
+
+    fn composite(
+        &self,
+        op: OpKind,
+        inputs: &[&CudaAct],
+        weights: &[Option<&CudaWeight>],
+        a: &CompositeAttrs,
+        _kv: &mut CudaKv,
+        _batch: &ForwardBatch,
+    ) -> Result<CudaAct> {
+        match (op, inputs) {
+            (OpKind::Moe, [x]) => self.moe(x, weights, a),
+            _ => Err(DriverError::Unsupported {
+                op,
+                driver: self.name(),
+            }),
+        }
     }
 
     fn select_rows(&self, x: &CudaAct, rows: &[usize]) -> Result<CudaAct> {

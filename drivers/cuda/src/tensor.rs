@@ -15,13 +15,23 @@ pub enum CudaWeight {
     F32(CudaSlice<f32>),
     /// bf16 bits; matrices used by the bf16 GEMM and embedding gathers.
     Bf16(CudaSlice<u16>),
+    /// One weight per expert of a `moe` op (`[out, in]`, gate rows first).
+    Experts(Vec<CudaWeight>),
 }
 
 impl CudaWeight {
     pub fn f32(&self) -> Option<&CudaSlice<f32>> {
         match self {
             CudaWeight::F32(v) => Some(v),
-            CudaWeight::Bf16(_) => None,
+            CudaWeight::Bf16(_) | CudaWeight::Experts(_) => None,
+        }
+    }
+
+    /// Expert `e` of a `moe` weight.
+    pub fn expert(&self, e: usize) -> Option<&CudaWeight> {
+        match self {
+            CudaWeight::Experts(list) => list.get(e),
+            _ => None,
         }
     }
 }

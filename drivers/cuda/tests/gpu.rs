@@ -12,7 +12,7 @@ use pie_runtime::sampling::Sampler;
 use pie_runtime::{Engine, LoadOptions};
 
 /// Architectures whose ops the CUDA driver runs.
-const FIXTURES: [&str; 11] = [
+const FIXTURES: [&str; 15] = [
     "llama",
     "llama3_rope",
     "mistral",
@@ -24,6 +24,10 @@ const FIXTURES: [&str; 11] = [
     "olmo3",
     "phi3",
     "mistral3",
+    "mixtral",
+    "qwen3_moe",
+    "gpt_oss",
+    "phi3_longrope",
 ];
 
 /// f32 weights: max|diff| ≤ 1e-3 · max|ref| on every position's logits.
@@ -35,6 +39,9 @@ struct Prompt {
     ids: Vec<u32>,
     logits: Vec<Vec<f32>>,
     greedy: Vec<u32>,
+    /// transformers' generate() agreed with full forwards (not so for
+    /// Phi-3 LongRoPE crossing its original context).
+    cache_consistent: bool,
 }
 
 fn fixture(name: &str) -> (PathBuf, Vec<Prompt>) {
@@ -55,6 +62,7 @@ fn fixture(name: &str) -> (PathBuf, Vec<Prompt>) {
             ids: serde_json::from_value(p["ids"].clone()).unwrap(),
             logits: serde_json::from_value(p["logits"].clone()).unwrap(),
             greedy: serde_json::from_value(p["greedy"].clone()).unwrap(),
+            cache_consistent: p["cache_consistent"].as_bool().unwrap_or(true),
         })
         .collect();
     (dir, prompts)
@@ -118,6 +126,9 @@ fn gpu_parity_with_transformers_and_the_portable_driver() {
         // 10 greedy tokens as transformers generated them, batched and alone.
         let greedy = engine.generate(&inputs, 10, &Sampler::greedy()).unwrap();
         for (i, (ours, p)) in greedy.iter().zip(&prompts).enumerate() {
+            if !p.cache_consistent {
+                continue;
+            }
             assert_eq!(ours, &p.greedy, "{name} prompt {i}: batched greedy");
             let alone = engine
                 .generate(std::slice::from_ref(&p.ids), 10, &Sampler::greedy())
