@@ -9,7 +9,7 @@ use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use pie_driver::{DriverError, Result};
 
 /// Kernel sources, compiled together into one module.
-pub const KERNEL_SOURCES: [(&str, &str); 3] = [
+pub const KERNEL_SOURCES: [(&str, &str); 4] = [
     (
         "elementwise.cu",
         include_str!("../../../kernels/cuda/elementwise.cu"),
@@ -22,10 +22,14 @@ pub const KERNEL_SOURCES: [(&str, &str); 3] = [
         "attention.cu",
         include_str!("../../../kernels/cuda/attention.cu"),
     ),
+    (
+        "recurrent.cu",
+        include_str!("../../../kernels/cuda/recurrent.cu"),
+    ),
 ];
 
 /// Every kernel the driver launches.
-pub const KERNELS: [&str; 20] = [
+pub const KERNELS: [&str; 23] = [
     "pie_add",
     "pie_mul",
     "pie_scale",
@@ -44,6 +48,9 @@ pub const KERNELS: [&str; 20] = [
     "pie_attention",
     "pie_argmax",
     "pie_scatter_add",
+    "pie_causal_conv",
+    "pie_gated_delta_rule",
+    "pie_gated_rms_norm",
     "pie_noop_check",
     "pie_fill",
 ];

@@ -18,6 +18,10 @@ pub struct CudaKv {
     /// The current batch's index tables on the device, built by the first
     /// attention op of a forward pass and reused by the others.
     tables: Option<DeviceTables>,
+    /// Per recurrent op: `max_seqs` rows of its per-sequence state.
+    states: Vec<CudaSlice<f32>>,
+    state_sizes: Vec<usize>,
+    max_seqs: usize,
 }
 
 /// A batch's sequence layout (what the tables depend on).
@@ -68,11 +72,19 @@ impl CudaKv {
                 })
             })
             .collect::<Result<_>>()?;
+        let states = layout
+            .state_slots
+            .iter()
+            .map(|&size| zeros(size * layout.max_seqs))
+            .collect::<Result<_>>()?;
         Ok(CudaKv {
             page_size: layout.page_size,
             num_pages: layout.num_pages,
             slots,
             tables: None,
+            states,
+            state_sizes: layout.state_slots.clone(),
+            max_seqs: layout.max_seqs,
         })
     }
 
@@ -123,6 +135,56 @@ impl CudaKv {
             )));
         }
         Ok(s)
+    }
+
+    /// Recurrent op `slot`'s state buffer (`max_seqs` rows) and its row
+    /// size, after checking the batch's state rows exist.
+    pub fn state(
+        &mut self,
+        slot: usize,
+        batch: &ForwardBatch,
+    ) -> Result<(&mut CudaSlice<f32>, usize)> {
+        let size = *self.state_sizes.get(slot).ok_or_else(|| {
+            DriverError::Invalid(format!(
+                "recurrent state slot {slot} requested; the cache has {}",
+                self.state_sizes.len()
+            ))
+        })?;
+        if let Some(seq) = batch
+            .seqs
+            .iter()
+            .find(|s| s.state as usize >= self.max_seqs)
+        {
+            return Err(DriverError::Invalid(format!(
+                "recurrent state row {} does not exist (the cache holds state for {} sequences)",
+                seq.state, self.max_seqs
+            )));
+        }
+        Ok((&mut self.states[slot], size))
+    }
+
+    /// Copies every recurrent state of row `from` to row `to` (fork).
+    pub fn copy_state(
+        &mut self,
+        from: usize,
+        to: usize,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    ) -> Result<()> {
+        if from >= self.max_seqs || to >= self.max_seqs {
+            return Err(DriverError::Invalid(format!(
+                "state rows {from} -> {to}: the cache holds {} sequences",
+                self.max_seqs
+            )));
+        }
+        for (buf, &size) in self.states.iter_mut().zip(&self.state_sizes) {
+            let row = stream
+                .clone_dtod(&buf.slice(from * size..(from + 1) * size))
+                .map_err(|e| DriverError::Invalid(format!("CUDA: copying state: {e}")))?;
+            stream
+                .memcpy_dtod(&row, &mut buf.slice_mut(to * size..(to + 1) * size))
+                .map_err(|e| DriverError::Invalid(format!("CUDA: copying state: {e}")))?;
+        }
+        Ok(())
     }
 
     /// Checks every sequence's pages and lays out the index tables.

@@ -9,6 +9,7 @@
 //! here yet; models using them are refused at load.
 
 mod device;
+mod gdn;
 pub mod kernel_build;
 mod kv;
 mod moe;
@@ -53,7 +54,7 @@ struct RopeTables {
 /// frequencies, LongRoPE switch length (-1: none), cos/sin scale.
 type RopeFreqs = (String, CudaSlice<f64>, CudaSlice<f64>, i32, f64);
 
-const SUPPORTED: [OpKind; 13] = [
+const SUPPORTED: [OpKind; 14] = [
     OpKind::Embedding,
     OpKind::Linear,
     OpKind::RmsNorm,
@@ -67,9 +68,10 @@ const SUPPORTED: [OpKind; 13] = [
     OpKind::Softcap,
     OpKind::Split,
     OpKind::Moe,
+    OpKind::GatedDeltaNet,
 ];
 
-fn cuda_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> DriverError + '_ {
+pub(crate) fn cuda_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> DriverError + '_ {
     move |e| DriverError::Invalid(format!("CUDA: {what}: {e}"))
 }
 
@@ -126,7 +128,7 @@ impl CudaDriver {
             .map_err(cuda_err("allocating GPU memory (out of memory?)"))
     }
 
-    fn upload<T: cudarc::driver::DeviceRepr>(&self, v: &[T]) -> Result<CudaSlice<T>> {
+    pub(crate) fn upload<T: cudarc::driver::DeviceRepr>(&self, v: &[T]) -> Result<CudaSlice<T>> {
         self.stream
             .clone_htod(v)
             .map_err(cuda_err("copying to the GPU"))
@@ -193,7 +195,7 @@ impl CudaDriver {
         )
     }
 
-    fn act(&self, rows: usize, width: usize) -> Result<CudaAct> {
+    pub(crate) fn act(&self, rows: usize, width: usize) -> Result<CudaAct> {
         Ok(CudaAct {
             data: self.uninit(rows * width)?,
             rows,
@@ -435,7 +437,7 @@ impl Driver for CudaDriver {
                 .collect()
         };
         let f32s: Vec<f32> = match (view.dtype, role) {
-            (DType::BF16, WeightRole::Matrix) => {
+            (DType::BF16, WeightRole::Matrix) if expected.len() == 2 => {
                 return Ok(CudaWeight::Bf16(self.upload(&u16s())?));
             }
             (DType::F32, _) => view
@@ -463,11 +465,6 @@ impl Driver for CudaDriver {
                 "kv_cache_dtype {:?} is not implemented by the cuda driver yet (use auto)",
                 layout.dtype
             )));
-        }
-        if !layout.state_slots.is_empty() {
-            return Err(DriverError::Invalid(
-                "recurrent-state models are not implemented by the cuda driver yet".into(),
-            ));
         }
         CudaKv::new(layout, |n| self.zeros(n))
     }
@@ -800,16 +797,21 @@ impl Driver for CudaDriver {
         inputs: &[&CudaAct],
         weights: &[Option<&CudaWeight>],
         a: &CompositeAttrs,
-        _kv: &mut CudaKv,
-        _batch: &ForwardBatch,
+        kv: &mut CudaKv,
+        batch: &ForwardBatch,
     ) -> Result<CudaAct> {
         match (op, inputs) {
             (OpKind::Moe, [x]) => self.moe(x, weights, a),
+            (OpKind::GatedDeltaNet, [x]) => self.gated_delta_net(x, weights, a, kv, batch),
             _ => Err(DriverError::Unsupported {
                 op,
                 driver: self.name(),
             }),
         }
+    }
+
+    fn copy_state(&self, kv: &mut CudaKv, from: u32, to: u32) -> Result<()> {
+        kv.copy_state(from as usize, to as usize, &self.stream)
     }
 
     fn select_rows(&self, x: &CudaAct, rows: &[usize]) -> Result<CudaAct> {

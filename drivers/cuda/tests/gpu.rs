@@ -12,7 +12,7 @@ use pie_runtime::sampling::Sampler;
 use pie_runtime::{Engine, LoadOptions};
 
 /// Architectures whose ops the CUDA driver runs.
-const FIXTURES: [&str; 15] = [
+const FIXTURES: [&str; 17] = [
     "llama",
     "llama3_rope",
     "mistral",
@@ -28,6 +28,8 @@ const FIXTURES: [&str; 15] = [
     "qwen3_moe",
     "gpt_oss",
     "phi3_longrope",
+    "qwen3_5",
+    "qwen3_5_moe",
 ];
 
 /// f32 weights: max|diff| ≤ 1e-3 · max|ref| on every position's logits.
