@@ -595,6 +595,9 @@ impl<'a> Lowerer<'a> {
                 if op.kind == OpKind::Moe {
                     self.bind_moe_weights(op, hidden, &mut weights)?;
                 }
+                if op.kind == OpKind::GatedDeltaNet {
+                    self.bind_gdn_shapes(op, hidden, &mut weights)?;
+                }
                 if op.kind == OpKind::MlaAttention {
                     let kv_lora = self.usize_attr(op, "kv_lora_rank", None)?;
                     let rope = self.usize_attr(op, "qk_rope_head_dim", None)?;
@@ -677,6 +680,41 @@ impl<'a> Lowerer<'a> {
                 RopeStyle::Half
             },
         });
+        Ok(())
+    }
+
+    /// Shapes of a Gated DeltaNet op's weights (checked at load; random
+    /// weights for benchmarks need them).
+    fn bind_gdn_shapes(
+        &self,
+        op: &OpDecl,
+        hidden: usize,
+        weights: &mut [WeightBinding],
+    ) -> Result<(), BindError> {
+        let u = |key| self.usize_attr(op, key, None);
+        let (kh, vh, dk, dv, k) = (
+            u("key_heads")?,
+            u("value_heads")?,
+            u("key_head_dim")?,
+            u("value_head_dim")?,
+            u("conv_kernel")?,
+        );
+        let r = if kh == 0 { 0 } else { vh / kh };
+        let conv_dim = 2 * kh * dk + vh * dv;
+        for w in weights.iter_mut().filter(|w| w.name.is_some()) {
+            w.shape = Some(match w.key.as_str() {
+                "qkv" => vec![conv_dim, hidden],
+                "z" => vec![vh * dv, hidden],
+                "b" | "a" => vec![vh, hidden],
+                "qkvz" => vec![kh * (2 * dk + 2 * r * dv), hidden],
+                "ba" => vec![2 * vh, hidden],
+                "conv" => vec![conv_dim, 1, k],
+                "dt_bias" | "a_log" => vec![vh],
+                "norm" => vec![dv],
+                "out_proj" => vec![hidden, vh * dv],
+                _ => continue,
+            });
+        }
         Ok(())
     }
 
