@@ -116,3 +116,68 @@ extern "C" __global__ void pie_gated_rms_norm(float* out, const float* x, const 
         out[base + i] = x[base + i] * inv * w[i] * (g / (1.0f + expf(-g)));
     }
 }
+
+// Mamba2 selective scan, recurrent form. One block of `head_dim` threads
+// per (head, sequence); thread p owns row p of the head's state
+// [head_dim][state] and, per token: dt = softplus(dt_raw + dt_bias)
+// (clamped below by dt_min); s = s * exp(dt * A) + dt * x_p * B;
+// y_p = s · C + D * x_p. B and C come from the head's group.
+extern "C" __global__ void pie_mamba2_scan(float* out, const float* xbc, const float* dt_raw,
+                                           const float* dt_bias, const float* a_log, const float* d_skip,
+                                           float* state, const int* seq_start, const int* seq_len,
+                                           const int* seq_row, const int* seq_fresh, int heads, int head_dim,
+                                           int n_state, int groups, float dt_min, long long state_stride,
+                                           long long state_offset) {
+    int h = blockIdx.x, s = blockIdx.y, p = threadIdx.x;
+    if (p >= head_dim) return;
+    int inner = heads * head_dim;
+    int conv_dim = inner + 2 * groups * n_state;
+    int g = h / (heads / groups);
+    float* S = state + (long long)seq_row[s] * state_stride + state_offset
+             + ((long long)h * head_dim + p) * n_state;
+    if (seq_fresh[s])
+        for (int n = 0; n < n_state; n++) S[n] = 0.0f;
+    float a = -expf(a_log[h]);
+    for (int t = 0; t < seq_len[s]; t++) {
+        long long row = seq_start[s] + t;
+        const float* r = xbc + row * conv_dim;
+        const float* B = r + inner + g * n_state;
+        const float* C = r + inner + groups * n_state + g * n_state;
+        float xr = dt_raw[row * heads + h] + dt_bias[h];
+        float dt = xr > 20.0f ? xr : log1pf(expf(xr));
+        dt = fmaxf(dt, dt_min);
+        float decay = expf(dt * a);
+        float x = r[h * head_dim + p];
+        float y = 0.0f;
+        for (int n = 0; n < n_state; n++) {
+            float v = S[n] * decay + dt * B[n] * x;
+            S[n] = v;
+            y += v * C[n];
+        }
+        out[row * inner + h * head_dim + p] = y + d_skip[h] * x;
+    }
+}
+
+// y * silu(gate), then RMSNorm over each group of `group` values, times w.
+// One block per group; blockDim.x a power of two.
+extern "C" __global__ void pie_gate_group_norm(float* out, const float* y, const float* gate, const float* w,
+                                               int group, int width, float eps) {
+    extern __shared__ float pie_acc[];
+    long long base = (long long)blockIdx.x * group;
+    int col0 = (int)(base % width);
+    float acc = 0.0f;
+    for (int i = threadIdx.x; i < group; i += blockDim.x) {
+        float gv = gate[base + i];
+        float v = y[base + i] * (gv / (1.0f + expf(-gv)));
+        out[base + i] = v;
+        acc += v * v;
+    }
+    pie_acc[threadIdx.x] = acc;
+    __syncthreads();
+    for (int st = blockDim.x / 2; st > 0; st >>= 1) {
+        if (threadIdx.x < st) pie_acc[threadIdx.x] += pie_acc[threadIdx.x + st];
+        __syncthreads();
+    }
+    float inv = rsqrtf(pie_acc[0] / (float)group + eps);
+    for (int i = threadIdx.x; i < group; i += blockDim.x) out[base + i] = out[base + i] * inv * w[col0 + i];
+}

@@ -29,7 +29,7 @@ pub const KERNEL_SOURCES: [(&str, &str); 4] = [
 ];
 
 /// Every kernel the driver launches.
-pub const KERNELS: [&str; 23] = [
+pub const KERNELS: [&str; 25] = [
     "pie_add",
     "pie_mul",
     "pie_scale",
@@ -51,6 +51,8 @@ pub const KERNELS: [&str; 23] = [
     "pie_causal_conv",
     "pie_gated_delta_rule",
     "pie_gated_rms_norm",
+    "pie_mamba2_scan",
+    "pie_gate_group_norm",
     "pie_noop_check",
     "pie_fill",
 ];

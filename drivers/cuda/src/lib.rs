@@ -12,6 +12,7 @@ mod device;
 mod gdn;
 pub mod kernel_build;
 mod kv;
+mod mamba2;
 mod moe;
 mod tensor;
 
@@ -54,7 +55,7 @@ struct RopeTables {
 /// frequencies, LongRoPE switch length (-1: none), cos/sin scale.
 type RopeFreqs = (String, CudaSlice<f64>, CudaSlice<f64>, i32, f64);
 
-const SUPPORTED: [OpKind; 14] = [
+const SUPPORTED: [OpKind; 15] = [
     OpKind::Embedding,
     OpKind::Linear,
     OpKind::RmsNorm,
@@ -69,6 +70,7 @@ const SUPPORTED: [OpKind; 14] = [
     OpKind::Split,
     OpKind::Moe,
     OpKind::GatedDeltaNet,
+    OpKind::Mamba2,
 ];
 
 pub(crate) fn cuda_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> DriverError + '_ {
@@ -803,6 +805,7 @@ impl Driver for CudaDriver {
         match (op, inputs) {
             (OpKind::Moe, [x]) => self.moe(x, weights, a),
             (OpKind::GatedDeltaNet, [x]) => self.gated_delta_net(x, weights, a, kv, batch),
+            (OpKind::Mamba2, [x]) => self.mamba2(x, weights, a, kv, batch),
             _ => Err(DriverError::Unsupported {
                 op,
                 driver: self.name(),

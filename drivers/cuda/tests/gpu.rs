@@ -12,7 +12,7 @@ use pie_runtime::sampling::Sampler;
 use pie_runtime::{Engine, LoadOptions};
 
 /// Architectures whose ops the CUDA driver runs.
-const FIXTURES: [&str; 17] = [
+const FIXTURES: [&str; 18] = [
     "llama",
     "llama3_rope",
     "mistral",
@@ -30,6 +30,7 @@ const FIXTURES: [&str; 17] = [
     "phi3_longrope",
     "qwen3_5",
     "qwen3_5_moe",
+    "nemotron_h",
 ];
 
 /// f32 weights: max|diff| ≤ 1e-3 · max|ref| on every position's logits.
