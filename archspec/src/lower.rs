@@ -699,7 +699,7 @@ impl<'a> Lowerer<'a> {
             u("value_head_dim")?,
             u("conv_kernel")?,
         );
-        let r = if kh == 0 { 0 } else { vh / kh };
+        let r = vh.checked_div(kh).unwrap_or(0);
         let conv_dim = 2 * kh * dk + vh * dv;
         for w in weights.iter_mut().filter(|w| w.name.is_some()) {
             w.shape = Some(match w.key.as_str() {
