@@ -31,7 +31,7 @@ extern "C" __global__ void pie_attention(float* out, const float* q, const float
                                          const float* v_cache, const int* positions, const int* table,
                                          const int* table_off, const float* sinks, int has_sinks,
                                          int heads, int kv_heads, int head_dim, int v_head_dim,
-                                         float scale, int window, float softcap) {
+                                         int v_stride, float scale, int window, float softcap) {
     __shared__ float probs[PIE_ATTN_THREADS];
     __shared__ float reduce[PIE_ATTN_THREADS];
     extern __shared__ float q_shared[];
@@ -49,7 +49,9 @@ extern "C" __global__ void pie_attention(float* out, const float* q, const float
     float acc[PIE_ATTN_MAX_DIMS_PER_THREAD];
     for (int a = 0; a < PIE_ATTN_MAX_DIMS_PER_THREAD; a++) acc[a] = 0.0f;
     float m = PIE_NEG_INF, l = 0.0f;
-    int k_width = kv_heads * head_dim, v_width = kv_heads * v_head_dim;
+    // v_stride: floats per token slot of v_cache (kv_heads * v_head_dim, or
+    // the key width when values are the keys' first dims: MLA's latent).
+    int k_width = kv_heads * head_dim, v_width = v_stride;
 
     for (int tile = first; tile <= pos; tile += PIE_ATTN_THREADS) {
         int n = min(PIE_ATTN_THREADS, pos + 1 - tile);
@@ -136,4 +138,53 @@ extern "C" __global__ void pie_argmax(unsigned int* out, const float* x, const i
         __syncthreads();
     }
     if (threadIdx.x == 0) out[blockIdx.x] = best_i[0] == 0x7fffffff ? 0 : best_i[0];
+}
+
+// MLA, absorbed: per (row, head), the query in latent space
+// q_lat = W_kᵀ q_nope, written next to the head's roped query part:
+// out[row, h] = [q_lat (kv_lora), q_rot (rope)]. kv_b rows of head h:
+// nope key rows, then v value rows, each kv_lora wide (dtype 0 f32, 1 bf16).
+extern "C" __global__ void pie_mla_query(float* out, const float* q, const float* q_rot, const void* kv_b,
+                                         int dtype, int heads, int nope, int rope, int v, int kv_lora) {
+    int row = blockIdx.x / heads, h = blockIdx.x % heads;
+    const float* qn = q + ((long long)row * heads + h) * (nope + rope);
+    float* o = out + ((long long)row * heads + h) * (kv_lora + rope);
+    long long w0 = (long long)h * (nope + v) * kv_lora;
+    for (int c = threadIdx.x; c < kv_lora; c += blockDim.x) {
+        float acc = 0.0f;
+        for (int i = 0; i < nope; i++) {
+            long long at = w0 + (long long)i * kv_lora + c;
+            float w = dtype == 0 ? ((const float*)kv_b)[at] : pie_bf16_to_f32(((const pie_u16*)kv_b)[at]);
+            acc += qn[i] * w;
+        }
+        o[c] = acc;
+    }
+    for (int r = threadIdx.x; r < rope; r += blockDim.x)
+        o[kv_lora + r] = q_rot[((long long)row * heads + h) * rope + r];
+}
+
+// MLA, absorbed: each head's output W_v o_lat from its latent-space
+// attention output (`o_lat` [rows, heads, kv_lora]).
+extern "C" __global__ void pie_mla_value(float* out, const float* o_lat, const void* kv_b, int dtype, int heads,
+                                         int nope, int v, int kv_lora) {
+    int row = blockIdx.x / heads, h = blockIdx.x % heads;
+    const float* ol = o_lat + ((long long)row * heads + h) * kv_lora;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) {
+        long long w0 = ((long long)h * (nope + v) + nope + j) * kv_lora;
+        float acc = 0.0f;
+        for (int c = 0; c < kv_lora; c++) {
+            float w = dtype == 0 ? ((const float*)kv_b)[w0 + c] : pie_bf16_to_f32(((const pie_u16*)kv_b)[w0 + c]);
+            acc += w * ol[c];
+        }
+        out[((long long)row * heads + h) * v + j] = acc;
+    }
+}
+
+// out[r] = [a[r] (wa), b[r] (wb)].
+extern "C" __global__ void pie_concat_cols(float* out, const float* a, const float* b, int rows, int wa, int wb) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    int w = wa + wb;
+    if (i >= rows * w) return;
+    int r = i / w, c = i % w;
+    out[i] = c < wa ? a[(long long)r * wa + c] : b[(long long)r * wb + (c - wa)];
 }

@@ -29,7 +29,7 @@ pub const KERNEL_SOURCES: [(&str, &str); 4] = [
 ];
 
 /// Every kernel the driver launches.
-pub const KERNELS: [&str; 25] = [
+pub const KERNELS: [&str; 28] = [
     "pie_add",
     "pie_mul",
     "pie_scale",
@@ -53,6 +53,9 @@ pub const KERNELS: [&str; 25] = [
     "pie_gated_rms_norm",
     "pie_mamba2_scan",
     "pie_gate_group_norm",
+    "pie_mla_query",
+    "pie_mla_value",
+    "pie_concat_cols",
     "pie_noop_check",
     "pie_fill",
 ];

@@ -13,6 +13,7 @@ mod gdn;
 pub mod kernel_build;
 mod kv;
 mod mamba2;
+mod mla;
 mod moe;
 mod tensor;
 
@@ -55,7 +56,7 @@ struct RopeTables {
 /// frequencies, LongRoPE switch length (-1: none), cos/sin scale.
 type RopeFreqs = (String, CudaSlice<f64>, CudaSlice<f64>, i32, f64);
 
-const SUPPORTED: [OpKind; 15] = [
+const SUPPORTED: [OpKind; 16] = [
     OpKind::Embedding,
     OpKind::Linear,
     OpKind::RmsNorm,
@@ -71,13 +72,14 @@ const SUPPORTED: [OpKind; 15] = [
     OpKind::Moe,
     OpKind::GatedDeltaNet,
     OpKind::Mamba2,
+    OpKind::MlaAttention,
 ];
 
 pub(crate) fn cuda_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> DriverError + '_ {
     move |e| DriverError::Invalid(format!("CUDA: {what}: {e}"))
 }
 
-fn blocks(n: usize) -> LaunchConfig {
+pub(crate) fn blocks(n: usize) -> LaunchConfig {
     LaunchConfig::for_num_elems(n.max(1) as u32)
 }
 
@@ -684,6 +686,7 @@ impl Driver for CudaDriver {
             a.head_dim as i32,
             a.v_head_dim as i32,
         );
+        let v_stride = kvh * vhd;
         let window = a.window.map_or(0, |w| w as i32);
         let softcap = a.softcap.unwrap_or(0.0);
         let mut b = self
@@ -702,6 +705,7 @@ impl Driver for CudaDriver {
             .arg(&kvh)
             .arg(&hd)
             .arg(&vhd)
+            .arg(&v_stride)
             .arg(&a.scale)
             .arg(&window)
             .arg(&softcap);
@@ -806,6 +810,7 @@ impl Driver for CudaDriver {
             (OpKind::Moe, [x]) => self.moe(x, weights, a),
             (OpKind::GatedDeltaNet, [x]) => self.gated_delta_net(x, weights, a, kv, batch),
             (OpKind::Mamba2, [x]) => self.mamba2(x, weights, a, kv, batch),
+            (OpKind::MlaAttention, [x]) => self.mla(x, weights, a, kv, batch),
             _ => Err(DriverError::Unsupported {
                 op,
                 driver: self.name(),

@@ -12,7 +12,7 @@ use pie_runtime::sampling::Sampler;
 use pie_runtime::{Engine, LoadOptions};
 
 /// Architectures whose ops the CUDA driver runs.
-const FIXTURES: [&str; 18] = [
+const FIXTURES: [&str; 21] = [
     "llama",
     "llama3_rope",
     "mistral",
@@ -31,6 +31,9 @@ const FIXTURES: [&str; 18] = [
     "qwen3_5",
     "qwen3_5_moe",
     "nemotron_h",
+    "deepseek_v2",
+    "deepseek_v3",
+    "glm_moe_dsa",
 ];
 
 /// f32 weights: max|diff| ≤ 1e-3 · max|ref| on every position's logits.
