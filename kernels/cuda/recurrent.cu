@@ -181,3 +181,28 @@ extern "C" __global__ void pie_gate_group_norm(float* out, const float* y, const
     float inv = rsqrtf(pie_acc[0] / (float)group + eps);
     for (int i = threadIdx.x; i < group; i += blockDim.x) out[base + i] = out[base + i] * inv * w[col0 + i];
 }
+
+// Qwen3-Next's fused projections, grouped per key head — qkvz rows as
+// [q (dk), k (dk), v (r*dv), z (r*dv)] per key head and ba as [b (r), a (r)]
+// per key head (r = value heads per key head) — regrouped as the separate
+// projections: mixed = [q all heads, k all heads, v all heads], z, b, a.
+extern "C" __global__ void pie_unfuse_qkvz(float* mixed, float* z, float* b, float* a, const float* qkvz,
+                                           const float* ba, int rows, int key_heads, int dk, int r, int dv) {
+    long long group = 2LL * dk + 2LL * r * dv;
+    long long width = key_heads * group;
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= rows * width) return;
+    long long row = i / width, c = i % width;
+    int h = c / group, j = c % group;
+    int key_dim = key_heads * dk, vdim = key_heads * r * dv, conv_dim = 2 * key_dim + vdim;
+    float v = qkvz[i];
+    if (j < dk) mixed[row * conv_dim + h * dk + j] = v;
+    else if (j < 2 * dk) mixed[row * conv_dim + key_dim + h * dk + (j - dk)] = v;
+    else if (j < 2 * dk + r * dv) mixed[row * conv_dim + 2 * key_dim + h * r * dv + (j - 2 * dk)] = v;
+    else z[row * vdim + h * r * dv + (j - 2 * dk - r * dv)] = v;
+    if (j < 2 * r) {
+        float x = ba[row * key_heads * 2 * r + h * 2 * r + j];
+        if (j < r) b[row * key_heads * r + h * r + j] = x;
+        else a[row * key_heads * r + h * r + (j - r)] = x;
+    }
+}

@@ -29,7 +29,7 @@ pub const KERNEL_SOURCES: [(&str, &str); 4] = [
 ];
 
 /// Every kernel the driver launches.
-pub const KERNELS: [&str; 28] = [
+pub const KERNELS: [&str; 29] = [
     "pie_add",
     "pie_mul",
     "pie_scale",
@@ -56,6 +56,7 @@ pub const KERNELS: [&str; 28] = [
     "pie_mla_query",
     "pie_mla_value",
     "pie_concat_cols",
+    "pie_unfuse_qkvz",
     "pie_noop_check",
     "pie_fill",
 ];

@@ -17,6 +17,7 @@ const Z: usize = 1;
 const B: usize = 2;
 const A: usize = 3;
 const QKVZ: usize = 4;
+const BA: usize = 5;
 const CONV: usize = 6;
 const DT_BIAS: usize = 7;
 const A_LOG: usize = 8;
@@ -49,6 +50,47 @@ fn vector<'w>(
 }
 
 impl CudaDriver {
+    /// Qwen3-Next's fused `qkvz` / `ba` projections, regrouped as the
+    /// separate ones (`pie_unfuse_qkvz`).
+    #[allow(clippy::too_many_arguments)]
+    fn unfuse(
+        &self,
+        x: &CudaAct,
+        qkvz: &CudaWeight,
+        ba: &CudaWeight,
+        kh: usize,
+        dk: usize,
+        r: usize,
+        dv: usize,
+    ) -> Result<(CudaAct, CudaAct, CudaAct, CudaAct)> {
+        let group = 2 * dk + 2 * r * dv;
+        let fused = self.gemm(x, qkvz, kh * group)?;
+        let ba = self.gemm(x, ba, 2 * kh * r)?;
+        let (vh, rows) = (kh * r, x.rows);
+        let mut mixed = self.act(rows, 2 * kh * dk + vh * dv)?;
+        let mut z = self.act(rows, vh * dv)?;
+        let mut b = self.act(rows, vh)?;
+        let mut a = self.act(rows, vh)?;
+        let (ri, khi, dki, rr, dvi) = (rows as i32, kh as i32, dk as i32, r as i32, dv as i32);
+        let mut l = self
+            .stream
+            .launch_builder(self.kernels.get("pie_unfuse_qkvz"));
+        l.arg(&mut mixed.data)
+            .arg(&mut z.data)
+            .arg(&mut b.data)
+            .arg(&mut a.data)
+            .arg(&fused.data)
+            .arg(&ba.data)
+            .arg(&ri)
+            .arg(&khi)
+            .arg(&dki)
+            .arg(&rr)
+            .arg(&dvi);
+        unsafe { l.launch(crate::blocks(rows * kh * group)) }
+            .map_err(cuda_err("pie_unfuse_qkvz"))?;
+        Ok((mixed, z, b, a))
+    }
+
     pub(crate) fn gated_delta_net(
         &self,
         x: &CudaAct,
@@ -71,12 +113,6 @@ impl CudaDriver {
             .float("eps")
             .map_err(|m| DriverError::Invalid(format!("gated_delta_net: {m}")))?
             .unwrap_or(1e-6) as f32;
-        if w.get(QKVZ).copied().flatten().is_some() {
-            return Err(DriverError::Invalid(
-                "gated_delta_net: fused `qkvz`/`ba` projections (Qwen3-Next) are not implemented by the cuda driver yet"
-                    .into(),
-            ));
-        }
         if kh == 0 || vh % kh != 0 || kernel == 0 || kernel > 8 || dv > 1024 {
             return Err(DriverError::Invalid(format!(
                 "gated_delta_net: {vh} value heads over {kh} key heads, conv kernel {kernel} (1..=8), value_head_dim {dv} (<= 1024)"
@@ -85,10 +121,15 @@ impl CudaDriver {
         let key_dim = kh * dk;
         let conv_dim = 2 * key_dim + vh * dv;
         let slot = get(attrs, "state_slot")?;
-        let mixed = self.gemm(x, weight(w, QKV, "qkv")?, conv_dim)?;
-        let z = self.gemm(x, weight(w, Z, "z")?, vh * dv)?;
-        let b = self.gemm(x, weight(w, B, "b")?, vh)?;
-        let a = self.gemm(x, weight(w, A, "a")?, vh)?;
+        let (mixed, z, b, a) = match w.get(QKVZ).copied().flatten() {
+            Some(qkvz) => self.unfuse(x, qkvz, weight(w, BA, "ba")?, kh, dk, vh / kh, dv)?,
+            None => (
+                self.gemm(x, weight(w, QKV, "qkv")?, conv_dim)?,
+                self.gemm(x, weight(w, Z, "z")?, vh * dv)?,
+                self.gemm(x, weight(w, B, "b")?, vh)?,
+                self.gemm(x, weight(w, A, "a")?, vh)?,
+            ),
+        };
 
         let seq = |f: &dyn Fn(&pie_driver::SeqChunk) -> i32| -> Vec<i32> {
             batch.seqs.iter().map(f).collect()

@@ -12,7 +12,7 @@ use pie_runtime::sampling::Sampler;
 use pie_runtime::{Engine, LoadOptions};
 
 /// Architectures whose ops the CUDA driver runs.
-const FIXTURES: [&str; 21] = [
+const FIXTURES: [&str; 22] = [
     "llama",
     "llama3_rope",
     "mistral",
@@ -34,6 +34,7 @@ const FIXTURES: [&str; 21] = [
     "deepseek_v2",
     "deepseek_v3",
     "glm_moe_dsa",
+    "qwen3_next",
 ];
 
 /// f32 weights: max|diff| ≤ 1e-3 · max|ref| on every position's logits.
