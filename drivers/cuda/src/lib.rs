@@ -5,8 +5,9 @@
 //!
 //! The CUDA libraries are opened at run time, so this crate builds, and
 //! `CudaDriver::new` fails with a clear message, on machines without CUDA.
-//! Composite ops (MoE, Gated DeltaNet, Mamba2, MLA) are not implemented
-//! here yet; models using them are refused at load.
+//! Composite ops: `moe.rs` (host routing, per-expert GEMMs), `gdn.rs` and
+//! `mamba2.rs` (recurrent kernels over per-sequence state rows), `mla.rs`
+//! (latent cache, absorbed projections).
 
 mod device;
 mod gdn;
