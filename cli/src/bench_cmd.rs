@@ -145,9 +145,12 @@ fn weight_params(ir: &pie_driver::ir::Model) -> u64 {
     let mut seen = std::collections::HashSet::new();
     ir.nodes()
         .flat_map(|n| &n.weights)
-        .filter_map(|w| Some((w.name.as_ref()?, w.shape.as_ref()?)))
-        .filter(|(name, _)| seen.insert(name.to_string()))
-        .map(|(_, shape)| shape.iter().product::<usize>() as u64)
+        .filter_map(|w| Some((w.name.as_ref()?, w.shape.as_ref()?, w.experts)))
+        .filter(|(name, _, _)| seen.insert(name.to_string()))
+        .map(|(_, shape, experts)| {
+            let one = shape.iter().product::<usize>() as u64;
+            one * experts.map_or(1, |e| e.count as u64)
+        })
         .sum()
 }
 

@@ -31,28 +31,53 @@ impl RandomWeights {
                         node.kind()
                     ))
                 })?;
-                if w.experts.is_some() {
-                    return Err(PieError::Input(format!(
-                        "random weights for expert tensors (`{name}`) are not implemented"
-                    )));
+                match w.experts {
+                    // One tensor per expert, in the canonical [out, in]
+                    // layout (random values need no transposition).
+                    Some(layout)
+                        if name.contains("{e}") && !layout.transposed && !layout.interleaved =>
+                    {
+                        for e in 0..layout.count {
+                            shapes.push((name.replace("{e}", &e.to_string()), shape.clone()));
+                        }
+                    }
+                    Some(layout) => {
+                        let mut stacked = vec![layout.count];
+                        let mut one = shape.clone();
+                        if layout.transposed && one.len() == 2 {
+                            one.swap(0, 1);
+                        }
+                        stacked.extend(one);
+                        shapes.push((name.clone(), stacked));
+                    }
+                    None => shapes.push((name.clone(), shape)),
                 }
-                shapes.push((name.clone(), shape));
             }
         }
+        // Generated on every core, each thread taking every n-th tensor.
+        let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
+        let shapes = &shapes;
         let tensors = std::thread::scope(|scope| {
-            let handles: Vec<_> = shapes
-                .into_iter()
-                .enumerate()
-                .map(|(i, (name, shape))| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
                     scope.spawn(move || {
-                        let data = random_bf16(&shape, seed.wrapping_add(i as u64 * 0x9e37_79b9));
-                        (name, (shape, data))
+                        shapes
+                            .iter()
+                            .enumerate()
+                            .skip(t)
+                            .step_by(threads)
+                            .map(|(i, (name, shape))| {
+                                let data =
+                                    random_bf16(shape, seed.wrapping_add(i as u64 * 0x9e37_79b9));
+                                (name.clone(), (shape.clone(), data))
+                            })
+                            .collect::<Vec<_>>()
                     })
                 })
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().expect("weight generation does not panic"))
+                .flat_map(|h| h.join().expect("weight generation does not panic"))
                 .collect()
         });
         Ok(RandomWeights { tensors })
