@@ -1,11 +1,12 @@
-"""Peer for `pie bench --config CONFIG` on Qwen3.5 (Gated DeltaNet) shapes:
-Hugging Face transformers `generate` (eager, bf16, random weights of the
-config's shapes), prompt 128 + 128 greedy tokens, batch 1 and 64.
+"""Peer for `pie bench --config CONFIG` on architectures the torch+graph
+peer does not cover (Gated DeltaNet, MoE): Hugging Face transformers
+`generate` (eager, bf16, random weights of the config's shapes), prompt
+128 + 128 greedy tokens.
 
-Usage (on the GPU machine): python3 hf_qwen3_5_peer.py CONFIG.json
-Writes $OUT/hf_qwen3_5_peer.json. transformers runs Gated DeltaNet with
-its own PyTorch fallback when flash-linear-attention is not installed
-(reported in the output).
+Usage (on the GPU machine): python3 hf_config_peer.py CONFIG.json [BATCHES]
+BATCHES defaults to 1,64. Writes $OUT/hf_peer_<model_type>.json.
+transformers runs Gated DeltaNet with its own PyTorch fallback when
+flash-linear-attention is not installed (it says so in its output).
 """
 
 import json
@@ -32,6 +33,8 @@ def run(model, batch, prompt=128, new=128):
 
 def main():
     raw = json.load(open(sys.argv[1]))
+    model_type = raw["model_type"]
+    batches = [int(b) for b in (sys.argv[2] if len(sys.argv) > 2 else "1,64").split(",")]
     config = AutoConfig.for_model(raw.pop("model_type"), **{k: v for k, v in raw.items() if k != "architectures"})
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -39,12 +42,12 @@ def main():
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
            "transformers": transformers.__version__, "weight_GB": weight_bytes / 1e9, "rows": []}
-    for batch in (1, 64):
+    for batch in batches:
         dt = run(model, batch)
         row = {"mode": "hf eager", "bs": batch, "ms_per_step": dt / 128 * 1e3, "tok_s": batch * 128 / dt}
         print(json.dumps(row), flush=True)
         out["rows"].append(row)
-    json.dump(out, open(os.path.join(os.environ.get("OUT", "/tmp"), "hf_qwen3_5_peer.json"), "w"), indent=1)
+    json.dump(out, open(os.path.join(os.environ.get("OUT", "/tmp"), f"hf_peer_{model_type}.json"), "w"), indent=1)
 
 
 if __name__ == "__main__":
