@@ -167,6 +167,7 @@ fn attrs_text(op: &NodeOp) -> String {
         }
         NodeOp::Activation(a) => format!("fn={}", a.func.spec_name()),
         NodeOp::Softcap(a) => format!("cap={}", float(a.cap)),
+        NodeOp::LayerNorm(a) => format!("eps={}", float(a.eps)),
         NodeOp::Split(a) => format!("sizes={:?} group={}", a.sizes, a.group),
         // The cache slot follows from execution order; printing it would keep
         // identical layers from folding together.

@@ -14,6 +14,7 @@ pub enum OpKind {
     Embedding,
     Linear,
     RmsNorm,
+    LayerNorm,
     Rope,
     Attention,
     Add,
@@ -30,10 +31,11 @@ pub enum OpKind {
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 16] = [
+    pub const ALL: [OpKind; 17] = [
         OpKind::Embedding,
         OpKind::Linear,
         OpKind::RmsNorm,
+        OpKind::LayerNorm,
         OpKind::Rope,
         OpKind::Attention,
         OpKind::Add,
@@ -55,6 +57,7 @@ impl OpKind {
             OpKind::Embedding => "embedding",
             OpKind::Linear => "linear",
             OpKind::RmsNorm => "rms_norm",
+            OpKind::LayerNorm => "layer_norm",
             OpKind::Rope => "rope",
             OpKind::Attention => "attention",
             OpKind::Add => "add",
@@ -226,6 +229,13 @@ pub struct GluAttrs {
     pub func: ActivationFn,
     pub width: usize,
     pub limit: Option<f32>,
+}
+
+/// `(x - mean) / sqrt(var + eps) · weight + bias` over the whole width.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerNormAttrs {
+    pub width: usize,
+    pub eps: f32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -438,6 +448,7 @@ pub enum NodeOp {
     Glu(GluAttrs),
     Activation(ActivationAttrs),
     Softcap(SoftcapAttrs),
+    LayerNorm(LayerNormAttrs),
     Split(SplitAttrs),
     Composite(OpKind, CompositeAttrs),
 }
@@ -456,6 +467,7 @@ impl NodeOp {
             NodeOp::Glu(_) => OpKind::Glu,
             NodeOp::Activation(_) => OpKind::Activation,
             NodeOp::Softcap(_) => OpKind::Softcap,
+            NodeOp::LayerNorm(_) => OpKind::LayerNorm,
             NodeOp::Split(_) => OpKind::Split,
             NodeOp::Composite(k, _) => *k,
         }

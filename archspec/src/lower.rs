@@ -413,6 +413,15 @@ impl<'a> Lowerer<'a> {
                     vec![w0],
                 )
             }
+            OpKind::LayerNorm => {
+                let eps = self.f64_attr(op, "eps", None)? as f32;
+                weights.push(self.weight(s, op, "weight", Some(vec![w0]))?);
+                weights.push(self.weight(s, op, "bias", Some(vec![w0]))?);
+                (
+                    NodeOp::LayerNorm(LayerNormAttrs { width: w0, eps }),
+                    vec![w0],
+                )
+            }
             OpKind::Rope => {
                 let head_dim = self.usize_attr(op, "head_dim", None)?;
                 let rotary_dim = self.usize_attr(op, "rotary_dim", Some(head_dim))?;

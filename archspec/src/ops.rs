@@ -80,6 +80,7 @@ pub const ACTIVATIONS: &[&str] = &crate::ir::ActivationFn::NAMES;
 pub const ROPE_STYLES: &[&str] = &["half", "interleaved"];
 pub const ROUTINGS: &[&str] = &[
     "softmax_topk",
+    "sparsemixer",
     "topk_softmax",
     "softmax_group_topk",
     "sigmoid_group_topk",
@@ -126,6 +127,13 @@ pub const SCHEMAS: &[OpSchema] = &[
         &[w_opt("weight")],
         &[a("eps"), a_opt("offset"), a_opt("group")],
         "x / rms(x) * (offset + weight) over groups of `group` features",
+    ),
+    schema(
+        OpKind::LayerNorm,
+        &["in"],
+        &[w_opt("weight"), w_opt("bias")],
+        &[a("eps")],
+        "(x - mean(x)) / sqrt(var(x) + eps) * weight + bias over the whole width",
     ),
     schema(
         OpKind::Rope,
@@ -251,6 +259,7 @@ pub const SCHEMAS: &[OpSchema] = &[
             a_opt("topk_groups"),
             a_opt("routed_scale"),
             a_opt("shared_intermediate"),
+            a_opt("jitter"),
             name_opt("expert_layout", EXPERT_LAYOUTS),
             name_opt("gate_up_order", GATE_UP_ORDERS),
         ],

@@ -250,6 +250,10 @@ impl<'a> SectionGen<'a> {
                 let x = input("in", 0);
                 quote!(d.rope(#x, batch, #a)?)
             }
+            OpKind::LayerNorm => {
+                let (x, w, b) = (input("in", 0), weight("weight"), weight("bias"));
+                quote!(d.layer_norm(#x, #w, #b, #a)?)
+            }
             OpKind::Attention => {
                 let (q, k, v, s) = (input("q", 0), input("k", 0), input("v", 0), weight("sinks"));
                 quote!(d.attention(#q, #k, #v, #s, kv, batch, #a)?)
@@ -312,6 +316,7 @@ fn attr_type(kind: OpKind) -> TokenStream {
         OpKind::Glu => quote!(ir::GluAttrs),
         OpKind::Activation => quote!(ir::ActivationAttrs),
         OpKind::Softcap => quote!(ir::SoftcapAttrs),
+        OpKind::LayerNorm => quote!(ir::LayerNormAttrs),
         OpKind::Split => quote!(ir::SplitAttrs),
         OpKind::Moe | OpKind::GatedDeltaNet | OpKind::Mamba2 | OpKind::MlaAttention => {
             quote!(ir::CompositeAttrs)

@@ -46,3 +46,33 @@ extern "C" __global__ void pie_rope(float* x, const int* positions, const int* s
     head[i0] = x0 * c - x1 * s;
     head[i1] = x1 * c + x0 * s;
 }
+
+// LayerNorm of each row: (x - mean) / sqrt(var + eps) * w + b (w, b
+// optional). One block per row; blockDim.x a power of two.
+extern "C" __global__ void pie_layer_norm(float* out, const float* x, const float* w, const float* b,
+                                          int has_weight, int has_bias, int width, float eps) {
+    extern __shared__ float pie_ln[];
+    const float* xr = x + (long long)blockIdx.x * width;
+    float* o = out + (long long)blockIdx.x * width;
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) sum += xr[i];
+    pie_ln[threadIdx.x] = sum;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) pie_ln[threadIdx.x] += pie_ln[threadIdx.x + s];
+        __syncthreads();
+    }
+    float mean = pie_ln[0] / (float)width;
+    __syncthreads();
+    float var = 0.0f;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) var += (xr[i] - mean) * (xr[i] - mean);
+    pie_ln[threadIdx.x] = var;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) pie_ln[threadIdx.x] += pie_ln[threadIdx.x + s];
+        __syncthreads();
+    }
+    float inv = rsqrtf(pie_ln[0] / (float)width + eps);
+    for (int i = threadIdx.x; i < width; i += blockDim.x)
+        o[i] = (xr[i] - mean) * inv * (has_weight ? w[i] : 1.0f) + (has_bias ? b[i] : 0.0f);
+}

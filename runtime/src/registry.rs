@@ -57,6 +57,7 @@ architectures! {
     phi3 => "../specs/phi3.toml", "arch-phi3",
     mistral3 => "../specs/mistral3.toml", "arch-mistral3",
     mixtral => "../specs/mixtral.toml", "arch-mixtral",
+    phimoe => "../specs/phimoe.toml", "arch-phimoe",
     gpt_oss => "../specs/gpt_oss.toml", "arch-gpt_oss",
     qwen3_moe => "../specs/qwen3_moe.toml", "arch-qwen3_moe",
     qwen3_5 => "../specs/qwen3_5.toml", "arch-qwen3_5",

@@ -157,6 +157,7 @@ parity! {
     parity_qwen3_next_fused_gdn_moe => "qwen3_next",
     parity_qwen3_5_moe_shared_expert => "qwen3_5_moe",
     parity_glm_moe_dsa_within_index_topk => "glm_moe_dsa",
+    parity_phimoe_layer_norm_sparsemixer => "phimoe",
 }
 
 /// The fixture's tokenizer and chat template give what transformers gave.

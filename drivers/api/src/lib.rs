@@ -117,6 +117,19 @@ pub trait Driver: Send + Sync {
         a: &RmsNormAttrs,
     ) -> Result<Self::Act>;
     fn rope(&self, x: &Self::Act, batch: &ForwardBatch, a: &RopeAttrs) -> Result<Self::Act>;
+    /// LayerNorm (mean-centred, optional affine weight and bias).
+    fn layer_norm(
+        &self,
+        _x: &Self::Act,
+        _w: Option<&Self::Weight>,
+        _b: Option<&Self::Weight>,
+        _a: &LayerNormAttrs,
+    ) -> Result<Self::Act> {
+        Err(DriverError::Unsupported {
+            op: OpKind::LayerNorm,
+            driver: self.name(),
+        })
+    }
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,

@@ -191,6 +191,12 @@ attrs_getter!(
     "activation"
 );
 attrs_getter!(softcap_attrs, Softcap, ir::SoftcapAttrs, "softcap");
+attrs_getter!(
+    layer_norm_attrs,
+    LayerNorm,
+    ir::LayerNormAttrs,
+    "layer_norm"
+);
 attrs_getter!(split_attrs, Split, ir::SplitAttrs, "split");
 
 pub fn composite_attrs(node: &Node, kind: ir::OpKind) -> Result<ir::CompositeAttrs> {

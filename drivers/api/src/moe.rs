@@ -12,6 +12,10 @@ pub enum Routing {
     SoftmaxTopk,
     /// Top k logits, then a softmax over those k (GPT-OSS).
     TopkSoftmax,
+    /// PhiMoE's SparseMixer at inference: for each pick, the best
+    /// remaining expert, weighted by a softmax over the experts whose
+    /// logits are within a relative `2 · jitter` of it.
+    Sparsemixer { jitter: f32 },
     /// Softmax over all experts; only the `topk_groups` groups with the
     /// highest single score compete for the top k (DeepSeek-V2's
     /// group-limited greedy; one group = plain greedy top-k).
@@ -46,6 +50,9 @@ impl MoeParams {
         let routing = match a.name("routing").unwrap_or("softmax_topk") {
             "softmax_topk" => Routing::SoftmaxTopk,
             "topk_softmax" => Routing::TopkSoftmax,
+            "sparsemixer" => Routing::Sparsemixer {
+                jitter: a.float("jitter").map_err(invalid)?.unwrap_or(0.01) as f32,
+            },
             "softmax_group_topk" => Routing::SoftmaxGroupTopk {
                 groups: a.usize("groups").map_err(invalid)?.unwrap_or(1).max(1),
                 topk_groups: a.usize("topk_groups").map_err(invalid)?.unwrap_or(1).max(1),
@@ -183,6 +190,7 @@ fn choose(l: &[f32], p: &MoeParams, router_bias: Option<&[f32]>) -> Vec<(usize, 
             }
             chosen
         }
+        Routing::Sparsemixer { jitter } => sparsemixer(l, p.top_k, jitter),
         Routing::SoftmaxGroupTopk {
             groups,
             topk_groups,
@@ -215,6 +223,33 @@ fn choose(l: &[f32], p: &MoeParams, router_bias: Option<&[f32]>) -> Vec<(usize, 
             chosen
         }
     }
+}
+
+/// SparseMixer (inference): pick the best expert, weight it by a softmax
+/// over the experts close to it (relative gap ≤ 2·jitter), mask it out and
+/// repeat, `top_k` times.
+fn sparsemixer(scores: &[f32], top_k: usize, jitter: f32) -> Vec<(usize, f32)> {
+    let mut masked = scores.to_vec();
+    let mut chosen = Vec::with_capacity(top_k);
+    for _ in 0..top_k {
+        let best = self::top_k(&masked, 1)[0];
+        let max = masked[best];
+        let gated: Vec<f32> = masked
+            .iter()
+            .zip(scores)
+            .map(|(&m, &s)| {
+                let factor = s.abs().max(max);
+                if (max - s) / factor > 2.0 * jitter {
+                    f32::NEG_INFINITY
+                } else {
+                    m
+                }
+            })
+            .collect();
+        chosen.push((best, softmax(&gated)[best]));
+        masked[best] = f32::NEG_INFINITY;
+    }
+    chosen
 }
 
 fn with_bias(v: &[f32], bias: Option<&[f32]>) -> Vec<f32> {

@@ -29,7 +29,7 @@ pub const KERNEL_SOURCES: [(&str, &str); 4] = [
 ];
 
 /// Every kernel the driver launches.
-pub const KERNELS: [&str; 29] = [
+pub const KERNELS: [&str; 30] = [
     "pie_add",
     "pie_mul",
     "pie_scale",
@@ -43,6 +43,7 @@ pub const KERNELS: [&str; 29] = [
     "pie_embedding",
     "pie_widen",
     "pie_rms_norm",
+    "pie_layer_norm",
     "pie_rope",
     "pie_kv_write",
     "pie_attention",

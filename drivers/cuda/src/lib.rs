@@ -57,10 +57,11 @@ struct RopeTables {
 /// frequencies, LongRoPE switch length (-1: none), cos/sin scale.
 type RopeFreqs = (String, CudaSlice<f64>, CudaSlice<f64>, i32, f64);
 
-const SUPPORTED: [OpKind; 16] = [
+const SUPPORTED: [OpKind; 17] = [
     OpKind::Embedding,
     OpKind::Linear,
     OpKind::RmsNorm,
+    OpKind::LayerNorm,
     OpKind::Rope,
     OpKind::Attention,
     OpKind::Add,
@@ -567,6 +568,50 @@ impl Driver for CudaDriver {
             .arg(&a.eps)
             .arg(&a.offset);
         unsafe { b.launch(cfg) }.map_err(cuda_err("pie_rms_norm"))?;
+        Ok(out)
+    }
+
+    fn layer_norm(
+        &self,
+        x: &CudaAct,
+        w: Option<&CudaWeight>,
+        b: Option<&CudaWeight>,
+        a: &LayerNormAttrs,
+    ) -> Result<CudaAct> {
+        if x.width != a.width {
+            return Err(DriverError::Invalid(format!(
+                "`layer_norm` expected an input of width {}, got {}",
+                a.width, x.width
+            )));
+        }
+        let mut out = self.act(x.rows, x.width)?;
+        let dummy = self.zeros(1)?;
+        let (w, has_w) = match w.and_then(CudaWeight::f32) {
+            Some(w) => (w, 1i32),
+            None => (&dummy, 0),
+        };
+        let (b, has_b) = match b.and_then(CudaWeight::f32) {
+            Some(b) => (b, 1i32),
+            None => (&dummy, 0),
+        };
+        let width = int(x.width, "width")?;
+        let cfg = LaunchConfig {
+            grid_dim: (x.rows.max(1) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 256 * 4,
+        };
+        let mut l = self
+            .stream
+            .launch_builder(self.kernels.get("pie_layer_norm"));
+        l.arg(&mut out.data)
+            .arg(&x.data)
+            .arg(w)
+            .arg(b)
+            .arg(&has_w)
+            .arg(&has_b)
+            .arg(&width)
+            .arg(&a.eps);
+        unsafe { l.launch(cfg) }.map_err(cuda_err("pie_layer_norm"))?;
         Ok(out)
     }
 

@@ -12,7 +12,7 @@ use pie_runtime::sampling::Sampler;
 use pie_runtime::{Engine, LoadOptions};
 
 /// Architectures whose ops the CUDA driver runs.
-const FIXTURES: [&str; 22] = [
+const FIXTURES: [&str; 23] = [
     "llama",
     "llama3_rope",
     "mistral",
@@ -35,6 +35,7 @@ const FIXTURES: [&str; 22] = [
     "deepseek_v3",
     "glm_moe_dsa",
     "qwen3_next",
+    "phimoe",
 ];
 
 /// f32 weights: max|diff| ≤ 1e-3 · max|ref| on every position's logits.

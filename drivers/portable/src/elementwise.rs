@@ -32,6 +32,27 @@ pub fn rms_norm(x: &Act, w: Option<&[f32]>, a: &RmsNormAttrs) -> Act {
     out
 }
 
+/// LayerNorm over each row: mean-centred, divided by the standard
+/// deviation, then the optional affine weight and bias.
+pub fn layer_norm(x: &Act, w: Option<&[f32]>, b: Option<&[f32]>, eps: f32) -> Act {
+    let mut out = x.clone();
+    let n = x.width as f32;
+    let norm_row = |row: &mut [f32]| {
+        let mean = row.iter().sum::<f32>() / n;
+        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+        let inv = 1.0 / (var + eps).sqrt();
+        for (i, v) in row.iter_mut().enumerate() {
+            *v = (*v - mean) * inv * w.map_or(1.0, |w| w[i]) + b.map_or(0.0, |b| b[i]);
+        }
+    };
+    if out.data.len() >= PAR_MIN_ELEMS {
+        out.data.par_chunks_mut(x.width).for_each(norm_row);
+    } else {
+        out.data.chunks_mut(x.width).for_each(norm_row);
+    }
+    out
+}
+
 pub fn add_bias(x: &mut Act, bias: &[f32]) {
     for row in x.data.chunks_mut(x.width) {
         row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);

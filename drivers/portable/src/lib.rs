@@ -79,10 +79,11 @@ impl Default for PortableDriver {
 }
 
 /// Ops this driver runs. Models using others are refused at load.
-const SUPPORTED: [OpKind; 16] = [
+const SUPPORTED: [OpKind; 17] = [
     OpKind::Embedding,
     OpKind::Linear,
     OpKind::RmsNorm,
+    OpKind::LayerNorm,
     OpKind::Rope,
     OpKind::Attention,
     OpKind::Add,
@@ -181,6 +182,22 @@ impl Driver for PortableDriver {
     fn rms_norm(&self, x: &Act, w: Option<&Weight>, a: &RmsNormAttrs) -> Result<Act> {
         x.expect_width(a.width, "rms_norm")?;
         Ok(elementwise::rms_norm(x, w.map(Weight::vector), a))
+    }
+
+    fn layer_norm(
+        &self,
+        x: &Act,
+        w: Option<&Weight>,
+        b: Option<&Weight>,
+        a: &LayerNormAttrs,
+    ) -> Result<Act> {
+        x.expect_width(a.width, "layer_norm")?;
+        Ok(elementwise::layer_norm(
+            x,
+            w.map(Weight::vector),
+            b.map(Weight::vector),
+            a.eps,
+        ))
     }
 
     fn rope(&self, x: &Act, batch: &ForwardBatch, a: &RopeAttrs) -> Result<Act> {
