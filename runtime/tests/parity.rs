@@ -277,7 +277,7 @@ fn kv_cache_dtypes_quality() {
         (KvDType::Bf16, 2e-2),
         (KvDType::F16, 3e-3),
         (KvDType::Int8PerTokenHead, 3e-2),
-        (KvDType::Fp8E4m3, 1.5e-1),
+        (KvDType::Fp8E4m3, 1e-1),
     ];
     for (dtype, bound) in bounds {
         let opts = LoadOptions {

@@ -94,7 +94,8 @@ pub enum KvDType {
     F16,
     /// int8 with one f32 scale per token and head.
     Int8PerTokenHead,
-    /// 8-bit float, 4 exponent and 3 mantissa bits (max 448).
+    /// 8-bit float, 4 exponent and 3 mantissa bits (max 448), with one
+    /// scale per token and head.
     Fp8E4m3,
 }
 

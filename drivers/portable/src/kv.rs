@@ -18,7 +18,12 @@ enum Store {
         q: Vec<i8>,
         scales: Vec<f32>,
     },
-    Fp8(Vec<u8>),
+    /// E4M3 codes and one f32 scale per (token slot, head): each head is
+    /// scaled so its largest value maps to 448, E4M3's largest.
+    Fp8 {
+        q: Vec<u8>,
+        scales: Vec<f32>,
+    },
 }
 
 impl Store {
@@ -31,7 +36,10 @@ impl Store {
                 q: vec![0; elems],
                 scales: vec![0.0; tokens * heads],
             },
-            KvDType::Fp8E4m3 => Store::Fp8(vec![0; elems]),
+            KvDType::Fp8E4m3 => Store::Fp8 {
+                q: vec![0; elems],
+                scales: vec![0.0; tokens * heads],
+            },
         }
     }
 
@@ -52,21 +60,13 @@ impl Store {
                 .zip(row)
                 .for_each(|(o, x)| *o = f16::from_f32(*x)),
             Store::Int8 { q, scales } => {
-                let heads = row.len() / dim;
-                for (h, head) in row.chunks(dim).enumerate() {
-                    let max = head.iter().fold(0f32, |m, x| m.max(x.abs()));
-                    let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
-                    scales[token_slot * heads + h] = scale;
-                    let dst = &mut q[at + h * dim..at + (h + 1) * dim];
-                    dst.iter_mut()
-                        .zip(head)
-                        .for_each(|(o, x)| *o = (x / scale).round() as i8);
-                }
+                write_scaled(q, scales, at, token_slot, dim, row, 127.0, |v| {
+                    v.round() as i8
+                })
             }
-            Store::Fp8(v) => v[at..at + row.len()]
-                .iter_mut()
-                .zip(row)
-                .for_each(|(o, x)| *o = fp8_e4m3::encode(*x)),
+            Store::Fp8 { q, scales } => {
+                write_scaled(q, scales, at, token_slot, dim, row, 448.0, fp8_e4m3::encode)
+            }
         }
     }
 
@@ -101,13 +101,39 @@ impl Store {
                     .for_each(|(o, x)| *o = *x as f32 * scale);
                 buf
             }
-            Store::Fp8(v) => {
+            Store::Fp8 { q, scales } => {
+                let scale = scales[token_slot * (width / dim) + head];
                 buf.iter_mut()
-                    .zip(&v[at..at + dim])
-                    .for_each(|(o, x)| *o = fp8_e4m3::decode(*x));
+                    .zip(&q[at..at + dim])
+                    .for_each(|(o, x)| *o = fp8_e4m3::decode(*x) * scale);
                 buf
             }
         }
+    }
+}
+
+/// Stores each head of `row` scaled so its largest magnitude maps to
+/// `max_code`, with the scale kept per (token slot, head).
+#[allow(clippy::too_many_arguments)]
+fn write_scaled<T>(
+    q: &mut [T],
+    scales: &mut [f32],
+    at: usize,
+    token_slot: usize,
+    dim: usize,
+    row: &[f32],
+    max_code: f32,
+    encode: impl Fn(f32) -> T,
+) {
+    let heads = row.len() / dim;
+    for (h, head) in row.chunks(dim).enumerate() {
+        let max = head.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let scale = if max > 0.0 { max / max_code } else { 1.0 };
+        scales[token_slot * heads + h] = scale;
+        q[at + h * dim..at + (h + 1) * dim]
+            .iter_mut()
+            .zip(head)
+            .for_each(|(o, x)| *o = encode(x / scale));
     }
 }
 
