@@ -265,6 +265,33 @@ fn half_precision_weights() {
     }
 }
 
+/// The worst prompt-logit error (relative to max|ref|) over the fixture's
+/// prompts, and how many of the reference greedy tokens come out before
+/// the first divergence, summed over prompts.
+fn quality(engine: &mut Engine<PortableDriver>, prompts: &[Prompt]) -> (f32, usize) {
+    engine.stop_ids.clear();
+    let mut worst = 0f32;
+    let mut agree = 0;
+    for p in prompts {
+        let logits = engine
+            .prompt_logits(std::slice::from_ref(&p.ids))
+            .unwrap()
+            .remove(0);
+        let (diff, scale) = max_error(&logits, &p.logits);
+        worst = worst.max(diff / scale);
+        let greedy = engine
+            .generate(std::slice::from_ref(&p.ids), 10, &Sampler::greedy())
+            .unwrap()
+            .remove(0);
+        agree += greedy
+            .iter()
+            .zip(&p.greedy)
+            .take_while(|(a, b)| a == b)
+            .count();
+    }
+    (worst, agree)
+}
+
 /// Each KV cache dtype against the float32 reference: how far the logits
 /// move and whether greedy decoding still agrees (numbers in the note and
 /// `docs/QUANTIZATION.md`). The bounds are a few times the measured error.
@@ -285,26 +312,7 @@ fn kv_cache_dtypes_quality() {
             ..LoadOptions::default()
         };
         let mut engine = Engine::load(&dir, PortableDriver::new(), &opts, None).unwrap();
-        engine.stop_ids.clear();
-        let mut worst = 0f32;
-        let mut agree = 0;
-        for p in &prompts {
-            let logits = engine
-                .prompt_logits(std::slice::from_ref(&p.ids))
-                .unwrap()
-                .remove(0);
-            let (diff, scale) = max_error(&logits, &p.logits);
-            worst = worst.max(diff / scale);
-            let greedy = engine
-                .generate(std::slice::from_ref(&p.ids), 10, &Sampler::greedy())
-                .unwrap()
-                .remove(0);
-            agree += greedy
-                .iter()
-                .zip(&p.greedy)
-                .take_while(|(a, b)| a == b)
-                .count();
-        }
+        let (worst, agree) = quality(&mut engine, &prompts);
         eprintln!(
             "kv {dtype:?}: max|diff|/max|ref| = {worst:.2e}, greedy agreement {agree}/{}",
             10 * prompts.len()
@@ -321,26 +329,7 @@ fn runtime_int8_weights_quality() {
     let (dir, prompts) = fixture("llama");
     let driver = PortableDriver::new().with_runtime_quant(Some(RuntimeQuant::Int8));
     let mut engine = Engine::load(&dir, driver, &LoadOptions::default(), None).unwrap();
-    engine.stop_ids.clear();
-    let mut worst = 0f32;
-    let mut agree = 0;
-    for p in &prompts {
-        let logits = engine
-            .prompt_logits(std::slice::from_ref(&p.ids))
-            .unwrap()
-            .remove(0);
-        let (diff, scale) = max_error(&logits, &p.logits);
-        worst = worst.max(diff / scale);
-        let greedy = engine
-            .generate(std::slice::from_ref(&p.ids), 10, &Sampler::greedy())
-            .unwrap()
-            .remove(0);
-        agree += greedy
-            .iter()
-            .zip(&p.greedy)
-            .take_while(|(a, b)| a == b)
-            .count();
-    }
+    let (worst, agree) = quality(&mut engine, &prompts);
     eprintln!(
         "runtime int8 weights: max|diff|/max|ref| = {worst:.2e}, greedy agreement {agree}/{}",
         10 * prompts.len()

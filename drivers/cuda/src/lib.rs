@@ -9,6 +9,7 @@
 //! `mamba2.rs` (recurrent kernels over per-sequence state rows), `mla.rs`
 //! (latent cache, absorbed projections).
 
+mod composite;
 mod device;
 mod gdn;
 pub mod kernel_build;
@@ -56,26 +57,6 @@ struct RopeTables {
 /// One rope op's frequencies on the device: key, short and long inverse
 /// frequencies, LongRoPE switch length (-1: none), cos/sin scale.
 type RopeFreqs = (String, CudaSlice<f64>, CudaSlice<f64>, i32, f64);
-
-const SUPPORTED: [OpKind; 17] = [
-    OpKind::Embedding,
-    OpKind::Linear,
-    OpKind::RmsNorm,
-    OpKind::LayerNorm,
-    OpKind::Rope,
-    OpKind::Attention,
-    OpKind::Add,
-    OpKind::Mul,
-    OpKind::Scale,
-    OpKind::Glu,
-    OpKind::Activation,
-    OpKind::Softcap,
-    OpKind::Split,
-    OpKind::Moe,
-    OpKind::GatedDeltaNet,
-    OpKind::Mamba2,
-    OpKind::MlaAttention,
-];
 
 pub(crate) fn cuda_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> DriverError + '_ {
     move |e| DriverError::Invalid(format!("CUDA: {what}: {e}"))
@@ -388,7 +369,8 @@ impl Driver for CudaDriver {
     }
 
     fn supports(&self, op: OpKind) -> bool {
-        SUPPORTED.contains(&op)
+        // Every op of the spec language, composite ones included.
+        OpKind::ALL.contains(&op)
     }
 
     fn describe(&self) -> String {

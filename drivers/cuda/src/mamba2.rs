@@ -6,8 +6,9 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use pie_driver::ir::CompositeAttrs;
-use pie_driver::{DriverError, ForwardBatch, Result};
+use pie_driver::{ForwardBatch, Result};
 
+use crate::composite::OpArgs;
 use crate::{cuda_err, CudaAct, CudaDriver, CudaKv, CudaWeight};
 
 // Weight slots, in the op schema's order.
@@ -20,29 +21,6 @@ const D: usize = 5;
 const NORM: usize = 6;
 const OUT_PROJ: usize = 7;
 
-fn get(a: &CompositeAttrs, key: &str) -> Result<usize> {
-    a.usize(key)
-        .map_err(|m| DriverError::Invalid(format!("mamba2: {m}")))?
-        .ok_or_else(|| DriverError::Invalid(format!("mamba2: attribute `{key}` is missing")))
-}
-
-fn weight<'w>(w: &[Option<&'w CudaWeight>], i: usize, key: &str) -> Result<&'w CudaWeight> {
-    w.get(i)
-        .copied()
-        .flatten()
-        .ok_or_else(|| DriverError::Invalid(format!("mamba2: weight `{key}` is missing")))
-}
-
-fn vector<'w>(
-    w: &[Option<&'w CudaWeight>],
-    i: usize,
-    key: &str,
-) -> Result<&'w cudarc::driver::CudaSlice<f32>> {
-    weight(w, i, key)?
-        .f32()
-        .ok_or_else(|| DriverError::Invalid(format!("mamba2: `{key}` must be a float vector")))
-}
-
 impl CudaDriver {
     pub(crate) fn mamba2(
         &self,
@@ -52,32 +30,31 @@ impl CudaDriver {
         kv: &mut CudaKv,
         batch: &ForwardBatch,
     ) -> Result<CudaAct> {
+        let op = OpArgs {
+            op: "mamba2",
+            attrs,
+            weights: w,
+        };
         let (hidden, heads, hd) = (
-            get(attrs, "hidden")?,
-            get(attrs, "heads")?,
-            get(attrs, "head_dim")?,
+            op.usize("hidden")?,
+            op.usize("heads")?,
+            op.usize("head_dim")?,
         );
         let (n_state, groups, kernel) = (
-            get(attrs, "state")?,
-            get(attrs, "groups")?,
-            get(attrs, "conv_kernel")?,
+            op.usize("state")?,
+            op.usize("groups")?,
+            op.usize("conv_kernel")?,
         );
-        let float = |key: &str, default: f64| -> Result<f32> {
-            Ok(attrs
-                .float(key)
-                .map_err(|m| DriverError::Invalid(format!("mamba2: {m}")))?
-                .unwrap_or(default) as f32)
-        };
-        let (eps, dt_min) = (float("eps", 1e-5)?, float("dt_min", 0.0)?);
+        let (eps, dt_min) = (op.f32("eps", Some(1e-5))?, op.f32("dt_min", Some(0.0))?);
         if groups == 0 || heads % groups != 0 || kernel == 0 || kernel > 8 || hd > 1024 {
-            return Err(DriverError::Invalid(format!(
-                "mamba2: {heads} heads in {groups} groups, conv kernel {kernel} (1..=8), head_dim {hd} (<= 1024)"
+            return Err(op.invalid(format!(
+                "{heads} heads in {groups} groups, conv kernel {kernel} (1..=8), head_dim {hd} (<= 1024)"
             )));
         }
         let inner = heads * hd;
         let conv_dim = inner + 2 * groups * n_state;
-        let slot = get(attrs, "state_slot")?;
-        let proj = self.gemm(x, weight(w, IN_PROJ, "in_proj")?, inner + conv_dim + heads)?;
+        let slot = op.usize("state_slot")?;
+        let proj = self.gemm(x, op.weight(IN_PROJ, "in_proj")?, inner + conv_dim + heads)?;
         let mut parts = self
             .split_act(&proj, &[inner, conv_dim, heads], inner + conv_dim + heads)?
             .into_iter();
@@ -87,51 +64,13 @@ impl CudaDriver {
             parts.next().expect("three parts"),
         );
 
-        let seq = |f: &dyn Fn(&pie_driver::SeqChunk) -> i32| -> Vec<i32> {
-            batch.seqs.iter().map(f).collect()
-        };
-        let starts = self.upload(&seq(&|s| s.start as i32))?;
-        let lens = self.upload(&seq(&|s| s.len as i32))?;
-        let rows = self.upload(&seq(&|s| s.state as i32))?;
-        let fresh = self.upload(&seq(&|s| i32::from(s.first_pos == 0)))?;
-        let n_seqs = batch.seqs.len().max(1) as u32;
+        let seqs = self.seq_tables(batch)?;
         let (state, stride) = kv.state(slot, batch)?;
         let stride = stride as i64;
         let conv_len = (conv_dim * (kernel - 1)) as i64;
-
-        let mut xbc = self.act(x.rows, conv_dim)?;
-        let conv_w = vector(w, CONV, "conv")?;
-        let bias = w
-            .get(CONV_BIAS)
-            .copied()
-            .flatten()
-            .and_then(CudaWeight::f32);
-        let has_bias = i32::from(bias.is_some());
-        let (channels, k, zero) = (conv_dim as i32, kernel as i32, 0i64);
-        let mut launch = self
-            .stream
-            .launch_builder(self.kernels.get("pie_causal_conv"));
-        launch
-            .arg(&mut xbc.data)
-            .arg(&xbc_in.data)
-            .arg(&mut *state)
-            .arg(conv_w)
-            .arg(bias.unwrap_or(conv_w))
-            .arg(&has_bias)
-            .arg(&starts)
-            .arg(&lens)
-            .arg(&rows)
-            .arg(&fresh)
-            .arg(&channels)
-            .arg(&k)
-            .arg(&stride)
-            .arg(&zero);
-        let cfg = LaunchConfig {
-            grid_dim: (conv_dim.div_ceil(128) as u32, n_seqs, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        unsafe { launch.launch(cfg) }.map_err(cuda_err("pie_causal_conv"))?;
+        let bias = op.optional(CONV_BIAS).and_then(CudaWeight::f32);
+        let conv_w = op.vector(CONV, "conv")?;
+        let xbc = self.causal_conv(&xbc_in, conv_w, bias, kernel, state, stride, &seqs)?;
 
         let mut y = self.act(x.rows, inner)?;
         let (hi, hdi, ni, gi) = (heads as i32, hd as i32, n_state as i32, groups as i32);
@@ -142,14 +81,14 @@ impl CudaDriver {
             .arg(&mut y.data)
             .arg(&xbc.data)
             .arg(&dt.data)
-            .arg(vector(w, DT_BIAS, "dt_bias")?)
-            .arg(vector(w, A_LOG, "a_log")?)
-            .arg(vector(w, D, "d")?)
+            .arg(op.vector(DT_BIAS, "dt_bias")?)
+            .arg(op.vector(A_LOG, "a_log")?)
+            .arg(op.vector(D, "d")?)
             .arg(&mut *state)
-            .arg(&starts)
-            .arg(&lens)
-            .arg(&rows)
-            .arg(&fresh)
+            .arg(&seqs.starts)
+            .arg(&seqs.lens)
+            .arg(&seqs.rows)
+            .arg(&seqs.fresh)
             .arg(&hi)
             .arg(&hdi)
             .arg(&ni)
@@ -158,7 +97,7 @@ impl CudaDriver {
             .arg(&stride)
             .arg(&conv_len);
         let cfg = LaunchConfig {
-            grid_dim: (heads as u32, n_seqs, 1),
+            grid_dim: (heads as u32, seqs.count, 1),
             block_dim: (hd as u32, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -174,7 +113,7 @@ impl CudaDriver {
             .arg(&mut normed.data)
             .arg(&y.data)
             .arg(&gate.data)
-            .arg(vector(w, NORM, "norm")?)
+            .arg(op.vector(NORM, "norm")?)
             .arg(&group_i)
             .arg(&width_i)
             .arg(&eps);
@@ -184,6 +123,6 @@ impl CudaDriver {
             shared_mem_bytes: 128 * 4,
         };
         unsafe { launch.launch(cfg) }.map_err(cuda_err("pie_gate_group_norm"))?;
-        self.gemm(&normed, weight(w, OUT_PROJ, "out_proj")?, hidden)
+        self.gemm(&normed, op.weight(OUT_PROJ, "out_proj")?, hidden)
     }
 }

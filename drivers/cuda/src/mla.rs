@@ -9,6 +9,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use pie_driver::ir::{AttentionAttrs, CompositeAttrs, RmsNormAttrs, RopeAttrs};
 use pie_driver::{Driver, DriverError, ForwardBatch, Result};
 
+use crate::composite::OpArgs;
 use crate::{cuda_err, CudaAct, CudaDriver, CudaKv, CudaWeight};
 
 // Weight slots, in the op schema's order.
@@ -22,19 +23,6 @@ const KV_B: usize = 6;
 const O: usize = 7;
 const INDEXER_WQ: usize = 8;
 
-fn get(a: &CompositeAttrs, key: &str) -> Result<usize> {
-    a.usize(key)
-        .map_err(|m| DriverError::Invalid(format!("mla_attention: {m}")))?
-        .ok_or_else(|| DriverError::Invalid(format!("mla_attention: attribute `{key}` is missing")))
-}
-
-fn weight<'w>(w: &[Option<&'w CudaWeight>], i: usize, key: &str) -> Result<&'w CudaWeight> {
-    w.get(i)
-        .copied()
-        .flatten()
-        .ok_or_else(|| DriverError::Invalid(format!("mla_attention: weight `{key}` is missing")))
-}
-
 impl CudaDriver {
     pub(crate) fn mla(
         &self,
@@ -44,39 +32,36 @@ impl CudaDriver {
         kv: &mut CudaKv,
         batch: &ForwardBatch,
     ) -> Result<CudaAct> {
+        let op = OpArgs {
+            op: "mla_attention",
+            attrs,
+            weights: w,
+        };
         let (hidden, heads, kv_lora) = (
-            get(attrs, "hidden")?,
-            get(attrs, "heads")?,
-            get(attrs, "kv_lora_rank")?,
+            op.usize("hidden")?,
+            op.usize("heads")?,
+            op.usize("kv_lora_rank")?,
         );
         let (nope, rope, v) = (
-            get(attrs, "qk_nope_head_dim")?,
-            get(attrs, "qk_rope_head_dim")?,
-            get(attrs, "v_head_dim")?,
+            op.usize("qk_nope_head_dim")?,
+            op.usize("qk_rope_head_dim")?,
+            op.usize("v_head_dim")?,
         );
-        let float = |key: &str| -> Result<f32> {
-            attrs
-                .float(key)
-                .map_err(|m| DriverError::Invalid(format!("mla_attention: {m}")))?
-                .map(|f| f as f32)
-                .ok_or_else(|| {
-                    DriverError::Invalid(format!("mla_attention: attribute `{key}` is missing"))
-                })
-        };
-        let (eps, scale) = (float("eps")?, float("scale")?);
-        let rope_attrs = attrs.rope.clone().ok_or_else(|| {
-            DriverError::Invalid("mla_attention: the rope was not resolved at lowering".into())
-        })?;
+        let (eps, scale) = (op.f32("eps", None)?, op.f32("scale", None)?);
+        let rope_attrs = attrs
+            .rope
+            .clone()
+            .ok_or_else(|| op.invalid("the rope was not resolved at lowering"))?;
         if kv_lora > 512 || kv_lora + rope > 2048 {
-            return Err(DriverError::Invalid(format!(
-                "mla_attention: kv_lora_rank {kv_lora} (at most 512) is not supported by the cuda driver"
+            return Err(op.invalid(format!(
+                "kv_lora_rank {kv_lora} (at most 512) is not supported by the cuda driver"
             )));
         }
-        if w.get(INDEXER_WQ).copied().flatten().is_some() {
+        if op.optional(INDEXER_WQ).is_some() {
             let topk = attrs.usize("index_topk").ok().flatten().unwrap_or(0);
             if let Some(s) = batch.seqs.iter().find(|s| s.kv_len() > topk) {
-                return Err(DriverError::Invalid(format!(
-                    "mla_attention: a sequence of {} tokens exceeds the sparse indexer's top-k ({topk}); \
+                return Err(op.invalid(format!(
+                    "a sequence of {} tokens exceeds the sparse indexer's top-k ({topk}); \
                      sparse selection is not implemented by the cuda driver yet",
                     s.kv_len()
                 )));
@@ -86,17 +71,17 @@ impl CudaDriver {
         let width = kv_lora + rope;
 
         // Queries (through the low-rank path when there is one), roped part.
-        let q = match w.get(Q).copied().flatten() {
+        let q = match op.optional(Q) {
             Some(q) => self.gemm(x, q, heads * qk)?,
             None => {
-                let rank = get(attrs, "q_lora_rank")?;
-                let qa = self.gemm(x, weight(w, Q_A, "q_a")?, rank)?;
+                let rank = op.usize("q_lora_rank")?;
+                let qa = self.gemm(x, op.weight(Q_A, "q_a")?, rank)?;
                 let qa = self.rms_norm(
                     &qa,
-                    Some(weight(w, Q_A_NORM, "q_a_norm")?),
+                    Some(op.weight(Q_A_NORM, "q_a_norm")?),
                     &norm(rank, eps),
                 )?;
-                self.gemm(&qa, weight(w, Q_B, "q_b")?, heads * qk)?
+                self.gemm(&qa, op.weight(Q_B, "q_b")?, heads * qk)?
             }
         };
         let q_rot = self
@@ -106,7 +91,7 @@ impl CudaDriver {
         let q_rot = self.rope(&q_rot, batch, &rope_attrs)?;
 
         // This token's cache row: normalized latent, then the roped key.
-        let ckv = self.gemm(x, weight(w, KV_A, "kv_a")?, width)?;
+        let ckv = self.gemm(x, op.weight(KV_A, "kv_a")?, width)?;
         let mut parts = self.split_act(&ckv, &[kv_lora, rope], width)?.into_iter();
         let (lat, kpe) = (
             parts.next().expect("two parts"),
@@ -114,7 +99,7 @@ impl CudaDriver {
         );
         let lat = self.rms_norm(
             &lat,
-            Some(weight(w, KV_A_NORM, "kv_a_norm")?),
+            Some(op.weight(KV_A_NORM, "kv_a_norm")?),
             &norm(kv_lora, eps),
         )?;
         let kpe = self.rope(
@@ -135,7 +120,7 @@ impl CudaDriver {
             scale,
             window: None,
             softcap: None,
-            cache_slot: get(attrs, "cache_slot")?,
+            cache_slot: op.usize("cache_slot")?,
         };
         let (tables, slot) = kv.prepare(batch, cache.cache_slot, &cache, |d| self.upload(d))?;
         let (rows, kw, vw) = (x.rows as i32, width as i32, 0i32);
@@ -150,7 +135,7 @@ impl CudaDriver {
             .arg(&vw);
         unsafe { b.launch(crate::blocks(x.rows * width)) }.map_err(cuda_err("pie_kv_write"))?;
 
-        let kv_b = weight(w, KV_B, "kv_b")?;
+        let kv_b = op.weight(KV_B, "kv_b")?;
         let (hi, ni, ri, vi, li) = (
             heads as i32,
             nope as i32,
@@ -211,7 +196,7 @@ impl CudaDriver {
         let dtype = push_weight(&mut b, kv_b)?;
         b.arg(&dtype).arg(&hi).arg(&ni).arg(&vi).arg(&li);
         unsafe { b.launch(per_row_head) }.map_err(cuda_err("pie_mla_value"))?;
-        self.gemm(&out, weight(w, O, "o")?, hidden)
+        self.gemm(&out, op.weight(O, "o")?, hidden)
     }
 
     /// `[a, b]` row by row.

@@ -78,27 +78,6 @@ impl Default for PortableDriver {
     }
 }
 
-/// Ops this driver runs. Models using others are refused at load.
-const SUPPORTED: [OpKind; 17] = [
-    OpKind::Embedding,
-    OpKind::Linear,
-    OpKind::RmsNorm,
-    OpKind::LayerNorm,
-    OpKind::Rope,
-    OpKind::Attention,
-    OpKind::Add,
-    OpKind::Mul,
-    OpKind::Scale,
-    OpKind::Glu,
-    OpKind::Activation,
-    OpKind::Softcap,
-    OpKind::Split,
-    OpKind::Moe,
-    OpKind::GatedDeltaNet,
-    OpKind::Mamba2,
-    OpKind::MlaAttention,
-];
-
 impl Driver for PortableDriver {
     type Weight = Weight;
     type Act = Act;
@@ -109,7 +88,8 @@ impl Driver for PortableDriver {
     }
 
     fn supports(&self, op: OpKind) -> bool {
-        SUPPORTED.contains(&op)
+        // Every op of the spec language, composite ones included.
+        OpKind::ALL.contains(&op)
     }
 
     fn describe(&self) -> String {
