@@ -165,6 +165,7 @@ pub fn generate(args: GenerateArgs) -> Result<(), String> {
         temperature: args.temperature,
         top_k: args.top_k,
         top_p: args.top_p,
+        min_p: 0.0,
         seed: args.seed,
     };
     let ids = engine

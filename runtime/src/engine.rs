@@ -237,6 +237,40 @@ impl<D: Driver + 'static> Engine<D> {
         Ok((batch, pages))
     }
 
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    /// Allocates a KV cache of at least `pages` pages. Growing it later
+    /// drops its contents, so a caller that manages pages itself (the
+    /// scheduler) calls this once, before its first pass.
+    pub fn allocate_kv(&mut self, pages: usize) -> Result<(), PieError> {
+        self.kv(pages).map(|_| ())
+    }
+
+    /// Runs a batch whose page tables the caller manages (see
+    /// [`Engine::allocate_kv`]) and returns the logits of `rows`, one
+    /// vocabulary-sized row after another.
+    pub fn forward_rows(
+        &mut self,
+        batch: &ForwardBatch,
+        rows: &[usize],
+    ) -> Result<Vec<f32>, PieError> {
+        let pages = self.kv.as_ref().map_or(0, |(_, n)| *n);
+        if let Some(&bad) = batch
+            .seqs
+            .iter()
+            .flat_map(|s| &s.pages)
+            .find(|&&p| p as usize >= pages)
+        {
+            return Err(PieError::Input(format!(
+                "page {bad} is outside the KV cache ({pages} pages)"
+            )));
+        }
+        self.check_ids(&batch.tokens)?;
+        self.run(batch, rows)
+    }
+
     fn run(&mut self, batch: &ForwardBatch, rows: &[usize]) -> Result<Vec<f32>, PieError> {
         let (kv, _) = self.kv.as_mut().expect("prefill_batch allocates the cache");
         let all: Vec<usize> = (0..batch.num_tokens()).collect();
