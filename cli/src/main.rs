@@ -1,9 +1,10 @@
 //! `pie`: spec tools (`pie spec check|show|codegen`) and running models
-//! (`pie logits`, `pie generate`).
+//! (`pie logits`, `pie generate`, `pie run` for inferlets).
 
 mod bench_cmd;
 mod catalog_cmds;
 mod model_cmds;
+mod run_cmd;
 mod spec_cmds;
 
 use std::process::ExitCode;
@@ -32,6 +33,9 @@ enum Command {
     Generate(model_cmds::GenerateArgs),
     /// Measure prefill and decode throughput (prompt and generation length).
     Bench(bench_cmd::BenchArgs),
+    /// Run an inferlet (a WebAssembly component) on a model and print its
+    /// messages.
+    Run(run_cmd::RunArgs),
     /// Print the token ids of a prompt.
     Tokenize(model_cmds::TokenizeArgs),
     /// Known models: list them, fetch them into the cache.
@@ -48,6 +52,7 @@ fn main() -> ExitCode {
         Command::Model(cmd) => catalog_cmds::run(cmd),
         Command::Tokenize(args) => model_cmds::tokenize(args),
         Command::Bench(args) => bench_cmd::bench(args),
+        Command::Run(args) => run_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,7 +12,7 @@ use pie_runtime::chat_template::ChatMessage;
 use pie_runtime::sampling::Sampler;
 use pie_runtime::{Engine, LoadOptions};
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct ModelArgs {
     /// A Hugging Face model directory (config.json + safetensors), a GGUF
     /// file, or a known model name (`pie model list`), e.g. `smollm2`.

@@ -100,6 +100,6 @@ macro_rules! main {
                 $crate::block_on($body())
             }
         }
-        $crate::export_inferlet!(__PieInferlet with_types_in $crate::bindings);
+        $crate::bindings::export_inferlet!(__PieInferlet with_types_in $crate::bindings);
     };
 }

@@ -59,9 +59,9 @@ impl ResourceLimiter for MemoryLimiter {
         // A trap, not a failed `memory.grow`: Rust guests abort on a failed
         // allocation anyway, and this way the client reads which limit.
         Err(wasmtime::Error::msg(format!(
-            "memory limit exceeded: the inferlet asked for {} MiB of linear memory, its limit is {} MiB",
-            desired >> 20,
-            self.limit >> 20
+            "memory limit exceeded: the inferlet asked for {:.1} MiB of linear memory, its limit is {:.1} MiB",
+            desired as f64 / (1 << 20) as f64,
+            self.limit as f64 / (1 << 20) as f64
         )))
     }
 

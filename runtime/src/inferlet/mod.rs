@@ -80,7 +80,7 @@ impl InferletRuntime {
         let mut linker = Linker::new(&engine);
         bindings::Inferlet::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
             .map_err(|e| format!("wasmtime linker: {e}"))?;
-        start_epoch_ticker(&engine);
+        start_epoch_ticker(&engine)?;
         Ok(InferletRuntime {
             engine,
             linker,
@@ -100,7 +100,8 @@ impl InferletRuntime {
             .map_err(|e| format!("not a valid inferlet component: {e:#}"))
     }
 
-    /// Starts an inferlet on the current tokio runtime.
+    /// Starts an inferlet on the current tokio runtime (without one, the
+    /// instance exits at once with an error).
     pub fn launch(&self, component: &Component, args: Vec<String>, limits: Limits) -> Instance {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (events, events_rx) = mpsc::unbounded_channel();
@@ -119,14 +120,22 @@ impl InferletRuntime {
             started: Instant::now(),
             time_limit: limits.time,
         };
+        let events_tx = events.clone();
         let (engine, linker, component) =
             (self.engine.clone(), self.linker.clone(), component.clone());
-        tokio::spawn(async move {
+        let task = async move {
             let status = run(engine, linker, component, state)
                 .await
                 .map_err(|e| format!("inferlet {id}: {e}"));
             let _ = events.send(Event::Exit(status));
-        });
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(tokio) => drop(tokio.spawn(task)),
+            Err(_) => {
+                let msg = format!("inferlet {id}: launch() needs a tokio runtime");
+                let _ = events_tx.send(Event::Exit(Err(msg)));
+            }
+        }
         Instance {
             id,
             events: events_rx,
@@ -172,17 +181,29 @@ async fn run(
 }
 
 /// A trap as the client should read it: our limit messages as they are,
-/// wasm traps with their backtrace.
+/// other traps cause first, then wasmtime's context (the wasm backtrace).
 fn describe(e: &wasmtime::Error) -> String {
     let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
     if let Some(limit) = chain.iter().find(|c| c.contains("limit exceeded")) {
         return limit.clone();
     }
-    format!("trapped: {}", chain.join(": "))
+    let cause = e.root_cause().to_string();
+    let context: Vec<&String> = chain.iter().filter(|c| **c != cause).collect();
+    match context.is_empty() {
+        true => format!("trapped: {cause}"),
+        false => format!(
+            "trapped: {cause}\n{}",
+            context
+                .iter()
+                .map(|c| c.as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        ),
+    }
 }
 
 /// Advances the engine's epoch every tick while the engine lives.
-fn start_epoch_ticker(engine: &Engine) {
+fn start_epoch_ticker(engine: &Engine) -> Result<(), String> {
     let weak = engine.weak();
     std::thread::Builder::new()
         .name("pie-epoch".into())
@@ -193,5 +214,6 @@ fn start_epoch_ticker(engine: &Engine) {
                 std::thread::sleep(limits::EPOCH_TICK);
             }
         })
-        .expect("spawning a thread at startup");
+        .map(|_| ())
+        .map_err(|e| format!("cannot start the epoch thread: {e}"))
 }

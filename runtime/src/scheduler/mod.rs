@@ -10,6 +10,7 @@ pub mod outputs;
 pub mod pages;
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -107,6 +108,18 @@ pub struct Scheduler {
     tx: mpsc::Sender<Job>,
     kv: Arc<Mutex<PageManager>>,
     model: Arc<ModelInfo>,
+    stats: Arc<Stats>,
+}
+
+/// Counters of the work done, to see how well passes were batched.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Driver calls.
+    pub batches: AtomicU64,
+    /// Passes answered (finished or failed).
+    pub passes: AtomicU64,
+    /// Tokens run, replayed ones included.
+    pub tokens: AtomicU64,
 }
 
 impl Scheduler {
@@ -118,6 +131,8 @@ impl Scheduler {
         F: FnOnce() -> Result<Engine<D>, PieError> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel::<Job>();
+        let stats = Arc::new(Stats::default());
+        let counters = stats.clone();
         let (ready_tx, ready_rx) = mpsc::channel();
         let name = name.to_string();
         std::thread::Builder::new()
@@ -132,7 +147,7 @@ impl Scheduler {
                         let kv =
                             Arc::new(Mutex::new(PageManager::new(cfg.kv_pages, info.page_size)));
                         let _ = ready_tx.send(Ok((info, kv.clone())));
-                        run_loop(engine, rx, kv, &cfg);
+                        run_loop(engine, rx, kv, &cfg, &counters);
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -147,11 +162,16 @@ impl Scheduler {
             tx,
             kv,
             model: Arc::new(info),
+            stats,
         })
     }
 
     pub fn model(&self) -> &ModelInfo {
         &self.model
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
     }
 
     /// The page manager. Held only briefly: the scheduler takes it for
@@ -246,6 +266,7 @@ fn run_loop<D: Driver + 'static>(
     rx: mpsc::Receiver<Job>,
     kv: Arc<Mutex<PageManager>>,
     cfg: &SchedulerConfig,
+    stats: &Stats,
 ) {
     let mut queue: VecDeque<Job> = VecDeque::new();
     loop {
@@ -256,7 +277,7 @@ fn run_loop<D: Driver + 'static>(
             }
         }
         queue.extend(rx.try_iter());
-        step(&mut engine, &mut queue, &kv, cfg);
+        step(&mut engine, &mut queue, &kv, cfg, stats);
     }
 }
 
@@ -284,9 +305,14 @@ fn step<D: Driver + 'static>(
     queue: &mut VecDeque<Job>,
     kv: &Mutex<PageManager>,
     cfg: &SchedulerConfig,
+    stats: &Stats,
 ) {
     let (batch, chunks, mut finished) = plan_batch(&mut lock(kv), queue, cfg);
     if !chunks.is_empty() {
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats
+            .tokens
+            .fetch_add(batch.num_tokens() as u64, Ordering::Relaxed);
         let rows = output_rows(&batch, &chunks, queue);
         // Zero output rows is not a shape every model handles: ask for
         // one row and drop it.
@@ -302,6 +328,9 @@ fn step<D: Driver + 'static>(
             Err(e) => finished.extend(fail_chunks(queue, &chunks, lock(kv).page_size(), &e)),
         }
     }
+    stats
+        .passes
+        .fetch_add(finished.len() as u64, Ordering::Relaxed);
     finish(&mut lock(kv), queue, finished);
 }
 

@@ -41,7 +41,11 @@ async fn main() -> Result<(), String> {
 
     let mean = |g: &Generated| g.logprob / g.tokens.len().max(1) as f32;
     for (i, g) in results.iter().enumerate() {
-        inferlet::send(&format!("candidate {i} (mean logprob {:.4}): {}", mean(g), g.text));
+        inferlet::send(&format!(
+            "candidate {i} (mean logprob {:.4}): {}",
+            mean(g),
+            g.text
+        ));
     }
     let best = results
         .iter()

@@ -8,9 +8,7 @@ use inferlet::{arg_value, Context, Model, Sampler};
 
 fn parse<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> Result<T, String> {
     match arg_value(args, name) {
-        Some(v) => v
-            .parse()
-            .map_err(|_| format!("{name}: cannot parse `{v}`")),
+        Some(v) => v.parse().map_err(|_| format!("{name}: cannot parse `{v}`")),
         None => Ok(default),
     }
 }

@@ -38,7 +38,9 @@ async fn main() -> Result<(), String> {
     loop {
         // Done when the answer is a whole choice that no other choice extends.
         if tokenized.iter().any(|c| *c == answer)
-            && !tokenized.iter().any(|c| c.len() > answer.len() && c.starts_with(&answer))
+            && !tokenized
+                .iter()
+                .any(|c| c.len() > answer.len() && c.starts_with(&answer))
         {
             break;
         }
@@ -47,11 +49,15 @@ async fn main() -> Result<(), String> {
         let Some(Output::Logits(logits)) = outs.into_iter().next() else {
             return Err("no logits returned".into());
         };
-        let token = best_allowed(&logits, &tokenized, &answer).ok_or("no choice continues the answer")?;
+        let token =
+            best_allowed(&logits, &tokenized, &answer).ok_or("no choice continues the answer")?;
         answer.push(token);
         ctx.fill(&[token]);
     }
-    let chosen = tokenized.iter().position(|c| *c == answer).expect("loop ends on a choice");
+    let chosen = tokenized
+        .iter()
+        .position(|c| *c == answer)
+        .expect("loop ends on a choice");
     inferlet::send(names[chosen]);
     Ok(())
 }
