@@ -1,10 +1,11 @@
 //! `pie`: spec tools (`pie spec check|show|codegen`) and running models
-//! (`pie logits`, `pie generate`).
+//! (`pie logits`, `pie generate`, `pie run` for inferlets).
 
 mod bench_cmd;
 mod build_cmd;
 mod catalog_cmds;
 mod model_cmds;
+mod run_cmd;
 mod spec_cmds;
 
 use std::process::ExitCode;
@@ -33,6 +34,9 @@ enum Command {
     Generate(model_cmds::GenerateArgs),
     /// Measure prefill and decode throughput (prompt and generation length).
     Bench(bench_cmd::BenchArgs),
+    /// Run an inferlet (a WebAssembly component) on a model and print its
+    /// messages.
+    Run(run_cmd::RunArgs),
     /// Print the token ids of a prompt.
     Tokenize(model_cmds::TokenizeArgs),
     /// Build a serving binary for one architecture and flavor
@@ -53,6 +57,7 @@ fn main() -> ExitCode {
         Command::Tokenize(args) => model_cmds::tokenize(args),
         Command::Bench(args) => bench_cmd::bench(args),
         Command::Build(args) => build_cmd::build(args),
+        Command::Run(args) => run_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

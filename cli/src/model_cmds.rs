@@ -12,9 +12,10 @@ use pie_driver_portable::{PortableDriver, RuntimeQuant};
 use pie_runtime::catalog;
 use pie_runtime::chat_template::ChatMessage;
 use pie_runtime::sampling::Sampler;
-use pie_runtime::{Engine, LoadOptions};
+use pie_runtime::scheduler::{Scheduler, SchedulerConfig};
+use pie_runtime::{Engine, LoadOptions, PieError};
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct ModelArgs {
     /// A Hugging Face model directory (config.json + safetensors), a GGUF
     /// file, or a known model name (`pie model list`), e.g. `smollm2`.
@@ -101,17 +102,54 @@ pub fn run_job(args: &ModelArgs, job: impl EngineJob) -> Result<(), String> {
             job.run(load(args, driver)?, args)
         }
         #[cfg(not(feature = "cuda"))]
-        "cuda" => Err(
-            "this pie binary was built without the CUDA driver (flavor portable); build one with \
-             `pie build --arch ARCH --flavor cuda12.8`"
-                .into(),
-        ),
+        "cuda" => Err(NO_CUDA.into()),
         _ => {
             let quant = args.runtime_quant.as_deref().map(|_| RuntimeQuant::Int8);
             let driver = PortableDriver::new().with_runtime_quant(quant);
             job.run(load(args, driver)?, args)
         }
     }
+}
+
+#[cfg(not(feature = "cuda"))]
+const NO_CUDA: &str = "this pie binary was built without the CUDA driver (flavor portable); \
+    build one with `pie build --arch ARCH --flavor cuda12.8`";
+
+/// Starts a scheduler thread that loads the model on the driver `--driver`
+/// names (the engine is built on that thread and never leaves it).
+pub fn start_scheduler(args: &ModelArgs, cfg: SchedulerConfig) -> Result<Scheduler, String> {
+    let name = args.label().display().to_string();
+    let model = args.clone();
+    let started = match args.driver.as_str() {
+        #[cfg(feature = "cuda")]
+        "cuda" => {
+            if args.runtime_quant.is_some() {
+                return Err("--runtime-quant is implemented by the portable driver only".into());
+            }
+            Scheduler::start(
+                &name,
+                move || {
+                    let driver = CudaDriver::new().map_err(|e| PieError::Input(e.to_string()))?;
+                    load(&model, driver).map_err(PieError::Input)
+                },
+                cfg,
+            )
+        }
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => return Err(NO_CUDA.into()),
+        _ => {
+            let quant = args.runtime_quant.as_deref().map(|_| RuntimeQuant::Int8);
+            Scheduler::start(
+                &name,
+                move || {
+                    let driver = PortableDriver::new().with_runtime_quant(quant);
+                    load(&model, driver).map_err(PieError::Input)
+                },
+                cfg,
+            )
+        }
+    };
+    started.map_err(|e| e.to_string())
 }
 
 impl ModelArgs {
@@ -243,6 +281,7 @@ fn run_generate<D: Driver + 'static>(
         temperature: args.temperature,
         top_k: args.top_k,
         top_p: args.top_p,
+        min_p: 0.0,
         seed: args.seed,
     };
     let ids = engine

@@ -321,6 +321,68 @@ impl<D: Driver + 'static> Engine<D> {
         Ok((batch, pages))
     }
 
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    /// Allocates a KV cache of at least `pages` pages and recurrent state
+    /// for `state_rows` sequences. Growing it later drops its contents, so a
+    /// caller that manages pages itself (the scheduler) calls this once,
+    /// before its first pass.
+    pub fn allocate_kv(&mut self, pages: usize, state_rows: usize) -> Result<(), PieError> {
+        self.kv(pages, state_rows).map(|_| ())
+    }
+
+    /// Whether the model has recurrent layers (Gated DeltaNet, Mamba2),
+    /// whose per-sequence state cannot be rewound or rebuilt from pages.
+    pub fn has_recurrent_state(&self) -> bool {
+        !self.ir.state_slots.is_empty()
+    }
+
+    /// Copies recurrent state row `from` to row `to` (a fork).
+    pub fn copy_state(&mut self, from: u32, to: u32) -> Result<(), PieError> {
+        let (kv, ..) = self.kv.as_mut().ok_or_else(no_kv)?;
+        Ok(self.driver.copy_state(kv, from, to)?)
+    }
+
+    /// Copies every layer's keys and values of page `from` into page `to`
+    /// (copy on write of a shared page).
+    pub fn copy_page(&mut self, from: u32, to: u32) -> Result<(), PieError> {
+        let (kv, ..) = self.kv.as_mut().ok_or_else(no_kv)?;
+        Ok(self.driver.copy_page(kv, from, to)?)
+    }
+
+    /// Runs a batch whose page tables and state rows the caller manages
+    /// (see [`Engine::allocate_kv`]) and returns the logits of `rows`, one
+    /// vocabulary-sized row after another.
+    pub fn forward_rows(
+        &mut self,
+        batch: &ForwardBatch,
+        rows: &[usize],
+    ) -> Result<Vec<f32>, PieError> {
+        let (pages, state_rows) = self.kv.as_ref().map_or((0, 0), |(_, n, s)| (*n, *s));
+        if let Some(&bad) = batch
+            .seqs
+            .iter()
+            .flat_map(|s| &s.pages)
+            .find(|&&p| p as usize >= pages)
+        {
+            return Err(PieError::Input(format!(
+                "page {bad} is outside the KV cache ({pages} pages)"
+            )));
+        }
+        if self.has_recurrent_state() {
+            if let Some(s) = batch.seqs.iter().find(|s| s.state as usize >= state_rows) {
+                return Err(PieError::Input(format!(
+                    "recurrent state row {} is outside the cache ({state_rows} rows)",
+                    s.state
+                )));
+            }
+        }
+        self.check_ids(&batch.tokens)?;
+        self.run(batch, rows)
+    }
+
     fn run(&mut self, batch: &ForwardBatch, rows: &[usize]) -> Result<Vec<f32>, PieError> {
         let (logits, read) = self.forward(batch, rows)?;
         Ok(self.driver.read_rows(&logits, &read)?)
@@ -409,4 +471,8 @@ mod tests {
         );
         assert!(unsupported_op(&model, "test", |_| true).is_ok());
     }
+}
+
+fn no_kv() -> PieError {
+    PieError::Input("no KV cache allocated (call allocate_kv first)".into())
 }

@@ -6,6 +6,7 @@ pub mod chat_template;
 pub mod engine;
 pub mod error;
 pub mod gguf;
+pub mod inferlet;
 mod load_error;
 pub mod model_dir;
 pub mod model_source;
@@ -13,6 +14,7 @@ pub mod random_weights;
 pub mod registry;
 pub mod safetensors_source;
 pub mod sampling;
+pub mod scheduler;
 pub mod tokenizer;
 
 pub use engine::{Engine, LoadOptions};

@@ -10,6 +10,9 @@ pub struct Sampler {
     pub top_k: usize,
     /// 1.0 = off.
     pub top_p: f32,
+    /// Drops tokens less likely than `min_p` times the most likely one;
+    /// 0 = off.
+    pub min_p: f32,
     pub seed: u64,
 }
 
@@ -23,6 +26,7 @@ impl Sampler {
             temperature: 0.0,
             top_k: 0,
             top_p: 1.0,
+            min_p: 0.0,
             seed: 0,
         }
     }
@@ -64,6 +68,15 @@ pub fn sample(logits: &[f32], s: &Sampler, rng: &mut Rng) -> u32 {
         .collect();
     let total: f32 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
+    if s.min_p > 0.0 {
+        // probs[0] is the largest: the candidates are sorted.
+        let floor = s.min_p * probs[0];
+        let n = probs.iter().take_while(|&&p| p >= floor).count().max(1);
+        probs.truncate(n);
+        idx.truncate(n);
+        let total: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+    }
     if s.top_p < 1.0 {
         let mut acc = 0.0;
         let keep = probs.iter().take_while(|&&p| {
@@ -88,6 +101,26 @@ pub fn sample(logits: &[f32], s: &Sampler, rng: &mut Rng) -> u32 {
     *idx.last().expect("at least one candidate") as u32
 }
 
+/// `log_softmax(logits)[token]`.
+pub fn logprob(logits: &[f32], token: u32) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+    logits[token as usize] - max - sum.ln()
+}
+
+/// The `k` most likely tokens with their softmax probabilities, most
+/// likely first.
+pub fn top_k_distribution(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    idx.truncate(k);
+    idx.into_iter()
+        .map(|i| (i as u32, (logits[i] - max).exp() / sum))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,6 +142,7 @@ mod tests {
             temperature: 1.0,
             top_k: 1,
             top_p: 1.0,
+            min_p: 0.0,
             seed: 0,
         };
         assert!(draws(&logits, &top1, 1).iter().all(|&t| t == 1));
@@ -116,11 +150,41 @@ mod tests {
             temperature: 1.0,
             top_k: 0,
             top_p: 1.0,
+            min_p: 0.0,
             seed: 0,
         };
         let a = draws(&logits, &free, 7);
         assert_eq!(a, draws(&logits, &free, 7));
         assert!(a.iter().any(|&t| t != 1), "temperature 1 explores");
+    }
+
+    #[test]
+    fn min_p_drops_unlikely_tokens() {
+        let logits = [5.0, 4.9, 0.0, 0.0];
+        let s = Sampler {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.5,
+            seed: 0,
+        };
+        let d = draws(&logits, &s, 9);
+        assert!(d.iter().all(|&t| t < 2));
+        assert!(d.contains(&0) && d.contains(&1));
+    }
+
+    /// Log-probabilities: `log_softmax(logits)[token]`.
+    #[test]
+    fn logprob_is_log_softmax() {
+        let lp = logprob(&[0.0, (3.0f32).ln()], 1);
+        assert!((lp - 0.75f32.ln()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn top_k_distribution_is_sorted_softmax() {
+        let d = top_k_distribution(&[0.0, (3.0f32).ln(), -100.0], 2);
+        assert_eq!(d.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 0]);
+        assert!((d[0].1 - 0.75).abs() < 1e-6 && (d[1].1 - 0.25).abs() < 1e-6);
     }
 
     #[test]
@@ -130,6 +194,7 @@ mod tests {
             temperature: 1.0,
             top_k: 0,
             top_p: 0.9,
+            min_p: 0.0,
             seed: 0,
         };
         assert!(draws(&logits, &s, 3).iter().all(|&t| t < 2));

@@ -178,6 +178,15 @@ pub trait Driver: Send + Sync {
         )))
     }
 
+    /// Copies the keys and values of every attention op from page `from`
+    /// into page `to` (copy on write of a page two contexts share).
+    fn copy_page(&self, _kv: &mut Self::Kv, from: u32, to: u32) -> Result<()> {
+        Err(DriverError::Invalid(format!(
+            "the `{}` driver cannot copy KV pages ({from} -> {to})",
+            self.name()
+        )))
+    }
+
     /// Copies the given token rows of `x` (a `[tokens, vocab]` logits
     /// activation) to host memory, row after row.
     fn read_rows(&self, x: &Self::Act, rows: &[usize]) -> Result<Vec<f32>>;

@@ -164,6 +164,29 @@ impl CudaKv {
     }
 
     /// Copies every recurrent state of row `from` to row `to` (fork).
+    /// Copies page `from` over page `to` in every attention op's cache.
+    pub fn copy_page(
+        &mut self,
+        from: usize,
+        to: usize,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    ) -> Result<()> {
+        if from >= self.num_pages || to >= self.num_pages {
+            return Err(DriverError::Invalid(format!(
+                "KV pages {from} -> {to}: the cache has {} pages",
+                self.num_pages
+            )));
+        }
+        let n = self.page_size;
+        for slot in &mut self.slots {
+            let kw = slot.shape.kv_heads * slot.shape.head_dim;
+            let vw = slot.shape.kv_heads * slot.shape.v_head_dim;
+            copy_range(stream, &mut slot.k, from * n * kw, to * n * kw, n * kw)?;
+            copy_range(stream, &mut slot.v, from * n * vw, to * n * vw, n * vw)?;
+        }
+        Ok(())
+    }
+
     pub fn copy_state(
         &mut self,
         from: usize,
@@ -226,4 +249,24 @@ impl CudaKv {
         }
         Ok(plan)
     }
+}
+
+/// Copies `len` floats of `buf` at `from` over those at `to` (the ranges
+/// are distinct pages or rows, never overlapping).
+fn copy_range(
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    buf: &mut CudaSlice<f32>,
+    from: usize,
+    to: usize,
+    len: usize,
+) -> Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let src = stream
+        .clone_dtod(&buf.slice(from..from + len))
+        .map_err(|e| DriverError::Invalid(format!("CUDA: copying KV: {e}")))?;
+    stream
+        .memcpy_dtod(&src, &mut buf.slice_mut(to..to + len))
+        .map_err(|e| DriverError::Invalid(format!("CUDA: copying KV: {e}")))
 }

@@ -846,6 +846,10 @@ impl Driver for CudaDriver {
         }
     }
 
+    fn copy_page(&self, kv: &mut CudaKv, from: u32, to: u32) -> Result<()> {
+        kv.copy_page(from as usize, to as usize, &self.stream)
+    }
+
     fn copy_state(&self, kv: &mut CudaKv, from: u32, to: u32) -> Result<()> {
         kv.copy_state(from as usize, to as usize, &self.stream)
     }

@@ -43,6 +43,26 @@ impl Store {
         }
     }
 
+    /// Copies token slots `from..from + n` over `to..to + n`; `width` =
+    /// values per token slot, `heads` = scales per token slot.
+    fn copy_slots(&mut self, from: usize, to: usize, n: usize, width: usize, heads: usize) {
+        let (src, dst) = (from * width..(from + n) * width, to * width);
+        let (ssrc, sdst) = (from * heads..(from + n) * heads, to * heads);
+        match self {
+            Store::F32(v) => v.copy_within(src, dst),
+            Store::Bf16(v) => v.copy_within(src, dst),
+            Store::F16(v) => v.copy_within(src, dst),
+            Store::Int8 { q, scales } => {
+                q.copy_within(src, dst);
+                scales.copy_within(ssrc, sdst);
+            }
+            Store::Fp8 { q, scales } => {
+                q.copy_within(src, dst);
+                scales.copy_within(ssrc, sdst);
+            }
+        }
+    }
+
     /// Stores `row` (all heads of one token slot, `dim` values a head).
     fn write(&mut self, token_slot: usize, dim: usize, row: &[f32]) {
         if row.is_empty() {
@@ -237,6 +257,23 @@ impl KvCache {
             state.fill(0.0);
         }
         Ok(state)
+    }
+
+    /// Copies page `from` over page `to` in every attention op's cache.
+    pub fn copy_page(&mut self, from: usize, to: usize) -> Result<()> {
+        if from >= self.num_pages || to >= self.num_pages {
+            return Err(DriverError::Invalid(format!(
+                "KV pages {from} -> {to}: the cache has {} pages",
+                self.num_pages
+            )));
+        }
+        let n = self.page_size;
+        for slot in &mut self.slots {
+            let (kw, vw, heads) = (slot.k_width(), slot.v_width(), slot.shape.kv_heads);
+            slot.k.copy_slots(from * n, to * n, n, kw, heads);
+            slot.v.copy_slots(from * n, to * n, n, vw, heads);
+        }
+        Ok(())
     }
 
     /// Copies every recurrent state of sequence row `from` to row `to`

@@ -264,6 +264,10 @@ impl Driver for PortableDriver {
         }
     }
 
+    fn copy_page(&self, kv: &mut KvCache, from: u32, to: u32) -> Result<()> {
+        kv.copy_page(from as usize, to as usize)
+    }
+
     fn copy_state(&self, kv: &mut KvCache, from: u32, to: u32) -> Result<()> {
         kv.copy_state(from as usize, to as usize)
     }

@@ -1,0 +1,40 @@
+//! What one running inferlet's store holds.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, Notify};
+use wasmtime::component::ResourceTable;
+
+use super::kv_store::KvStore;
+use super::limits::MemoryLimiter;
+use super::Event;
+use crate::scheduler::{PassResult, Scheduler};
+
+/// Where a pass's result lands; filled on the scheduler thread.
+pub type Slot = Arc<Mutex<Option<PassResult>>>;
+
+pub struct InstanceState {
+    pub id: u64,
+    pub args: Vec<String>,
+    pub sched: Scheduler,
+    pub store: Arc<KvStore>,
+    pub table: ResourceTable,
+    pub limiter: MemoryLimiter,
+    pub events: mpsc::UnboundedSender<Event>,
+    pub inbox: mpsc::UnboundedReceiver<String>,
+    /// Results of this inferlet's passes not yet read by `poll`.
+    pub passes: Vec<Slot>,
+    /// Signalled whenever one of this inferlet's passes finishes.
+    pub pass_done: Arc<Notify>,
+    pub started: Instant,
+    pub time_limit: Duration,
+}
+
+impl InstanceState {
+    /// Sends an event to the client; a client that went away is no error
+    /// (the inferlet finishes its work regardless).
+    pub fn emit(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+}

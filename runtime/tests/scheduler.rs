@@ -1,0 +1,166 @@
+//! The scheduler against the engine run directly: chunked prefill, forks
+//! with copy on write of a shared partial page, and KV exhaustion must give
+//! the logits `Engine::prompt_logits` gives for the same tokens.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+
+use pie_driver_portable::PortableDriver;
+use pie_runtime::scheduler::{
+    ContextId, OutputKind, PassOutput, PassRequest, PassResult, Scheduler, SchedulerConfig,
+};
+use pie_runtime::{Engine, LoadOptions};
+
+fn llama() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llama")
+}
+
+/// Small pages and batches, so prefill splits and forks share a partial page.
+fn opts() -> LoadOptions {
+    LoadOptions {
+        page_size: 4,
+        ..LoadOptions::default()
+    }
+}
+
+fn start(kv_pages: usize, max_forward_tokens: usize) -> Scheduler {
+    let cfg = SchedulerConfig {
+        max_forward_tokens,
+        max_forward_requests: 512,
+        kv_pages,
+    };
+    Scheduler::start(
+        "llama",
+        || Engine::load(&llama(), PortableDriver::new(), &opts(), None),
+        cfg,
+    )
+    .unwrap()
+}
+
+/// Runs a pass and waits for it; asks for the logits of its last token.
+fn pass(s: &Scheduler, ctx: ContextId, tokens: &[u32]) -> PassResult {
+    let (tx, rx) = mpsc::channel();
+    let req = PassRequest {
+        ctx,
+        tokens: tokens.to_vec(),
+        outputs: vec![(tokens.len() as u32 - 1, OutputKind::Logits)],
+        ..PassRequest::default()
+    };
+    s.submit(req, Box::new(move |r| tx.send(r).unwrap()))?;
+    rx.recv().unwrap()
+}
+
+fn logits(r: PassResult) -> Vec<f32> {
+    match r.unwrap().remove(0) {
+        PassOutput::Logits(l) => l,
+        other => panic!("expected logits, got {other:?}"),
+    }
+}
+
+fn reference(tokens: &[u32]) -> Vec<f32> {
+    let mut e = Engine::load(&llama(), PortableDriver::new(), &opts(), None).unwrap();
+    e.prompt_logits(&[tokens.to_vec()]).unwrap()[0]
+        .last()
+        .unwrap()
+        .clone()
+}
+
+fn assert_close(a: &[f32], b: &[f32], what: &str) {
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(
+        diff <= 1e-4 * scale.max(1.0),
+        "{what}: max diff {diff} (scale {scale})"
+    );
+}
+
+#[test]
+fn chunked_prefill_and_forks_match_the_engine() {
+    let s = start(64, 7);
+    let prompt: Vec<u32> = (0..18).map(|i| (i * 7 + 3) % 100 + 5).collect();
+    let a = s.kv().create();
+    // 18 tokens in batches of at most 7 tokens: three steps.
+    let got = logits(pass(&s, a, &prompt));
+    assert_close(&got, &reference(&prompt), "chunked prefill");
+    assert!(s.stats().batches.load(Ordering::Relaxed) >= 3);
+
+    // 18 = 4 pages of 4 + 2: the fork shares a partial page.
+    let b = s.kv().fork(a).unwrap();
+    let free = s.kv().free_pages();
+    let got_b = logits(pass(&s, b, &[42]));
+    assert_eq!(
+        s.kv().free_pages(),
+        free - 1,
+        "one page copied for the fork"
+    );
+    let got_a = logits(pass(&s, a, &[43, 44]));
+    let mut pa = prompt.clone();
+    pa.extend([43, 44]);
+    let mut pb = prompt.clone();
+    pb.push(42);
+    assert_close(&got_b, &reference(&pb), "fork");
+    assert_close(&got_a, &reference(&pa), "parent after fork");
+    assert_eq!(s.kv().tokens(b).unwrap(), pb.as_slice());
+
+    s.kv().release(a);
+    s.kv().release(b);
+    assert_eq!(s.kv().free_pages(), 64);
+}
+
+#[test]
+fn exhaustion_fails_the_pass_and_keeps_the_context() {
+    let s = start(4, 10240);
+    let a = s.kv().create();
+    let prompt: Vec<u32> = (5..15).collect();
+    logits(pass(&s, a, &prompt));
+    let err = pass(&s, a, &[7; 12]).unwrap_err();
+    assert!(err.contains("KV cache exhausted"), "{err}");
+    assert_eq!(
+        s.kv().tokens(a).unwrap(),
+        prompt.as_slice(),
+        "context unchanged"
+    );
+    // Still usable.
+    let mut more = prompt.clone();
+    more.push(9);
+    assert_close(
+        &logits(pass(&s, a, &[9])),
+        &reference(&more),
+        "after exhaustion",
+    );
+}
+
+#[test]
+fn bad_passes_are_refused_with_a_reason() {
+    let s = start(8, 10240);
+    let a = s.kv().create();
+    let err = pass(&s, a, &[1_000_000]).unwrap_err();
+    assert!(err.contains("out of range"), "{err}");
+    let err = s
+        .submit(
+            PassRequest {
+                ctx: a,
+                tokens: vec![1, 2],
+                positions: Some(vec![5, 6]),
+                ..PassRequest::default()
+            },
+            Box::new(|_| {}),
+        )
+        .unwrap_err();
+    assert!(err.contains("positions must continue"), "{err}");
+    let err = s
+        .submit(
+            PassRequest {
+                ctx: a,
+                tokens: vec![1, 2],
+                mask: Some(vec![vec![true], vec![false, true]]),
+                ..PassRequest::default()
+            },
+            Box::new(|_| {}),
+        )
+        .unwrap_err();
+    assert!(err.contains("custom attention masks"), "{err}");
+    assert!(pass(&s, 999, &[1]).unwrap_err().contains("no context 999"));
+    assert!(s.kv().tokens(a).unwrap().is_empty());
+}
