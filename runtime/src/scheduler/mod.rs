@@ -8,11 +8,13 @@
 
 pub mod outputs;
 pub mod pages;
+pub mod stats;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use pie_driver::{Driver, ForwardBatch};
 
@@ -22,6 +24,7 @@ use crate::error::PieError;
 use crate::sampling::Sampler;
 use crate::tokenizer::Tokenizer;
 pub use pages::{ContextId, KvError, PageManager};
+pub use stats::Stats;
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -111,17 +114,6 @@ pub struct Scheduler {
     stats: Arc<Stats>,
 }
 
-/// Counters of the work done, to see how well passes were batched.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Driver calls.
-    pub batches: AtomicU64,
-    /// Passes answered (finished or failed).
-    pub passes: AtomicU64,
-    /// Tokens run, replayed ones included.
-    pub tokens: AtomicU64,
-}
-
 impl Scheduler {
     /// Starts the scheduler thread, which loads the engine with `load` (so
     /// the engine never crosses threads) and allocates the KV cache.
@@ -206,8 +198,10 @@ impl Scheduler {
             rollback_to: start_len,
             reply,
         };
+        self.stats.queue_depth.fetch_add(1, Ordering::Relaxed);
         self.tx.send(job).map_err(|e| {
             let job = e.0;
+            self.stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
             let _ = self.kv().set_busy(job.req.ctx, false);
             "the scheduler has stopped".to_string()
         })
@@ -313,12 +307,11 @@ fn step<D: Driver + 'static>(
     cfg: &SchedulerConfig,
     stats: &Stats,
 ) {
+    let started = Instant::now();
+    let mut in_driver = Duration::ZERO;
     let (batch, chunks, mut finished) = plan_batch(&mut lock(kv), queue, cfg);
     if !chunks.is_empty() {
-        stats.batches.fetch_add(1, Ordering::Relaxed);
-        stats
-            .tokens
-            .fetch_add(batch.num_tokens() as u64, Ordering::Relaxed);
+        stats.record_batch(batch.num_tokens(), chunks.len());
         let rows = output_rows(&batch, &chunks, queue);
         // Zero output rows is not a shape every model handles: ask for
         // one row and drop it.
@@ -326,7 +319,10 @@ fn step<D: Driver + 'static>(
             true => vec![0],
             false => rows.iter().map(|r| r.0).collect(),
         };
-        match engine.forward_rows(&batch, &ask) {
+        let driver_started = Instant::now();
+        let result = engine.forward_rows(&batch, &ask);
+        in_driver = driver_started.elapsed();
+        match result {
             Ok(logits) => {
                 store_outputs(queue, &rows, &logits, engine.ir.vocab);
                 finished.extend(advance(&mut lock(kv), queue, &chunks));
@@ -334,10 +330,18 @@ fn step<D: Driver + 'static>(
             Err(e) => finished.extend(fail_chunks(queue, &chunks, lock(kv).page_size(), &e)),
         }
     }
+    let failed = finished.iter().filter(|f| f.1.is_err()).count();
     stats
         .passes
         .fetch_add(finished.len() as u64, Ordering::Relaxed);
+    stats
+        .failed_passes
+        .fetch_add(failed as u64, Ordering::Relaxed);
+    stats
+        .queue_depth
+        .fetch_sub(finished.len() as u64, Ordering::Relaxed);
     finish(&mut lock(kv), queue, finished);
+    stats.record_step(started.elapsed(), in_driver);
 }
 
 fn store_outputs(
