@@ -250,7 +250,10 @@ fn exhaustion_waits_for_a_release() {
     s.submit(req, Box::new(move |r| tx.send(r).unwrap()))
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(100));
-    assert!(rx.try_recv().is_err(), "the pass waits while the cache is full");
+    assert!(
+        rx.try_recv().is_err(),
+        "the pass waits while the cache is full"
+    );
     s.kv().release(a);
     let got = logits(rx.recv().unwrap());
     assert_close(&got, &reference(&[3, 4, 5]), "after the release");
