@@ -42,6 +42,9 @@ pub struct CudaDriver {
     gpu: String,
     /// Rope inputs of the batch being run, uploaded once for every layer.
     rope_tables: std::sync::Mutex<Option<RopeTables>>,
+    /// Device address tables of expert weights (grouped MoE kernels),
+    /// keyed by the first expert's address and the offset into each.
+    expert_tables: moe::ExpertTables,
 }
 
 /// Positions and sequence lengths of one batch, and the frequency tables
@@ -66,7 +69,7 @@ pub(crate) fn blocks(n: usize) -> LaunchConfig {
     LaunchConfig::for_num_elems(n.max(1) as u32)
 }
 
-fn int(v: usize, what: &str) -> Result<i32> {
+pub(crate) fn int(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| {
         DriverError::Invalid(format!(
             "{what} = {v} exceeds the CUDA kernels' 32-bit range"
@@ -90,6 +93,7 @@ impl CudaDriver {
             kernels,
             gpu,
             rope_tables: std::sync::Mutex::new(None),
+            expert_tables: Default::default(),
         })
     }
 
