@@ -10,8 +10,15 @@
 //!
 //! Per step it reports the mean wall time, the stub driver's time (the
 //! engine's forward with no-op kernels), the scheduler's time outside the
-//! driver (plan + answer: `Stats::total_step_ns - total_driver_ns`), and the
-//! gap in which the scheduler waits for inferlets to resubmit.
+//! driver (plan + answer: `Stats::total_step_ns - total_driver_ns`), the
+//! gap in which the scheduler waits for inferlets to resubmit (the wall
+//! time less plan, answer and driver; negative when the planner works
+//! while the executor runs the driver, as the pipelined scheduler does),
+//! and the driver's idle time per step (the wall time less the driver's:
+//! what an accelerator would wait).
+//! It also reads the planner thread's on-CPU and run-queue times from
+//! `/proc` (on 2 cores it competes with the inferlets' tokio workers and
+//! the executor), and times the parts of the per-pass work on their own.
 //!
 //! `cargo bench -p pie-runtime --bench scheduler_overhead`; set
 //! `PIE_BENCH_JSON=PATH` to write the results as JSON, `PIE_BENCH_STEPS=N`
@@ -166,7 +173,8 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// `(on-CPU ns, ns waiting in the run queue)` of the scheduler thread,
+/// `(on-CPU ns, ns waiting in the run queue)` of the scheduler's planner
+/// thread,
 /// from `/proc/self/task/*/schedstat` (Linux; zeros elsewhere).
 fn scheduler_thread_times() -> (u64, u64) {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
@@ -174,7 +182,9 @@ fn scheduler_thread_times() -> (u64, u64) {
     };
     for t in tasks.flatten() {
         let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        if comm.trim() != "pie-scheduler" {
+        // The planner plans batches and answers passes; the driver runs
+        // on the executor thread.
+        if !matches!(comm.trim(), "pie-planner" | "pie-scheduler") {
             continue;
         }
         let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
@@ -290,6 +300,7 @@ fn level(n: usize, steps: usize, workers: usize, driver_us: u64, wasm: &[u8]) ->
         "driver_stub_per_step_us": us(driver_ns),
         "scheduler_outside_driver_per_step_us": sched_us,
         "gap_waiting_for_inferlets_per_step_us": us(wall_ns - step_ns),
+        "driver_idle_per_step_us": us(wall_ns - driver_ns),
         "scheduler_outside_driver_per_pass_us":
             ((step_ns - driver_ns) / passes / 1e3 * 100.0).round() / 100.0,
         "wall_per_pass_us": (wall_ns / passes / 1e3 * 100.0).round() / 100.0,

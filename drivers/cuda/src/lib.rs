@@ -35,7 +35,7 @@ use device::Kernels;
 
 /// A GPU with its stream, cuBLAS handle and compiled kernels.
 pub struct CudaDriver {
-    _ctx: Arc<CudaContext>,
+    ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     kernels: Kernels,
@@ -84,7 +84,7 @@ impl CudaDriver {
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| DriverError::Invalid(format!("CUDA: creating the cuBLAS handle: {e}")))?;
         Ok(CudaDriver {
-            _ctx: ctx,
+            ctx,
             stream,
             blas,
             kernels,
@@ -375,6 +375,10 @@ impl Driver for CudaDriver {
 
     fn describe(&self) -> String {
         format!("cuda ({})", self.gpu)
+    }
+
+    fn memory_info(&self) -> Option<(usize, usize)> {
+        self.ctx.mem_get_info().ok()
     }
 
     fn load_weight(
