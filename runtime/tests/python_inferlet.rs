@@ -6,7 +6,8 @@
 //! a Rust inferlet beside it completes. Python components import WASI p2,
 //! which the runtime links with an empty sandbox.
 //!
-//! The Python component (about 18 MB) is compiled once for both tests.
+//! The Python chat component (about 18 MB) is compiled once for the tests;
+//! a third test probes the WASI sandbox with `inferlets/python/sandbox`.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -170,4 +171,47 @@ fn python_exception_fails_alone() {
     assert!(messages(&bad_events).is_empty(), "{bad_events:?}");
     assert_eq!(good, Ok(()));
     assert_eq!(messages(&good_events), vec![expected]);
+}
+
+/// What a Python inferlet reaches of the host through WASI: nothing. No
+/// directory is visible, no file can be read or written, no environment
+/// variable or argument leaks in, no socket connects (componentize-py's
+/// CPython has no `socket` module, so the host's refusal of TCP, UDP and
+/// every address is not reached from Python); what it prints reaches its
+/// client as a log event.
+#[test]
+fn python_wasi_sandbox_grants_nothing() {
+    let (rt, _) = shared();
+    let probe = rt
+        .compile(&std::fs::read(component_path("python_sandbox")).unwrap())
+        .unwrap();
+    let args = vec!["--probe".to_string()];
+    let (events, status) =
+        tokio().block_on(async { rt.launch(&probe, args, Limits::default()).wait().await });
+    status.unwrap_or_else(|e| panic!("{e}\nevents: {events:?}"));
+    let msgs = messages(&events);
+    assert_eq!(msgs.len(), 1, "{events:?}");
+    eprintln!("sandbox report: {}", msgs[0]);
+    let report: serde_json::Value = serde_json::from_str(&msgs[0]).unwrap();
+    let field = |k: &str| report[k].as_str().unwrap_or_default().to_string();
+    for key in ["read_passwd", "write_tmp", "connect"] {
+        assert!(field(key).starts_with("denied"), "{key}: {report}");
+    }
+    for key in ["listdir_root", "listdir_cwd"] {
+        let v = field(key);
+        assert!(v.starts_with("denied") || v == "ok: []", "{key}: {report}");
+    }
+    assert_eq!(report["environ"], serde_json::json!({}), "{report}");
+    let argv = report["argv"].as_array().unwrap();
+    assert!(
+        argv.iter()
+            .all(|a| a.as_str().unwrap_or_default().is_empty()),
+        "no host arguments: {report}"
+    );
+    // The inferlet's own arguments come through `runtime.get-arguments`.
+    assert_eq!(report["args"], serde_json::json!(["--probe"]));
+    assert!(
+        events.iter().any(|e| matches!(e, Event::Log { level: "info", text } if text == "hello from the sandbox probe")),
+        "stdout becomes a log event: {events:?}"
+    );
 }
