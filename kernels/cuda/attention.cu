@@ -140,6 +140,52 @@ extern "C" __global__ void pie_argmax(unsigned int* out, const float* x, const i
     if (threadIdx.x == 0) out[blockIdx.x] = best_i[0] == 0x7fffffff ? 0 : best_i[0];
 }
 
+// Greedy sampling with its log-probability, per requested row: the argmax
+// (first index on ties) and logit[argmax] - log sum exp(logits) =
+// -log sum exp(logits - max). One block per row; only two numbers per row
+// leave the device.
+extern "C" __global__ void pie_greedy_logprob(unsigned int* ids, float* logprobs, const float* x,
+                                              const int* rows, int width) {
+    __shared__ float best_v[1024];
+    __shared__ int best_i[1024];
+    const float* r = x + (long long)rows[blockIdx.x] * width;
+    float bv = PIE_NEG_INF;
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        float v = r[i];
+        if (v > bv) { bv = v; bi = i; }
+    }
+    best_v[threadIdx.x] = bv;
+    best_i[threadIdx.x] = bi;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            float ov = best_v[threadIdx.x + s];
+            int oi = best_i[threadIdx.x + s];
+            if (ov > best_v[threadIdx.x] || (ov == best_v[threadIdx.x] && oi < best_i[threadIdx.x])) {
+                best_v[threadIdx.x] = ov;
+                best_i[threadIdx.x] = oi;
+            }
+        }
+        __syncthreads();
+    }
+    float max = best_v[0];
+    int arg = best_i[0];
+    __syncthreads();
+    float sum = 0.f;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) sum += expf(r[i] - max);
+    best_v[threadIdx.x] = sum;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) best_v[threadIdx.x] += best_v[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        ids[blockIdx.x] = arg == 0x7fffffff ? 0 : arg;
+        logprobs[blockIdx.x] = -logf(best_v[0]);
+    }
+}
+
 // MLA, absorbed: per (row, head), the query in latent space
 // q_lat = W_kᵀ q_nope, written next to the head's roped query part:
 // out[row, h] = [q_lat (kv_lora), q_rot (rope)]. kv_b rows of head h:

@@ -15,6 +15,13 @@ use crate::registry::{self, Arch};
 use crate::sampling::{self, Rng, Sampler};
 use crate::tokenizer::Tokenizer;
 
+/// A requested logits row as [`Engine::forward_outputs`] returns it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowOutput {
+    Logits(Vec<f32>),
+    Greedy { token: u32, logprob: f32 },
+}
+
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// Tokens per KV page.
@@ -410,6 +417,54 @@ impl<D: Driver + 'static> Engine<D> {
         batch: &ForwardBatch,
         rows: &[usize],
     ) -> Result<Vec<f32>, PieError> {
+        self.check_managed_batch(batch)?;
+        self.run(batch, rows)
+    }
+
+    /// Like [`Engine::forward_rows`], but rows marked `greedy` come back as
+    /// their greedy token and its log-probability, reduced by the driver
+    /// (on a GPU, no vocabulary row crosses to the host).
+    pub fn forward_outputs(
+        &mut self,
+        batch: &ForwardBatch,
+        rows: &[usize],
+        greedy: &[bool],
+    ) -> Result<Vec<RowOutput>, PieError> {
+        if greedy.len() != rows.len() {
+            return Err(PieError::Input(format!(
+                "{} greedy flags for {} rows",
+                greedy.len(),
+                rows.len()
+            )));
+        }
+        self.check_managed_batch(batch)?;
+        let (logits, read) = self.forward(batch, rows)?;
+        let pick = |want: bool| -> Vec<usize> {
+            read.iter()
+                .zip(greedy)
+                .filter(|(_, &g)| g == want)
+                .map(|(&r, _)| r)
+                .collect()
+        };
+        let mut tokens = self.driver.greedy_rows(&logits, &pick(true))?.into_iter();
+        let flat = self.driver.read_rows(&logits, &pick(false))?;
+        let mut rows_of_logits = flat.chunks_exact(self.ir.vocab.max(1));
+        Ok(greedy
+            .iter()
+            .map(|&g| match g {
+                true => {
+                    let (token, logprob) = tokens.next().expect("one per greedy row");
+                    RowOutput::Greedy { token, logprob }
+                }
+                false => {
+                    RowOutput::Logits(rows_of_logits.next().expect("one per other row").to_vec())
+                }
+            })
+            .collect())
+    }
+
+    /// Checks a caller-managed batch against the allocated cache.
+    fn check_managed_batch(&self, batch: &ForwardBatch) -> Result<(), PieError> {
         let (pages, state_rows) = self.kv.as_ref().map_or((0, 0), |(_, n, s)| (*n, *s));
         if let Some(&bad) = batch
             .seqs
@@ -429,8 +484,7 @@ impl<D: Driver + 'static> Engine<D> {
                 )));
             }
         }
-        self.check_ids(&batch.tokens)?;
-        self.run(batch, rows)
+        self.check_ids(&batch.tokens)
     }
 
     fn run(&mut self, batch: &ForwardBatch, rows: &[usize]) -> Result<Vec<f32>, PieError> {

@@ -17,6 +17,6 @@ pub mod sampling;
 pub mod scheduler;
 pub mod tokenizer;
 
-pub use engine::{Engine, LoadOptions};
+pub use engine::{Engine, LoadOptions, RowOutput};
 pub use error::PieError;
 pub use load_error::LoadError;

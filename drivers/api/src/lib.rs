@@ -8,6 +8,7 @@
 mod batch;
 pub mod experts;
 pub mod loader;
+pub mod math;
 pub mod moe;
 pub mod rope;
 mod tensor;
@@ -208,6 +209,24 @@ pub trait Driver: Send + Sync {
         }
         let width = flat.len() / rows.len();
         Ok(flat.chunks_exact(width.max(1)).map(argmax).collect())
+    }
+
+    /// Greedy sampling with its log-probability for each given row:
+    /// `(argmax, logit[argmax] − log Σ exp(logits))`. Drivers with device
+    /// memory override it so a vocabulary row never crosses to the host.
+    fn greedy_rows(&self, x: &Self::Act, rows: &[usize]) -> Result<Vec<(u32, f32)>> {
+        let flat = self.read_rows(x, rows)?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let width = (flat.len() / rows.len()).max(1);
+        Ok(flat
+            .chunks_exact(width)
+            .map(|row| {
+                let token = argmax(row);
+                (token, row[token as usize] - math::log_sum_exp(row))
+            })
+            .collect())
     }
 }
 

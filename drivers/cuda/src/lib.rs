@@ -866,6 +866,47 @@ impl Driver for CudaDriver {
         self.gather(x, rows)
     }
 
+    fn greedy_rows(&self, x: &CudaAct, rows: &[usize]) -> Result<Vec<(u32, f32)>> {
+        if let Some(&bad) = rows.iter().find(|&&r| r >= x.rows) {
+            return Err(DriverError::Invalid(format!(
+                "row {bad} requested from an activation of {} rows",
+                x.rows
+            )));
+        }
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
+        let idx = self.upload(&idx)?;
+        let mut ids = unsafe { self.stream.alloc::<u32>(rows.len()) }
+            .map_err(cuda_err("allocating GPU memory"))?;
+        let mut logprobs = self.uninit(rows.len())?;
+        let width = int(x.width, "width")?;
+        let cfg = LaunchConfig {
+            grid_dim: (rows.len() as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self
+            .stream
+            .launch_builder(self.kernels.get("pie_greedy_logprob"));
+        b.arg(&mut ids)
+            .arg(&mut logprobs)
+            .arg(&x.data)
+            .arg(&idx)
+            .arg(&width);
+        unsafe { b.launch(cfg) }.map_err(cuda_err("pie_greedy_logprob"))?;
+        let ids = self
+            .stream
+            .clone_dtoh(&ids)
+            .map_err(cuda_err("copying token ids to the host"))?;
+        let logprobs = self
+            .stream
+            .clone_dtoh(&logprobs)
+            .map_err(cuda_err("copying log-probabilities to the host"))?;
+        Ok(ids.into_iter().zip(logprobs).take(rows.len()).collect())
+    }
+
     fn argmax_rows(&self, x: &CudaAct, rows: &[usize]) -> Result<Vec<u32>> {
         if let Some(&bad) = rows.iter().find(|&&r| r >= x.rows) {
             return Err(DriverError::Invalid(format!(

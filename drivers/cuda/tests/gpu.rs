@@ -302,6 +302,32 @@ fn gpu_scheduler_forks_match_the_portable_driver() {
         let b = s.kv().fork(a).unwrap();
         let c = s.kv().fork(a).unwrap();
         let got = run(vec![(a, vec![7]), (b, vec![8, 9]), (c, vec![10])]);
+        // Greedy outputs are reduced on the device (token + log-probability).
+        let (tx, rx) = mpsc::channel();
+        let req = PassRequest {
+            ctx: a,
+            tokens: vec![11],
+            outputs: vec![(0, OutputKind::Sample(Sampler::greedy()))],
+            ..PassRequest::default()
+        };
+        s.submit(req, Box::new(move |r| tx.send(r).unwrap()))
+            .unwrap();
+        let mut whole = prompt.clone();
+        whole.extend([7, 11]);
+        let want = reference(&whole);
+        let want_token = pie_driver::argmax(&want);
+        let want_logprob = want[want_token as usize] - pie_driver::math::log_sum_exp(&want);
+        match rx.recv().unwrap().unwrap().remove(0) {
+            PassOutput::Token { token, logprob } => {
+                eprintln!("gpu scheduler {name} greedy: {token} ({logprob}) vs {want_token} ({want_logprob})");
+                assert_eq!(token, want_token, "{name}: greedy token");
+                assert!(
+                    (logprob - want_logprob).abs() < 1e-3,
+                    "{name}: {logprob} vs {want_logprob}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
         for (logits, tail) in got.iter().zip([vec![7], vec![8, 9], vec![10]]) {
             let mut whole = prompt.clone();
             whole.extend(&tail);

@@ -10,7 +10,7 @@ use pie_driver::{Driver, ForwardBatch};
 
 use super::planner::Msg;
 use super::{ModelInfo, SchedulerConfig};
-use crate::engine::Engine;
+use crate::engine::{Engine, RowOutput};
 use crate::error::PieError;
 
 pub(super) type BatchId = u64;
@@ -19,8 +19,11 @@ pub(super) type BatchId = u64;
 pub(super) struct ExecBatch {
     pub id: BatchId,
     pub batch: ForwardBatch,
-    /// Token rows whose logits come back, in this order.
+    /// Token rows whose outputs come back, in this order.
     pub rows: Vec<usize>,
+    /// Per row: only its greedy token and log-probability are wanted
+    /// (reduced by the driver, on the device where there is one).
+    pub greedy: Vec<bool>,
     /// `(from, to)` recurrent state rows to copy first.
     pub state_copies: Vec<(u32, u32)>,
     /// `(from, to)` KV pages to copy first.
@@ -30,9 +33,8 @@ pub(super) struct ExecBatch {
 /// A batch's result.
 pub(super) struct Done {
     pub id: BatchId,
-    /// The logits of the requested rows, one vocabulary-sized row after
-    /// another.
-    pub result: Result<Vec<f32>, PieError>,
+    /// Each requested row: its logits, or its greedy token.
+    pub result: Result<Vec<RowOutput>, PieError>,
     pub driver_time: Duration,
 }
 
@@ -155,12 +157,12 @@ fn run<D: Driver + 'static>(
 fn execute<D: Driver + 'static>(
     engine: &mut Engine<D>,
     b: &ExecBatch,
-) -> Result<Vec<f32>, PieError> {
+) -> Result<Vec<RowOutput>, PieError> {
     for &(from, to) in &b.state_copies {
         engine.copy_state(from, to)?;
     }
     for &(from, to) in &b.page_copies {
         engine.copy_page(from, to)?;
     }
-    engine.forward_rows(&b.batch, &b.rows)
+    engine.forward_outputs(&b.batch, &b.rows, &b.greedy)
 }

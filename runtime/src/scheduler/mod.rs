@@ -150,7 +150,7 @@ impl Scheduler {
             pages = pages.with_state_rows(cfg.max_recurrent_contexts);
         }
         let kv = Arc::new(Mutex::new(pages));
-        planner::start(rx, exec, kv.clone(), cfg, stats.clone(), info.vocab)?;
+        planner::start(rx, exec, kv.clone(), cfg, stats.clone())?;
         Ok(Scheduler {
             tx: Arc::new(Sender(tx)),
             kv,

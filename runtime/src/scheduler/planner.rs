@@ -20,6 +20,7 @@ use rayon::prelude::*;
 use super::executor::{BatchId, Done, ExecBatch};
 use super::{lock, outputs, PageManager, PassOutput, PassRequest, PassResult, Reply};
 use super::{KvError, OutputKind, SchedulerConfig, Stats};
+use crate::engine::RowOutput;
 use crate::error::PieError;
 
 /// How long a pass that cannot get KV pages waits, with nothing else
@@ -106,7 +107,6 @@ struct Planner {
     exec: mpsc::Sender<ExecBatch>,
     cfg: SchedulerConfig,
     stats: Arc<Stats>,
-    vocab: usize,
 }
 
 pub(super) fn start(
@@ -115,7 +115,6 @@ pub(super) fn start(
     kv: Arc<Mutex<PageManager>>,
     cfg: SchedulerConfig,
     stats: Arc<Stats>,
-    vocab: usize,
 ) -> Result<(), PieError> {
     let planner = Planner {
         jobs: HashMap::new(),
@@ -132,7 +131,6 @@ pub(super) fn start(
         exec,
         cfg,
         stats,
-        vocab,
     };
     std::thread::Builder::new()
         .name("pie-planner".into())
@@ -283,13 +281,16 @@ impl Planner {
         // Zero output rows is not a shape every model handles: ask for one
         // row and drop it.
         let mut ask: Vec<usize> = plan.rows.iter().map(|r| r.0).collect();
+        let mut greedy: Vec<bool> = plan.rows.iter().map(|r| r.2).collect();
         if ask.is_empty() {
             ask.push(0);
+            greedy.push(true);
         }
         let batch = ExecBatch {
             id,
             batch: plan.batch,
             rows: ask,
+            greedy,
             state_copies,
             page_copies: plan.page_copies,
         };
@@ -320,7 +321,7 @@ impl Planner {
         };
         self.waiting += flight.chunks.len();
         let finished = match done.result {
-            Ok(logits) => self.advance(&flight, &logits),
+            Ok(rows) => self.advance(&flight, rows),
             Err(e) => self.fail(&flight, &e),
         };
         let answered = finished.len();
@@ -332,8 +333,7 @@ impl Planner {
         self.stats.record_step(step, done.driver_time);
     }
 
-    fn advance(&mut self, flight: &InFlight, logits: &[f32]) -> Vec<(JobId, PassResult)> {
-        let vocab = self.vocab;
+    fn advance(&mut self, flight: &InFlight, rows: Vec<RowOutput>) -> Vec<(JobId, PassResult)> {
         // What each logits row becomes, and at which position.
         let wanted: Vec<(&OutputKind, usize)> = flight
             .rows
@@ -344,14 +344,29 @@ impl Planner {
                 (kind, job.start_len + *index as usize)
             })
             .collect();
-        let compute = |(k, &(kind, pos)): (usize, &(&OutputKind, usize))| {
-            outputs::compute(&logits[k * vocab..(k + 1) * vocab], kind, pos)
+        let compute = |(row, &(kind, pos)): (&RowOutput, &(&OutputKind, usize))| match row {
+            RowOutput::Greedy { token, logprob } => PassOutput::Token {
+                token: *token,
+                logprob: *logprob,
+            },
+            RowOutput::Logits(logits) => outputs::compute(logits, kind, pos),
         };
-        // Each output is a pass over a vocabulary row (sampling, its
+        // Each logits row is a pass over the vocabulary (sampling, its
         // log-probability): many rows of a large vocabulary go wide.
-        let computed: Vec<PassOutput> = match wanted.len() * vocab >= PARALLEL_OUTPUTS {
-            true => wanted.par_iter().enumerate().map(compute).collect(),
-            false => wanted.iter().enumerate().map(compute).collect(),
+        let values: usize = rows
+            .iter()
+            .map(|r| match r {
+                RowOutput::Logits(l) => l.len(),
+                RowOutput::Greedy { .. } => 0,
+            })
+            .sum();
+        let computed: Vec<PassOutput> = match values >= PARALLEL_OUTPUTS {
+            true => rows
+                .par_iter()
+                .zip(wanted.par_iter())
+                .map(compute)
+                .collect(),
+            false => rows.iter().zip(&wanted).map(compute).collect(),
         };
         for (&(id, out), output) in flight.rows.iter().zip(computed) {
             self.jobs.get_mut(&id).expect("in flight").outputs[out] = Some(output);
@@ -448,8 +463,9 @@ fn waits_for_space(e: &KvError) -> bool {
 struct BatchPlan {
     batch: ForwardBatch,
     chunks: Vec<Chunk>,
-    /// `(batch row, (job, output index))` of every output computed by it.
-    rows: Vec<(usize, (JobId, usize))>,
+    /// `(batch row, (job, output index), greedy)` of every output computed
+    /// by it; greedy rows come back reduced to their token.
+    rows: Vec<(usize, (JobId, usize), bool)>,
     page_copies: Vec<(u32, u32)>,
 }
 
@@ -457,10 +473,11 @@ impl BatchPlan {
     fn add(&mut self, id: JobId, job: &Job, take: usize, write: super::pages::WritePlan) {
         let start = self.batch.num_tokens();
         let range = job.done..job.done + take;
-        for (k, (index, _)) in job.req.outputs.iter().enumerate() {
+        for (k, (index, kind)) in job.req.outputs.iter().enumerate() {
             let index = *index as usize;
             if range.contains(&index) {
-                self.rows.push((start + index - job.done, (id, k)));
+                let greedy = matches!(kind, OutputKind::Sample(s) if s.temperature <= 0.0);
+                self.rows.push((start + index - job.done, (id, k), greedy));
             }
         }
         self.batch.push(
