@@ -1,0 +1,318 @@
+//! The HTTP endpoints: `/health`, `/metrics`, `/v1/models` and the two
+//! OpenAI completion endpoints (whole responses or SSE streams).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::{self, StreamExt};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::error::{json_response, ApiError};
+use super::generate::{self, GenEvent, GenerateParams};
+use super::openai::{
+    ChatRequest, CompletionRequest, Endpoint, FinishReason, ResponseMeta, SamplingFields, Usage,
+};
+use super::AppState;
+
+pub async fn health() -> Response {
+    json_response(&json!({"status": "ok"}))
+}
+
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(&state.sched),
+    )
+        .into_response()
+}
+
+pub async fn models(State(state): State<AppState>) -> Response {
+    json_response(&json!({
+        "object": "list",
+        "data": [{
+            "id": state.opts.model_id,
+            "object": "model",
+            "created": now(),
+            "owned_by": "pie",
+        }],
+    }))
+}
+
+pub async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Response {
+    match chat(&state, &body) {
+        Ok(resp) => resp.await,
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn completions(State(state): State<AppState>, body: Bytes) -> Response {
+    match completion(&state, &body) {
+        Ok(resp) => resp.await,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "empty request body: send a JSON object",
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::from_json(&e))
+}
+
+/// Checks a chat request and starts generating; the returned future
+/// produces the response.
+fn chat(
+    state: &AppState,
+    body: &[u8],
+) -> Result<impl std::future::Future<Output = Response>, ApiError> {
+    let req: ChatRequest = parse(body)?;
+    check_model(state, &req.fields)?;
+    let messages = req.chat_messages()?;
+    let model = state.sched.model();
+    let template = model.chat_template.as_ref().ok_or_else(|| {
+        ApiError::bad_request(
+            "no_chat_template",
+            "the model has no chat template: use /v1/completions",
+        )
+    })?;
+    let text = template
+        .render(&messages, true)
+        .map_err(|e| ApiError::bad_request("template_error", format!("chat template: {e}")))?;
+    let ids = tokenizer(state)?
+        .encode(&text, false)
+        .map_err(|e| ApiError::server(e.to_string()))?;
+    start(state, Endpoint::Chat, ids, &req.fields)
+}
+
+fn completion(
+    state: &AppState,
+    body: &[u8],
+) -> Result<impl std::future::Future<Output = Response>, ApiError> {
+    let req: CompletionRequest = parse(body)?;
+    check_model(state, &req.fields)?;
+    let prompts = req.prompt.into_vec();
+    let [prompt] = prompts.as_slice() else {
+        return Err(ApiError::bad_request(
+            "unsupported_value",
+            format!(
+                "prompt: give one string (got a list of {}); send one request per prompt",
+                prompts.len()
+            ),
+        ));
+    };
+    let ids = tokenizer(state)?
+        .encode(prompt, true)
+        .map_err(|e| ApiError::server(e.to_string()))?;
+    start(state, Endpoint::Completion, ids, &req.fields)
+}
+
+fn tokenizer(state: &AppState) -> Result<&crate::tokenizer::Tokenizer, ApiError> {
+    state
+        .sched
+        .model()
+        .tokenizer
+        .as_ref()
+        .ok_or_else(|| ApiError::server("the model has no tokenizer"))
+}
+
+fn check_model(state: &AppState, f: &SamplingFields) -> Result<(), ApiError> {
+    if f.model != state.opts.model_id {
+        return Err(ApiError::not_found(
+            "model_not_found",
+            format!(
+                "model `{}` does not exist: this server serves `{}` (see /v1/models)",
+                f.model, state.opts.model_id
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn start(
+    state: &AppState,
+    endpoint: Endpoint,
+    prompt: Vec<u32>,
+    f: &SamplingFields,
+) -> Result<impl std::future::Future<Output = Response>, ApiError> {
+    f.check_n()?;
+    let max_tokens = f.max_tokens()?;
+    let stops = f.stops()?;
+    let sampler = f.sampler(fresh_seed())?;
+    let limit = state.opts.max_prompt_tokens;
+    if prompt.is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid_value",
+            "the prompt is empty after tokenization",
+        ));
+    }
+    if prompt.len() > limit {
+        return Err(ApiError::bad_request(
+            "prompt_too_long",
+            format!(
+                "the prompt has {} tokens, more than the limit of {limit} (max_prompt_tokens)",
+                prompt.len()
+            ),
+        ));
+    }
+    let capacity = {
+        let kv = state.sched.kv();
+        kv.total_pages() * kv.page_size()
+    };
+    if prompt.len() + max_tokens > capacity {
+        return Err(ApiError::bad_request(
+            "context_too_long",
+            format!(
+                "the prompt ({} tokens) plus max_tokens ({max_tokens}) exceeds the KV cache ({capacity} tokens)",
+                prompt.len()
+            ),
+        ));
+    }
+    let meta = ResponseMeta {
+        endpoint,
+        id: format!(
+            "{}-{}",
+            match endpoint {
+                Endpoint::Chat => "chatcmpl",
+                Endpoint::Completion => "cmpl",
+            },
+            NEXT_ID.fetch_add(1, Ordering::Relaxed)
+        ),
+        created: now(),
+        model: state.opts.model_id.clone(),
+    };
+    let events = generate::spawn(
+        state.sched.clone(),
+        GenerateParams {
+            prompt,
+            max_tokens,
+            sampler,
+            stops,
+        },
+        state.metrics.clone(),
+    );
+    let include_usage = f.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let stream = f.stream;
+    Ok(async move {
+        match stream {
+            true => sse(meta, events, include_usage),
+            false => whole(meta, events).await,
+        }
+    })
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A seed for a sampling request that gave none.
+fn fresh_seed() -> u64 {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ NEXT_ID.load(Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// Waits for the whole generation.
+async fn whole(meta: ResponseMeta, mut events: mpsc::UnboundedReceiver<GenEvent>) -> Response {
+    let mut text = String::new();
+    while let Some(e) = events.recv().await {
+        match e {
+            GenEvent::Text(t) => text += &t,
+            GenEvent::Done { finish, usage } => {
+                return json_response(&meta.full(&text, finish, usage))
+            }
+            GenEvent::Failed(msg) => {
+                return ApiError::server(format!("generation failed: {msg}")).into_response()
+            }
+        }
+    }
+    ApiError::server("generation ended without a result").into_response()
+}
+
+fn event(value: &serde_json::Value) -> Bytes {
+    Bytes::from(format!("data: {value}\n\n"))
+}
+
+/// Streams the generation as server-sent events, ending with `[DONE]`.
+fn sse(
+    meta: ResponseMeta,
+    events: mpsc::UnboundedReceiver<GenEvent>,
+    include_usage: bool,
+) -> Response {
+    struct S {
+        meta: ResponseMeta,
+        events: mpsc::UnboundedReceiver<GenEvent>,
+        first: bool,
+        ended: bool,
+        include_usage: bool,
+    }
+    let state = S {
+        meta,
+        events,
+        first: true,
+        ended: false,
+        include_usage,
+    };
+    let body = stream::unfold(state, |mut s| async move {
+        if s.ended {
+            return None;
+        }
+        let mut out = Vec::new();
+        if s.first && s.meta.endpoint == Endpoint::Chat {
+            // The role comes first, as OpenAI sends it.
+            out.extend_from_slice(&event(&s.meta.chunk("", true, None)));
+        }
+        s.first = false;
+        match s.events.recv().await {
+            Some(GenEvent::Text(t)) => out.extend_from_slice(&event(&s.meta.chunk(&t, false, None))),
+            Some(GenEvent::Done { finish, usage }) => {
+                out.extend_from_slice(&finish_events(&s.meta, finish, usage, s.include_usage));
+                s.ended = true;
+            }
+            Some(GenEvent::Failed(msg)) => {
+                let err = ApiError::server(format!("generation failed: {msg}"));
+                out.extend_from_slice(&event(&err.body()));
+                out.extend_from_slice(b"data: [DONE]\n\n");
+                s.ended = true;
+            }
+            None => {
+                let err = ApiError::server("generation ended without a result");
+                out.extend_from_slice(&event(&err.body()));
+                out.extend_from_slice(b"data: [DONE]\n\n");
+                s.ended = true;
+            }
+        }
+        Some((Ok::<Bytes, std::convert::Infallible>(Bytes::from(out)), s))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(body.boxed()))
+        .unwrap_or_else(|e| ApiError::server(e.to_string()).into_response())
+}
+
+fn finish_events(meta: &ResponseMeta, finish: FinishReason, usage: Usage, with_usage: bool) -> Vec<u8> {
+    let mut out = event(&meta.chunk("", false, Some(finish))).to_vec();
+    if with_usage {
+        out.extend_from_slice(&event(&meta.usage_chunk(usage)));
+    }
+    out.extend_from_slice(b"data: [DONE]\n\n");
+    out
+}
