@@ -74,7 +74,11 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
         )
     })?;
     let model = ModelArgs {
-        model: cfg.model.path.clone().or_else(|| cfg.model.name.clone().map(PathBuf::from)),
+        model: cfg
+            .model
+            .path
+            .clone()
+            .or_else(|| cfg.model.name.clone().map(PathBuf::from)),
         config: None,
         driver: cfg.model.driver.kind.clone(),
         kv_page_size: cfg.model.driver.kv_page_size,
@@ -99,7 +103,11 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
         println!(
             "pie serve: model `{}` on http://{local} (auth {})",
             cfg.model_id(),
-            if cfg.server.auth_token.is_some() { "on" } else { "off" }
+            if cfg.server.auth_token.is_some() {
+                "on"
+            } else {
+                "off"
+            }
         );
         server::serve(listener, state, async {
             let _ = tokio::signal::ctrl_c().await;

@@ -368,7 +368,12 @@ fn greedy_completions_match_the_engine_and_streams_match_whole_responses() {
 
         // A stop sequence from the middle of the reply cuts it there.
         let chars: Vec<char> = chat_expected.text.chars().collect();
-        if chars.len() >= 6 {
+        assert!(
+            chars.len() >= 6,
+            "reply too short: {:?}",
+            chat_expected.text
+        );
+        {
             let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
             let cut = &chat_expected.text[..chat_expected.text.find(&stop).unwrap()];
             let mut extra = greedy(MAX_TOKENS);
@@ -467,7 +472,10 @@ fn load_256_concurrent_streams_all_complete_correctly() {
             .collect();
         let mut ok = 0;
         for (i, t) in tasks.into_iter().enumerate() {
-            let (text, finish, done) = t.await.unwrap().unwrap_or_else(|e| panic!("request {i}: {e}"));
+            let (text, finish, done) = t
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("request {i}: {e}"));
             let want = &expected[i % prompts.len()];
             assert!(done, "request {i} did not end with [DONE]");
             assert_eq!(text, want.text, "request {i}");
@@ -482,11 +490,46 @@ fn load_256_concurrent_streams_all_complete_correctly() {
             stats.batches.load(std::sync::atomic::Ordering::Relaxed),
         );
         eprintln!("{N} streams in {elapsed:?}: {passes} passes in {batches} batches");
-        assert!(batches * 8 < passes, "passes were batched: {batches} batches for {passes} passes");
+        assert!(
+            batches * 8 < passes,
+            "passes were batched: {batches} batches for {passes} passes"
+        );
         let metrics = c.get("/metrics").await.unwrap().text();
-        let line = format!("pie_requests_total{{route=\"/v1/chat/completions\",status=\"200\"}} {N}");
+        let line =
+            format!("pie_requests_total{{route=\"/v1/chat/completions\",status=\"200\"}} {N}");
         assert!(metrics.contains(&line), "{metrics}");
         wait_pages_free(&server).await;
+        server.shutdown().await.unwrap();
+    });
+}
+
+#[test]
+fn a_client_that_goes_away_frees_its_context() {
+    tokio().block_on(async {
+        let server = start(options(), 256).await;
+        let c = Client::new(server.addr.to_string());
+        let body = json!({"model": MODEL, "prompt": "Once upon a time", "stream": true,
+            "temperature": 0.8, "seed": 1, "max_tokens": 2000});
+        let mut s = c.post_sse("/v1/completions", &body).await.unwrap();
+        assert_eq!(s.status, 200);
+        assert!(s.next_data().await.unwrap().is_some());
+        drop(s);
+        wait_pages_free(&server).await;
+        let active = server
+            .state
+            .metrics
+            .active_generations
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(active, 0);
+        let generated = server
+            .state
+            .metrics
+            .generated_tokens
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(generated < 2000, "generation went on: {generated} tokens");
+        // And the server goes on.
+        let r = c.chat(MODEL, "hi", greedy(2)).await.unwrap();
+        assert_eq!(r["object"], "chat.completion");
         server.shutdown().await.unwrap();
     });
 }
@@ -523,10 +566,21 @@ fn websocket_runs_the_chat_inferlet_and_refuses_invalid_wasm() {
             .await
             .unwrap();
         let v = ws.recv(t).await.unwrap();
-        assert_eq!((v["type"].as_str(), v["id"].as_i64()), (Some("error"), Some(1)));
-        assert!(v["message"].as_str().unwrap().contains("not a valid inferlet component"), "{v}");
+        assert_eq!(
+            (v["type"].as_str(), v["id"].as_i64()),
+            (Some("error"), Some(1))
+        );
+        assert!(
+            v["message"]
+                .as_str()
+                .unwrap()
+                .contains("not a valid inferlet component"),
+            "{v}"
+        );
         // Malformed and unknown requests.
-        ws.send_json(&json!({"type": "dance", "id": 2})).await.unwrap();
+        ws.send_json(&json!({"type": "dance", "id": 2}))
+            .await
+            .unwrap();
         let v = ws.recv(t).await.unwrap();
         assert_eq!(v["type"], "error");
         assert!(v["message"].as_str().unwrap().contains("dance"), "{v}");
@@ -534,7 +588,10 @@ fn websocket_runs_the_chat_inferlet_and_refuses_invalid_wasm() {
             .await
             .unwrap();
         let v = ws.recv(t).await.unwrap();
-        assert!(v["message"].as_str().unwrap().contains("no program abc"), "{v}");
+        assert!(
+            v["message"].as_str().unwrap().contains("no program abc"),
+            "{v}"
+        );
 
         // The same socket still works: the real chat example.
         let program = ws.upload(component("chat")).await.unwrap();

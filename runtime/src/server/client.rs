@@ -316,18 +316,26 @@ impl WsClient {
         let v = self.recv(Duration::from_secs(120)).await?;
         match v["type"].as_str() {
             Some("uploaded") => Ok(v["program"].as_str().unwrap_or_default().to_string()),
-            _ => Err(v["message"].as_str().map(str::to_string).unwrap_or(v.to_string())),
+            _ => Err(v["message"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or(v.to_string())),
         }
     }
 
     /// Launches an uploaded program; returns the instance number.
     pub async fn launch(&mut self, program: &str, args: &[&str]) -> Result<u64, String> {
-        self.send_json(&json!({"type": "launch", "id": "launch", "program": program, "args": args}))
-            .await?;
+        self.send_json(
+            &json!({"type": "launch", "id": "launch", "program": program, "args": args}),
+        )
+        .await?;
         let v = self.recv(Duration::from_secs(30)).await?;
         match v["type"].as_str() {
             Some("launched") => v["instance"].as_u64().ok_or(v.to_string()),
-            _ => Err(v["message"].as_str().map(str::to_string).unwrap_or(v.to_string())),
+            _ => Err(v["message"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or(v.to_string())),
         }
     }
 
@@ -344,7 +352,9 @@ impl WsClient {
                 continue;
             }
             match v["type"].as_str() {
-                Some("message") => run.messages.push(v["message"].as_str().unwrap_or("").into()),
+                Some("message") => run
+                    .messages
+                    .push(v["message"].as_str().unwrap_or("").into()),
                 Some("log") => run.logs.push(v["message"].as_str().unwrap_or("").into()),
                 Some("exit") => {
                     if v["ok"] != json!(true) {

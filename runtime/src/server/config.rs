@@ -164,14 +164,16 @@ impl ServeConfig {
     }
 
     pub fn load(path: &Path) -> Result<Self, String> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         Self::parse(&text, &path.display().to_string())
     }
 
     fn check(&self) -> Result<(), String> {
         if self.model.path.is_none() && self.model.name.is_none() {
-            return Err("[model] needs `path` (a model directory or GGUF file) or `name` (a known model)".into());
+            return Err(
+                "[model] needs `path` (a model directory or GGUF file) or `name` (a known model)"
+                    .into(),
+            );
         }
         let kind = self.model.driver.kind.as_str();
         if !matches!(kind, "portable" | "cuda") {

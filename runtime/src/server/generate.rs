@@ -54,8 +54,8 @@ pub fn spawn(
         metrics
             .prompt_tokens
             .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
-        drop(ctx);
         metrics.active_generations.fetch_sub(1, Ordering::Relaxed);
+        drop(ctx);
     });
     rx
 }

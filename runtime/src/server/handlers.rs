@@ -225,7 +225,9 @@ fn fresh_seed() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    t ^ NEXT_ID.load(Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    t ^ NEXT_ID
+        .load(Ordering::Relaxed)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 /// Waits for the whole generation.
@@ -280,7 +282,9 @@ fn sse(
         }
         s.first = false;
         match s.events.recv().await {
-            Some(GenEvent::Text(t)) => out.extend_from_slice(&event(&s.meta.chunk(&t, false, None))),
+            Some(GenEvent::Text(t)) => {
+                out.extend_from_slice(&event(&s.meta.chunk(&t, false, None)))
+            }
             Some(GenEvent::Done { finish, usage }) => {
                 out.extend_from_slice(&finish_events(&s.meta, finish, usage, s.include_usage));
                 s.ended = true;
@@ -308,7 +312,12 @@ fn sse(
         .unwrap_or_else(|e| ApiError::server(e.to_string()).into_response())
 }
 
-fn finish_events(meta: &ResponseMeta, finish: FinishReason, usage: Usage, with_usage: bool) -> Vec<u8> {
+fn finish_events(
+    meta: &ResponseMeta,
+    finish: FinishReason,
+    usage: Usage,
+    with_usage: bool,
+) -> Vec<u8> {
     let mut out = event(&meta.chunk("", false, Some(finish))).to_vec();
     if with_usage {
         out.extend_from_slice(&event(&meta.usage_chunk(usage)));

@@ -196,7 +196,10 @@ impl Metrics {
             "gauge",
             self.started.elapsed().as_secs_f64(),
         );
-        let _ = writeln!(out, "# HELP pie_requests_total HTTP responses by route and status.");
+        let _ = writeln!(
+            out,
+            "# HELP pie_requests_total HTTP responses by route and status."
+        );
         let _ = writeln!(out, "# TYPE pie_requests_total counter");
         let map = self.requests.lock().unwrap_or_else(|p| p.into_inner());
         for ((route, status), n) in map.iter() {

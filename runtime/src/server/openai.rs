@@ -153,7 +153,11 @@ impl SamplingFields {
     }
 
     pub fn stops(&self) -> Result<Vec<String>, ApiError> {
-        let stops = self.stop.clone().map(OneOrMany::into_vec).unwrap_or_default();
+        let stops = self
+            .stop
+            .clone()
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default();
         if stops.len() > 4 {
             return Err(ApiError::bad_request(
                 "invalid_value",

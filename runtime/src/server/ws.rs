@@ -90,7 +90,11 @@ async fn session(state: AppState, socket: WebSocket) {
     let (out, mut out_rx) = mpsc::unbounded_channel::<Value>();
     let writer = tokio::spawn(async move {
         while let Some(v) = out_rx.recv().await {
-            if sink.send(Message::Text(v.to_string().into())).await.is_err() {
+            if sink
+                .send(Message::Text(v.to_string().into()))
+                .await
+                .is_err()
+            {
                 break;
             }
         }
