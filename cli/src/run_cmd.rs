@@ -33,6 +33,9 @@ pub struct RunArgs {
     /// Most passes in one driver batch.
     #[arg(long, default_value_t = 512)]
     max_forward_requests: usize,
+    /// Batches planned ahead while one runs.
+    #[arg(long, default_value_t = 1)]
+    speculation_depth: usize,
     /// Arguments for the inferlet, after `--`.
     #[arg(last = true)]
     args: Vec<String>,
@@ -51,6 +54,8 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         max_forward_tokens: args.max_forward_tokens,
         max_forward_requests: args.max_forward_requests,
         kv_pages: args.kv_pages,
+        speculation_depth: args.speculation_depth,
+        ..SchedulerConfig::default()
     };
     let sched = model_cmds::start_scheduler(&args.model, cfg)?;
     let runtime = InferletRuntime::new(sched)?;

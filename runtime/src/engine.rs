@@ -445,6 +445,10 @@ fn count_weights(model: &ir::Model) -> usize {
     names.len()
 }
 
+fn no_kv() -> PieError {
+    PieError::Input("no KV cache allocated (call allocate_kv first)".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -471,8 +475,4 @@ mod tests {
         );
         assert!(unsupported_op(&model, "test", |_| true).is_ok());
     }
-}
-
-fn no_kv() -> PieError {
-    PieError::Input("no KV cache allocated (call allocate_kv first)".into())
 }

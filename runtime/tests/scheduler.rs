@@ -27,8 +27,8 @@ fn opts() -> LoadOptions {
 fn start(kv_pages: usize, max_forward_tokens: usize) -> Scheduler {
     let cfg = SchedulerConfig {
         max_forward_tokens,
-        max_forward_requests: 512,
         kv_pages,
+        ..SchedulerConfig::default()
     };
     Scheduler::start(
         "llama",
@@ -163,4 +163,98 @@ fn bad_passes_are_refused_with_a_reason() {
     assert!(err.contains("custom attention masks"), "{err}");
     assert!(pass(&s, 999, &[1]).unwrap_err().contains("no context 999"));
     assert!(s.kv().tokens(a).unwrap().is_empty());
+}
+
+fn qwen3_5() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3_5")
+}
+
+fn reference_qwen3_5(tokens: &[u32]) -> Vec<f32> {
+    let mut e = Engine::load(&qwen3_5(), PortableDriver::new(), &opts(), None).unwrap();
+    e.prompt_logits(&[tokens.to_vec()]).unwrap()[0]
+        .last()
+        .unwrap()
+        .clone()
+}
+
+/// Gated DeltaNet layers keep a recurrent state per context: chunked
+/// prefill continues it, a fork copies it, trimming is refused, and each
+/// context's logits equal a fresh run of its whole token sequence.
+#[test]
+fn recurrent_contexts_keep_their_own_state() {
+    let cfg = SchedulerConfig {
+        max_forward_tokens: 5,
+        kv_pages: 32,
+        max_recurrent_contexts: 3,
+        ..SchedulerConfig::default()
+    };
+    let s = Scheduler::start(
+        "qwen3_5",
+        || Engine::load(&qwen3_5(), PortableDriver::new(), &opts(), None),
+        cfg,
+    )
+    .unwrap();
+    let prompt: Vec<u32> = (0..13).map(|i| (i * 11 + 2) % 200 + 3).collect();
+    let a = s.kv().create();
+    let got = logits(pass(&s, a, &prompt));
+    assert_close(&got, &reference_qwen3_5(&prompt), "chunked prefill");
+
+    let b = s.kv().fork(a).unwrap();
+    let c = s.kv().fork(a).unwrap();
+    // Both branches and the parent advance in one batch.
+    let (tx, rx) = mpsc::channel();
+    for (ctx, tok) in [(a, 40u32), (b, 41), (c, 42)] {
+        let tx = tx.clone();
+        let req = PassRequest {
+            ctx,
+            tokens: vec![tok],
+            outputs: vec![(0, OutputKind::Logits)],
+            ..PassRequest::default()
+        };
+        s.submit(req, Box::new(move |r| tx.send((tok, r)).unwrap()))
+            .unwrap();
+    }
+    for _ in 0..3 {
+        let (tok, r) = rx.recv().unwrap();
+        let mut whole = prompt.clone();
+        whole.push(tok);
+        assert_close(&logits(r), &reference_qwen3_5(&whole), "branch");
+    }
+    // Every state row is held: a fourth context waits, then fails clearly.
+    let d = s.kv().create();
+    let err = pass(&s, d, &[5]).unwrap_err();
+    assert!(err.contains("recurrent state exhausted"), "{err}");
+    let err = s.kv().trim(b, 3).unwrap_err().to_string();
+    assert!(err.contains("recurrent layers"), "{err}");
+    s.kv().release(c);
+    let got = logits(pass(&s, d, &[5, 6]));
+    assert_close(&got, &reference_qwen3_5(&[5, 6]), "state row reused");
+}
+
+/// A pass that finds the cache full waits for pages rather than failing at
+/// once: a context released meanwhile lets it run.
+#[test]
+fn exhaustion_waits_for_a_release() {
+    let s = start(4, 10240);
+    let a = s.kv().create();
+    logits(pass(&s, a, &(5..19).collect::<Vec<u32>>())); // 14 tokens: 4 pages
+    assert_eq!(s.kv().free_pages(), 0);
+    let b = s.kv().create();
+    let (tx, rx) = mpsc::channel();
+    let req = PassRequest {
+        ctx: b,
+        tokens: vec![3, 4, 5],
+        outputs: vec![(2, OutputKind::Logits)],
+        ..PassRequest::default()
+    };
+    s.submit(req, Box::new(move |r| tx.send(r).unwrap()))
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(
+        rx.try_recv().is_err(),
+        "the pass waits while the cache is full"
+    );
+    s.kv().release(a);
+    let got = logits(rx.recv().unwrap());
+    assert_close(&got, &reference(&[3, 4, 5]), "after the release");
 }

@@ -20,6 +20,7 @@ impl Host for InstanceState {
     }
 
     async fn receive(&mut self) -> wasmtime::Result<Option<String>> {
+        self.flush();
         Ok(self.inbox.recv().await)
     }
 

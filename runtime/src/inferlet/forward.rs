@@ -16,6 +16,8 @@ use crate::scheduler::{OutputKind, PassOutput, PassRequest, PassResult};
 /// A submitted pass, as the guest holds it.
 pub struct PendingPass {
     slot: Slot,
+    /// Polled while not yet sent (see `poll`).
+    polled_unsent: bool,
 }
 
 fn sampler(s: WitSampler) -> Sampler {
@@ -70,14 +72,19 @@ impl Host for InstanceState {
             *filled.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
             notify.notify_one();
         });
-        if let Err(e) = self.sched.submit(request(id, pass), reply) {
-            return Ok(Err(e));
+        match self.sched.prepare(request(id, pass), reply) {
+            Ok(pass) => self.unsent.push(pass),
+            Err(e) => return Ok(Err(e)),
         }
         self.passes.push(slot.clone());
-        Ok(Ok(self.table.push(PendingPass { slot })?))
+        Ok(Ok(self.table.push(PendingPass {
+            slot,
+            polled_unsent: false,
+        })?))
     }
 
     async fn wait_any(&mut self) -> wasmtime::Result<bool> {
+        self.flush();
         loop {
             if self.passes.is_empty() {
                 return Ok(false);
@@ -101,6 +108,17 @@ impl HostPending for InstanceState {
         &mut self,
         pending: Resource<PendingPass>,
     ) -> wasmtime::Result<Option<Result<Vec<Output>, String>>> {
+        // Passes are sent when the inferlet waits, so that its branches
+        // share a batch; a guest polling the same unsent pass twice is
+        // busy-polling instead of waiting, so that sends them too.
+        let p = self.table.get_mut(&pending)?;
+        if !self.unsent.is_empty() {
+            if p.polled_unsent {
+                self.flush();
+            } else {
+                p.polled_unsent = true;
+            }
+        }
         let slot = self.table.get(&pending)?.slot.clone();
         let taken = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
         let Some(result) = taken else {

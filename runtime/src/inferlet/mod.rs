@@ -116,6 +116,7 @@ impl InferletRuntime {
             events: events.clone(),
             inbox,
             passes: Vec::new(),
+            unsent: Vec::new(),
             pass_done: Arc::new(Notify::new()),
             started: Instant::now(),
             time_limit: limits.time,

@@ -2,11 +2,15 @@
 //!
 //! Pages are reference-counted: a fork shares every page of its parent, and
 //! a page is copied only when a context is about to write into a page that
-//! another context also holds (copy on write). The driver API has no page
-//! copy, so the copy is made by running the page's tokens again into a fresh
-//! page (at most `page_size - 1` tokens, the replay of a [`WritePlan`]).
-//! Every method checks before it changes anything: an error leaves the
-//! manager as it was.
+//! another context also holds (copy on write: the [`WritePlan`] lists the
+//! copies the driver makes before the pass).
+//!
+//! Models with recurrent layers (Gated DeltaNet, Mamba2) also keep one row
+//! of recurrent state per context, taken at its first write. A fork copies
+//! the parent's row (queued here, made by the driver before the next
+//! batch); such a context cannot be trimmed, since its state cannot be
+//! rewound. Every method checks before it changes anything: an error leaves
+//! the manager as it was.
 
 use std::collections::HashMap;
 
@@ -31,6 +35,20 @@ pub enum KvError {
         len: usize,
         have: usize,
     },
+    #[error(
+        "cannot trim context {id} from {have} to {len} tokens: the model has recurrent layers, \
+         whose state cannot be rewound (fork before the tokens you may want to drop instead)"
+    )]
+    RecurrentTrim {
+        id: ContextId,
+        len: usize,
+        have: usize,
+    },
+    #[error(
+        "recurrent state exhausted: all {total} state rows are held by contexts \
+         (raise max_recurrent_contexts or release contexts)"
+    )]
+    StateExhausted { total: usize },
 }
 
 #[derive(Debug, Default)]
@@ -43,18 +61,23 @@ struct Context {
     busy: bool,
     /// Released while busy: freed when the pass ends.
     released: bool,
+    /// Recurrent state row, for models with recurrent layers, once the
+    /// context has been written to (or forked from one that was).
+    state: Option<u32>,
 }
 
 /// Where a write of new tokens goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WritePlan {
-    /// Position of the first token to run (of the replay, if any).
+    /// Position of the first new token (the context's length).
     pub first_pos: usize,
-    /// Tokens already in the context that must run again, before the new
-    /// ones, because their page was shared and has been replaced.
-    pub replay: Vec<u32>,
+    /// `(from, to)` pages to copy before the write: shared pages in the
+    /// write range, replaced by private copies.
+    pub copies: Vec<(PageId, PageId)>,
     /// The page table covering every position through the write.
     pub pages: Vec<PageId>,
+    /// The context's recurrent state row (0 for models without one).
+    pub state: u32,
 }
 
 #[derive(Debug)]
@@ -65,6 +88,11 @@ pub struct PageManager {
     free: Vec<PageId>,
     contexts: HashMap<ContextId, Context>,
     next_id: ContextId,
+    /// Free recurrent state rows (None: the model has no recurrent layers).
+    free_states: Option<Vec<u32>>,
+    state_rows: usize,
+    /// `(from, to)` state rows to copy before the next batch (forks).
+    state_copies: Vec<(u32, u32)>,
 }
 
 impl PageManager {
@@ -75,6 +103,46 @@ impl PageManager {
             free: (0..num_pages as PageId).rev().collect(),
             contexts: HashMap::new(),
             next_id: 1,
+            free_states: None,
+            state_rows: 0,
+            state_copies: Vec::new(),
+        }
+    }
+
+    /// A manager that also hands out `rows` recurrent state rows, one per
+    /// context (models with recurrent layers).
+    pub fn with_state_rows(mut self, rows: usize) -> Self {
+        self.free_states = Some((0..rows as u32).rev().collect());
+        self.state_rows = rows;
+        self
+    }
+
+    pub fn is_recurrent(&self) -> bool {
+        self.free_states.is_some()
+    }
+
+    /// State rows not held by any context.
+    pub fn free_state_rows(&self) -> usize {
+        self.free_states.as_ref().map_or(0, Vec::len)
+    }
+
+    /// The state copies forks queued since the last call; the driver must
+    /// make them, in order, before the next batch runs.
+    pub fn take_state_copies(&mut self) -> Vec<(u32, u32)> {
+        std::mem::take(&mut self.state_copies)
+    }
+
+    fn take_state_row(&mut self) -> Result<u32, KvError> {
+        let total = self.state_rows;
+        self.free_states
+            .as_mut()
+            .and_then(Vec::pop)
+            .ok_or(KvError::StateExhausted { total })
+    }
+
+    fn free_state_row(&mut self, row: Option<u32>) {
+        if let (Some(row), Some(free)) = (row, self.free_states.as_mut()) {
+            free.push(row);
         }
     }
 
@@ -126,14 +194,24 @@ impl PageManager {
         Ok(&self.get(id)?.pages)
     }
 
-    /// A new context sharing the pages that hold `id`'s tokens.
+    /// A new context sharing the pages that hold `id`'s tokens (and a copy
+    /// of its recurrent state).
     pub fn fork(&mut self, id: ContextId) -> Result<ContextId, KvError> {
         let page_size = self.page_size;
         let parent = self.idle_mut(id)?;
         let tokens = parent.tokens.clone();
+        let parent_state = parent.state;
         // Pages reserved past the last token are not shared: the child
         // would write into them too.
         let pages: Vec<PageId> = parent.pages[..tokens.len().div_ceil(page_size)].to_vec();
+        let state = match parent_state {
+            Some(from) => {
+                let to = self.take_state_row()?;
+                self.state_copies.push((from, to));
+                Some(to)
+            }
+            None => None,
+        };
         for &p in &pages {
             self.refcount[p as usize] += 1;
         }
@@ -141,6 +219,7 @@ impl PageManager {
         let c = self.contexts.get_mut(&child).expect("just created");
         c.tokens = tokens;
         c.pages = pages;
+        c.state = state;
         Ok(child)
     }
 
@@ -155,18 +234,20 @@ impl PageManager {
         }
         let c = self.contexts.remove(&id).expect("present");
         self.unref_all(&c.pages);
+        self.free_state_row(c.state);
     }
 
     /// Keeps the first `len` tokens and the pages they need.
     pub fn trim(&mut self, id: ContextId, len: usize) -> Result<(), KvError> {
         let page_size = self.page_size;
+        let recurrent = self.is_recurrent();
         let c = self.idle_mut(id)?;
-        if len > c.tokens.len() {
-            return Err(KvError::TrimPastEnd {
-                id,
-                len,
-                have: c.tokens.len(),
-            });
+        let have = c.tokens.len();
+        if len > have {
+            return Err(KvError::TrimPastEnd { id, len, have });
+        }
+        if recurrent && len < have {
+            return Err(KvError::RecurrentTrim { id, len, have });
         }
         c.tokens.truncate(len);
         let keep = len.div_ceil(page_size).min(c.pages.len());
@@ -176,16 +257,22 @@ impl PageManager {
     }
 
     /// Cuts a context back to `len` tokens even while it is busy: the
-    /// scheduler undoing a failed pass.
-    pub fn rollback(&mut self, id: ContextId, len: usize) {
+    /// scheduler undoing a failed pass. A recurrent state cannot be cut
+    /// back, so such a context is emptied (its next pass starts over).
+    /// Returns the length it was cut to.
+    pub fn rollback(&mut self, id: ContextId, len: usize) -> usize {
         let page_size = self.page_size;
+        let len = if self.is_recurrent() { 0 } else { len };
         let Some(c) = self.contexts.get_mut(&id) else {
-            return;
+            return len;
         };
         c.tokens.truncate(len);
         let keep = c.tokens.len().div_ceil(page_size).min(c.pages.len());
         let dropped = c.pages.split_off(keep);
+        let state = if len == 0 { c.state.take() } else { None };
         self.unref_all(&dropped);
+        self.free_state_row(state);
+        len
     }
 
     /// Allocates now the pages that `extra` more tokens will need.
@@ -204,50 +291,50 @@ impl PageManager {
         Ok(())
     }
 
-    /// How many tokens a write into `id` must replay (the filled part of
-    /// its last page when that page is shared).
-    pub fn replay_len(&self, id: ContextId) -> Result<usize, KvError> {
-        let c = self.get(id)?;
-        let len = c.tokens.len();
-        let page = len / self.page_size;
-        let shared = c
-            .pages
-            .get(page)
-            .is_some_and(|&p| self.refcount[p as usize] > 1);
-        Ok(if shared { len % self.page_size } else { 0 })
-    }
-
     /// Makes the pages for writing `n` new tokens after `id`'s tokens
-    /// private and present: shared pages in the write range are replaced
-    /// (the first one's tokens replayed), missing pages allocated.
+    /// private and present: shared pages in the write range are replaced by
+    /// copies, missing pages allocated; a recurrent context gets its state
+    /// row at its first write.
     pub fn prepare_write(&mut self, id: ContextId, n: usize) -> Result<WritePlan, KvError> {
         let ps = self.page_size;
         let c = self.get(id)?;
         let len = c.tokens.len();
+        let needs_state = self.is_recurrent() && c.state.is_none();
         let (first, last) = (len / ps, (len + n).div_ceil(ps));
         let shared: Vec<usize> = (first..last.min(c.pages.len()))
             .filter(|&i| self.refcount[c.pages[i] as usize] > 1)
             .collect();
         let missing = last.saturating_sub(c.pages.len());
         self.check_free(shared.len() + missing)?;
-        let replay_from = if shared.first() == Some(&first) {
-            first * ps
-        } else {
-            len
+        if needs_state && self.free_state_rows() == 0 {
+            return Err(KvError::StateExhausted {
+                total: self.state_rows,
+            });
+        }
+        let state = match needs_state {
+            true => Some(self.take_state_row().expect("checked")),
+            false => None,
         };
         let fresh = self.take(shared.len() + missing);
         let (swap, append) = fresh.split_at(shared.len());
         let c = self.contexts.get_mut(&id).expect("checked");
-        let mut old = Vec::with_capacity(swap.len());
+        if state.is_some() {
+            c.state = state;
+        }
+        let mut copies = Vec::with_capacity(swap.len());
         for (&i, &p) in shared.iter().zip(swap) {
-            old.push(std::mem::replace(&mut c.pages[i], p));
+            copies.push((std::mem::replace(&mut c.pages[i], p), p));
         }
         c.pages.extend_from_slice(append);
         let plan = WritePlan {
-            first_pos: replay_from,
-            replay: c.tokens[replay_from..].to_vec(),
+            first_pos: len,
+            copies,
             pages: c.pages.clone(),
+            state: c.state.unwrap_or(0),
         };
+        // The replaced pages stay held by the contexts sharing them, so
+        // they keep their contents until the copies are made.
+        let old: Vec<PageId> = plan.copies.iter().map(|c| c.0).collect();
         self.unref_all(&old);
         Ok(plan)
     }
@@ -323,7 +410,7 @@ mod tests {
         let a = m.create();
         let plan = write(&mut m, a, &[1, 2, 3, 4, 5]);
         assert_eq!(plan.first_pos, 0);
-        assert!(plan.replay.is_empty());
+        assert!(plan.copies.is_empty());
         assert_eq!(plan.pages.len(), 2);
         assert_eq!(m.free_pages(), 6);
         let plan = write(&mut m, a, &[6]);
@@ -343,19 +430,18 @@ mod tests {
         let shared = m.pages(a).unwrap().to_vec();
         assert!(shared.iter().all(|&p| m.refcount(p) == 2));
         assert_eq!(m.free_pages(), 6, "fork allocates nothing");
-        assert_eq!(m.replay_len(b).unwrap(), 2);
 
-        // The child writes: its partial page is replaced and replayed.
+        // The child writes: its partial page is replaced by a copy.
         let plan = write(&mut m, b, &[7]);
-        assert_eq!(plan.first_pos, 4);
-        assert_eq!(plan.replay, vec![5, 6]);
+        assert_eq!(plan.first_pos, 6);
         assert_eq!(plan.pages[0], shared[0], "full page still shared");
         assert_ne!(plan.pages[1], shared[1]);
+        assert_eq!(plan.copies, vec![(shared[1], plan.pages[1])]);
         assert_eq!(m.refcount(shared[0]), 2);
         assert_eq!(m.refcount(shared[1]), 1);
         // The parent now owns its partial page alone: written in place.
-        assert_eq!(m.replay_len(a).unwrap(), 0);
         let plan = write(&mut m, a, &[8]);
+        assert!(plan.copies.is_empty());
         assert_eq!((plan.first_pos, plan.pages), (6, shared.clone()));
         assert_eq!(m.tokens(a).unwrap(), &[1, 2, 3, 4, 5, 6, 8]);
         assert_eq!(m.tokens(b).unwrap(), &[1, 2, 3, 4, 5, 6, 7]);
@@ -367,13 +453,13 @@ mod tests {
     }
 
     #[test]
-    fn fork_at_a_page_boundary_replays_nothing() {
+    fn fork_at_a_page_boundary_copies_nothing() {
         let mut m = PageManager::new(8, 4);
         let a = m.create();
         write(&mut m, a, &[1, 2, 3, 4]);
         let b = m.fork(a).unwrap();
         let plan = write(&mut m, b, &[5]);
-        assert!(plan.replay.is_empty());
+        assert!(plan.copies.is_empty());
         assert_eq!(plan.first_pos, 4);
         assert_eq!(m.free_pages(), 6);
     }
@@ -401,9 +487,11 @@ mod tests {
             m.reserve(a, 100).unwrap_err().to_string(),
             "KV cache exhausted: 25 more pages needed, 1 of 3 free"
         );
-        // Space freed elsewhere makes the same write possible.
+        // Once the parent is gone the partial page is b's alone: a write
+        // filling it and one more page needs no copy.
         m.release(a);
-        assert_eq!(m.prepare_write(b, 7).unwrap().replay, vec![5, 6]);
+        assert!(m.prepare_write(b, 3).unwrap().copies.is_empty());
+        assert_eq!(m.free_pages(), 0);
     }
 
     #[test]
@@ -417,9 +505,44 @@ mod tests {
         assert_eq!(m.refcount(m.pages(a).unwrap()[2]), 1);
         assert!(matches!(m.trim(b, 6), Err(KvError::TrimPastEnd { .. })));
         // Writing after the trim must not touch a's second page.
+        let a1 = m.pages(a).unwrap()[1];
         let plan = write(&mut m, b, &[42]);
-        assert_eq!(plan.replay, vec![5]);
-        assert_ne!(plan.pages[1], m.pages(a).unwrap()[1]);
+        assert_eq!(plan.copies, vec![(a1, plan.pages[1])]);
+        assert_ne!(plan.pages[1], a1);
+    }
+
+    #[test]
+    fn recurrent_contexts_take_state_rows_and_forks_copy_them() {
+        let mut m = PageManager::new(8, 4).with_state_rows(2);
+        let a = m.create();
+        assert_eq!(m.free_state_rows(), 2, "rows are taken at the first write");
+        let plan = write(&mut m, a, &[1, 2, 3]);
+        let row_a = plan.state;
+        assert_eq!(m.free_state_rows(), 1);
+        let b = m.fork(a).unwrap();
+        let copies = m.take_state_copies();
+        assert_eq!(copies.len(), 1);
+        assert_eq!(copies[0].0, row_a);
+        let row_b = write(&mut m, b, &[4]).state;
+        assert_eq!(row_b, copies[0].1);
+        assert_ne!(row_a, row_b);
+        // No row left: a third context cannot start, a fork cannot copy.
+        let c = m.create();
+        assert_eq!(
+            m.prepare_write(c, 1),
+            Err(KvError::StateExhausted { total: 2 })
+        );
+        assert_eq!(m.fork(a), Err(KvError::StateExhausted { total: 2 }));
+        assert_eq!(m.free_pages(), 8 - 2, "the refused writes took nothing");
+        // Trimming would need the state rewound.
+        assert!(matches!(m.trim(a, 1), Err(KvError::RecurrentTrim { .. })));
+        m.trim(a, 3).unwrap();
+        // A failed pass empties a recurrent context and frees its row.
+        assert_eq!(m.rollback(b, 3), 0);
+        assert!(m.tokens(b).unwrap().is_empty());
+        assert_eq!(m.free_state_rows(), 1);
+        m.release(a);
+        assert_eq!(m.free_state_rows(), 2);
     }
 
     #[test]

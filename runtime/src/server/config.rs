@@ -82,8 +82,7 @@ pub struct SchedulerSection {
     pub max_forward_tokens: usize,
     pub max_forward_requests: usize,
     pub kv_pages: usize,
-    /// Batches staged ahead of the running one. Parsed and kept for the
-    /// scheduler that stages batches; the current one runs one at a time.
+    /// Batches staged while one runs (0: plan only when the driver is idle).
     pub speculation_depth: usize,
 }
 
@@ -104,6 +103,8 @@ impl SchedulerSection {
             max_forward_tokens: self.max_forward_tokens,
             max_forward_requests: self.max_forward_requests,
             kv_pages: self.kv_pages,
+            speculation_depth: self.speculation_depth,
+            ..Default::default()
         }
     }
 }

@@ -1,0 +1,123 @@
+//! The executor thread: owns the engine (which never crosses threads), and
+//! runs the batches the planner sends, in order: first the copies the batch
+//! depends on (recurrent state rows of forks, copied-on-write pages), then
+//! the forward pass. Each result goes back to the planner's inbox.
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use pie_driver::{Driver, ForwardBatch};
+
+use super::planner::Msg;
+use super::{ModelInfo, SchedulerConfig};
+use crate::engine::Engine;
+use crate::error::PieError;
+
+pub(super) type BatchId = u64;
+
+/// A planned batch.
+pub(super) struct ExecBatch {
+    pub id: BatchId,
+    pub batch: ForwardBatch,
+    /// Token rows whose logits come back, in this order.
+    pub rows: Vec<usize>,
+    /// `(from, to)` recurrent state rows to copy first.
+    pub state_copies: Vec<(u32, u32)>,
+    /// `(from, to)` KV pages to copy first.
+    pub page_copies: Vec<(u32, u32)>,
+}
+
+/// A batch's result.
+pub(super) struct Done {
+    pub id: BatchId,
+    /// The logits of the requested rows, one vocabulary-sized row after
+    /// another.
+    pub result: Result<Vec<f32>, PieError>,
+    pub driver_time: Duration,
+}
+
+/// Loads the engine on a new thread and allocates its KV cache; returns the
+/// model's facts, the executor's inbox and whether the model keeps
+/// recurrent state.
+pub(super) fn start<D, F>(
+    name: String,
+    load: F,
+    cfg: &SchedulerConfig,
+    results: mpsc::Sender<Msg>,
+) -> Result<(ModelInfo, mpsc::Sender<ExecBatch>, bool), PieError>
+where
+    D: Driver + 'static,
+    F: FnOnce() -> Result<Engine<D>, PieError> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel::<ExecBatch>();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let (pages, state_rows) = (cfg.kv_pages, cfg.max_recurrent_contexts);
+    std::thread::Builder::new()
+        .name("pie-executor".into())
+        .spawn(move || {
+            let started = load().and_then(|mut engine| {
+                let recurrent = engine.has_recurrent_state();
+                engine.allocate_kv(pages, if recurrent { state_rows } else { 1 })?;
+                Ok((model_info(&mut engine, name), recurrent, engine))
+            });
+            match started {
+                Ok((info, recurrent, engine)) => {
+                    let _ = ready_tx.send(Ok((info, recurrent)));
+                    run(engine, rx, results);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+        })
+        .map_err(|e| PieError::Input(format!("cannot start the executor thread: {e}")))?;
+    let (info, recurrent) = ready_rx
+        .recv()
+        .map_err(|_| PieError::Input("the executor thread died while loading".into()))??;
+    Ok((info, tx, recurrent))
+}
+
+fn model_info<D: Driver + 'static>(engine: &mut Engine<D>, name: String) -> ModelInfo {
+    ModelInfo {
+        name,
+        arch: engine.arch.to_string(),
+        vocab: engine.ir.vocab,
+        page_size: engine.page_size(),
+        tokenizer: engine.tokenizer.take(),
+        chat_template: engine.chat_template.take(),
+        stop_ids: engine.stop_ids.clone(),
+    }
+}
+
+/// Runs batches until the planner hangs up.
+fn run<D: Driver + 'static>(
+    mut engine: Engine<D>,
+    batches: mpsc::Receiver<ExecBatch>,
+    results: mpsc::Sender<Msg>,
+) {
+    for b in batches {
+        let started = Instant::now();
+        let result = execute(&mut engine, &b);
+        let done = Done {
+            id: b.id,
+            result,
+            driver_time: started.elapsed(),
+        };
+        if results.send(Msg::Done(done)).is_err() {
+            return;
+        }
+    }
+}
+
+fn execute<D: Driver + 'static>(
+    engine: &mut Engine<D>,
+    b: &ExecBatch,
+) -> Result<Vec<f32>, PieError> {
+    for &(from, to) in &b.state_copies {
+        engine.copy_state(from, to)?;
+    }
+    for &(from, to) in &b.page_copies {
+        engine.copy_page(from, to)?;
+    }
+    engine.forward_rows(&b.batch, &b.rows)
+}
