@@ -201,7 +201,7 @@ fn start(
         state.metrics.clone(),
     );
     let include_usage = f.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let stream = f.stream;
+    let stream = f.stream.unwrap_or(false);
     Ok(async move {
         match stream {
             true => sse(meta, events, include_usage),

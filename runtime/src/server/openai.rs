@@ -71,7 +71,7 @@ pub struct SamplingFields {
     #[serde(default)]
     pub n: Option<u32>,
     #[serde(default)]
-    pub stream: bool,
+    pub stream: Option<bool>,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
 }
