@@ -616,3 +616,29 @@ fn websocket_runs_the_chat_inferlet_and_refuses_invalid_wasm() {
         server.shutdown().await.unwrap();
     });
 }
+
+#[test]
+fn incremental_detokenization_concatenates_to_the_full_decode() {
+    use pie_runtime::server::detokenize::Detokenizer;
+    let tok = engine().tokenizer.take().unwrap();
+    let vocab = tok.vocab_size() as u64;
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    for round in 0..200 {
+        let len = 1 + round % 40;
+        let ids: Vec<u32> = (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state % vocab) as u32
+            })
+            .collect();
+        let mut d = Detokenizer::new();
+        let mut text = String::new();
+        for &id in &ids {
+            text += &d.push(&tok, id).unwrap();
+        }
+        text += &d.flush(&tok).unwrap();
+        assert_eq!(text, tok.decode(&ids, true).unwrap(), "ids {ids:?}");
+    }
+}
