@@ -11,7 +11,7 @@ use pie_driver_portable::PortableDriver;
 use pie_runtime::chat_template::ChatMessage;
 use pie_runtime::sampling::Sampler;
 use pie_runtime::scheduler::{Scheduler, SchedulerConfig};
-use pie_runtime::server::client::{stream_text, Client};
+use pie_runtime::server::client::{stream_choices, stream_text, Client};
 use pie_runtime::server::{RunningServer, ServerOptions};
 use pie_runtime::{Engine, LoadOptions};
 use serde_json::{json, Value};
@@ -229,11 +229,11 @@ fn bad_input_gets_openai_errors_and_the_server_keeps_serving() {
             "{msg} ({} tokens)",
             ids.len()
         );
-        // n > 1 is refused, as are out-of-range sampling values.
-        let r = chat(r#"{"model": "llama", "n": 2, "messages": [{"role": "user", "content": "hi"}]}"#)
+        // Too many choices are refused, as are out-of-range sampling values.
+        let r = chat(r#"{"model": "llama", "n": 17, "messages": [{"role": "user", "content": "hi"}]}"#)
             .await;
         assert_eq!(r.status, 400);
-        assert!(error_of(&r).0.contains("n = 2"));
+        assert!(error_of(&r).0.contains("n = 17"));
         let r = chat(
             r#"{"model": "llama", "temperature": 7, "messages": [{"role": "user", "content": "hi"}]}"#,
         )
@@ -266,10 +266,17 @@ fn bad_input_gets_openai_errors_and_the_server_keeps_serving() {
 
 /// Contexts are released right after their last event: wait for it.
 async fn wait_pages_free(server: &RunningServer) {
+    let active = || {
+        server
+            .state
+            .metrics
+            .active_generations
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
     for _ in 0..200 {
         {
             let kv = server.state.sched.kv();
-            if kv.free_pages() == kv.total_pages() && kv.num_contexts() == 0 {
+            if kv.free_pages() == kv.total_pages() && kv.num_contexts() == 0 && active() == 0 {
                 return;
             }
         }
@@ -515,12 +522,6 @@ fn a_client_that_goes_away_frees_its_context() {
         assert!(s.next_data().await.unwrap().is_some());
         drop(s);
         wait_pages_free(&server).await;
-        let active = server
-            .state
-            .metrics
-            .active_generations
-            .load(std::sync::atomic::Ordering::Relaxed);
-        assert_eq!(active, 0);
         let generated = server
             .state
             .metrics
@@ -530,6 +531,79 @@ fn a_client_that_goes_away_frees_its_context() {
         // And the server goes on.
         let r = c.chat(MODEL, "hi", greedy(2)).await.unwrap();
         assert_eq!(r["object"], "chat.completion");
+        server.shutdown().await.unwrap();
+    });
+}
+
+#[test]
+fn several_choices_share_the_prompt_through_forks() {
+    let expected = expected_chat(&mut engine(), PROMPT, MAX_TOKENS);
+    tokio().block_on(async {
+        let server = start(options(), 256).await;
+        let c = Client::new(server.addr.to_string());
+        // Greedy: every choice is the greedy reply.
+        let mut extra = greedy(MAX_TOKENS);
+        extra["n"] = json!(3);
+        let r = c.chat(MODEL, PROMPT, extra.clone()).await.unwrap();
+        let choices = r["choices"].as_array().unwrap();
+        assert_eq!(choices.len(), 3);
+        for (i, ch) in choices.iter().enumerate() {
+            assert_eq!(ch["index"], i);
+            assert_eq!(ch["message"]["content"], expected.text.as_str());
+            assert_eq!(ch["finish_reason"], expected.finish);
+        }
+        assert_eq!(r["usage"]["prompt_tokens"], expected.prompt_tokens);
+        assert_eq!(
+            r["usage"]["completion_tokens"],
+            3 * expected.completion_tokens
+        );
+        // Streamed: each index concatenates to the same text.
+        let mut body = json!({"model": MODEL, "messages": [{"role": "user", "content": PROMPT}],
+            "stream": true});
+        pie_runtime::server::client::merge(&mut body, extra);
+        let s = c.post_sse("/v1/chat/completions", &body).await.unwrap();
+        let events = s.collect().await.unwrap();
+        assert_eq!(events.last().unwrap(), "[DONE]");
+        let streamed = stream_choices(&events).unwrap();
+        assert_eq!(streamed.len(), 3);
+        for (text, finish) in &streamed {
+            assert_eq!(text, &expected.text);
+            assert_eq!(finish.as_deref(), Some(expected.finish));
+        }
+        // Sampled: choice 0 is what n = 1 gives with the same seed, and
+        // whole and streamed responses agree choice by choice.
+        let sampled = json!({"temperature": 1.0, "seed": 11, "max_tokens": 12});
+        let one = c.chat(MODEL, PROMPT, sampled.clone()).await.unwrap();
+        let mut four = sampled.clone();
+        four["n"] = json!(4);
+        let r = c.chat(MODEL, PROMPT, four.clone()).await.unwrap();
+        assert_eq!(r["choices"][0]["message"], one["choices"][0]["message"]);
+        let mut body = json!({"model": MODEL, "prompt": "Once upon a time", "stream": true});
+        pie_runtime::server::client::merge(&mut body, four);
+        let whole = c
+            .post_json(
+                "/v1/completions",
+                &json!({"model": MODEL, "prompt": "Once upon a time",
+                "temperature": 1.0, "seed": 11, "max_tokens": 12, "n": 4}),
+            )
+            .await
+            .unwrap()
+            .json()
+            .unwrap();
+        let s = c.post_sse("/v1/completions", &body).await.unwrap();
+        let streamed = stream_choices(&s.collect().await.unwrap()).unwrap();
+        let texts: Vec<&str> = (0..4)
+            .map(|i| whole["choices"][i]["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            streamed.iter().map(|c| c.0.as_str()).collect::<Vec<_>>(),
+            texts
+        );
+        assert!(
+            texts.iter().any(|t| *t != texts[0]),
+            "four samples all equal: {texts:?}"
+        );
+        wait_pages_free(&server).await;
         server.shutdown().await.unwrap();
     });
 }

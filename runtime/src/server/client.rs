@@ -263,6 +263,31 @@ pub fn stream_text(events: &[String]) -> Result<(String, Option<String>, bool), 
     Ok((text, finish, done))
 }
 
+/// Each choice's concatenated text and finish reason in a stream, by
+/// index.
+pub fn stream_choices(events: &[String]) -> Result<Vec<(String, Option<String>)>, String> {
+    let mut choices: Vec<(String, Option<String>)> = Vec::new();
+    for e in events.iter().filter(|e| *e != "[DONE]") {
+        let v: Value = serde_json::from_str(e).map_err(|err| format!("{err}: {e}"))?;
+        if v.get("error").is_some() {
+            return Err(format!("error in stream: {e}"));
+        }
+        for c in v["choices"].as_array().into_iter().flatten() {
+            let i = c["index"].as_u64().ok_or("a choice without index")? as usize;
+            if choices.len() <= i {
+                choices.resize(i + 1, (String::new(), None));
+            }
+            if let Some(t) = c["delta"]["content"].as_str().or(c["text"].as_str()) {
+                choices[i].0 += t;
+            }
+            if let Some(f) = c["finish_reason"].as_str() {
+                choices[i].1 = Some(f.to_string());
+            }
+        }
+    }
+    Ok(choices)
+}
+
 /// The inferlet WebSocket, from the client side.
 pub struct WsClient {
     ws: WebSocketStream<TcpStream>,

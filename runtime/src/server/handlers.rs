@@ -144,7 +144,7 @@ fn start(
     prompt: Vec<u32>,
     f: &SamplingFields,
 ) -> Result<impl std::future::Future<Output = Response>, ApiError> {
-    f.check_n()?;
+    let n = f.n()?;
     let max_tokens = f.max_tokens()?;
     let stops = f.stops()?;
     let sampler = f.sampler(fresh_seed())?;
@@ -168,15 +168,17 @@ fn start(
         let kv = state.sched.kv();
         kv.total_pages() * kv.page_size()
     };
-    if prompt.len() + max_tokens > capacity {
+    // Choices share the prompt's pages; each writes its own tokens.
+    if prompt.len() + n * max_tokens > capacity {
         return Err(ApiError::bad_request(
             "context_too_long",
             format!(
-                "the prompt ({} tokens) plus max_tokens ({max_tokens}) exceeds the KV cache ({capacity} tokens)",
+                "the prompt ({} tokens) plus n ({n}) x max_tokens ({max_tokens}) exceeds the KV cache ({capacity} tokens)",
                 prompt.len()
             ),
         ));
     }
+    let prompt_len = prompt.len();
     let meta = ResponseMeta {
         endpoint,
         id: format!(
@@ -197,15 +199,20 @@ fn start(
             max_tokens,
             sampler,
             stops,
+            n,
         },
         state.metrics.clone(),
     );
+    let usage = Usage {
+        prompt_tokens: prompt_len,
+        completion_tokens: 0,
+    };
     let include_usage = f.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let stream = f.stream.unwrap_or(false);
     Ok(async move {
         match stream {
-            true => sse(meta, events, include_usage),
-            false => whole(meta, events).await,
+            true => sse(meta, events, n, usage, include_usage),
+            false => whole(meta, events, n, usage).await,
         }
     })
 }
@@ -231,13 +238,32 @@ fn fresh_seed() -> u64 {
 }
 
 /// Waits for the whole generation.
-async fn whole(meta: ResponseMeta, mut events: mpsc::UnboundedReceiver<GenEvent>) -> Response {
-    let mut text = String::new();
+async fn whole(
+    meta: ResponseMeta,
+    mut events: mpsc::UnboundedReceiver<GenEvent>,
+    n: usize,
+    mut usage: Usage,
+) -> Response {
+    let mut choices = vec![(String::new(), None); n];
+    let mut left = n;
     while let Some(e) = events.recv().await {
         match e {
-            GenEvent::Text(t) => text += &t,
-            GenEvent::Done { finish, usage } => {
-                return json_response(&meta.full(&text, finish, usage))
+            GenEvent::Text { choice, text } => choices[choice].0 += &text,
+            GenEvent::Done {
+                choice,
+                finish,
+                completion_tokens,
+            } => {
+                choices[choice].1 = Some(finish);
+                usage.completion_tokens += completion_tokens;
+                left -= 1;
+                if left == 0 {
+                    let choices: Vec<(String, FinishReason)> = choices
+                        .into_iter()
+                        .map(|(t, f)| (t, f.unwrap_or(FinishReason::Stop)))
+                        .collect();
+                    return json_response(&meta.full(&choices, usage));
+                }
             }
             GenEvent::Failed(msg) => {
                 return ApiError::server(format!("generation failed: {msg}")).into_response()
@@ -251,54 +277,80 @@ fn event(value: &serde_json::Value) -> Bytes {
     Bytes::from(format!("data: {value}\n\n"))
 }
 
-/// Streams the generation as server-sent events, ending with `[DONE]`.
+/// Streams the generation as server-sent events, ending with `[DONE]`
+/// once every choice is done.
 fn sse(
     meta: ResponseMeta,
     events: mpsc::UnboundedReceiver<GenEvent>,
+    n: usize,
+    usage: Usage,
     include_usage: bool,
 ) -> Response {
     struct S {
         meta: ResponseMeta,
         events: mpsc::UnboundedReceiver<GenEvent>,
-        first: bool,
-        ended: bool,
+        /// Choices that have sent their first chunk.
+        started: Vec<bool>,
+        left: usize,
+        usage: Usage,
         include_usage: bool,
+        ended: bool,
     }
     let state = S {
         meta,
         events,
-        first: true,
-        ended: false,
+        started: vec![false; n],
+        left: n,
+        usage,
         include_usage,
+        ended: false,
     };
     let body = stream::unfold(state, |mut s| async move {
         if s.ended {
             return None;
         }
         let mut out = Vec::new();
-        if s.first && s.meta.endpoint == Endpoint::Chat {
-            // The role comes first, as OpenAI sends it.
-            out.extend_from_slice(&event(&s.meta.chunk("", true, None)));
-        }
-        s.first = false;
+        let fail = |out: &mut Vec<u8>, msg: String| {
+            let err = ApiError::server(format!("generation failed: {msg}"));
+            out.extend_from_slice(&event(&err.body()));
+            out.extend_from_slice(b"data: [DONE]\n\n");
+        };
         match s.events.recv().await {
-            Some(GenEvent::Text(t)) => {
-                out.extend_from_slice(&event(&s.meta.chunk(&t, false, None)))
+            Some(GenEvent::Text { choice, text }) => {
+                let first = !std::mem::replace(&mut s.started[choice], true);
+                if first && s.meta.endpoint == Endpoint::Chat {
+                    // The role comes first, as OpenAI sends it.
+                    out.extend_from_slice(&event(&s.meta.chunk(choice, "", true, None)));
+                }
+                out.extend_from_slice(&event(&s.meta.chunk(choice, &text, false, None)));
             }
-            Some(GenEvent::Done { finish, usage }) => {
-                out.extend_from_slice(&finish_events(&s.meta, finish, usage, s.include_usage));
-                s.ended = true;
+            Some(GenEvent::Done {
+                choice,
+                finish,
+                completion_tokens,
+            }) => {
+                if !std::mem::replace(&mut s.started[choice], true)
+                    && s.meta.endpoint == Endpoint::Chat
+                {
+                    out.extend_from_slice(&event(&s.meta.chunk(choice, "", true, None)));
+                }
+                out.extend_from_slice(&event(&s.meta.chunk(choice, "", false, Some(finish))));
+                s.usage.completion_tokens += completion_tokens;
+                s.left -= 1;
+                if s.left == 0 {
+                    if s.include_usage {
+                        out.extend_from_slice(&event(&s.meta.usage_chunk(s.usage)));
+                    }
+                    out.extend_from_slice(b"data: [DONE]\n\n");
+                    s.ended = true;
+                }
             }
             Some(GenEvent::Failed(msg)) => {
-                let err = ApiError::server(format!("generation failed: {msg}"));
-                out.extend_from_slice(&event(&err.body()));
-                out.extend_from_slice(b"data: [DONE]\n\n");
+                fail(&mut out, msg);
                 s.ended = true;
             }
             None => {
-                let err = ApiError::server("generation ended without a result");
-                out.extend_from_slice(&event(&err.body()));
-                out.extend_from_slice(b"data: [DONE]\n\n");
+                fail(&mut out, "generation ended without a result".into());
                 s.ended = true;
             }
         }
@@ -310,18 +362,4 @@ fn sse(
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(body.boxed()))
         .unwrap_or_else(|e| ApiError::server(e.to_string()).into_response())
-}
-
-fn finish_events(
-    meta: &ResponseMeta,
-    finish: FinishReason,
-    usage: Usage,
-    with_usage: bool,
-) -> Vec<u8> {
-    let mut out = event(&meta.chunk("", false, Some(finish))).to_vec();
-    if with_usage {
-        out.extend_from_slice(&event(&meta.usage_chunk(usage)));
-    }
-    out.extend_from_slice(b"data: [DONE]\n\n");
-    out
 }

@@ -167,17 +167,20 @@ impl SamplingFields {
         Ok(stops.into_iter().filter(|s| !s.is_empty()).collect())
     }
 
-    /// Only one choice per request is generated.
-    pub fn check_n(&self) -> Result<(), ApiError> {
-        match self.n.unwrap_or(1) {
-            1 => Ok(()),
+    /// Choices to generate: 1 by default, at most [`MAX_N`].
+    pub fn n(&self) -> Result<usize, ApiError> {
+        match self.n.unwrap_or(1) as usize {
+            n @ 1..=MAX_N => Ok(n),
             n => Err(ApiError::bad_request(
-                "unsupported_value",
-                format!("n = {n}: this server generates one choice per request (n = 1)"),
+                "invalid_value",
+                format!("n = {n}: give between 1 and {MAX_N} choices"),
             )),
         }
     }
 }
+
+/// Most choices one request may ask for.
+pub const MAX_N: usize = 16;
 
 impl ChatRequest {
     /// The conversation as the chat template takes it.
@@ -255,21 +258,26 @@ pub struct ResponseMeta {
 }
 
 impl ResponseMeta {
-    pub fn full(&self, text: &str, finish: FinishReason, usage: Usage) -> Value {
-        let choice = match self.endpoint {
-            Endpoint::Chat => json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": null,
-                "finish_reason": finish.as_str(),
-            }),
-            Endpoint::Completion => json!({
-                "index": 0,
-                "text": text,
-                "logprobs": null,
-                "finish_reason": finish.as_str(),
-            }),
-        };
+    /// The whole response: one `(text, finish)` per choice.
+    pub fn full(&self, choices: &[(String, FinishReason)], usage: Usage) -> Value {
+        let choices: Vec<Value> = choices
+            .iter()
+            .enumerate()
+            .map(|(index, (text, finish))| match self.endpoint {
+                Endpoint::Chat => json!({
+                    "index": index,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": null,
+                    "finish_reason": finish.as_str(),
+                }),
+                Endpoint::Completion => json!({
+                    "index": index,
+                    "text": text,
+                    "logprobs": null,
+                    "finish_reason": finish.as_str(),
+                }),
+            })
+            .collect();
         json!({
             "id": self.id,
             "object": match self.endpoint {
@@ -278,14 +286,20 @@ impl ResponseMeta {
             },
             "created": self.created,
             "model": self.model,
-            "choices": [choice],
+            "choices": choices,
             "usage": usage.to_json(),
         })
     }
 
-    /// A streamed chunk: `text` (with the role on the first chat chunk),
-    /// or the finish reason on the last one.
-    pub fn chunk(&self, text: &str, first: bool, finish: Option<FinishReason>) -> Value {
+    /// A streamed chunk of choice `index`: `text` (with the role on a
+    /// choice's first chat chunk), or the finish reason on its last one.
+    pub fn chunk(
+        &self,
+        index: usize,
+        text: &str,
+        first: bool,
+        finish: Option<FinishReason>,
+    ) -> Value {
         let finish = finish.map(FinishReason::as_str);
         let choice = match self.endpoint {
             Endpoint::Chat => {
@@ -294,10 +308,10 @@ impl ResponseMeta {
                     (true, false) => json!({"role": "assistant", "content": text}),
                     (false, false) => json!({"content": text}),
                 };
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+                json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish})
             }
             Endpoint::Completion => {
-                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
+                json!({"index": index, "text": text, "logprobs": null, "finish_reason": finish})
             }
         };
         json!({
