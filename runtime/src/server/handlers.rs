@@ -45,18 +45,37 @@ pub async fn models(State(state): State<AppState>) -> Response {
     }))
 }
 
-pub async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Response {
-    match chat(&state, &body) {
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 16 << 20;
+
+pub async fn chat_completions(State(state): State<AppState>, body: Body) -> Response {
+    let started = read_body(body).await.and_then(|b| chat(&state, &b));
+    match started {
         Ok(resp) => resp.await,
         Err(e) => e.into_response(),
     }
 }
 
-pub async fn completions(State(state): State<AppState>, body: Bytes) -> Response {
-    match completion(&state, &body) {
+pub async fn completions(State(state): State<AppState>, body: Body) -> Response {
+    let started = read_body(body).await.and_then(|b| completion(&state, &b));
+    match started {
         Ok(resp) => resp.await,
         Err(e) => e.into_response(),
     }
+}
+
+async fn read_body(body: Body) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|e| ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!(
+                "cannot read the request body (at most {} MiB): {e}",
+                MAX_BODY_BYTES >> 20
+            ),
+            kind: "invalid_request_error",
+            code: "body_too_large",
+        })
 }
 
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
