@@ -684,6 +684,43 @@ fn websocket_runs_the_chat_inferlet_and_refuses_invalid_wasm() {
         let instance = ws2.launch(&program, &[]).await.unwrap();
         let run = ws2.wait(instance, t).await.unwrap();
         assert!(run.status.unwrap_err().contains("--prompt"));
+        // Messages to an instance reach its `receive`; a trap is its exit.
+        let faulty = ws2.upload(component("faulty")).await.unwrap();
+        let echo = ws2.launch(&faulty, &["echo"]).await.unwrap();
+        ws2.send_json(&json!({"type": "send", "id": "s1", "instance": echo, "message": "hello"}))
+            .await
+            .unwrap();
+        let (mut sent, mut echoed) = (false, false);
+        while !(sent && echoed) {
+            let v = ws2.recv(t).await.unwrap();
+            match v["type"].as_str() {
+                Some("sent") => sent = v["id"] == "s1",
+                Some("message") => {
+                    assert_eq!(
+                        (v["instance"].as_u64(), v["message"].as_str()),
+                        (Some(echo), Some("echo: hello"))
+                    );
+                    echoed = true;
+                }
+                other => panic!("unexpected {other:?}: {v}"),
+            }
+        }
+        ws2.send_json(&json!({"type": "send", "instance": 999, "message": "x"}))
+            .await
+            .unwrap();
+        let v = ws2.recv(t).await.unwrap();
+        assert!(
+            v["message"].as_str().unwrap().contains("no instance 999"),
+            "{v}"
+        );
+        let trap = ws2.launch(&faulty, &["trap"]).await.unwrap();
+        let run = ws2.wait(trap, t).await.unwrap();
+        assert!(run.status.unwrap_err().contains("trapped"));
+        assert!(
+            run.logs.iter().any(|l| l.contains("trapping on purpose")),
+            "the panic message reaches the client as a log: {:?}",
+            run.logs
+        );
         ws2.close().await;
         ws.close().await;
         wait_pages_free(&server).await;
