@@ -49,18 +49,28 @@ pub async fn models(State(state): State<AppState>) -> Response {
 pub const MAX_BODY_BYTES: usize = 16 << 20;
 
 pub async fn chat_completions(State(state): State<AppState>, body: Body) -> Response {
-    let started = read_body(body).await.and_then(|b| chat(&state, &b));
-    match started {
-        Ok(resp) => resp.await,
+    match read_body(body).await {
+        // Parsing, templating and tokenizing a long prompt take a while:
+        // off the async threads.
+        Ok(b) => respond(tokio::task::spawn_blocking(move || chat(&state, &b)).await).await,
         Err(e) => e.into_response(),
     }
 }
 
 pub async fn completions(State(state): State<AppState>, body: Body) -> Response {
-    let started = read_body(body).await.and_then(|b| completion(&state, &b));
-    match started {
-        Ok(resp) => resp.await,
+    match read_body(body).await {
+        Ok(b) => respond(tokio::task::spawn_blocking(move || completion(&state, &b)).await).await,
         Err(e) => e.into_response(),
+    }
+}
+
+async fn respond<F: std::future::Future<Output = Response>>(
+    started: Result<Result<F, ApiError>, tokio::task::JoinError>,
+) -> Response {
+    match started {
+        Ok(Ok(resp)) => resp.await,
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => ApiError::server(format!("request task failed: {e}")).into_response(),
     }
 }
 
