@@ -259,6 +259,11 @@ fn bad_input_gets_openai_errors_and_the_server_keeps_serving() {
         assert!(finish.is_some() && done);
         let models = c.get("/v1/models").await.unwrap().json().unwrap();
         assert_eq!(models["data"][0]["id"], MODEL);
+        let card = c.get("/v1/models/llama").await.unwrap();
+        assert_eq!(card.json().unwrap()["id"], MODEL);
+        let r = c.get("/v1/models/gpt-9").await.unwrap();
+        assert_eq!(r.status, 404);
+        assert_eq!(error_of(&r).2, "model_not_found");
         wait_pages_free(&server).await;
         server.shutdown().await.unwrap();
     });

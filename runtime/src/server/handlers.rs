@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, StreamExt};
@@ -33,16 +33,31 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+fn model_card(state: &AppState) -> serde_json::Value {
+    json!({
+        "id": state.opts.model_id,
+        "object": "model",
+        "created": now(),
+        "owned_by": "pie",
+    })
+}
+
 pub async fn models(State(state): State<AppState>) -> Response {
-    json_response(&json!({
-        "object": "list",
-        "data": [{
-            "id": state.opts.model_id,
-            "object": "model",
-            "created": now(),
-            "owned_by": "pie",
-        }],
-    }))
+    json_response(&json!({"object": "list", "data": [model_card(&state)]}))
+}
+
+pub async fn model(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    match id == state.opts.model_id {
+        true => json_response(&model_card(&state)),
+        false => ApiError::not_found(
+            "model_not_found",
+            format!(
+                "model `{id}` does not exist: this server serves `{}`",
+                state.opts.model_id
+            ),
+        )
+        .into_response(),
+    }
 }
 
 /// Largest request body accepted.

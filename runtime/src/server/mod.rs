@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `GET /health` | `{"status":"ok"}`, never behind auth |
 //! | `GET /metrics` | Prometheus text ([`metrics`]) |
-//! | `GET /v1/models` | the served model |
+//! | `GET /v1/models`, `GET /v1/models/{id}` | the served model |
 //! | `POST /v1/chat/completions`, `POST /v1/completions` | [`handlers`], generation in [`generate`] |
 //! | `GET /v1/inferlets/ws` | [`ws`] |
 
@@ -87,6 +87,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(handlers::health))
         .route("/metrics", get(handlers::metrics))
         .route("/v1/models", get(handlers::models))
+        .route("/v1/models/{model}", get(handlers::model))
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/inferlets/ws", get(ws::upgrade))
