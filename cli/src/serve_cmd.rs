@@ -100,6 +100,9 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
             .await
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         let local = listener.local_addr().map_err(|e| e.to_string())?;
+        // Listening for Ctrl-C before the address is printed: a script that
+        // reads the address and interrupts at once gets a clean shutdown.
+        let interrupted = interrupt()?;
         println!(
             "pie serve: model `{}` on http://{local} (auth {})",
             cfg.model_id(),
@@ -109,10 +112,31 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
                 "off"
             }
         );
-        server::serve(listener, state, async {
-            let _ = tokio::signal::ctrl_c().await;
+        server::serve(listener, state, async move {
+            interrupted.await;
             eprintln!("pie serve: shutting down");
         })
         .await
+    })
+}
+
+/// Completes on Ctrl-C (SIGINT) or SIGTERM; the handlers are installed now.
+#[cfg(unix)]
+fn interrupt() -> Result<impl std::future::Future<Output = ()>, String> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
+}
+
+#[cfg(not(unix))]
+fn interrupt() -> Result<impl std::future::Future<Output = ()>, String> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
     })
 }
