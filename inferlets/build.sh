@@ -100,3 +100,5 @@ ensure_wasm_tools
 build_modules
 echo "== making components"
 make_components
+echo "== building Python inferlets"
+./build_python.sh

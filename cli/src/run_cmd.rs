@@ -24,9 +24,13 @@ pub struct RunArgs {
     /// MiB of linear memory the inferlet may use.
     #[arg(long, default_value_t = 512)]
     memory_limit_mib: usize,
-    /// Pages in the KV cache (each `--kv-page-size` tokens).
-    #[arg(long, default_value_t = 1024)]
+    /// Pages in the KV cache (each `--kv-page-size` tokens); 0 = sized by
+    /// `--gpu-mem-utilization` on a GPU, 1024 on the CPU.
+    #[arg(long, default_value_t = 0)]
     kv_pages: usize,
+    /// Fraction of GPU memory for weights, activations and the KV cache.
+    #[arg(long, default_value_t = 0.90)]
+    gpu_mem_utilization: f64,
     /// Most tokens in one driver batch.
     #[arg(long, default_value_t = 10240)]
     max_forward_tokens: usize,
@@ -54,6 +58,7 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         max_forward_tokens: args.max_forward_tokens,
         max_forward_requests: args.max_forward_requests,
         kv_pages: args.kv_pages,
+        gpu_mem_utilization: args.gpu_mem_utilization,
         speculation_depth: args.speculation_depth,
         ..SchedulerConfig::default()
     };

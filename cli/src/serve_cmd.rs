@@ -29,7 +29,7 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer TOKEN` on every route but /health.
     #[arg(long)]
     auth_token: Option<String>,
-    /// Pages in the KV cache.
+    /// Pages in the KV cache (0: as many as the device memory holds).
     #[arg(long)]
     kv_pages: Option<usize>,
     /// Longest prompt, in tokens.
@@ -85,7 +85,7 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
         kv_cache_dtype,
         runtime_quant: None,
     };
-    let sched = model_cmds::start_scheduler(&model, cfg.model.scheduler.scheduler_config())?;
+    let sched = model_cmds::start_scheduler(&model, cfg.model.scheduler_config())?;
     let opts = ServerOptions {
         model_id: cfg.model_id(),
         auth_token: cfg.server.auth_token.clone(),

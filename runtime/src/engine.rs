@@ -333,6 +333,56 @@ impl<D: Driver + 'static> Engine<D> {
         self.kv(pages, state_rows).map(|_| ())
     }
 
+    /// KV pages that fit in `utilization` of the device's memory once the
+    /// weights are loaded, keeping room for the activations of a batch of
+    /// `max_tokens` tokens and `max_rows` logits rows and for `state_rows`
+    /// recurrent state rows. None for drivers without a fixed device memory.
+    pub fn kv_pages_for_memory(
+        &self,
+        utilization: f64,
+        max_tokens: usize,
+        max_rows: usize,
+        state_rows: usize,
+    ) -> Option<usize> {
+        let (free, total) = self.driver.memory_info()?;
+        let value_bytes = match self.kv_dtype {
+            KvDType::Auto => 4,
+            KvDType::Bf16 | KvDType::F16 => 2,
+            KvDType::Int8PerTokenHead | KvDType::Fp8E4m3 => 1,
+        };
+        let per_token: usize = self
+            .ir
+            .kv_slots
+            .iter()
+            .map(|s| s.kv_heads * (s.head_dim + s.v_head_dim))
+            .sum();
+        let page_bytes = (per_token * value_bytes * self.page_size).max(1);
+        let state_bytes: usize = self
+            .ir
+            .state_slots
+            .iter()
+            .map(|s| (s.conv + s.ssm) * 4 * state_rows)
+            .sum();
+        let widest = self
+            .ir
+            .nodes()
+            .filter_map(|n| match &n.op {
+                ir::NodeOp::Linear(a) => Some(a.out_features),
+                _ => None,
+            })
+            .filter(|&w| w != self.ir.vocab)
+            .max()
+            .unwrap_or(self.ir.hidden);
+        // f32 activations: a few hidden-wide buffers and the widest
+        // projections alive at once per token, and the logits rows.
+        let activations =
+            (max_tokens * (8 * self.ir.hidden + 3 * widest) + max_rows * self.ir.vocab) * 4;
+        let budget = (utilization * total as f64) as usize;
+        let used = total.saturating_sub(free);
+        let left = budget.saturating_sub(used + activations + state_bytes);
+        Some(left / page_bytes)
+    }
+
     /// Whether the model has recurrent layers (Gated DeltaNet, Mamba2),
     /// whose per-sequence state cannot be rewound or rebuilt from pages.
     pub fn has_recurrent_state(&self) -> bool {

@@ -158,6 +158,7 @@ parity! {
     parity_qwen3_5_moe_shared_expert => "qwen3_5_moe",
     parity_glm_moe_dsa_within_index_topk => "glm_moe_dsa",
     parity_phimoe_layer_norm_sparsemixer => "phimoe",
+    parity_kimi_k2_single_group_mla_moe => "kimi_k2",
 }
 
 /// The fixture's tokenizer and chat template give what transformers gave.

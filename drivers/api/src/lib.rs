@@ -178,6 +178,13 @@ pub trait Driver: Send + Sync {
         )))
     }
 
+    /// `(free, total)` bytes of the memory the KV cache lives in, for
+    /// drivers with a fixed device memory (sizing the KV pool by
+    /// `gpu_mem_utilization`); None where the host's memory is used.
+    fn memory_info(&self) -> Option<(usize, usize)> {
+        None
+    }
+
     /// Copies the keys and values of every attention op from page `from`
     /// into page `to` (copy on write of a page two contexts share).
     fn copy_page(&self, _kv: &mut Self::Kv, from: u32, to: u32) -> Result<()> {

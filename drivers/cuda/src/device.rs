@@ -9,7 +9,7 @@ use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use pie_driver::{DriverError, Result};
 
 /// Kernel sources, compiled together into one module.
-pub const KERNEL_SOURCES: [(&str, &str); 4] = [
+pub const KERNEL_SOURCES: [(&str, &str); 5] = [
     (
         "elementwise.cu",
         include_str!("../../../kernels/cuda/elementwise.cu"),
@@ -26,10 +26,11 @@ pub const KERNEL_SOURCES: [(&str, &str); 4] = [
         "recurrent.cu",
         include_str!("../../../kernels/cuda/recurrent.cu"),
     ),
+    ("moe.cu", include_str!("../../../kernels/cuda/moe.cu")),
 ];
 
 /// Every kernel the driver launches.
-pub const KERNELS: [&str; 30] = [
+pub const KERNELS: [&str; 35] = [
     "pie_add",
     "pie_mul",
     "pie_scale",
@@ -60,6 +61,11 @@ pub const KERNELS: [&str; 30] = [
     "pie_unfuse_qkvz",
     "pie_noop_check",
     "pie_fill",
+    "pie_moe_gate_up_f32",
+    "pie_moe_gate_up_bf16",
+    "pie_moe_down_f32",
+    "pie_moe_down_bf16",
+    "pie_moe_combine",
 ];
 
 /// Whether a shared library can be opened, without cudarc's panic when it

@@ -35,13 +35,16 @@ use device::Kernels;
 
 /// A GPU with its stream, cuBLAS handle and compiled kernels.
 pub struct CudaDriver {
-    _ctx: Arc<CudaContext>,
+    ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     kernels: Kernels,
     gpu: String,
     /// Rope inputs of the batch being run, uploaded once for every layer.
     rope_tables: std::sync::Mutex<Option<RopeTables>>,
+    /// Device address tables of expert weights (grouped MoE kernels),
+    /// keyed by the first expert's address and the offset into each.
+    expert_tables: moe::ExpertTables,
 }
 
 /// Positions and sequence lengths of one batch, and the frequency tables
@@ -66,7 +69,7 @@ pub(crate) fn blocks(n: usize) -> LaunchConfig {
     LaunchConfig::for_num_elems(n.max(1) as u32)
 }
 
-fn int(v: usize, what: &str) -> Result<i32> {
+pub(crate) fn int(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| {
         DriverError::Invalid(format!(
             "{what} = {v} exceeds the CUDA kernels' 32-bit range"
@@ -84,12 +87,13 @@ impl CudaDriver {
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| DriverError::Invalid(format!("CUDA: creating the cuBLAS handle: {e}")))?;
         Ok(CudaDriver {
-            _ctx: ctx,
+            ctx,
             stream,
             blas,
             kernels,
             gpu,
             rope_tables: std::sync::Mutex::new(None),
+            expert_tables: Default::default(),
         })
     }
 
@@ -375,6 +379,10 @@ impl Driver for CudaDriver {
 
     fn describe(&self) -> String {
         format!("cuda ({})", self.gpu)
+    }
+
+    fn memory_info(&self) -> Option<(usize, usize)> {
+        self.ctx.mem_get_info().ok()
     }
 
     fn load_weight(

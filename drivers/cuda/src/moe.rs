@@ -1,14 +1,26 @@
 //! Mixture of experts on the GPU: router logits by GEMM, routing on the
 //! host (a few floats per token, shared with the portable driver through
-//! `pie_driver::moe`), then per expert one gather of its tokens, its
-//! projections as cuBLAS GEMMs over all of them, and a weighted
-//! scatter-add into the output. Shared experts run densely.
+//! `pie_driver::moe`), then either
+//! - grouped (small batches, SiLU-gated experts without biases): three
+//!   launches for all experts together (`kernels/cuda/moe.cu`: gate/up with
+//!   the activation, down, and a weighted combine in choice order), or
+//! - per expert: one gather of its tokens, its projections as cuBLAS GEMMs
+//!   over all of them, and a weighted scatter-add (large batches, where a
+//!   GEMM per expert is efficient, and every other expert form).
+//!
+//! Shared experts run densely.
 
-use pie_driver::ir::{CompositeAttrs, GluAttrs};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaSlice, DevicePtr};
+use pie_driver::ir::{ActivationFn, CompositeAttrs, GluAttrs};
 use pie_driver::moe::{self, MoeParams};
 use pie_driver::{DriverError, Result};
 
-use crate::{CudaAct, CudaDriver, CudaWeight};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use crate::{blocks, cuda_err, int, CudaAct, CudaDriver, CudaWeight};
 
 // Weight slots, in the op schema's order.
 const ROUTER: usize = 0;
@@ -29,6 +41,13 @@ const SHARED_ROUTER: usize = 13;
 fn slot<'w>(w: &[Option<&'w CudaWeight>], i: usize) -> Option<&'w CudaWeight> {
     w.get(i).copied().flatten()
 }
+
+/// The grouped kernels read at most this many tokens per expert well
+/// (each weight row is re-read per 8 tokens); above, GEMMs per expert win.
+const GROUPED_MAX_TOKENS_PER_EXPERT: usize = 32;
+
+/// Device address tables of expert weights; see [`CudaDriver::expert_table`].
+pub(crate) type ExpertTables = Mutex<HashMap<(u64, usize), Arc<CudaSlice<u64>>>>;
 
 fn missing(key: &str) -> DriverError {
     DriverError::Invalid(format!("moe: weight `{key}` is missing"))
@@ -59,18 +78,22 @@ impl CudaDriver {
             None => None,
         };
         let choices = moe::route(&logits, &p, bias.as_deref());
-        let mut out = self.act_zeros(x.rows, p.hidden)?;
-        for (e, (rows, scales)) in moe::tokens_per_expert(&choices, p.experts)
-            .into_iter()
-            .enumerate()
-        {
-            if rows.is_empty() {
-                continue;
+        let per_expert = moe::tokens_per_expert(&choices, p.experts);
+        let mut out = match self.grouped_weights(w, &p, &per_expert)? {
+            Some(g) => self.moe_grouped(x, &p, &choices, &per_expert, &g)?,
+            None => {
+                let mut out = self.act_zeros(x.rows, p.hidden)?;
+                for (e, (rows, scales)) in per_expert.into_iter().enumerate() {
+                    if rows.is_empty() {
+                        continue;
+                    }
+                    let xs = self.gather(x, &rows)?;
+                    let y = self.expert_mlp(&xs, w, &p, e)?;
+                    self.scatter_add(&mut out, &y, &rows, &scales)?;
+                }
+                out
             }
-            let xs = self.gather(x, &rows)?;
-            let y = self.expert_mlp(&xs, w, &p, e)?;
-            self.scatter_add(&mut out, &y, &rows, &scales)?;
-        }
+        };
         if let (Some(up), Some(down)) = (slot(w, SHARED_UP), slot(w, SHARED_DOWN)) {
             let hidden = self.mlp_hidden(
                 x,
@@ -190,4 +213,179 @@ impl CudaDriver {
         v.truncate(x.rows * x.width);
         Ok(v)
     }
+
+    /// The grouped kernels' inputs, when they apply: SiLU-gated experts
+    /// without biases or clamping, f32 or bf16, widths multiples of 8, and
+    /// few tokens per expert.
+    fn grouped_weights(
+        &self,
+        w: &[Option<&CudaWeight>],
+        p: &MoeParams,
+        per_expert: &[(Vec<usize>, Vec<f32>)],
+    ) -> Result<Option<GroupedWeights>> {
+        let most = per_expert.iter().map(|(r, _)| r.len()).max().unwrap_or(0);
+        let biased = [GATE_BIAS, UP_BIAS, GATE_UP_BIAS, DOWN_BIAS]
+            .iter()
+            .any(|&i| slot(w, i).is_some());
+        if most > GROUPED_MAX_TOKENS_PER_EXPERT
+            || biased
+            || p.act != ActivationFn::Silu
+            || p.limit.is_some()
+            || !p.hidden.is_multiple_of(8)
+            || !p.intermediate.is_multiple_of(8)
+        {
+            return Ok(None);
+        }
+        let (h, i) = (p.hidden, p.intermediate);
+        let (gate, up) = match (slot(w, GATE_UP), slot(w, GATE), slot(w, UP)) {
+            (Some(gu), _, _) => (self.expert_table(gu, 0)?, self.expert_table(gu, i * h)?),
+            (None, Some(g), Some(u)) => (self.expert_table(g, 0)?, self.expert_table(u, 0)?),
+            _ => return Ok(None),
+        };
+        let down = slot(w, DOWN).ok_or_else(|| missing("down"))?;
+        let (Some(gate), Some(up), Some(down_table)) = (gate, up, self.expert_table(down, 0)?)
+        else {
+            return Ok(None);
+        };
+        let bf16 = matches!(down.expert(0), Some(CudaWeight::Bf16(_)));
+        Ok(Some(GroupedWeights {
+            gate,
+            up,
+            down: down_table,
+            bf16,
+        }))
+    }
+
+    /// The device addresses of every expert of `weight`, each advanced by
+    /// `offset` elements, built once per weight. None unless every expert
+    /// is a plain f32 or bf16 matrix of one dtype.
+    fn expert_table(
+        &self,
+        weight: &CudaWeight,
+        offset: usize,
+    ) -> Result<Option<Arc<CudaSlice<u64>>>> {
+        let CudaWeight::Experts(list) = weight else {
+            return Ok(None);
+        };
+        let mut addrs = Vec::with_capacity(list.len());
+        let mut dtypes = Vec::with_capacity(list.len());
+        for e in list {
+            let (ptr, size) = match e {
+                CudaWeight::F32(v) => (v.device_ptr(&self.stream).0, 4),
+                CudaWeight::Bf16(v) => (v.device_ptr(&self.stream).0, 2),
+                CudaWeight::Experts(_) => return Ok(None),
+            };
+            addrs.push(ptr + (offset * size) as u64);
+            dtypes.push(size);
+        }
+        if addrs.is_empty() || dtypes.iter().any(|&d| d != dtypes[0]) {
+            return Ok(None);
+        }
+        let key = (addrs[0], offset);
+        let mut tables = self.expert_tables.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = tables.get(&key) {
+            return Ok(Some(t.clone()));
+        }
+        let table = Arc::new(self.upload(&addrs)?);
+        tables.insert(key, table.clone());
+        Ok(Some(table))
+    }
+
+    /// Every expert's MLP over its tokens in three launches (see moe.cu).
+    fn moe_grouped(
+        &self,
+        x: &CudaAct,
+        p: &MoeParams,
+        choices: &[Vec<(usize, f32)>],
+        per_expert: &[(Vec<usize>, Vec<f32>)],
+        g: &GroupedWeights,
+    ) -> Result<CudaAct> {
+        // Assignments sorted by expert; each token's choices, in order,
+        // name their assignment for the combine.
+        let k = choices.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let mut perm = Vec::new();
+        let mut offsets = vec![0i32];
+        let mut assignment = vec![-1i32; x.rows * k];
+        let mut scales = vec![0f32; x.rows * k];
+        for (rows, _) in per_expert {
+            for &t in rows {
+                perm.push(t as i32);
+            }
+            offsets.push(perm.len() as i32);
+        }
+        for (e, (rows, sc)) in per_expert.iter().enumerate() {
+            let base = offsets[e] as usize;
+            for (j, (&t, &s)) in rows.iter().zip(sc).enumerate() {
+                // Top-k picks distinct experts: e is one of t's choices.
+                let c = choices[t]
+                    .iter()
+                    .position(|&(ce, _)| ce == e)
+                    .expect("expert chosen by the token");
+                assignment[t * k + c] = (base + j) as i32;
+                scales[t * k + c] = s;
+            }
+        }
+        let assigned = perm.len();
+        if assigned == 0 {
+            return self.act_zeros(x.rows, p.hidden);
+        }
+        let (perm, offsets) = (self.upload(&perm)?, self.upload(&offsets)?);
+        let (assignment, scales) = (self.upload(&assignment)?, self.upload(&scales)?);
+        let (hidden, inter) = (
+            int(p.hidden, "hidden")?,
+            int(p.intermediate, "intermediate")?,
+        );
+        let experts = u32::try_from(p.experts).map_err(|_| missing("experts"))?;
+        let warps = 4u32;
+        let grid = |rows: usize| LaunchConfig {
+            grid_dim: ((rows as u32).div_ceil(warps), experts, 1),
+            block_dim: (32 * warps, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let suffix = if g.bf16 { "bf16" } else { "f32" };
+        let mut h = self.act(assigned, p.intermediate)?;
+        let name = format!("pie_moe_gate_up_{suffix}");
+        let mut b = self.stream.launch_builder(self.kernels.get(&name));
+        b.arg(&x.data)
+            .arg(&perm)
+            .arg(&offsets)
+            .arg(g.gate.as_ref())
+            .arg(g.up.as_ref())
+            .arg(&mut h.data)
+            .arg(&hidden)
+            .arg(&inter);
+        unsafe { b.launch(grid(p.intermediate)) }.map_err(cuda_err("pie_moe_gate_up"))?;
+        let mut y = self.act(assigned, p.hidden)?;
+        let name = format!("pie_moe_down_{suffix}");
+        let mut b = self.stream.launch_builder(self.kernels.get(&name));
+        b.arg(&h.data)
+            .arg(&offsets)
+            .arg(g.down.as_ref())
+            .arg(&mut y.data)
+            .arg(&inter)
+            .arg(&hidden);
+        unsafe { b.launch(grid(p.hidden)) }.map_err(cuda_err("pie_moe_down"))?;
+        let mut out = self.act(x.rows, p.hidden)?;
+        let (tokens, kk) = (int(x.rows, "tokens")?, int(k, "top_k")?);
+        let mut b = self
+            .stream
+            .launch_builder(self.kernels.get("pie_moe_combine"));
+        b.arg(&y.data)
+            .arg(&assignment)
+            .arg(&scales)
+            .arg(&mut out.data)
+            .arg(&tokens)
+            .arg(&kk)
+            .arg(&hidden);
+        unsafe { b.launch(blocks(x.rows * p.hidden)) }.map_err(cuda_err("pie_moe_combine"))?;
+        Ok(out)
+    }
+}
+
+/// Address tables of the experts' gate, up and down matrices.
+struct GroupedWeights {
+    gate: Arc<CudaSlice<u64>>,
+    up: Arc<CudaSlice<u64>>,
+    down: Arc<CudaSlice<u64>>,
+    bf16: bool,
 }

@@ -12,7 +12,7 @@ use pie_runtime::sampling::Sampler;
 use pie_runtime::{Engine, LoadOptions};
 
 /// Architectures whose ops the CUDA driver runs.
-const FIXTURES: [&str; 23] = [
+const FIXTURES: [&str; 24] = [
     "llama",
     "llama3_rope",
     "mistral",
@@ -36,6 +36,7 @@ const FIXTURES: [&str; 23] = [
     "glm_moe_dsa",
     "qwen3_next",
     "phimoe",
+    "kimi_k2",
 ];
 
 /// f32 weights: max|diff| ≤ 1e-3 · max|ref| on every position's logits.
@@ -221,5 +222,95 @@ fn gpu_bf16_weights_against_the_f32_reference() {
             diff <= BF16_TOL * scale,
             "{name}: {diff} > {BF16_TOL} × {scale}"
         );
+    }
+}
+
+/// The scheduler on the GPU: chunked prefill, forks (copy on write of a
+/// shared page, `copy_page`; recurrent state rows, `copy_state`) and one
+/// batch of branches must give the portable driver's logits for each
+/// context's whole token sequence.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn gpu_scheduler_forks_match_the_portable_driver() {
+    use pie_runtime::scheduler::{OutputKind, PassOutput, PassRequest, Scheduler, SchedulerConfig};
+    use std::sync::mpsc;
+
+    let opts = LoadOptions {
+        page_size: 4,
+        ..LoadOptions::default()
+    };
+    for name in ["qwen3", "qwen3_5"] {
+        let (dir, _) = fixture(name);
+        // qwen3: the pool sized by gpu_mem_utilization (0.5 here).
+        let cfg = SchedulerConfig {
+            max_forward_tokens: 5,
+            kv_pages: if name == "qwen3" { 0 } else { 64 },
+            gpu_mem_utilization: 0.5,
+            max_recurrent_contexts: 4,
+            ..SchedulerConfig::default()
+        };
+        let (gpu_dir, gpu_opts) = (dir.clone(), opts.clone());
+        let s = Scheduler::start(
+            name,
+            move || Engine::load(&gpu_dir, gpu(), &gpu_opts, None),
+            cfg,
+        )
+        .unwrap();
+        eprintln!("gpu scheduler {name}: {} KV pages", s.model().kv_pages);
+        assert!(s.model().kv_pages >= 64, "{name}: {}", s.model().kv_pages);
+        let mut cpu = Engine::load(&dir, PortableDriver::new(), &opts, None).unwrap();
+        let mut reference = |tokens: &[u32]| -> Vec<f32> {
+            cpu.prompt_logits(&[tokens.to_vec()]).unwrap()[0]
+                .last()
+                .unwrap()
+                .clone()
+        };
+        let run = |passes: Vec<(u64, Vec<u32>)>| -> Vec<Vec<f32>> {
+            let (tx, rx) = mpsc::channel();
+            let prepared = passes
+                .into_iter()
+                .enumerate()
+                .map(|(i, (ctx, tokens))| {
+                    let tx = tx.clone();
+                    let req = PassRequest {
+                        ctx,
+                        outputs: vec![(tokens.len() as u32 - 1, OutputKind::Logits)],
+                        tokens,
+                        ..PassRequest::default()
+                    };
+                    s.prepare(req, Box::new(move |r| tx.send((i, r)).unwrap()))
+                        .unwrap()
+                })
+                .collect::<Vec<_>>();
+            let n = prepared.len();
+            s.send(prepared).unwrap();
+            let mut out = vec![Vec::new(); n];
+            for _ in 0..n {
+                let (i, r) = rx.recv().unwrap();
+                match r.unwrap().remove(0) {
+                    PassOutput::Logits(l) => out[i] = l,
+                    other => panic!("{other:?}"),
+                }
+            }
+            out
+        };
+        let prompt: Vec<u32> = (0..14).map(|i| (i * 13 + 5) % 200 + 3).collect();
+        let a = s.kv().create();
+        let got = run(vec![(a, prompt.clone())]).remove(0);
+        let (diff, scale) = max_error(&[got], &[reference(&prompt)]);
+        assert!(diff <= F32_TOL * scale, "{name} chunked prefill: {diff}");
+        let b = s.kv().fork(a).unwrap();
+        let c = s.kv().fork(a).unwrap();
+        let got = run(vec![(a, vec![7]), (b, vec![8, 9]), (c, vec![10])]);
+        for (logits, tail) in got.iter().zip([vec![7], vec![8, 9], vec![10]]) {
+            let mut whole = prompt.clone();
+            whole.extend(&tail);
+            let (diff, scale) = max_error(std::slice::from_ref(logits), &[reference(&whole)]);
+            eprintln!(
+                "gpu scheduler {name} branch {tail:?}: ratio {:.3e}",
+                diff / scale
+            );
+            assert!(diff <= F32_TOL * scale, "{name} branch {tail:?}: {diff}");
+        }
     }
 }

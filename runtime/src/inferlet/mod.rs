@@ -12,6 +12,7 @@ mod kv_store;
 pub mod limits;
 mod model;
 mod state;
+mod wasi;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -80,6 +81,10 @@ impl InferletRuntime {
         let mut linker = Linker::new(&engine);
         bindings::Inferlet::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
             .map_err(|e| format!("wasmtime linker: {e}"))?;
+        // WASI p2 for the components that import it (see `wasi.rs`: the
+        // context grants nothing of the host).
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| format!("wasmtime linker (WASI): {e}"))?;
         start_epoch_ticker(&engine)?;
         Ok(InferletRuntime {
             engine,
@@ -112,6 +117,7 @@ impl InferletRuntime {
             sched: self.sched.clone(),
             store: self.store.clone(),
             table: ResourceTable::new(),
+            wasi: wasi::sandbox(&events),
             limiter: limits::MemoryLimiter::new(limits.memory),
             events: events.clone(),
             inbox,

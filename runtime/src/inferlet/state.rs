@@ -20,6 +20,8 @@ pub struct InstanceState {
     pub sched: Scheduler,
     pub store: Arc<KvStore>,
     pub table: ResourceTable,
+    /// WASI p2 state (empty sandbox; see `wasi.rs`).
+    pub wasi: wasmtime_wasi::WasiCtx,
     pub limiter: MemoryLimiter,
     pub events: mpsc::UnboundedSender<Event>,
     pub inbox: mpsc::UnboundedReceiver<String>,

@@ -51,14 +51,20 @@ where
 {
     let (tx, rx) = mpsc::channel::<ExecBatch>();
     let (ready_tx, ready_rx) = mpsc::channel();
-    let (pages, state_rows) = (cfg.kv_pages, cfg.max_recurrent_contexts);
+    let cfg = cfg.clone();
     std::thread::Builder::new()
         .name("pie-executor".into())
         .spawn(move || {
             let started = load().and_then(|mut engine| {
                 let recurrent = engine.has_recurrent_state();
-                engine.allocate_kv(pages, if recurrent { state_rows } else { 1 })?;
-                Ok((model_info(&mut engine, name), recurrent, engine))
+                let state_rows = if recurrent {
+                    cfg.max_recurrent_contexts
+                } else {
+                    1
+                };
+                let pages = kv_pages(&engine, &cfg, state_rows)?;
+                engine.allocate_kv(pages, state_rows)?;
+                Ok((model_info(&mut engine, name, pages), recurrent, engine))
             });
             match started {
                 Ok((info, recurrent, engine)) => {
@@ -77,12 +83,49 @@ where
     Ok((info, tx, recurrent))
 }
 
-fn model_info<D: Driver + 'static>(engine: &mut Engine<D>, name: String) -> ModelInfo {
+/// The configured page count, or (0) what the device memory holds.
+fn kv_pages<D: Driver + 'static>(
+    engine: &Engine<D>,
+    cfg: &SchedulerConfig,
+    state_rows: usize,
+) -> Result<usize, PieError> {
+    if cfg.kv_pages > 0 {
+        return Ok(cfg.kv_pages);
+    }
+    let util = cfg.gpu_mem_utilization;
+    if !(util > 0.0 && util <= 1.0) {
+        return Err(PieError::Input(format!(
+            "gpu_mem_utilization {util}: give a fraction in (0, 1]"
+        )));
+    }
+    let sized = engine.kv_pages_for_memory(
+        util,
+        cfg.max_forward_tokens,
+        cfg.max_forward_requests,
+        state_rows,
+    );
+    match sized {
+        None => Ok(1024),
+        Some(0) => Err(PieError::Input(format!(
+            "no room for a KV cache in {:.0}% of the GPU's memory after the weights and \
+             activations: raise gpu_mem_utilization, lower max_forward_tokens, or use a smaller model",
+            util * 100.0
+        ))),
+        Some(pages) => Ok(pages),
+    }
+}
+
+fn model_info<D: Driver + 'static>(
+    engine: &mut Engine<D>,
+    name: String,
+    kv_pages: usize,
+) -> ModelInfo {
     ModelInfo {
         name,
         arch: engine.arch.to_string(),
         vocab: engine.ir.vocab,
         page_size: engine.page_size(),
+        kv_pages,
         tokenizer: engine.tokenizer.take(),
         chat_template: engine.chat_template.take(),
         stop_ids: engine.stop_ids.clone(),

@@ -39,8 +39,13 @@ pub struct SchedulerConfig {
     pub max_forward_tokens: usize,
     /// Most passes (sequences) in one driver batch.
     pub max_forward_requests: usize,
-    /// Pages in the KV cache, shared by every context.
+    /// Pages in the KV cache, shared by every context; 0 = as many as
+    /// `gpu_mem_utilization` of the device's memory holds (drivers with
+    /// device memory), else 1024.
     pub kv_pages: usize,
+    /// Fraction of the device's memory the weights, activations and KV
+    /// cache may use together, when `kv_pages` is 0.
+    pub gpu_mem_utilization: f64,
     /// Batches staged while one runs (0: plan only when the driver is idle).
     pub speculation_depth: usize,
     /// Contexts that may hold recurrent state at once (models with Gated
@@ -54,6 +59,7 @@ impl Default for SchedulerConfig {
             max_forward_tokens: 10240,
             max_forward_requests: 512,
             kv_pages: 1024,
+            gpu_mem_utilization: 0.90,
             speculation_depth: 1,
             max_recurrent_contexts: 64,
         }
@@ -101,6 +107,8 @@ pub struct ModelInfo {
     pub arch: String,
     pub vocab: usize,
     pub page_size: usize,
+    /// Pages in the KV cache.
+    pub kv_pages: usize,
     pub tokenizer: Option<Tokenizer>,
     pub chat_template: Option<ChatTemplate>,
     pub stop_ids: Vec<u32>,
@@ -137,7 +145,7 @@ impl Scheduler {
         let stats = Arc::new(Stats::default());
         let (tx, rx) = mpsc::channel::<Msg>();
         let (info, exec, recurrent) = executor::start(name.to_string(), load, &cfg, tx.clone())?;
-        let mut pages = PageManager::new(cfg.kv_pages, info.page_size);
+        let mut pages = PageManager::new(info.kv_pages, info.page_size);
         if recurrent {
             pages = pages.with_state_rows(cfg.max_recurrent_contexts);
         }

@@ -11,11 +11,12 @@
 //! kind = "portable"            # or "cuda"
 //! kv_page_size = 32
 //! kv_cache_dtype = "auto"
+//! gpu_mem_utilization = 0.9    # with kv_pages = 0: KV cache sized to fit
 //!
 //! [model.scheduler]
 //! max_forward_tokens = 10240
 //! max_forward_requests = 512
-//! kv_pages = 1024
+//! kv_pages = 1024              # 0: as many as gpu_mem_utilization allows
 //! speculation_depth = 1
 //!
 //! [server]
@@ -64,6 +65,9 @@ pub struct DriverSection {
     pub kv_page_size: usize,
     /// auto, bf16, f16, int8_per_token_head, fp8_e4m3.
     pub kv_cache_dtype: String,
+    /// Fraction of the device's memory weights, activations and KV cache
+    /// may use together, when `[model.scheduler] kv_pages` is 0.
+    pub gpu_mem_utilization: f64,
 }
 
 impl Default for DriverSection {
@@ -72,6 +76,7 @@ impl Default for DriverSection {
             kind: "portable".into(),
             kv_page_size: 32,
             kv_cache_dtype: "auto".into(),
+            gpu_mem_utilization: 0.90,
         }
     }
 }
@@ -97,13 +102,15 @@ impl Default for SchedulerSection {
     }
 }
 
-impl SchedulerSection {
+impl ModelSection {
     pub fn scheduler_config(&self) -> crate::scheduler::SchedulerConfig {
+        let s = &self.scheduler;
         crate::scheduler::SchedulerConfig {
-            max_forward_tokens: self.max_forward_tokens,
-            max_forward_requests: self.max_forward_requests,
-            kv_pages: self.kv_pages,
-            speculation_depth: self.speculation_depth,
+            max_forward_tokens: s.max_forward_tokens,
+            max_forward_requests: s.max_forward_requests,
+            kv_pages: s.kv_pages,
+            gpu_mem_utilization: self.driver.gpu_mem_utilization,
+            speculation_depth: s.speculation_depth,
             ..Default::default()
         }
     }
@@ -186,10 +193,15 @@ impl ServeConfig {
             return Err("[model.driver] kv_page_size must be at least 1".into());
         }
         let s = &self.model.scheduler;
+        let g = self.model.driver.gpu_mem_utilization;
+        if !(g > 0.0 && g <= 1.0) {
+            return Err(format!(
+                "[model.driver] gpu_mem_utilization = {g}: give a fraction in (0, 1]"
+            ));
+        }
         for (key, v) in [
             ("max_forward_tokens", s.max_forward_tokens),
             ("max_forward_requests", s.max_forward_requests),
-            ("kv_pages", s.kv_pages),
         ] {
             if v == 0 {
                 return Err(format!("[model.scheduler] {key} must be at least 1"));
@@ -253,6 +265,7 @@ path = "tests/fixtures/llama"
 kind = "cuda"
 kv_page_size = 16
 kv_cache_dtype = "bf16"
+gpu_mem_utilization = 0.5
 [model.scheduler]
 max_forward_tokens = 4096
 max_forward_requests = 64
@@ -271,6 +284,9 @@ inferlet_memory_mib = 64
         .unwrap();
         assert_eq!(cfg.model.driver.kind, "cuda");
         assert_eq!(cfg.model.scheduler.speculation_depth, 2);
+        let sc = cfg.model.scheduler_config();
+        assert_eq!((sc.kv_pages, sc.speculation_depth), (2048, 2));
+        assert_eq!(sc.gpu_mem_utilization, 0.5);
         assert_eq!(cfg.server.port, 9000);
         assert_eq!(cfg.server.inferlet_limits().memory, 64 << 20);
         assert_eq!(cfg.model_id(), "llama");
