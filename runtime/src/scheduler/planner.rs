@@ -15,10 +15,11 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pie_driver::ForwardBatch;
+use rayon::prelude::*;
 
 use super::executor::{BatchId, Done, ExecBatch};
 use super::{lock, outputs, PageManager, PassOutput, PassRequest, PassResult, Reply};
-use super::{KvError, SchedulerConfig, Stats};
+use super::{KvError, OutputKind, SchedulerConfig, Stats};
 use crate::error::PieError;
 
 /// How long a pass that cannot get KV pages waits, with nothing else
@@ -26,6 +27,10 @@ use crate::error::PieError;
 const EXHAUSTION_WAIT: Duration = Duration::from_millis(500);
 /// How often such a pass looks again.
 const EXHAUSTION_POLL: Duration = Duration::from_millis(5);
+
+/// Logits values (rows × vocabulary) above which a batch's outputs are
+/// computed on the thread pool.
+const PARALLEL_OUTPUTS: usize = 1 << 18;
 
 /// Bounds of the wait for answered passes to come back (`gathering`).
 const GATHER_MIN: Duration = Duration::from_micros(50);
@@ -329,11 +334,27 @@ impl Planner {
 
     fn advance(&mut self, flight: &InFlight, logits: &[f32]) -> Vec<(JobId, PassResult)> {
         let vocab = self.vocab;
-        for (k, &(id, out)) in flight.rows.iter().enumerate() {
-            let row = &logits[k * vocab..(k + 1) * vocab];
-            let job = self.jobs.get_mut(&id).expect("in flight");
-            let pos = job.start_len + job.req.outputs[out].0 as usize;
-            job.outputs[out] = Some(outputs::compute(row, &job.req.outputs[out].1, pos));
+        // What each logits row becomes, and at which position.
+        let wanted: Vec<(&OutputKind, usize)> = flight
+            .rows
+            .iter()
+            .map(|&(id, out)| {
+                let job = &self.jobs[&id];
+                let (index, kind) = &job.req.outputs[out];
+                (kind, job.start_len + *index as usize)
+            })
+            .collect();
+        let compute = |(k, &(kind, pos)): (usize, &(&OutputKind, usize))| {
+            outputs::compute(&logits[k * vocab..(k + 1) * vocab], kind, pos)
+        };
+        // Each output is a pass over a vocabulary row (sampling, its
+        // log-probability): many rows of a large vocabulary go wide.
+        let computed: Vec<PassOutput> = match wanted.len() * vocab >= PARALLEL_OUTPUTS {
+            true => wanted.par_iter().enumerate().map(compute).collect(),
+            false => wanted.iter().enumerate().map(compute).collect(),
+        };
+        for (&(id, out), output) in flight.rows.iter().zip(computed) {
+            self.jobs.get_mut(&id).expect("in flight").outputs[out] = Some(output);
         }
         let mut kv = lock(&self.kv);
         let mut finished = Vec::new();
