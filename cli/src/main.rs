@@ -1,11 +1,12 @@
 //! `pie`: spec tools (`pie spec check|show|codegen`) and running models
-//! (`pie logits`, `pie generate`, `pie run` for inferlets).
+//! (`pie logits`, `pie generate`, `pie run` for inferlets, `pie serve`).
 
 mod bench_cmd;
 mod build_cmd;
 mod catalog_cmds;
 mod model_cmds;
 mod run_cmd;
+mod serve_cmd;
 mod spec_cmds;
 
 use std::process::ExitCode;
@@ -37,6 +38,9 @@ enum Command {
     /// Run an inferlet (a WebAssembly component) on a model and print its
     /// messages.
     Run(run_cmd::RunArgs),
+    /// Serve a model over HTTP: OpenAI-compatible completions, an inferlet
+    /// WebSocket, /metrics.
+    Serve(serve_cmd::ServeArgs),
     /// Print the token ids of a prompt.
     Tokenize(model_cmds::TokenizeArgs),
     /// Build a serving binary for one architecture and flavor
@@ -58,6 +62,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench_cmd::bench(args),
         Command::Build(args) => build_cmd::build(args),
         Command::Run(args) => run_cmd::run(args),
+        Command::Serve(args) => serve_cmd::serve(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

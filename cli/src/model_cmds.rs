@@ -30,13 +30,13 @@ pub struct ModelArgs {
     pub driver: String,
     /// Tokens per KV cache page.
     #[arg(long, default_value_t = 32)]
-    kv_page_size: usize,
+    pub kv_page_size: usize,
     /// KV cache storage: auto, bf16, f16, int8_per_token_head, fp8_e4m3.
     #[arg(long, default_value = "auto", value_parser = parse_kv_dtype)]
-    kv_cache_dtype: KvDType,
+    pub kv_cache_dtype: KvDType,
     /// Quantize float weight matrices at load: `int8` (Q8_0 blocks).
     #[arg(long, value_parser = ["int8"])]
-    runtime_quant: Option<String>,
+    pub runtime_quant: Option<String>,
 }
 
 #[derive(Args)]

@@ -15,6 +15,7 @@ pub mod registry;
 pub mod safetensors_source;
 pub mod sampling;
 pub mod scheduler;
+pub mod server;
 pub mod tokenizer;
 
 pub use engine::{Engine, LoadOptions, RowOutput};

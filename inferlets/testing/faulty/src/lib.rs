@@ -1,6 +1,7 @@
 //! An inferlet that misbehaves as its first argument says: `trap`
 //! (panics), `loop` (never returns), `alloc` (grows memory without end),
-//! `ok` (sends "fine" and returns). Used by the runtime's tests.
+//! `ok` (sends "fine" and returns), `echo` (sends back every client
+//! message until the client stops). Used by the runtime's tests.
 
 use std::hint::black_box;
 
@@ -20,11 +21,17 @@ async fn main() -> Result<(), String> {
                 hoard.push(black_box(vec![1u8; 1 << 20]));
             }
         }
+        Some("echo") => {
+            while let Some(m) = inferlet::receive() {
+                inferlet::send(&format!("echo: {m}"));
+            }
+            Ok(())
+        }
         Some("ok") => {
             inferlet::send("fine");
             Ok(())
         }
-        other => Err(format!("unknown mode {other:?}: trap, loop, alloc or ok")),
+        other => Err(format!("unknown mode {other:?}: trap, loop, alloc, ok or echo")),
     }
 }
 
