@@ -20,6 +20,17 @@ die() {
     exit 1
 }
 
+install_venv() {
+    command -v apt-get >/dev/null 2>&1 ||
+        die "$PYTHON -m venv failed and there is no apt-get to install python3-venv"
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo=sudo
+    echo "== installing python3-venv"
+    $sudo apt-get install -y python3-venv ||
+        { $sudo apt-get update -qq && $sudo apt-get install -y python3-venv; } ||
+        die "apt-get install python3-venv failed"
+}
+
 ensure_componentize_py() {
     local have=""
     if [ -x "$VENV/bin/componentize-py" ]; then
@@ -29,8 +40,13 @@ ensure_componentize_py() {
     command -v "$PYTHON" >/dev/null 2>&1 || die "no $PYTHON (need Python >= 3.9 with venv)"
     if [ ! -x "$VENV/bin/pip" ]; then
         echo "== creating $VENV"
-        "$PYTHON" -m venv "$VENV" ||
-            die "$PYTHON -m venv failed (on Debian: apt-get install python3-venv)"
+        if ! "$PYTHON" -m venv "$VENV"; then
+            # Debian ships venv (and ensurepip) separately.
+            rm -rf "$VENV"
+            install_venv
+            "$PYTHON" -m venv "$VENV" ||
+                die "$PYTHON -m venv failed (on Debian: apt-get install python3-venv)"
+        fi
     fi
     echo "== installing componentize-py $COMPONENTIZE_PY_VERSION"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check \
