@@ -142,13 +142,16 @@ fn bad_passes_are_refused_with_a_reason() {
             PassRequest {
                 ctx: a,
                 tokens: vec![1, 2],
-                positions: Some(vec![5, 6]),
+                positions: Some(vec![5, 6, 7]),
                 ..PassRequest::default()
             },
             Box::new(|_| {}),
         )
         .unwrap_err();
-    assert!(err.contains("positions must continue"), "{err}");
+    assert!(
+        err.contains("3 positions given for 2 input tokens"),
+        "{err}"
+    );
     let err = s
         .submit(
             PassRequest {
@@ -257,4 +260,40 @@ fn exhaustion_waits_for_a_release() {
     s.kv().release(a);
     let got = logits(rx.recv().unwrap());
     assert_close(&got, &reference(&[3, 4, 5]), "after the release");
+}
+
+/// Positions given with a pass set the tokens' rotation: shifting a whole
+/// sequence's positions leaves the logits of a rotary model unchanged
+/// (attention sees only relative positions), while collapsing them changes
+/// the logits.
+#[test]
+fn given_positions_rotate_the_tokens() {
+    let s = start(32, 10240);
+    let prompt: Vec<u32> = (0..9).map(|i| (i * 5 + 7) % 100 + 5).collect();
+    let with_positions = |positions: Option<Vec<u32>>| {
+        let ctx = s.kv().create();
+        let (tx, rx) = mpsc::channel();
+        let req = PassRequest {
+            ctx,
+            tokens: prompt.clone(),
+            positions,
+            outputs: vec![(prompt.len() as u32 - 1, OutputKind::Logits)],
+            ..PassRequest::default()
+        };
+        s.submit(req, Box::new(move |r| tx.send(r).unwrap()))
+            .unwrap();
+        let got = logits(rx.recv().unwrap());
+        s.kv().release(ctx);
+        got
+    };
+    let plain = with_positions(None);
+    assert_close(&plain, &reference(&prompt), "default positions");
+    let shifted = with_positions(Some((100..109).collect()));
+    assert_close(&shifted, &plain, "positions shifted by 100");
+    let collapsed = with_positions(Some(vec![0; 9]));
+    let diff = collapsed
+        .iter()
+        .zip(&plain)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(diff > 1e-3, "collapsed positions changed nothing ({diff})");
 }

@@ -89,8 +89,9 @@ pub type PassResult = Result<Vec<PassOutput>, String>;
 pub struct PassRequest {
     pub ctx: ContextId,
     pub tokens: Vec<u32>,
-    /// Must continue the context's positions; the driver has no other
-    /// placement yet.
+    /// Rotary positions of the tokens (one each); None = the context's
+    /// continuation. They change only the rotation: cache order and the
+    /// causal mask follow the context's token order.
     pub positions: Option<Vec<u32>>,
     /// Must be causal; the driver has no custom masks yet.
     pub mask: Option<Vec<Vec<bool>>>,
@@ -242,11 +243,10 @@ fn check_request(req: &PassRequest, ctx_len: usize, vocab: usize) -> Result<(), 
         ));
     }
     if let Some(pos) = &req.positions {
-        let expected: Vec<u32> = (ctx_len..ctx_len + n).map(|p| p as u32).collect();
-        if *pos != expected {
+        if pos.len() != n {
             return Err(format!(
-                "positions must continue the context ({ctx_len}..{}): this driver has no other placement",
-                ctx_len + n
+                "{} positions given for {n} input tokens: give one per token",
+                pos.len()
             ));
         }
     }

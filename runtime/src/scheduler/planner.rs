@@ -481,11 +481,15 @@ impl BatchPlan {
             }
         }
         self.batch.push(
-            &job.req.tokens[range],
+            &job.req.tokens[range.clone()],
             write.first_pos,
             write.pages,
             write.state,
         );
+        if let Some(positions) = &job.req.positions {
+            let end = self.batch.positions.len();
+            self.batch.positions[end - take..].copy_from_slice(&positions[range]);
+        }
         self.chunks.push(Chunk {
             job: id,
             take,
