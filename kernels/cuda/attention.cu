@@ -111,35 +111,6 @@ extern "C" __global__ void pie_attention(float* out, const float* q, const float
     }
 }
 
-// Greedy sampling on the device: the index of each row's largest value
-// (the first on ties). One block of 1024 threads per row.
-extern "C" __global__ void pie_argmax(unsigned int* out, const float* x, const int* rows, int width) {
-    __shared__ float best_v[1024];
-    __shared__ int best_i[1024];
-    const float* r = x + (long long)rows[blockIdx.x] * width;
-    float bv = PIE_NEG_INF;
-    int bi = 0x7fffffff;
-    for (int i = threadIdx.x; i < width; i += blockDim.x) {
-        float v = r[i];
-        if (v > bv) { bv = v; bi = i; }
-    }
-    best_v[threadIdx.x] = bv;
-    best_i[threadIdx.x] = bi;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) {
-            float ov = best_v[threadIdx.x + s];
-            int oi = best_i[threadIdx.x + s];
-            if (ov > best_v[threadIdx.x] || (ov == best_v[threadIdx.x] && oi < best_i[threadIdx.x])) {
-                best_v[threadIdx.x] = ov;
-                best_i[threadIdx.x] = oi;
-            }
-        }
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[blockIdx.x] = best_i[0] == 0x7fffffff ? 0 : best_i[0];
-}
-
 // Greedy sampling with its log-probability, per requested row: the argmax
 // (first index on ties) and logit[argmax] - log sum exp(logits) =
 // -log sum exp(logits - max). One block per row; only two numbers per row

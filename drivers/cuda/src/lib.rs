@@ -908,31 +908,13 @@ impl Driver for CudaDriver {
     }
 
     fn argmax_rows(&self, x: &CudaAct, rows: &[usize]) -> Result<Vec<u32>> {
-        if let Some(&bad) = rows.iter().find(|&&r| r >= x.rows) {
-            return Err(DriverError::Invalid(format!(
-                "row {bad} requested from an activation of {} rows",
-                x.rows
-            )));
-        }
-        if rows.is_empty() {
-            return Ok(Vec::new());
-        }
-        let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
-        let idx = self.upload(&idx)?;
-        let mut ids = unsafe { self.stream.alloc::<u32>(rows.len()) }
-            .map_err(cuda_err("allocating GPU memory"))?;
-        let width = int(x.width, "width")?;
-        let cfg = LaunchConfig {
-            grid_dim: (rows.len() as u32, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = self.stream.launch_builder(self.kernels.get("pie_argmax"));
-        b.arg(&mut ids).arg(&x.data).arg(&idx).arg(&width);
-        unsafe { b.launch(cfg) }.map_err(cuda_err("pie_argmax"))?;
-        self.stream
-            .clone_dtoh(&ids)
-            .map_err(cuda_err("copying token ids to the host"))
+        // The same reduction; the log-probability is one more pass over
+        // the row and four bytes back per row.
+        Ok(self
+            .greedy_rows(x, rows)?
+            .into_iter()
+            .map(|(token, _)| token)
+            .collect())
     }
 
     fn read_rows(&self, x: &CudaAct, rows: &[usize]) -> Result<Vec<f32>> {

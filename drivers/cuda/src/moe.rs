@@ -46,8 +46,13 @@ fn slot<'w>(w: &[Option<&'w CudaWeight>], i: usize) -> Option<&'w CudaWeight> {
 /// (each weight row is re-read per 8 tokens); above, GEMMs per expert win.
 const GROUPED_MAX_TOKENS_PER_EXPERT: usize = 32;
 
-/// Device address tables of expert weights; see [`CudaDriver::expert_table`].
-pub(crate) type ExpertTables = Mutex<HashMap<(u64, usize), Arc<CudaSlice<u64>>>>;
+/// A device table of expert weight addresses and the experts' element size
+/// (4: f32, 2: bf16).
+type ExpertTable = (Arc<CudaSlice<u64>>, usize);
+
+/// Expert tables by (first expert's address, offset), None where the
+/// grouped kernels cannot read the weight; see `CudaDriver::expert_table`.
+pub(crate) type ExpertTables = Mutex<HashMap<(u64, usize), Option<ExpertTable>>>;
 
 fn missing(key: &str) -> DriverError {
     DriverError::Invalid(format!("moe: weight `{key}` is missing"))
@@ -243,52 +248,56 @@ impl CudaDriver {
             _ => return Ok(None),
         };
         let down = slot(w, DOWN).ok_or_else(|| missing("down"))?;
-        let (Some(gate), Some(up), Some(down_table)) = (gate, up, self.expert_table(down, 0)?)
+        let (Some((gate, gs)), Some((up, us)), Some((down, ds))) =
+            (gate, up, self.expert_table(down, 0)?)
         else {
             return Ok(None);
         };
-        let bf16 = matches!(down.expert(0), Some(CudaWeight::Bf16(_)));
+        // One kernel reads all three: they must share a dtype.
+        if gs != ds || us != ds {
+            return Ok(None);
+        }
         Ok(Some(GroupedWeights {
             gate,
             up,
-            down: down_table,
-            bf16,
+            down,
+            bf16: ds == 2,
         }))
     }
 
     /// The device addresses of every expert of `weight`, each advanced by
-    /// `offset` elements, built once per weight. None unless every expert
-    /// is a plain f32 or bf16 matrix of one dtype.
-    fn expert_table(
-        &self,
-        weight: &CudaWeight,
-        offset: usize,
-    ) -> Result<Option<Arc<CudaSlice<u64>>>> {
+    /// `offset` elements, and the experts' element size, built once per
+    /// weight (MoE layers run every step: a hit costs one lookup). None
+    /// unless every expert is a plain f32 or bf16 matrix of one dtype.
+    fn expert_table(&self, weight: &CudaWeight, offset: usize) -> Result<Option<ExpertTable>> {
         let CudaWeight::Experts(list) = weight else {
             return Ok(None);
         };
-        let mut addrs = Vec::with_capacity(list.len());
-        let mut dtypes = Vec::with_capacity(list.len());
-        for e in list {
-            let (ptr, size) = match e {
-                CudaWeight::F32(v) => (v.device_ptr(&self.stream).0, 4),
-                CudaWeight::Bf16(v) => (v.device_ptr(&self.stream).0, 2),
-                CudaWeight::Experts(_) => return Ok(None),
-            };
-            addrs.push(ptr + (offset * size) as u64);
-            dtypes.push(size);
-        }
-        if addrs.is_empty() || dtypes.iter().any(|&d| d != dtypes[0]) {
+        let address = |e: &CudaWeight| match e {
+            CudaWeight::F32(v) => Some((v.device_ptr(&self.stream).0, 4)),
+            CudaWeight::Bf16(v) => Some((v.device_ptr(&self.stream).0, 2)),
+            CudaWeight::Experts(_) => None,
+        };
+        let Some((first, _)) = list.first().and_then(address) else {
             return Ok(None);
-        }
-        let key = (addrs[0], offset);
+        };
         let mut tables = self.expert_tables.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(t) = tables.get(&key) {
-            return Ok(Some(t.clone()));
+        if let Some(t) = tables.get(&(first, offset)) {
+            return Ok(t.clone());
         }
-        let table = Arc::new(self.upload(&addrs)?);
-        tables.insert(key, table.clone());
-        Ok(Some(table))
+        let experts: Option<Vec<(u64, usize)>> = list.iter().map(address).collect();
+        let table = match experts {
+            Some(e) if e.iter().all(|&(_, size)| size == e[0].1) => {
+                let addrs: Vec<u64> = e
+                    .iter()
+                    .map(|&(p, size)| p + (offset * size) as u64)
+                    .collect();
+                Some((Arc::new(self.upload(&addrs)?), e[0].1))
+            }
+            _ => None,
+        };
+        tables.insert((first, offset), table.clone());
+        Ok(table)
     }
 
     /// Every expert's MLP over its tokens in three launches (see moe.cu).
