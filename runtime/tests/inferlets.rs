@@ -4,46 +4,16 @@
 //! best-of-n runs on forks, and misbehaving inferlets end with their error
 //! while a well-behaved one beside them completes correctly.
 
-use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use pie_driver_portable::PortableDriver;
-use pie_runtime::chat_template::ChatMessage;
 use pie_runtime::inferlet::{Event, InferletRuntime, Limits};
-use pie_runtime::sampling::Sampler;
 use pie_runtime::scheduler::{Scheduler, SchedulerConfig};
-use pie_runtime::{Engine, LoadOptions};
 use wasmtime::component::Component;
 
-const PROMPT: &str = "What is the capital of France?";
-const MAX_TOKENS: usize = 24;
+mod common;
 
-fn llama() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llama")
-}
-
-fn component_path(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../inferlets/target/components")
-        .join(format!("{name}.wasm"));
-    assert!(
-        path.exists(),
-        "{} is missing: build the inferlets first with inferlets/build.sh",
-        path.display()
-    );
-    path
-}
-
-fn engine() -> Engine<PortableDriver> {
-    Engine::load(
-        &llama(),
-        PortableDriver::new(),
-        &LoadOptions::default(),
-        None,
-    )
-    .unwrap()
-}
+use common::*;
 
 fn runtime(kv_pages: usize) -> InferletRuntime {
     let cfg = SchedulerConfig {
@@ -59,59 +29,10 @@ fn load(rt: &InferletRuntime, name: &str) -> Component {
         .unwrap()
 }
 
-/// The prompt ids the chat example builds: the chat template, then the
-/// tokenizer without special tokens added.
-fn chat_prompt_ids(e: &Engine<PortableDriver>, prompt: &str) -> Vec<u32> {
-    let messages = [ChatMessage {
-        role: "user".into(),
-        content: prompt.into(),
-    }];
-    let text = e
-        .chat_template
-        .as_ref()
-        .unwrap()
-        .render(&messages, true)
-        .unwrap();
-    e.tokenizer.as_ref().unwrap().encode(&text, false).unwrap()
-}
-
-/// `Engine::generate`'s greedy reply as text (stop token left out).
-fn expected_reply(prompt: &str) -> String {
-    let mut e = engine();
-    let ids = chat_prompt_ids(&e, prompt);
-    let mut out = e
-        .generate(&[ids], MAX_TOKENS, &Sampler::greedy())
-        .unwrap()
-        .remove(0);
-    if out.last().is_some_and(|t| e.stop_ids.contains(t)) {
-        out.pop();
-    }
-    assert!(!out.is_empty(), "the reference generated nothing");
-    e.tokenizer.as_ref().unwrap().decode(&out, true).unwrap()
-}
-
-fn messages(events: &[Event]) -> Vec<String> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Message(m) => Some(m.clone()),
-            _ => None,
-        })
-        .collect()
-}
-
 fn chat_args(prompt: &str) -> Vec<String> {
     ["--prompt", prompt, "--max-tokens", &MAX_TOKENS.to_string()]
         .map(String::from)
         .to_vec()
-}
-
-fn tokio() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 #[test]

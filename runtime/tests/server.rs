@@ -4,43 +4,21 @@
 //! responses, 256 concurrent streams, /metrics, and the inferlet
 //! WebSocket with the real chat example.
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pie_driver_portable::PortableDriver;
-use pie_runtime::chat_template::ChatMessage;
 use pie_runtime::sampling::Sampler;
 use pie_runtime::scheduler::{Scheduler, SchedulerConfig};
 use pie_runtime::server::client::{stream_choices, stream_text, Client};
 use pie_runtime::server::{RunningServer, ServerOptions};
-use pie_runtime::{Engine, LoadOptions};
+use pie_runtime::Engine;
 use serde_json::{json, Value};
 
 const MODEL: &str = "llama";
-const PROMPT: &str = "What is the capital of France?";
-const MAX_TOKENS: usize = 24;
 
-fn llama() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llama")
-}
+mod common;
 
-fn engine() -> Engine<PortableDriver> {
-    Engine::load(
-        &llama(),
-        PortableDriver::new(),
-        &LoadOptions::default(),
-        None,
-    )
-    .unwrap()
-}
-
-fn tokio() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
+use common::*;
 
 /// A scheduler on the fixture and a server on 127.0.0.1, any port.
 async fn start(opts: ServerOptions, kv_pages: usize) -> RunningServer {
@@ -94,17 +72,7 @@ fn expected_for(e: &mut Engine<PortableDriver>, ids: Vec<u32>, max: usize) -> Ex
 
 /// The chat prompt as the server and the chat inferlet build it.
 fn expected_chat(e: &mut Engine<PortableDriver>, prompt: &str, max: usize) -> Expected {
-    let messages = [ChatMessage {
-        role: "user".into(),
-        content: prompt.into(),
-    }];
-    let text = e
-        .chat_template
-        .as_ref()
-        .unwrap()
-        .render(&messages, true)
-        .unwrap();
-    let ids = e.tokenizer.as_ref().unwrap().encode(&text, false).unwrap();
+    let ids = chat_prompt_ids(e, prompt);
     expected_for(e, ids, max)
 }
 
@@ -614,15 +582,7 @@ fn several_choices_share_the_prompt_through_forks() {
 }
 
 fn component(name: &str) -> Vec<u8> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../inferlets/target/components")
-        .join(format!("{name}.wasm"));
-    std::fs::read(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; build the inferlets first with inferlets/build.sh",
-            path.display()
-        )
-    })
+    std::fs::read(component_path(name)).unwrap()
 }
 
 #[test]
