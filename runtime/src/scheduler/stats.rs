@@ -13,7 +13,7 @@ pub struct Stats {
     pub passes: AtomicU64,
     /// Passes that failed.
     pub failed_passes: AtomicU64,
-    /// Tokens run through the driver, replayed ones included.
+    /// Tokens run through the driver (prompt chunks and decode tokens).
     pub tokens: AtomicU64,
     /// Passes waiting or running now.
     pub queue_depth: AtomicU64,

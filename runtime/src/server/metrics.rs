@@ -122,7 +122,7 @@ impl Metrics {
         );
         gauge(
             "pie_batch_tokens_total",
-            "Tokens run through the driver (prompt, generated and replayed).",
+            "Tokens run through the driver (prompt and generated).",
             "counter",
             get(&s.tokens) as f64,
         );
