@@ -513,7 +513,11 @@ impl<D: Driver + 'static> Engine<D> {
             )
         };
         let (driver, model) = (&self.driver, &self.model);
-        let logits = driver.install(|| model.forward(driver, kv, &batch))?;
+        let logits = driver.install(|| {
+            driver.run_pass(kv, &batch, &mut |kv, batch| {
+                model.forward(driver, kv, batch)
+            })
+        })?;
         Ok((logits, read))
     }
 }

@@ -44,6 +44,10 @@ pub enum DriverError {
 
 pub type Result<T, E = DriverError> = std::result::Result<T, E>;
 
+/// A model's forward pass over a batch, as [`Driver::run_pass`] gets it.
+pub type Pass<'p, D> =
+    dyn FnMut(&mut <D as Driver>::Kv, &ForwardBatch) -> Result<<D as Driver>::Act> + 'p;
+
 /// How a loaded weight is used, so a driver can pick its storage
 /// (matrices stay in their file dtype; vectors are widened once).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +88,18 @@ pub trait Driver: Send + Sync {
     /// parallel loops start from a worker instead of waking one per op.
     fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         f()
+    }
+
+    /// Runs one forward pass over `batch`; `pass` is the model's generated
+    /// forward. Drivers that record a pass once and replay it (CUDA graphs
+    /// for decode batches) override this; the others just call `pass`.
+    fn run_pass(
+        &self,
+        kv: &mut Self::Kv,
+        batch: &ForwardBatch,
+        pass: &mut Pass<'_, Self>,
+    ) -> Result<Self::Act> {
+        pass(kv, batch)
     }
 
     /// Copies `view` into driver memory. `expected` is the shape the spec

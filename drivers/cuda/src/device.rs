@@ -9,7 +9,8 @@ use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use pie_driver::{DriverError, Result};
 
 /// Kernel sources, compiled together into one module.
-pub const KERNEL_SOURCES: [(&str, &str); 5] = [
+pub const KERNEL_SOURCES: [(&str, &str); 6] = [
+    ("gemv.cu", include_str!("../../../kernels/cuda/gemv.cu")),
     (
         "elementwise.cu",
         include_str!("../../../kernels/cuda/elementwise.cu"),
@@ -30,7 +31,8 @@ pub const KERNEL_SOURCES: [(&str, &str); 5] = [
 ];
 
 /// Every kernel the driver launches.
-pub const KERNELS: [&str; 35] = [
+pub const KERNELS: [&str; 36] = [
+    "pie_gemv_bf16",
     "pie_add",
     "pie_mul",
     "pie_scale",
@@ -97,7 +99,13 @@ pub fn open(ordinal: usize) -> Result<(Arc<CudaContext>, Arc<CudaStream>, String
     let ctx =
         CudaContext::new(ordinal).map_err(|e| cuda_error(&format!("opening GPU {ordinal}"), e))?;
     let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-    let stream = ctx.default_stream();
+    // One stream for everything, so slices need no cross-stream events
+    // (which would also get in the way of graph capture); not the legacy
+    // default stream, which cannot be captured.
+    unsafe { ctx.disable_event_tracking() };
+    let stream = ctx
+        .new_stream()
+        .map_err(|e| cuda_error("creating a stream", e))?;
     Ok((ctx, stream, name))
 }
 

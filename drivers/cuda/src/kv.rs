@@ -57,9 +57,11 @@ impl CudaKv {
                 "kv page size must be at least 1".into(),
             ));
         }
+        // One page more than asked: the scratch page padding rows of a
+        // recorded decode pass write to.
         let tokens = layout
             .page_size
-            .checked_mul(layout.num_pages)
+            .checked_mul(layout.num_pages + 1)
             .ok_or_else(|| DriverError::Invalid("kv cache size overflows".into()))?;
         let slots = layout
             .slots
@@ -114,6 +116,42 @@ impl CudaKv {
         }
         let buffers = Self::slot_in(&mut self.slots, slot, a)?;
         Ok((self.tables.as_ref().expect("set above"), buffers))
+    }
+
+    /// The buffers of KV slot `slot` (checked against `a`'s shape).
+    pub fn slot_buffers(&mut self, slot: usize, a: &AttentionAttrs) -> Result<&mut KvSlotBuffers> {
+        Self::slot_in(&mut self.slots, slot, a)
+    }
+
+    /// The token slot padding rows write to (in the page after the last).
+    pub fn scratch_slot(&self) -> usize {
+        self.num_pages * self.page_size
+    }
+
+    /// The page index of the scratch page.
+    pub fn scratch_page(&self) -> u32 {
+        self.num_pages as u32
+    }
+
+    /// Identifies this cache's buffers (a recorded graph holds their
+    /// addresses, so it is valid for these buffers only).
+    pub fn identity(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.num_pages.hash(&mut h);
+        for s in &self.slots {
+            crate::graphs::address(&s.k).hash(&mut h);
+            crate::graphs::address(&s.v).hash(&mut h);
+        }
+        for state in &self.states {
+            crate::graphs::address(state).hash(&mut h);
+        }
+        h.finish()
+    }
+
+    /// Whether the cache holds per-sequence recurrent state.
+    pub fn has_states(&self) -> bool {
+        !self.states.is_empty()
     }
 
     fn slot_in<'s>(
@@ -211,7 +249,7 @@ impl CudaKv {
     }
 
     /// Checks every sequence's pages and lays out the index tables.
-    fn plan(&self, batch: &ForwardBatch) -> Result<AttentionPlan> {
+    pub fn plan(&self, batch: &ForwardBatch) -> Result<AttentionPlan> {
         let mut plan = AttentionPlan {
             new_slots: vec![0; batch.num_tokens()],
             table: Vec::new(),

@@ -12,6 +12,7 @@
 mod composite;
 mod device;
 mod gdn;
+mod graphs;
 pub mod kernel_build;
 mod kv;
 mod mamba2;
@@ -19,7 +20,8 @@ mod mla;
 mod moe;
 mod tensor;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
@@ -41,25 +43,87 @@ pub struct CudaDriver {
     kernels: Kernels,
     gpu: String,
     /// Rope inputs of the batch being run, uploaded once for every layer.
-    rope_tables: std::sync::Mutex<Option<RopeTables>>,
+    rope_tables: Mutex<Option<RopeTables>>,
+    /// Frequency tables of each distinct rope op, uploaded once.
+    rope_freqs: Mutex<Vec<RopeFreqs>>,
+    /// cuBLAS's workspace, ours so that GEMMs allocate nothing (a GEMM
+    /// recorded in a CUDA graph must not).
+    _blas_workspace: CudaSlice<u8>,
+    /// Decode passes recorded as CUDA graphs (see `graphs.rs`).
+    graphs: Mutex<graphs::GraphCache>,
+    /// The device buffer staged passes read their batch inputs from.
+    staging: Mutex<Option<CudaSlice<i32>>>,
+    /// Set while a staged pass runs: where its ops find their inputs.
+    staged: Mutex<Option<graphs::StagedInputs>>,
+    /// Whether the model has run a composite op (its passes are not
+    /// recorded) and whether any pass ran yet (so that is known).
+    composite_seen: AtomicBool,
+    passes_run: AtomicBool,
+    /// Whether bf16 GEMMs of at most 4 rows use `pie_gemv_bf16`
+    /// (`PIE_CUDA_GEMV=0`: cuBLAS for every shape).
+    gemv: bool,
     /// Device address tables of expert weights (grouped MoE kernels),
     /// keyed by the first expert's address and the offset into each.
     expert_tables: moe::ExpertTables,
 }
 
-/// Positions and sequence lengths of one batch, and the frequency tables
-/// of each distinct rope op, on the device.
+/// Positions and sequence lengths of one batch on the device.
 struct RopeTables {
     positions: Vec<u32>,
     seq_lens: Vec<i32>,
     positions_d: CudaSlice<i32>,
     seq_lens_d: CudaSlice<i32>,
-    freqs: Vec<RopeFreqs>,
+}
+
+/// Device addresses of the tables an attention op reads: uploaded by the
+/// KV cache for this batch, or staged for a recorded decode pass.
+struct AttentionTables {
+    new_slots: u64,
+    table: u64,
+    table_offsets: u64,
+    positions: u64,
+}
+
+impl AttentionTables {
+    fn of(t: &kv::DeviceTables) -> Self {
+        AttentionTables {
+            new_slots: graphs::address(&t.new_slots),
+            table: graphs::address(&t.table),
+            table_offsets: graphs::address(&t.table_offsets),
+            positions: graphs::address(&t.positions),
+        }
+    }
+
+    fn staged(s: &graphs::StagedInputs) -> Self {
+        AttentionTables {
+            new_slots: s.new_slots(),
+            table: s.table(),
+            table_offsets: s.table_offsets(),
+            positions: s.cache_positions(),
+        }
+    }
 }
 
 /// One rope op's frequencies on the device: key, short and long inverse
 /// frequencies, LongRoPE switch length (-1: none), cos/sin scale.
 type RopeFreqs = (String, CudaSlice<f64>, CudaSlice<f64>, i32, f64);
+
+/// Gives cuBLAS a workspace of its own (32 MiB, as for Hopper GEMMs).
+fn blas_workspace(stream: &Arc<CudaStream>, blas: &CudaBlas) -> Result<CudaSlice<u8>> {
+    const BYTES: usize = 32 << 20;
+    let workspace = stream
+        .alloc_zeros::<u8>(BYTES)
+        .map_err(cuda_err("allocating the cuBLAS workspace"))?;
+    let ptr = graphs::address(&workspace);
+    let status =
+        unsafe { cudarc::cublas::sys::cublasSetWorkspace_v2(*blas.handle(), ptr as *mut _, BYTES) };
+    if status != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        return Err(DriverError::Invalid(format!(
+            "cuBLAS: setting the workspace: {status:?}"
+        )));
+    }
+    Ok(workspace)
+}
 
 pub(crate) fn cuda_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> DriverError + '_ {
     move |e| DriverError::Invalid(format!("CUDA: {what}: {e}"))
@@ -86,15 +150,43 @@ impl CudaDriver {
         device::require_cublas()?;
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| DriverError::Invalid(format!("CUDA: creating the cuBLAS handle: {e}")))?;
+        let workspace = blas_workspace(&stream, &blas)?;
         Ok(CudaDriver {
             ctx,
             stream,
             blas,
             kernels,
             gpu,
-            rope_tables: std::sync::Mutex::new(None),
+            rope_tables: Mutex::new(None),
+            rope_freqs: Mutex::new(Vec::new()),
+            _blas_workspace: workspace,
+            graphs: Mutex::new(graphs::GraphCache::new()),
+            staging: Mutex::new(None),
+            staged: Mutex::new(None),
+            composite_seen: AtomicBool::new(false),
+            passes_run: AtomicBool::new(false),
+            gemv: std::env::var("PIE_CUDA_GEMV").map_or(true, |v| v != "0"),
             expert_tables: Default::default(),
         })
+    }
+
+    /// This driver with CUDA graphs for decode on or off (on by default,
+    /// unless `PIE_CUDA_GRAPHS=0`).
+    pub fn with_graphs(self, on: bool) -> Self {
+        self.graphs.lock().expect("graph cache lock").off = !on;
+        self
+    }
+
+    /// This driver with the own bf16 decode kernel on or off (off: cuBLAS
+    /// for every GEMM shape).
+    pub fn with_gemv(mut self, on: bool) -> Self {
+        self.gemv = on;
+        self
+    }
+
+    /// How many decode passes were replayed from a recorded graph.
+    pub fn graph_replays(&self) -> u64 {
+        self.graphs.lock().expect("graph cache lock").replays
     }
 
     /// The GPU's name, as the driver reports it.
@@ -126,11 +218,7 @@ impl CudaDriver {
     }
 
     pub(crate) fn act_zeros(&self, rows: usize, width: usize) -> Result<CudaAct> {
-        Ok(CudaAct {
-            data: self.zeros(rows * width)?,
-            rows,
-            width,
-        })
+        Ok(CudaAct::new(self.zeros(rows * width)?, rows, width))
     }
 
     /// `x += bias` per row (no-op without a bias).
@@ -187,11 +275,7 @@ impl CudaDriver {
     }
 
     pub(crate) fn act(&self, rows: usize, width: usize) -> Result<CudaAct> {
-        Ok(CudaAct {
-            data: self.uninit(rows * width)?,
-            rows,
-            width,
-        })
+        Ok(CudaAct::new(self.uninit(rows * width)?, rows, width))
     }
 
     /// out = x ⊙ y elementwise with kernel `name`.
@@ -258,6 +342,9 @@ impl CudaDriver {
                     "expert weights are used one expert at a time".into(),
                 ))
             }
+            CudaWeight::Bf16(wd) if self.gemv_fits(m, k) => {
+                return self.gemv_bf16(x, wd, n, out);
+            }
             CudaWeight::Bf16(wd) => {
                 let xb = self.to_bf16(x)?;
                 let (a, _ga) = wd.device_ptr(&self.stream);
@@ -269,6 +356,41 @@ impl CudaDriver {
         result.map_err(|e| {
             DriverError::Invalid(format!("cuBLAS GEMM [{m}, {k}] x [{n}, {k}]ᵀ: {e}"))
         })?;
+        Ok(out)
+    }
+
+    /// Whether `[m, k]` inputs take the own decode kernel (`gemv.cu`).
+    fn gemv_fits(&self, m: usize, k: usize) -> bool {
+        const MAX_ROWS: usize = 4; // PIE_GEMV_MAX_ROWS
+        self.gemv && m <= MAX_ROWS && k.is_multiple_of(8)
+    }
+
+    /// `out = x · Wᵀ` for a few rows of x and a bf16 W `[n, k]`.
+    fn gemv_bf16(
+        &self,
+        x: &CudaAct,
+        w: &CudaSlice<u16>,
+        n: usize,
+        mut out: CudaAct,
+    ) -> Result<CudaAct> {
+        const FEATS: usize = 4; // PIE_GEMV_FEATS
+        let (m, k) = (int(x.rows, "rows")?, int(x.width, "width")?);
+        let ni = int(n, "features")?;
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(FEATS) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self
+            .stream
+            .launch_builder(self.kernels.get("pie_gemv_bf16"));
+        b.arg(&mut out.data)
+            .arg(&x.data)
+            .arg(w)
+            .arg(&m)
+            .arg(&ni)
+            .arg(&k);
+        unsafe { b.launch(cfg) }.map_err(cuda_err("pie_gemv_bf16"))?;
         Ok(out)
     }
 
@@ -289,16 +411,39 @@ impl CudaDriver {
             .is_none_or(|t| t.positions != batch.positions || t.seq_lens != seq_lens);
         if fresh {
             let positions: Vec<i32> = batch.positions.iter().map(|&p| p as i32).collect();
-            let freqs = guard.take().map(|t| t.freqs).unwrap_or_default();
             *guard = Some(RopeTables {
                 positions_d: self.upload(&positions)?,
                 seq_lens_d: self.upload(&seq_lens)?,
                 positions: batch.positions.clone(),
                 seq_lens,
-                freqs,
             });
         }
         Ok(guard.as_mut().expect("set above"))
+    }
+
+    /// The frequency tables of rope op `a`, uploaded on its first use.
+    fn rope_freqs_for<'f>(
+        &self,
+        freqs: &'f mut Vec<RopeFreqs>,
+        a: &RopeAttrs,
+    ) -> Result<&'f RopeFreqs> {
+        let key = format!("{:?}/{}/{:?}", a.theta, a.rotary_dim, a.scaling);
+        if let Some(i) = freqs.iter().position(|f| f.0 == key) {
+            return Ok(&freqs[i]);
+        }
+        let table = pie_driver::rope::frequencies(a)?;
+        let (long_from, long) = match &table.long {
+            Some((from, long)) => (*from as i32, long.clone()),
+            None => (-1, table.inv_freqs.clone()),
+        };
+        freqs.push((
+            key,
+            self.upload(&table.inv_freqs)?,
+            self.upload(&long)?,
+            long_from,
+            table.scale,
+        ));
+        Ok(freqs.last().expect("pushed above"))
     }
 
     fn to_bf16(&self, x: &CudaAct) -> Result<CudaSlice<u16>> {
@@ -370,6 +515,15 @@ impl Driver for CudaDriver {
 
     fn name(&self) -> &'static str {
         "cuda"
+    }
+
+    fn run_pass(
+        &self,
+        kv: &mut CudaKv,
+        batch: &ForwardBatch,
+        pass: &mut graphs::Pass<'_>,
+    ) -> Result<CudaAct> {
+        self.decode_pass(kv, batch, pass)
     }
 
     fn supports(&self, op: OpKind) -> bool {
@@ -479,7 +633,14 @@ impl Driver for CudaDriver {
             )));
         }
         let n = batch.tokens.len();
-        let ids = self.upload(&batch.tokens)?;
+        let uploaded;
+        let ids = match *self.staged.lock().expect("staged lock") {
+            Some(staged) => staged.tokens(),
+            None => {
+                uploaded = self.upload(&batch.tokens)?;
+                graphs::address(&uploaded)
+            }
+        };
         let mut out = self.act(n, a.hidden)?;
         let (ni, hi) = (int(n, "tokens")?, int(a.hidden, "hidden")?);
         let mut b = self
@@ -616,45 +777,32 @@ impl Driver for CudaDriver {
                 batch.positions.len()
             )));
         }
-        let mut out = CudaAct {
-            data: self
-                .stream
-                .clone_dtod(&x.data)
-                .map_err(cuda_err("copying an activation"))?,
-            rows: x.rows,
-            width: x.width,
-        };
+        let copy = self
+            .stream
+            .clone_dtod(&x.data)
+            .map_err(cuda_err("copying an activation"))?;
+        let mut out = CudaAct::new(copy, x.rows, x.width);
+        let mut freqs = self.rope_freqs.lock().expect("rope freqs lock");
+        let (_, short_d, long_d, long_from, scale) = self.rope_freqs_for(&mut freqs, a)?;
         let mut guard = self.rope_tables.lock().expect("rope table lock");
-        let tables = self.rope_tables_for(&mut guard, batch)?;
-        let key = format!("{:?}/{}/{:?}", a.theta, a.rotary_dim, a.scaling);
-        if !tables.freqs.iter().any(|f| f.0 == key) {
-            let freqs = pie_driver::rope::frequencies(a)?;
-            let (long_from, long) = match &freqs.long {
-                Some((from, long)) => (*from as i32, long.clone()),
-                None => (-1, freqs.inv_freqs.clone()),
-            };
-            tables.freqs.push((
-                key.clone(),
-                self.upload(&freqs.inv_freqs)?,
-                self.upload(&long)?,
-                long_from,
-                freqs.scale,
-            ));
-        }
-        let (_, short_d, long_d, long_from, scale) = tables
-            .freqs
-            .iter()
-            .find(|f| f.0 == key)
-            .expect("inserted above");
-        let (pos_d, lens_d) = (&tables.positions_d, &tables.seq_lens_d);
+        let (pos_d, lens_d) = match *self.staged.lock().expect("staged lock") {
+            Some(staged) => (staged.rope_positions(), staged.seq_lens()),
+            None => {
+                let tables = self.rope_tables_for(&mut guard, batch)?;
+                (
+                    graphs::address(&tables.positions_d),
+                    graphs::address(&tables.seq_lens_d),
+                )
+            }
+        };
         let rows = int(x.rows, "rows")?;
         let (heads, hd, rd) = (a.heads as i32, a.head_dim as i32, a.rotary_dim as i32);
         let interleaved = i32::from(a.style == RopeStyle::Interleaved);
         let n = x.rows * a.heads * (a.rotary_dim / 2);
         let mut b = self.stream.launch_builder(self.kernels.get("pie_rope"));
         b.arg(&mut out.data)
-            .arg(pos_d)
-            .arg(lens_d)
+            .arg(&pos_d)
+            .arg(&lens_d)
             .arg(short_d)
             .arg(long_d)
             .arg(long_from)
@@ -684,7 +832,17 @@ impl Driver for CudaDriver {
                 a.heads, a.kv_heads, a.v_head_dim
             )));
         }
-        let (tables, slot) = kv.prepare(batch, a.cache_slot, a, |v| self.upload(v))?;
+        let staged = *self.staged.lock().expect("staged lock");
+        let (tables, slot) = match staged {
+            Some(staged) => (
+                AttentionTables::staged(&staged),
+                kv.slot_buffers(a.cache_slot, a)?,
+            ),
+            None => {
+                let (tables, slot) = kv.prepare(batch, a.cache_slot, a, |v| self.upload(v))?;
+                (AttentionTables::of(tables), slot)
+            }
+        };
         let (kw, vw) = (a.kv_heads * a.head_dim, a.kv_heads * a.v_head_dim);
         let (rows, kwi, vwi) = (
             int(q.rows, "rows")?,
@@ -842,6 +1000,7 @@ impl Driver for CudaDriver {
         kv: &mut CudaKv,
         batch: &ForwardBatch,
     ) -> Result<CudaAct> {
+        self.composite_seen.store(true, Ordering::Relaxed);
         match (op, inputs) {
             (OpKind::Moe, [x]) => self.moe(x, weights, a),
             (OpKind::GatedDeltaNet, [x]) => self.gated_delta_net(x, weights, a, kv, batch),

@@ -8,6 +8,20 @@ pub struct CudaAct {
     pub data: CudaSlice<f32>,
     pub rows: usize,
     pub width: usize,
+    /// Set on the logits of a replayed CUDA graph: the graph cannot run
+    /// again until this activation (its allocation) is dropped.
+    pub lease: Option<std::sync::Arc<()>>,
+}
+
+impl CudaAct {
+    pub fn new(data: CudaSlice<f32>, rows: usize, width: usize) -> Self {
+        CudaAct {
+            data,
+            rows,
+            width,
+            lease: None,
+        }
+    }
 }
 
 /// A weight in GPU memory.
