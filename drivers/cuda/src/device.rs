@@ -9,7 +9,11 @@ use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use pie_driver::{DriverError, Result};
 
 /// Kernel sources, compiled together into one module.
-pub const KERNEL_SOURCES: [(&str, &str); 6] = [
+pub const KERNEL_SOURCES: [(&str, &str); 7] = [
+    (
+        "grouped_attention.cu",
+        include_str!("../../../kernels/cuda/grouped_attention.cu"),
+    ),
     ("gemv.cu", include_str!("../../../kernels/cuda/gemv.cu")),
     (
         "elementwise.cu",
@@ -31,7 +35,9 @@ pub const KERNEL_SOURCES: [(&str, &str); 6] = [
 ];
 
 /// Every kernel the driver launches.
-pub const KERNELS: [&str; 36] = [
+pub const KERNELS: [&str; 38] = [
+    "pie_gqa_attention_partial",
+    "pie_gqa_attention_combine",
     "pie_gemv_bf16",
     "pie_add",
     "pie_mul",

@@ -13,6 +13,7 @@ mod composite;
 mod device;
 mod gdn;
 mod graphs;
+mod grouped_attention;
 pub mod kernel_build;
 mod kv;
 mod mamba2;
@@ -31,6 +32,7 @@ use pie_driver::{
 };
 
 pub use kv::CudaKv;
+use kv::KvSlotBuffers;
 pub use tensor::{CudaAct, CudaWeight};
 
 use device::Kernels;
@@ -59,6 +61,9 @@ pub struct CudaDriver {
     /// recorded) and whether any pass ran yet (so that is known).
     composite_seen: AtomicBool,
     passes_run: AtomicBool,
+    /// Whether attention shapes that fit use the grouped kernels
+    /// (`PIE_CUDA_GQA=0`: `pie_attention` always).
+    gqa: bool,
     /// Whether bf16 GEMMs of at most 4 rows use `pie_gemv_bf16`
     /// (`PIE_CUDA_GEMV=0`: cuBLAS for every shape).
     gemv: bool,
@@ -165,6 +170,7 @@ impl CudaDriver {
             staged: Mutex::new(None),
             composite_seen: AtomicBool::new(false),
             passes_run: AtomicBool::new(false),
+            gqa: std::env::var("PIE_CUDA_GQA").map_or(true, |v| v != "0"),
             gemv: std::env::var("PIE_CUDA_GEMV").map_or(true, |v| v != "0"),
             expert_tables: Default::default(),
         })
@@ -181,6 +187,13 @@ impl CudaDriver {
     /// for every GEMM shape).
     pub fn with_gemv(mut self, on: bool) -> Self {
         self.gemv = on;
+        self
+    }
+
+    /// This driver with the grouped attention kernels on or off (off:
+    /// `pie_attention` for every shape).
+    pub fn with_grouped_attention(mut self, on: bool) -> Self {
+        self.gqa = on;
         self
     }
 
@@ -859,6 +872,9 @@ impl Driver for CudaDriver {
             .arg(&kwi)
             .arg(&vwi);
         unsafe { b.launch(blocks(q.rows * (kw + vw))) }.map_err(cuda_err("pie_kv_write"))?;
+        if self.gqa_fits(a) {
+            return self.gqa_attention(q, a, &tables, slot, sinks);
+        }
         let (table, offsets, positions) = (&tables.table, &tables.table_offsets, &tables.positions);
         let dummy;
         let (sinks_d, has_sinks) = match sinks.and_then(CudaWeight::f32) {

@@ -193,6 +193,45 @@ fn gpu_graph_decode_matches_op_by_op_decode() {
     }
 }
 
+/// The grouped attention kernels (query heads of a group share their
+/// key/value reads, keys split across warps) against the per-head kernel,
+/// over contexts long enough for every split to see several keys, with
+/// sliding windows, soft-capping and sinks among the fixtures.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn gpu_grouped_attention_matches_the_per_head_kernel() {
+    for name in ["llama", "qwen3", "mistral", "gemma2", "gpt_oss", "phi3"] {
+        let (dir, prompts) = fixture(name);
+        let opts = LoadOptions::default();
+        let load = |grouped: bool| {
+            let d = gpu().with_grouped_attention(grouped);
+            Engine::load(&dir, d, &opts, None).unwrap()
+        };
+        let (mut grouped, mut per_head) = (load(true), load(false));
+        let vocab = grouped.ir.vocab as u32;
+        // A 300-token prompt built from the fixture's ids, and the fixture
+        // prompts beside it in one ragged batch.
+        let long: Vec<u32> = prompts[0]
+            .ids
+            .iter()
+            .cycle()
+            .take(300)
+            .map(|&t| t % vocab)
+            .collect();
+        let mut inputs: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+        inputs.push(long);
+        let want = per_head.prompt_logits(&inputs).unwrap();
+        let got = grouped.prompt_logits(&inputs).unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let (diff, scale) = max_error(g, w);
+            eprintln!(
+                "gpu {name} prompt {i}: grouped vs per-head max|diff| {diff:.3e} of {scale:.3}"
+            );
+            assert!(diff <= 1e-4 * scale, "{name} prompt {i}: {diff} vs {scale}");
+        }
+    }
+}
+
 /// The own decode kernel (`pie_gemv_bf16`, up to 4 rows) against cuBLAS
 /// on the same bf16 weights, for shapes with partial feature blocks.
 #[test]

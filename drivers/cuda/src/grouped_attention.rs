@@ -1,0 +1,116 @@
+//! Attention with the query heads of a group sharing their key/value
+//! reads, split over the keys (`kernels/cuda/grouped_attention.cu`): the
+//! kernel the driver uses whenever the shape fits, `pie_attention` else.
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use pie_driver::ir::AttentionAttrs;
+use pie_driver::Result;
+
+use crate::{cuda_err, int, AttentionTables, CudaAct, CudaDriver, CudaWeight, KvSlotBuffers};
+
+/// Largest query-head group, head and value dimension the kernel takes.
+const MAX_GROUP: usize = 8;
+const MAX_DIM: usize = 128;
+/// Warps per block of the partial pass (`PIE_GQA_WARPS`).
+const WARPS: usize = 4;
+/// Enough warps for every SM of a large GPU a few times over.
+const TARGET_BLOCKS: usize = 264;
+const MAX_BLOCKS_PER_HEAD: usize = 16;
+
+impl CudaDriver {
+    /// Whether attention `a` runs on the grouped kernel.
+    pub(crate) fn gqa_fits(&self, a: &AttentionAttrs) -> bool {
+        self.gqa
+            && a.kv_heads > 0
+            && a.heads.is_multiple_of(a.kv_heads)
+            && a.heads / a.kv_heads <= MAX_GROUP
+            && a.head_dim <= MAX_DIM
+            && a.v_head_dim <= MAX_DIM
+    }
+
+    /// Attention of `q` (rows × heads × head_dim) over the cache, whose
+    /// new keys and values are already written.
+    pub(crate) fn gqa_attention(
+        &self,
+        q: &CudaAct,
+        a: &AttentionAttrs,
+        tables: &AttentionTables,
+        slot: &KvSlotBuffers,
+        sinks: Option<&CudaWeight>,
+    ) -> Result<CudaAct> {
+        let group = a.heads / a.kv_heads;
+        let pairs = q.rows * a.kv_heads;
+        // Splits depend on the batch shape only, so a recorded graph
+        // stays right as contexts grow.
+        let blocks_per_pair = TARGET_BLOCKS
+            .div_ceil(pairs.max(1))
+            .clamp(1, MAX_BLOCKS_PER_HEAD);
+        let splits = blocks_per_pair * WARPS;
+        let partials = pairs * splits * group;
+        let mut part_ml = self.uninit(partials * 2)?;
+        let mut part_acc = self.uninit(partials * a.v_head_dim)?;
+        let (heads, kvh) = (int(a.heads, "heads")?, int(a.kv_heads, "kv heads")?);
+        let (hd, vhd) = (
+            int(a.head_dim, "head dim")?,
+            int(a.v_head_dim, "v head dim")?,
+        );
+        let v_stride = kvh * vhd;
+        let window = a.window.map_or(0, |w| w as i32);
+        let softcap = a.softcap.unwrap_or(0.0);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                int(pairs, "rows × kv heads")? as u32,
+                blocks_per_pair as u32,
+                1,
+            ),
+            block_dim: ((WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self
+            .stream
+            .launch_builder(self.kernels.get("pie_gqa_attention_partial"));
+        b.arg(&mut part_ml)
+            .arg(&mut part_acc)
+            .arg(&q.data)
+            .arg(&slot.k)
+            .arg(&slot.v)
+            .arg(&tables.positions)
+            .arg(&tables.table)
+            .arg(&tables.table_offsets)
+            .arg(&heads)
+            .arg(&kvh)
+            .arg(&hd)
+            .arg(&vhd)
+            .arg(&v_stride)
+            .arg(&a.scale)
+            .arg(&window)
+            .arg(&softcap);
+        unsafe { b.launch(cfg) }.map_err(cuda_err("pie_gqa_attention_partial"))?;
+
+        let mut out = self.act(q.rows, a.heads * a.v_head_dim)?;
+        let (sinks_ptr, has_sinks) = match sinks.and_then(CudaWeight::f32) {
+            Some(s) => (crate::graphs::address(s), 1i32),
+            None => (0u64, 0i32),
+        };
+        let splits_i = int(splits, "splits")?;
+        let cfg = LaunchConfig {
+            grid_dim: (int(q.rows * a.heads, "rows × heads")? as u32, 1, 1),
+            block_dim: (MAX_DIM as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self
+            .stream
+            .launch_builder(self.kernels.get("pie_gqa_attention_combine"));
+        b.arg(&mut out.data)
+            .arg(&part_ml)
+            .arg(&part_acc)
+            .arg(&sinks_ptr)
+            .arg(&has_sinks)
+            .arg(&heads)
+            .arg(&kvh)
+            .arg(&vhd)
+            .arg(&splits_i);
+        unsafe { b.launch(cfg) }.map_err(cuda_err("pie_gqa_attention_combine"))?;
+        Ok(out)
+    }
+}

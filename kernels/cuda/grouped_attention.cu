@@ -1,0 +1,157 @@
+// Paged attention for query heads grouped over their key/value head (GQA),
+// split over the keys so that short batches (decode) still fill the GPU.
+//
+// Pass 1, pie_gqa_attention_partial: one warp per (row, kv head, split).
+// It reads each visible key and value row of its share once for all the
+// query heads of the group (pie_attention reads them once per query head)
+// and keeps an online softmax per head; splits take keys first + s,
+// first + s + S, ... so any context length works with a grid fixed by the
+// batch shape alone (what a recorded CUDA graph needs). Four keys per
+// step are loaded before they are used, to keep loads in flight.
+// Pass 2, pie_gqa_attention_combine: one block per (row, query head)
+// merges the splits' (max, sum, weighted values).
+//
+// Limits (the driver checks): group = heads / kv_heads <= 8, head_dim and
+// v_head_dim <= 128. window <= 0: full causal; softcap <= 0: none.
+
+#define PIE_GQA_MAX_GROUP 8
+#define PIE_GQA_MAX_DPL 4 /* dims per lane: 128 / 32 */
+#define PIE_GQA_UNROLL 4
+#define PIE_GQA_WARPS 4
+#define PIE_GQA_NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ float pie_warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+extern "C" __global__ void __launch_bounds__(PIE_GQA_WARPS * 32)
+pie_gqa_attention_partial(float* part_ml, float* part_acc, const float* q, const float* k_cache,
+                          const float* v_cache, const int* positions, const int* table, const int* table_off,
+                          int heads, int kv_heads, int head_dim, int v_head_dim, int v_stride, float scale,
+                          int window, float softcap) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int rk = blockIdx.x;  // row * kv_heads + kv head
+    int row = rk / kv_heads, kvh = rk % kv_heads;
+    int split = blockIdx.y * PIE_GQA_WARPS + warp, splits = gridDim.y * PIE_GQA_WARPS;
+    int group = heads / kv_heads;
+    int pos = positions[row];
+    int first = window > 0 ? max(0, pos + 1 - window) : 0;
+    const int* slots = table + table_off[row];
+    int k_width = kv_heads * head_dim;
+
+    float qr[PIE_GQA_MAX_GROUP][PIE_GQA_MAX_DPL];
+    float acc[PIE_GQA_MAX_GROUP][PIE_GQA_MAX_DPL];
+    float m[PIE_GQA_MAX_GROUP], l[PIE_GQA_MAX_GROUP];
+    const float* qrow = q + (long long)row * heads * head_dim + (long long)kvh * group * head_dim;
+#pragma unroll
+    for (int g = 0; g < PIE_GQA_MAX_GROUP; g++) {
+        m[g] = PIE_GQA_NEG_INF;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < PIE_GQA_MAX_DPL; i++) {
+            int d = lane + 32 * i;
+            qr[g][i] = (g < group && d < head_dim) ? qrow[g * head_dim + d] : 0.0f;
+            acc[g][i] = 0.0f;
+        }
+    }
+
+    for (int t0 = first + split; t0 <= pos; t0 += splits * PIE_GQA_UNROLL) {
+        long long kbase[PIE_GQA_UNROLL], vbase[PIE_GQA_UNROLL];
+        bool live[PIE_GQA_UNROLL];
+#pragma unroll
+        for (int u = 0; u < PIE_GQA_UNROLL; u++) {
+            int t = t0 + u * splits;
+            live[u] = t <= pos;
+            long long slot = live[u] ? slots[t] : 0;
+            kbase[u] = slot * k_width + (long long)kvh * head_dim;
+            vbase[u] = slot * v_stride + (long long)kvh * v_head_dim;
+        }
+        float kr[PIE_GQA_UNROLL][PIE_GQA_MAX_DPL];
+#pragma unroll
+        for (int u = 0; u < PIE_GQA_UNROLL; u++)
+#pragma unroll
+            for (int i = 0; i < PIE_GQA_MAX_DPL; i++) {
+                int d = lane + 32 * i;
+                kr[u][i] = (live[u] && d < head_dim) ? k_cache[kbase[u] + d] : 0.0f;
+            }
+        float vr[PIE_GQA_UNROLL][PIE_GQA_MAX_DPL];
+#pragma unroll
+        for (int u = 0; u < PIE_GQA_UNROLL; u++)
+#pragma unroll
+            for (int i = 0; i < PIE_GQA_MAX_DPL; i++) {
+                int d = lane + 32 * i;
+                vr[u][i] = (live[u] && d < v_head_dim) ? v_cache[vbase[u] + d] : 0.0f;
+            }
+#pragma unroll
+        for (int g = 0; g < PIE_GQA_MAX_GROUP; g++) {
+            if (g >= group) break;
+            float s[PIE_GQA_UNROLL];
+            float mx = m[g];
+#pragma unroll
+            for (int u = 0; u < PIE_GQA_UNROLL; u++) {
+                float dot = 0.0f;
+#pragma unroll
+                for (int i = 0; i < PIE_GQA_MAX_DPL; i++) dot += qr[g][i] * kr[u][i];
+                dot = pie_warp_sum(dot) * scale;
+                if (softcap > 0.0f) dot = tanhf(dot / softcap) * softcap;
+                s[u] = live[u] ? dot : PIE_GQA_NEG_INF;
+                mx = fmaxf(mx, s[u]);
+            }
+            // t0 <= pos, so key 0 is live and mx is finite.
+            float corr = __expf(m[g] - mx);
+            float sum = 0.0f;
+#pragma unroll
+            for (int u = 0; u < PIE_GQA_UNROLL; u++) {
+                s[u] = __expf(s[u] - mx);
+                sum += s[u];
+            }
+            l[g] = l[g] * corr + sum;
+            m[g] = mx;
+#pragma unroll
+            for (int i = 0; i < PIE_GQA_MAX_DPL; i++) {
+                float a = acc[g][i] * corr;
+#pragma unroll
+                for (int u = 0; u < PIE_GQA_UNROLL; u++) a += s[u] * vr[u][i];
+                acc[g][i] = a;
+            }
+        }
+    }
+
+    long long p = (long long)rk * splits + split;  // this warp's partial
+    for (int g = 0; g < group; g++) {
+        if (lane == 0) {
+            part_ml[(p * group + g) * 2] = m[g];
+            part_ml[(p * group + g) * 2 + 1] = l[g];
+        }
+#pragma unroll
+        for (int i = 0; i < PIE_GQA_MAX_DPL; i++) {
+            int d = lane + 32 * i;
+            if (d < v_head_dim) part_acc[(p * group + g) * v_head_dim + d] = acc[g][i];
+        }
+    }
+}
+
+// One block of 128 threads per (row, query head); thread d owns output
+// dimension d. has_sinks: a learned per-head logit in the denominator.
+extern "C" __global__ void pie_gqa_attention_combine(float* out, const float* part_ml, const float* part_acc,
+                                                     const float* sinks, int has_sinks, int heads,
+                                                     int kv_heads, int v_head_dim, int splits) {
+    int row = blockIdx.x / heads, h = blockIdx.x % heads;
+    int group = heads / kv_heads;
+    int rk = row * kv_heads + h / group, g = h % group;
+    float mx = PIE_GQA_NEG_INF;
+    for (int s = 0; s < splits; s++) mx = fmaxf(mx, part_ml[(((long long)rk * splits + s) * group + g) * 2]);
+    float total = has_sinks ? __expf(sinks[h] - mx) : 0.0f;
+    float value = 0.0f;
+    int d = threadIdx.x;
+    for (int s = 0; s < splits; s++) {
+        long long p = ((long long)rk * splits + s) * group + g;
+        float ms = part_ml[p * 2];
+        float w = ms == PIE_GQA_NEG_INF ? 0.0f : __expf(ms - mx);
+        total += part_ml[p * 2 + 1] * w;
+        if (d < v_head_dim) value += part_acc[p * v_head_dim + d] * w;
+    }
+    if (d < v_head_dim) out[((long long)row * heads + h) * v_head_dim + d] = value / total;
+}
