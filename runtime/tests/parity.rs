@@ -159,6 +159,7 @@ parity! {
     parity_glm_moe_dsa_within_index_topk => "glm_moe_dsa",
     parity_phimoe_layer_norm_sparsemixer => "phimoe",
     parity_kimi_k2_single_group_mla_moe => "kimi_k2",
+    parity_gemma3n_altup_laurel_kv_sharing => "gemma3n",
 }
 
 /// The fixture's tokenizer and chat template give what transformers gave.
