@@ -325,10 +325,11 @@ impl<'a> Lowerer<'a> {
                 .truthy()
                 == Some(true)
             {
+                let to = self.expand_params(op, &to.value)?;
                 return Ok(WeightBinding {
                     key: key.into(),
-                    name: Some(to.value.clone()),
-                    template: Some(to.value.clone()),
+                    name: Some(to.clone()),
+                    template: Some(to),
                     shape,
                     experts: None,
                 });
@@ -338,6 +339,7 @@ impl<'a> Lowerer<'a> {
             Some(p) => format!("{p}.{}", w.name.value),
             None => w.name.value.clone(),
         };
+        let template = self.expand_params(op, &template)?;
         let name = match self.layer {
             Some(i) => template.replace("{i}", &i.to_string()),
             None => template.clone(),
@@ -721,6 +723,34 @@ impl<'a> Lowerer<'a> {
         })
     }
 
+    /// Weight names may hold `{param}` for a string parameter (the same
+    /// layers under another prefix in a multimodal checkpoint); `{i}` (the
+    /// layer) and `{e}` (the expert) are left for later.
+    fn expand_params(&self, op: &OpDecl, name: &str) -> Result<String, BindError> {
+        let mut out = String::with_capacity(name.len());
+        let mut rest = name;
+        while let Some(open) = rest.find('{') {
+            let Some(len) = rest[open..].find('}') else {
+                break;
+            };
+            let key = &rest[open + 1..open + len];
+            out.push_str(&rest[..open]);
+            match (key, self.params.get(key)) {
+                ("i" | "e", _) => out.push_str(&rest[open..=open + len]),
+                (_, Some(Value::Str(v))) => out.push_str(v),
+                _ => {
+                    return self.fail(
+                        op,
+                        format!("weight name `{name}`: `{{{key}}}` is not a string parameter"),
+                    )
+                }
+            }
+            rest = &rest[open + len + 1..];
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+
     fn new_kv_slot(&mut self, shape: KvSlot) -> usize {
         let slot = self.kv_slots.len();
         if let Some(layer) = self.layer {
@@ -759,12 +789,14 @@ impl<'a> Lowerer<'a> {
         let here = self.layer.unwrap_or(0);
         let slot = match self.layer_kv_slots.get(&from) {
             Some(&slot) if from < here => slot,
-            _ => return self.fail(
-                op,
-                format!(
+            _ => {
+                return self.fail(
+                    op,
+                    format!(
                     "`kv_from` = {from} must name an earlier layer with its own attention cache"
                 ),
-            ),
+                )
+            }
         };
         let src = &self.kv_slots[slot];
         if (src.kv_heads, src.head_dim, src.v_head_dim)
