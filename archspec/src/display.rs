@@ -154,6 +154,9 @@ fn attrs_text(op: &NodeOp) -> String {
             if let Some(c) = a.softcap {
                 let _ = write!(s, " softcap={}", float(c));
             }
+            if let Some(l) = a.kv_from {
+                let _ = write!(s, " kv_from={l}");
+            }
             s
         }
         NodeOp::Add(_) | NodeOp::Mul(_) => String::new(),
@@ -169,6 +172,20 @@ fn attrs_text(op: &NodeOp) -> String {
         NodeOp::Softcap(a) => format!("cap={}", float(a.cap)),
         NodeOp::LayerNorm(a) => format!("eps={}", float(a.eps)),
         NodeOp::Split(a) => format!("sizes={:?} group={}", a.sizes, a.group),
+        NodeOp::Concat(a) => format!("widths={:?}", a.widths),
+        NodeOp::Mix(a) => format!(
+            "streams={}->{} width={} offset={}",
+            a.streams,
+            a.out_streams,
+            a.width,
+            float(a.offset)
+        ),
+        NodeOp::Rms(a) => format!("group={}", a.group),
+        NodeOp::GaussianTopk(a) => format!(
+            "sparsity={} z={}",
+            float(a.sparsity),
+            float(a.std_multiplier)
+        ),
         // The cache slot follows from execution order; printing it would keep
         // identical layers from folding together.
         NodeOp::Composite(_, a) => a

@@ -24,6 +24,10 @@ pub enum OpKind {
     Activation,
     Softcap,
     Split,
+    Concat,
+    Mix,
+    Rms,
+    GaussianTopk,
     Moe,
     GatedDeltaNet,
     Mamba2,
@@ -31,7 +35,7 @@ pub enum OpKind {
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 17] = [
+    pub const ALL: [OpKind; 21] = [
         OpKind::Embedding,
         OpKind::Linear,
         OpKind::RmsNorm,
@@ -45,6 +49,10 @@ impl OpKind {
         OpKind::Activation,
         OpKind::Softcap,
         OpKind::Split,
+        OpKind::Concat,
+        OpKind::Mix,
+        OpKind::Rms,
+        OpKind::GaussianTopk,
         OpKind::Moe,
         OpKind::GatedDeltaNet,
         OpKind::Mamba2,
@@ -67,6 +75,10 @@ impl OpKind {
             OpKind::Activation => "activation",
             OpKind::Softcap => "softcap",
             OpKind::Split => "split",
+            OpKind::Concat => "concat",
+            OpKind::Mix => "mix",
+            OpKind::Rms => "rms",
+            OpKind::GaussianTopk => "gaussian_topk",
             OpKind::Moe => "moe",
             OpKind::GatedDeltaNet => "gated_delta_net",
             OpKind::Mamba2 => "mamba2",
@@ -175,8 +187,13 @@ pub struct AttentionAttrs {
     pub softcap: Option<f32>,
     /// Index of this op's KV cache slot among all attention ops of the model.
     pub cache_slot: usize,
+    /// The layer whose keys and values this op attends over (KV sharing):
+    /// it then computes no k/v of its own, writes nothing, and
+    /// `cache_slot` is that layer's slot.
+    pub kv_from: Option<usize>,
 }
 
+/// `x · factor`, times a per-feature weight when the op has one.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScaleAttrs {
     pub factor: f32,
@@ -190,6 +207,7 @@ pub enum ActivationFn {
     Relu,
     Relu2,
     Sigmoid,
+    Tanh,
 }
 
 impl ActivationFn {
@@ -201,6 +219,7 @@ impl ActivationFn {
             "relu" => Self::Relu,
             "relu2" => Self::Relu2,
             "sigmoid" => Self::Sigmoid,
+            "tanh" => Self::Tanh,
             _ => return None,
         })
     }
@@ -212,9 +231,18 @@ impl ActivationFn {
             Self::Relu => "relu",
             Self::Relu2 => "relu2",
             Self::Sigmoid => "sigmoid",
+            Self::Tanh => "tanh",
         }
     }
-    pub const NAMES: [&'static str; 6] = ["silu", "gelu", "gelu_tanh", "relu", "relu2", "sigmoid"];
+    pub const NAMES: [&'static str; 7] = [
+        "silu",
+        "gelu",
+        "gelu_tanh",
+        "relu",
+        "relu2",
+        "sigmoid",
+        "tanh",
+    ];
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -255,6 +283,45 @@ pub struct SplitAttrs {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ElementwiseAttrs {
     pub width: usize,
+}
+
+/// Joins activations feature-wise, in order (the inverse of `split`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConcatAttrs {
+    pub widths: Vec<usize>,
+}
+
+/// A per-token matrix product: `in` is `streams` equal parts of `width`
+/// features, `coefs` holds `out_streams × streams` numbers per token, and
+/// output part `m` is `Σ_n (offset + coefs[m·streams + n]) · in part n`.
+/// Mixes parallel residual streams (AltUp) or, with one stream, scales
+/// one vector per output part by a per-token number.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MixAttrs {
+    pub streams: usize,
+    pub out_streams: usize,
+    /// Features of one stream.
+    pub width: usize,
+    pub offset: f32,
+}
+
+/// The root mean square of each group of `group` features: one number per
+/// group (`sqrt(mean(x²))`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RmsAttrs {
+    pub width: usize,
+    pub group: usize,
+}
+
+/// Keeps each row's features above the `sparsity` quantile of a normal
+/// distribution fitted to the row, shifted down by that cutoff:
+/// `relu(x − mean − z·std)` with `z = Φ⁻¹(sparsity)` (population std).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GaussianTopkAttrs {
+    pub width: usize,
+    pub sparsity: f32,
+    /// `Φ⁻¹(sparsity)`, computed once at lowering so drivers agree.
+    pub std_multiplier: f32,
 }
 
 /// A concrete attribute value of a composite op.
@@ -335,6 +402,10 @@ pub struct Model {
     /// Every parameter's bound value, in declaration order.
     pub params: Vec<(String, Value)>,
     pub hidden: usize,
+    /// Width of the residual stream `x` between sections: `hidden` unless
+    /// the spec's `residual` parameter widens it (several parallel streams,
+    /// or per-layer inputs carried along).
+    pub residual: usize,
     pub vocab: usize,
     pub prologue: Vec<Node>,
     pub layers: Vec<Layer>,
@@ -450,6 +521,10 @@ pub enum NodeOp {
     Softcap(SoftcapAttrs),
     LayerNorm(LayerNormAttrs),
     Split(SplitAttrs),
+    Concat(ConcatAttrs),
+    Mix(MixAttrs),
+    Rms(RmsAttrs),
+    GaussianTopk(GaussianTopkAttrs),
     Composite(OpKind, CompositeAttrs),
 }
 
@@ -469,6 +544,10 @@ impl NodeOp {
             NodeOp::Softcap(_) => OpKind::Softcap,
             NodeOp::LayerNorm(_) => OpKind::LayerNorm,
             NodeOp::Split(_) => OpKind::Split,
+            NodeOp::Concat(_) => OpKind::Concat,
+            NodeOp::Mix(_) => OpKind::Mix,
+            NodeOp::Rms(_) => OpKind::Rms,
+            NodeOp::GaussianTopk(_) => OpKind::GaussianTopk,
             NodeOp::Composite(k, _) => *k,
         }
     }

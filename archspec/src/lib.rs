@@ -11,6 +11,7 @@ mod display;
 pub mod expr;
 pub mod ir;
 pub mod lower;
+mod normal;
 pub mod ops;
 pub mod spec;
 pub mod validate;

@@ -41,6 +41,11 @@ pub fn lower(
     let hidden = get_usize("hidden")?;
     let vocab = get_usize("vocab")?;
     let layers = get_usize("layers")?;
+    // `x` is `hidden` wide unless the spec carries more between layers.
+    let residual = match param_map.get("residual") {
+        Some(_) => get_usize("residual")?,
+        None => hidden,
+    };
     // Checked before lowering allocates per layer: a corrupt or hostile
     // config must not make us build millions of layers.
     if layers > MAX_LAYERS {
@@ -54,14 +59,18 @@ pub fn lower(
         layer: None,
         kv_slots: Vec::new(),
         state_slots: Vec::new(),
+        layer_kv_slots: HashMap::new(),
     };
-    let prologue = lw.section(&spec.prologue, &mut HashMap::new())?;
+    let mut widths = HashMap::new();
+    let prologue = lw.section(&spec.prologue, &mut widths)?;
+    check_residual(spec, "the prologue", &widths, residual)?;
     let mut layer_list = Vec::with_capacity(layers);
     for i in 0..layers {
         lw.layer = Some(i);
         let (block_index, block) = lw.select_block(i)?;
-        let mut widths = HashMap::from([("x".to_string(), hidden)]);
+        let mut widths = HashMap::from([("x".to_string(), residual)]);
         let nodes = lw.section(block, &mut widths)?;
+        check_residual(spec, &format!("layer {i}"), &widths, residual)?;
         layer_list.push(Layer {
             index: i,
             block: block.name.clone(),
@@ -72,7 +81,7 @@ pub fn lower(
     lw.layer = None;
     let epilogue = lw.section(
         &spec.epilogue,
-        &mut HashMap::from([("x".to_string(), hidden)]),
+        &mut HashMap::from([("x".to_string(), residual)]),
     )?;
     let logits_width = epilogue.iter().rev().find_map(|n| {
         n.outputs
@@ -91,6 +100,7 @@ pub fn lower(
         spec_path: spec.source.path.clone(),
         params,
         hidden,
+        residual,
         vocab,
         prologue,
         layers: layer_list,
@@ -100,12 +110,31 @@ pub fn lower(
     })
 }
 
+/// Every section must leave `x` as wide as the next one expects it.
+fn check_residual(
+    spec: &Spec,
+    what: &str,
+    widths: &HashMap<String, usize>,
+    residual: usize,
+) -> Result<(), BindError> {
+    match widths.get("x") {
+        Some(&w) if w == residual => Ok(()),
+        w => Err(BindError(format!(
+            "{}: {what} leaves `x` with width {}, expected {residual} (the `residual` parameter, or `hidden`)",
+            spec.source.path,
+            w.map_or("none".to_string(), |w| w.to_string())
+        ))),
+    }
+}
+
 struct Lowerer<'a> {
     spec: &'a Spec,
     params: &'a HashMap<String, Value>,
     layer: Option<usize>,
     kv_slots: Vec<KvSlot>,
     state_slots: Vec<StateSlot>,
+    /// The KV slot of each layer's first attention op (for `kv_from`).
+    layer_kv_slots: HashMap<usize, usize>,
 }
 
 impl<'a> Lowerer<'a> {
@@ -296,10 +325,11 @@ impl<'a> Lowerer<'a> {
                 .truthy()
                 == Some(true)
             {
+                let to = self.expand_params(op, &to.value)?;
                 return Ok(WeightBinding {
                     key: key.into(),
-                    name: Some(to.value.clone()),
-                    template: Some(to.value.clone()),
+                    name: Some(to.clone()),
+                    template: Some(to),
                     shape,
                     experts: None,
                 });
@@ -309,6 +339,7 @@ impl<'a> Lowerer<'a> {
             Some(p) => format!("{p}.{}", w.name.value),
             None => w.name.value.clone(),
         };
+        let template = self.expand_params(op, &template)?;
         let name = match self.layer {
             Some(i) => template.replace("{i}", &i.to_string()),
             None => template.clone(),
@@ -462,6 +493,7 @@ impl<'a> Lowerer<'a> {
                 let head_dim = self.usize_attr(op, "head_dim", None)?;
                 let v_head_dim = self.usize_attr(op, "v_head_dim", Some(head_dim))?;
                 let expect = [heads * head_dim, kv_heads * head_dim, kv_heads * v_head_dim];
+                let kv_from = self.kv_from(op, inputs.len())?;
                 for ((name, got), want) in inputs.iter().zip(&in_widths).zip(expect) {
                     if *got != want {
                         return self.fail(op, format!("input `{name}` has width {got}, expected {want} (heads={heads}, kv_heads={kv_heads}, head_dim={head_dim})"));
@@ -484,13 +516,16 @@ impl<'a> Lowerer<'a> {
                     .filter(|c| *c > 0.0)
                     .map(|c| c as f32);
                 weights.push(self.weight(s, op, "sinks", Some(vec![heads]))?);
-                let cache_slot = self.kv_slots.len();
-                self.kv_slots.push(KvSlot {
+                let shape = KvSlot {
                     layer: self.layer.unwrap_or(0),
                     kv_heads,
                     head_dim,
                     v_head_dim,
-                });
+                };
+                let cache_slot = match kv_from {
+                    Some(from) => self.shared_kv_slot(op, from, &shape)?,
+                    None => self.new_kv_slot(shape),
+                };
                 (
                     NodeOp::Attention(AttentionAttrs {
                         heads,
@@ -501,6 +536,7 @@ impl<'a> Lowerer<'a> {
                         window,
                         softcap,
                         cache_slot,
+                        kv_from,
                     }),
                     vec![heads * v_head_dim],
                 )
@@ -522,12 +558,53 @@ impl<'a> Lowerer<'a> {
                     vec![w0],
                 )
             }
-            OpKind::Scale => (
-                NodeOp::Scale(ScaleAttrs {
-                    factor: self.f64_attr(op, "factor", None)? as f32,
-                }),
-                vec![w0],
-            ),
+            OpKind::Scale => {
+                weights.push(self.weight(s, op, "weight", Some(vec![w0]))?);
+                (
+                    NodeOp::Scale(ScaleAttrs {
+                        factor: self.f64_attr(op, "factor", Some(1.0))? as f32,
+                    }),
+                    vec![w0],
+                )
+            }
+            OpKind::Concat => {
+                if in_widths.is_empty() {
+                    return self.fail(op, "`in` must name at least one activation");
+                }
+                let total = in_widths.iter().sum();
+                (
+                    NodeOp::Concat(ConcatAttrs { widths: in_widths }),
+                    vec![total],
+                )
+            }
+            OpKind::Mix => self.mix(op, w0, in_widths[1])?,
+            OpKind::Rms => {
+                let group = self.usize_attr(op, "group", Some(w0))?;
+                if w0 % group != 0 {
+                    return self.fail(
+                        op,
+                        format!("`group` = {group} does not divide the input width {w0}"),
+                    );
+                }
+                (NodeOp::Rms(RmsAttrs { width: w0, group }), vec![w0 / group])
+            }
+            OpKind::GaussianTopk => {
+                let sparsity = self.f64_attr(op, "sparsity", None)?;
+                if !(sparsity > 0.0 && sparsity < 1.0) {
+                    return self.fail(
+                        op,
+                        format!("`sparsity` must lie strictly between 0 and 1, found {sparsity}"),
+                    );
+                }
+                (
+                    NodeOp::GaussianTopk(GaussianTopkAttrs {
+                        width: w0,
+                        sparsity: sparsity as f32,
+                        std_multiplier: crate::normal::quantile(sparsity) as f32,
+                    }),
+                    vec![w0],
+                )
+            }
             OpKind::Softcap => (
                 NodeOp::Softcap(SoftcapAttrs {
                     cap: self.f64_attr(op, "cap", None)? as f32,
@@ -644,6 +721,129 @@ impl<'a> Lowerer<'a> {
             out_widths,
             origin,
         })
+    }
+
+    /// Weight names may hold `{param}` for a string parameter (the same
+    /// layers under another prefix in a multimodal checkpoint); `{i}` (the
+    /// layer) and `{e}` (the expert) are left for later.
+    fn expand_params(&self, op: &OpDecl, name: &str) -> Result<String, BindError> {
+        let mut out = String::with_capacity(name.len());
+        let mut rest = name;
+        while let Some(open) = rest.find('{') {
+            let Some(len) = rest[open..].find('}') else {
+                break;
+            };
+            let key = &rest[open + 1..open + len];
+            out.push_str(&rest[..open]);
+            match (key, self.params.get(key)) {
+                ("i" | "e", _) => out.push_str(&rest[open..=open + len]),
+                (_, Some(Value::Str(v))) => out.push_str(v),
+                _ => {
+                    return self.fail(
+                        op,
+                        format!("weight name `{name}`: `{{{key}}}` is not a string parameter"),
+                    )
+                }
+            }
+            rest = &rest[open + len + 1..];
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+
+    fn new_kv_slot(&mut self, shape: KvSlot) -> usize {
+        let slot = self.kv_slots.len();
+        if let Some(layer) = self.layer {
+            self.layer_kv_slots.entry(layer).or_insert(slot);
+        }
+        self.kv_slots.push(shape);
+        slot
+    }
+
+    /// `kv_from` of an attention op: the earlier layer whose cache it
+    /// reads. Such an op takes no `k`/`v`; any other op needs both.
+    fn kv_from(&self, op: &OpDecl, inputs: usize) -> Result<Option<usize>, BindError> {
+        let from = match self.attr(op, "kv_from")? {
+            None | Some(Value::Null) => None,
+            Some(v) => match v.as_i64() {
+                Some(n) if n >= 0 => Some(n as usize),
+                _ => return self.fail(op, format!("`kv_from` must be a layer index, found {v}")),
+            },
+        };
+        match (from, inputs) {
+            (None, 3) | (Some(_), 1) => Ok(from),
+            (None, _) => self.fail(
+                op,
+                "needs `k` and `v` (or `kv_from` to read another layer's cache)",
+            ),
+            (Some(_), _) => self.fail(
+                op,
+                "with `kv_from` the op reads another layer's keys and values; drop `k` and `v`",
+            ),
+        }
+    }
+
+    /// The slot of layer `from`'s attention, which must be earlier and
+    /// cache keys and values of this op's shape.
+    fn shared_kv_slot(&self, op: &OpDecl, from: usize, shape: &KvSlot) -> Result<usize, BindError> {
+        let here = self.layer.unwrap_or(0);
+        let slot = match self.layer_kv_slots.get(&from) {
+            Some(&slot) if from < here => slot,
+            _ => {
+                return self.fail(
+                    op,
+                    format!(
+                    "`kv_from` = {from} must name an earlier layer with its own attention cache"
+                ),
+                )
+            }
+        };
+        let src = &self.kv_slots[slot];
+        if (src.kv_heads, src.head_dim, src.v_head_dim)
+            != (shape.kv_heads, shape.head_dim, shape.v_head_dim)
+        {
+            return self.fail(
+                op,
+                format!(
+                    "layer {from} caches {} kv heads of {}/{} features, this op needs {}/{}/{}",
+                    src.kv_heads,
+                    src.head_dim,
+                    src.v_head_dim,
+                    shape.kv_heads,
+                    shape.head_dim,
+                    shape.v_head_dim
+                ),
+            );
+        }
+        Ok(slot)
+    }
+
+    /// `mix`: `in` holds `streams` parts; `coefs` one row of
+    /// `out_streams × streams` numbers per token.
+    fn mix(
+        &self,
+        op: &OpDecl,
+        in_width: usize,
+        coefs_width: usize,
+    ) -> Result<(NodeOp, Vec<usize>), BindError> {
+        let streams = self.usize_attr(op, "streams", None)?;
+        if !in_width.is_multiple_of(streams) || !coefs_width.is_multiple_of(streams) {
+            return self.fail(
+                op,
+                format!("`streams` = {streams} must divide both the input width {in_width} and the `coefs` width {coefs_width}"),
+            );
+        }
+        let (out_streams, width) = (coefs_width / streams, in_width / streams);
+        let offset = self.f64_attr(op, "offset", Some(0.0))? as f32;
+        Ok((
+            NodeOp::Mix(MixAttrs {
+                streams,
+                out_streams,
+                width,
+                offset,
+            }),
+            vec![out_streams * width],
+        ))
     }
 
     /// MLA's rope (shared by all heads' rope part) and softmax scale: the

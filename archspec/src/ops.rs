@@ -33,14 +33,21 @@ pub struct OpSchema {
     pub kind: OpKind,
     /// Keys naming input activations. `in` may hold a list for n-ary ops.
     pub inputs: &'static [&'static str],
-    /// Number of activations `in` holds when it is a list (add/mul).
+    /// Number of activations `in` holds when it is a list (add/mul);
+    /// [`ANY_ARITY`] for a list of any length (concat).
     pub in_arity: usize,
+    /// Inputs a declaration may leave out (attention's `k`/`v` when it
+    /// reads another layer's cache).
+    pub optional_inputs: &'static [&'static str],
     /// Whether `out` is a list of names (split).
     pub multi_out: bool,
     pub weights: &'static [WeightSpec],
     pub attrs: &'static [AttrSpec],
     pub summary: &'static str,
 }
+
+/// `in_arity` of ops taking a list of one or more inputs.
+pub const ANY_ARITY: usize = 0;
 
 const fn w(key: &'static str) -> WeightSpec {
     WeightSpec {
@@ -99,6 +106,7 @@ const fn schema(
         kind,
         inputs,
         in_arity: 1,
+        optional_inputs: &[],
         multi_out: false,
         weights,
         attrs,
@@ -149,21 +157,25 @@ pub const SCHEMAS: &[OpSchema] = &[
         ],
         "rotary position embedding applied per head",
     ),
-    schema(
-        OpKind::Attention,
-        &["q", "k", "v"],
-        &[w_opt("sinks")],
-        &[
-            a("heads"),
-            a("kv_heads"),
-            a("head_dim"),
-            a_opt("v_head_dim"),
-            a_opt("scale"),
-            a_opt("window"),
-            a_opt("softcap"),
-        ],
-        "causal paged attention (GQA), writes k/v into this op's KV pages",
-    ),
+    OpSchema {
+        optional_inputs: &["k", "v"],
+        ..schema(
+            OpKind::Attention,
+            &["q", "k", "v"],
+            &[w_opt("sinks")],
+            &[
+                a("heads"),
+                a("kv_heads"),
+                a("head_dim"),
+                a_opt("v_head_dim"),
+                a_opt("scale"),
+                a_opt("window"),
+                a_opt("softcap"),
+                a_opt("kv_from"),
+            ],
+            "causal paged attention (GQA), writes k/v into this op's KV pages (kv_from: reads layer kv_from's pages instead)",
+        )
+    },
     OpSchema {
         in_arity: 2,
         ..schema(
@@ -184,7 +196,13 @@ pub const SCHEMAS: &[OpSchema] = &[
             "elementwise product of two activations",
         )
     },
-    schema(OpKind::Scale, &["in"], &[], &[a("factor")], "x * factor"),
+    schema(
+        OpKind::Scale,
+        &["in"],
+        &[w_opt("weight")],
+        &[a_opt("factor")],
+        "x * factor (* weight, per feature)",
+    ),
     schema(
         OpKind::Glu,
         &["gate", "up"],
@@ -227,6 +245,37 @@ pub const SCHEMAS: &[OpSchema] = &[
             "splits features into consecutive parts (per group of `group` features)",
         )
     },
+    OpSchema {
+        in_arity: ANY_ARITY,
+        ..schema(
+            OpKind::Concat,
+            &["in"],
+            &[],
+            &[],
+            "joins activations feature-wise, in order",
+        )
+    },
+    schema(
+        OpKind::Mix,
+        &["in", "coefs"],
+        &[],
+        &[a("streams"), a_opt("offset")],
+        "per token: output part m = Σ_n (offset + coefs[m·streams + n]) · part n of `in`",
+    ),
+    schema(
+        OpKind::Rms,
+        &["in"],
+        &[],
+        &[a_opt("group")],
+        "sqrt(mean(x²)) of each group of `group` features (one number per group)",
+    ),
+    schema(
+        OpKind::GaussianTopk,
+        &["in"],
+        &[],
+        &[a("sparsity")],
+        "relu(x - mean - Φ⁻¹(sparsity)·std) per row: keeps what lies above the quantile",
+    ),
     schema(
         OpKind::Moe,
         &["in"],

@@ -636,9 +636,9 @@ impl<'a> SpecParser<'a> {
         } else if key == "out" {
             decl.outputs = self.names(value, schema.multi_out, "out");
         } else if schema.inputs.contains(&key) {
-            let many = key == "in" && schema.in_arity > 1;
+            let many = key == "in" && schema.in_arity != 1;
             let names = self.names(value, many, key);
-            if many && names.len() != schema.in_arity {
+            if many && schema.in_arity != ops::ANY_ARITY && names.len() != schema.in_arity {
                 self.error(
                     value.span().unwrap_or(kspan),
                     format!(
@@ -711,7 +711,8 @@ impl<'a> SpecParser<'a> {
         let kind = schema.kind;
         let mut missing: Vec<&str> = Vec::new();
         for key in schema.inputs {
-            if !decl.inputs.iter().any(|(k, _)| k == key) {
+            let optional = schema.optional_inputs.contains(key);
+            if !optional && !decl.inputs.iter().any(|(k, _)| k == key) {
                 missing.push(key);
             }
         }

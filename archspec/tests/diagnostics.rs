@@ -209,3 +209,52 @@ mod fuzz {
         }
     }
 }
+
+fn lower_error(text: &str) -> String {
+    let spec = parse("specs/bad.toml", text).unwrap_or_else(|d| panic!("{d}"));
+    lower(&spec, &tiny_config(), "config.json")
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn kv_from_must_name_an_earlier_layer() {
+    // Every layer reading layer 1's cache: layer 0 reads a later layer.
+    let text = GOOD.replacen("k = \"k\", v = \"v\",", "kv_from = 1,", 1);
+    let err = lower_error(&text);
+    assert!(
+        err.contains("(layer 0): `kv_from` = 1 must name an earlier layer"),
+        "{err}"
+    );
+}
+
+#[test]
+fn attention_needs_k_and_v_without_kv_from() {
+    let text = GOOD.replacen("k = \"k\", v = \"v\",", "k = \"k\",", 1);
+    let err = lower_error(&text);
+    assert!(err.contains("needs `k` and `v`"), "{err}");
+}
+
+#[test]
+fn weight_name_placeholders_must_be_string_parameters() {
+    let text = GOOD.replacen("\"model.embed_tokens.weight\"", "\"{hidden}.embed\"", 1);
+    let err = lower_error(&text);
+    assert!(
+        err.contains("`{hidden}` is not a string parameter"),
+        "{err}"
+    );
+}
+
+#[test]
+fn residual_width_is_checked_at_section_boundaries() {
+    let text = GOOD.replacen(
+        "[params]\n",
+        "[params]\nresidual = { expr = \"2 * hidden\" }\n",
+        1,
+    );
+    let err = lower_error(&text);
+    assert!(
+        err.contains("the prologue leaves `x` with width 64, expected 128"),
+        "{err}"
+    );
+}

@@ -55,6 +55,7 @@ ir_snapshot!(ir_mistral, "mistral", "mistral");
 ir_snapshot!(ir_qwen2, "qwen2", "qwen2");
 ir_snapshot!(ir_qwen3, "qwen3", "qwen3");
 ir_snapshot!(ir_gemma3, "gemma3", "gemma3");
+ir_snapshot!(ir_gemma3n, "gemma3n", "gemma3n");
 ir_snapshot!(ir_qwen3_moe, "qwen3_moe", "qwen3_moe");
 ir_snapshot!(ir_qwen3_5, "qwen3_5", "qwen3_5");
 ir_snapshot!(ir_deepseek_v3, "deepseek_v3", "deepseek_v3");

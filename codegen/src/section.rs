@@ -201,6 +201,15 @@ impl<'a> SectionGen<'a> {
             let name = format_ident!("{}", decl.input(key)[n].value);
             quote!(&#name)
         };
+        let optional_input = |key: &str| -> TokenStream {
+            match decl.input(key).first() {
+                Some(n) => {
+                    let name = format_ident!("{}", n.value);
+                    quote!(Some(&#name))
+                }
+                None => quote!(None),
+            }
+        };
         let weight = |key: &str| -> TokenStream {
             match op.weights.iter().find(|w| w.key == key) {
                 None => quote!(None),
@@ -255,7 +264,9 @@ impl<'a> SectionGen<'a> {
                 quote!(d.layer_norm(#x, #w, #b, #a)?)
             }
             OpKind::Attention => {
-                let (q, k, v, s) = (input("q", 0), input("k", 0), input("v", 0), weight("sinks"));
+                let (q, s) = (input("q", 0), weight("sinks"));
+                // k/v are absent where the op reads another layer's cache.
+                let (k, v) = (optional_input("k"), optional_input("v"));
                 quote!(d.attention(#q, #k, #v, #s, kv, batch, #a)?)
             }
             OpKind::Add | OpKind::Mul => {
@@ -263,7 +274,27 @@ impl<'a> SectionGen<'a> {
                 let (x, y) = (input("in", 0), input("in", 1));
                 quote!(d.#method(#x, #y, #a)?)
             }
-            OpKind::Scale | OpKind::Softcap | OpKind::Activation => {
+            OpKind::Scale => {
+                let (x, w) = (input("in", 0), weight("weight"));
+                quote!(d.scale(#x, #w, #a)?)
+            }
+            OpKind::Concat => {
+                let parts = decl.input("in").iter().map(|n| {
+                    let name = format_ident!("{}", n.value);
+                    quote!(&#name)
+                });
+                quote!(d.concat(&[#(#parts),*], #a)?)
+            }
+            OpKind::Mix => {
+                let (x, c) = (input("in", 0), input("coefs", 0));
+                quote!(d.mix(#x, #c, #a)?)
+            }
+            OpKind::Rms | OpKind::GaussianTopk => {
+                let method = format_ident!("{}", decl.kind.spec_name());
+                let x = input("in", 0);
+                quote!(d.#method(#x, #a)?)
+            }
+            OpKind::Softcap | OpKind::Activation => {
                 let method = format_ident!("{}", decl.kind.spec_name());
                 let x = input("in", 0);
                 quote!(d.#method(#x, #a)?)
@@ -318,6 +349,10 @@ fn attr_type(kind: OpKind) -> TokenStream {
         OpKind::Softcap => quote!(ir::SoftcapAttrs),
         OpKind::LayerNorm => quote!(ir::LayerNormAttrs),
         OpKind::Split => quote!(ir::SplitAttrs),
+        OpKind::Concat => quote!(ir::ConcatAttrs),
+        OpKind::Mix => quote!(ir::MixAttrs),
+        OpKind::Rms => quote!(ir::RmsAttrs),
+        OpKind::GaussianTopk => quote!(ir::GaussianTopkAttrs),
         OpKind::Moe | OpKind::GatedDeltaNet | OpKind::Mamba2 | OpKind::MlaAttention => {
             quote!(ir::CompositeAttrs)
         }

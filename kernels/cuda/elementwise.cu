@@ -31,7 +31,7 @@ __device__ __forceinline__ pie_u16 pie_f32_to_bf16(float f) {
     return (pie_u16)(u >> 16);
 }
 
-// Activation codes: 0 silu, 1 gelu (erf), 2 gelu_tanh, 3 relu, 4 relu2, 5 sigmoid.
+// Activation codes: 0 silu, 1 gelu (erf), 2 gelu_tanh, 3 relu, 4 relu2, 5 sigmoid, 6 tanh.
 __device__ __forceinline__ float pie_act(int fn, float v) {
     switch (fn) {
         case 0: return v / (1.0f + expf(-v));
@@ -39,6 +39,7 @@ __device__ __forceinline__ float pie_act(int fn, float v) {
         case 2: return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
         case 3: return fmaxf(v, 0.0f);
         case 4: { float r = fmaxf(v, 0.0f); return r * r; }
+        case 6: return tanhf(v);
         default: return 1.0f / (1.0f + expf(-v));
     }
 }

@@ -93,8 +93,8 @@ impl Driver for NoopDriver {
     fn attention(
         &self,
         q: &Shape,
-        _: &Shape,
-        _: &Shape,
+        _: Option<&Shape>,
+        _: Option<&Shape>,
         _: Option<&()>,
         _: &mut (),
         _: &ForwardBatch,
@@ -111,7 +111,7 @@ impl Driver for NoopDriver {
     fn mul(&self, x: &Shape, _: &Shape, _: &ElementwiseAttrs) -> Result<Shape> {
         Ok(*x)
     }
-    fn scale(&self, x: &Shape, _: &ScaleAttrs) -> Result<Shape> {
+    fn scale(&self, x: &Shape, _: Option<&()>, _: &ScaleAttrs) -> Result<Shape> {
         Ok(*x)
     }
     fn glu(&self, gate: &Shape, _: &Shape, _: &GluAttrs) -> Result<Shape> {

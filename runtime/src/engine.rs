@@ -380,10 +380,11 @@ impl<D: Driver + 'static> Engine<D> {
             .filter(|&w| w != self.ir.vocab)
             .max()
             .unwrap_or(self.ir.hidden);
-        // f32 activations: a few hidden-wide buffers and the widest
-        // projections alive at once per token, and the logits rows.
+        // f32 activations: a few residual-wide buffers (the residual is
+        // wider than hidden where a spec carries several streams) and the
+        // widest projections alive at once per token, and the logits rows.
         let activations =
-            (max_tokens * (8 * self.ir.hidden + 3 * widest) + max_rows * self.ir.vocab) * 4;
+            (max_tokens * (8 * self.ir.residual + 3 * widest) + max_rows * self.ir.vocab) * 4;
         let budget = (utilization * total as f64) as usize;
         let used = total.saturating_sub(free);
         let left = budget.saturating_sub(used + activations + state_bytes);

@@ -53,6 +53,7 @@ architectures! {
     qwen3 => "../specs/qwen3.toml", "arch-qwen3",
     gemma2 => "../specs/gemma2.toml", "arch-gemma2",
     gemma3 => "../specs/gemma3.toml", "arch-gemma3",
+    gemma3n => "../specs/gemma3n.toml", "arch-gemma3n",
     olmo2 => "../specs/olmo2.toml", "arch-olmo2",
     phi3 => "../specs/phi3.toml", "arch-phi3",
     mistral3 => "../specs/mistral3.toml", "arch-mistral3",

@@ -159,6 +159,7 @@ parity! {
     parity_glm_moe_dsa_within_index_topk => "glm_moe_dsa",
     parity_phimoe_layer_norm_sparsemixer => "phimoe",
     parity_kimi_k2_single_group_mla_moe => "kimi_k2",
+    parity_gemma3n_altup_laurel_kv_sharing => "gemma3n",
 }
 
 /// The fixture's tokenizer and chat template give what transformers gave.
@@ -263,6 +264,51 @@ fn half_precision_weights() {
         let (diff, scale) = max_error(&logits[0], &prompts[0].logits);
         eprintln!("{dtype:?} weights: max|diff| = {diff:.3e} (max|ref| {scale:.3})");
         assert!(diff <= tol * scale, "{dtype:?}: {diff} > {tol} × {scale}");
+    }
+}
+
+/// Gemma 3n ships as `Gemma3nForConditionalGeneration`: the same decoder
+/// with its config under `text_config` and its weights under
+/// `model.language_model.`. The fixture rewritten that way gives the same
+/// logits and greedy tokens.
+#[test]
+fn gemma3n_multimodal_checkpoint_layout() {
+    use safetensors::tensor::TensorView;
+
+    let (dir, prompts) = fixture("gemma3n");
+    let out = tempfile::tempdir().unwrap();
+    let text: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let config = serde_json::json!({
+        "architectures": ["Gemma3nForConditionalGeneration"],
+        "model_type": "gemma3n",
+        "text_config": text,
+    });
+    std::fs::write(out.path().join("config.json"), config.to_string()).unwrap();
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let renamed: Vec<(String, TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name.replacen("model.", "model.language_model.", 1), view))
+        .collect();
+    safetensors::serialize_to_file(renamed, &None, &out.path().join("model.safetensors")).unwrap();
+
+    let mut engine = Engine::load(
+        out.path(),
+        PortableDriver::new(),
+        &LoadOptions::default(),
+        None,
+    )
+    .unwrap();
+    engine.stop_ids.clear();
+    let inputs: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+    let logits = engine.prompt_logits(&inputs).unwrap();
+    let greedy = engine.generate(&inputs, 10, &Sampler::greedy()).unwrap();
+    for ((ours, tokens), p) in logits.iter().zip(&greedy).zip(&prompts) {
+        let (diff, scale) = max_error(ours, &p.logits);
+        assert!(diff <= REL_TOL * scale, "{diff} > {REL_TOL} × {scale}");
+        assert_eq!(tokens, &p.greedy);
     }
 }
 

@@ -147,12 +147,14 @@ pub trait Driver: Send + Sync {
             driver: self.name(),
         })
     }
+    /// `k` and `v` are None when the op reads keys and values another
+    /// layer cached (`a.kv_from`): nothing is written then.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         q: &Self::Act,
-        k: &Self::Act,
-        v: &Self::Act,
+        k: Option<&Self::Act>,
+        v: Option<&Self::Act>,
         sinks: Option<&Self::Weight>,
         kv: &mut Self::Kv,
         batch: &ForwardBatch,
@@ -160,11 +162,40 @@ pub trait Driver: Send + Sync {
     ) -> Result<Self::Act>;
     fn add(&self, x: &Self::Act, y: &Self::Act, a: &ElementwiseAttrs) -> Result<Self::Act>;
     fn mul(&self, x: &Self::Act, y: &Self::Act, a: &ElementwiseAttrs) -> Result<Self::Act>;
-    fn scale(&self, x: &Self::Act, a: &ScaleAttrs) -> Result<Self::Act>;
+    /// `x · factor`, times `w` per feature when given.
+    fn scale(&self, x: &Self::Act, w: Option<&Self::Weight>, a: &ScaleAttrs) -> Result<Self::Act>;
     fn glu(&self, gate: &Self::Act, up: &Self::Act, a: &GluAttrs) -> Result<Self::Act>;
     fn activation(&self, x: &Self::Act, a: &ActivationAttrs) -> Result<Self::Act>;
     fn softcap(&self, x: &Self::Act, a: &SoftcapAttrs) -> Result<Self::Act>;
     fn split(&self, x: &Self::Act, a: &SplitAttrs) -> Result<Vec<Self::Act>>;
+    /// Feature-wise concatenation, in order.
+    fn concat(&self, _parts: &[&Self::Act], _a: &ConcatAttrs) -> Result<Self::Act> {
+        Err(DriverError::Unsupported {
+            op: OpKind::Concat,
+            driver: self.name(),
+        })
+    }
+    /// Per-token mixing of the parts of `x` by the numbers in `coefs`.
+    fn mix(&self, _x: &Self::Act, _coefs: &Self::Act, _a: &MixAttrs) -> Result<Self::Act> {
+        Err(DriverError::Unsupported {
+            op: OpKind::Mix,
+            driver: self.name(),
+        })
+    }
+    /// Root mean square of each group of features.
+    fn rms(&self, _x: &Self::Act, _a: &RmsAttrs) -> Result<Self::Act> {
+        Err(DriverError::Unsupported {
+            op: OpKind::Rms,
+            driver: self.name(),
+        })
+    }
+    /// Keeps what lies above a Gaussian quantile of each row.
+    fn gaussian_topk(&self, _x: &Self::Act, _a: &GaussianTopkAttrs) -> Result<Self::Act> {
+        Err(DriverError::Unsupported {
+            op: OpKind::GaussianTopk,
+            driver: self.name(),
+        })
+    }
     /// The given token rows of `x`, in order (before the epilogue, for
     /// [`ForwardBatch::outputs`]).
     fn select_rows(&self, x: &Self::Act, rows: &[usize]) -> Result<Self::Act>;

@@ -198,6 +198,15 @@ attrs_getter!(
     "layer_norm"
 );
 attrs_getter!(split_attrs, Split, ir::SplitAttrs, "split");
+attrs_getter!(concat_attrs, Concat, ir::ConcatAttrs, "concat");
+attrs_getter!(mix_attrs, Mix, ir::MixAttrs, "mix");
+attrs_getter!(rms_attrs, Rms, ir::RmsAttrs, "rms");
+attrs_getter!(
+    gaussian_topk_attrs,
+    GaussianTopk,
+    ir::GaussianTopkAttrs,
+    "gaussian_topk"
+);
 
 pub fn composite_attrs(node: &Node, kind: ir::OpKind) -> Result<ir::CompositeAttrs> {
     match &node.op {

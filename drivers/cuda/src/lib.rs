@@ -518,6 +518,7 @@ pub(crate) fn activation_code(f: ActivationFn) -> i32 {
         ActivationFn::Relu => 3,
         ActivationFn::Relu2 => 4,
         ActivationFn::Sigmoid => 5,
+        ActivationFn::Tanh => 6,
     }
 }
 
@@ -540,8 +541,12 @@ impl Driver for CudaDriver {
     }
 
     fn supports(&self, op: OpKind) -> bool {
-        // Every op of the spec language, composite ones included.
-        OpKind::ALL.contains(&op)
+        // Every op of the spec language but the row ops Gemma 3n added
+        // (no kernels yet; the portable driver runs them).
+        !matches!(
+            op,
+            OpKind::Concat | OpKind::Mix | OpKind::Rms | OpKind::GaussianTopk
+        )
     }
 
     fn describe(&self) -> String {
@@ -832,8 +837,8 @@ impl Driver for CudaDriver {
     fn attention(
         &self,
         q: &CudaAct,
-        k: &CudaAct,
-        v: &CudaAct,
+        k: Option<&CudaAct>,
+        v: Option<&CudaAct>,
         sinks: Option<&CudaWeight>,
         kv: &mut CudaKv,
         batch: &ForwardBatch,
@@ -862,16 +867,20 @@ impl Driver for CudaDriver {
             int(kw, "k width")?,
             int(vw, "v width")?,
         );
-        let mut b = self.stream.launch_builder(self.kernels.get("pie_kv_write"));
-        b.arg(&mut slot.k)
-            .arg(&mut slot.v)
-            .arg(&k.data)
-            .arg(&v.data)
-            .arg(&tables.new_slots)
-            .arg(&rows)
-            .arg(&kwi)
-            .arg(&vwi);
-        unsafe { b.launch(blocks(q.rows * (kw + vw))) }.map_err(cuda_err("pie_kv_write"))?;
+        // An op reading another layer's cache (`kv_from`) writes nothing:
+        // that layer cached this step's keys and values already.
+        if let (Some(k), Some(v)) = (k, v) {
+            let mut b = self.stream.launch_builder(self.kernels.get("pie_kv_write"));
+            b.arg(&mut slot.k)
+                .arg(&mut slot.v)
+                .arg(&k.data)
+                .arg(&v.data)
+                .arg(&tables.new_slots)
+                .arg(&rows)
+                .arg(&kwi)
+                .arg(&vwi);
+            unsafe { b.launch(blocks(q.rows * (kw + vw))) }.map_err(cuda_err("pie_kv_write"))?;
+        }
         if self.gqa_fits(a) {
             return self.gqa_attention(q, a, &tables, slot, sinks);
         }
@@ -931,7 +940,12 @@ impl Driver for CudaDriver {
         self.zip("pie_mul", x, y)
     }
 
-    fn scale(&self, x: &CudaAct, a: &ScaleAttrs) -> Result<CudaAct> {
+    fn scale(&self, x: &CudaAct, w: Option<&CudaWeight>, a: &ScaleAttrs) -> Result<CudaAct> {
+        if w.is_some() {
+            return Err(DriverError::Invalid(
+                "`scale` with a per-feature weight is not supported by the cuda driver yet".into(),
+            ));
+        }
         self.map(x, "pie_scale", a.factor)
     }
 

@@ -121,6 +121,7 @@ impl CudaDriver {
             window: None,
             softcap: None,
             cache_slot: op.usize("cache_slot")?,
+            kv_from: None,
         };
         let (tables, slot) = kv.prepare(batch, cache.cache_slot, &cache, |d| self.upload(d))?;
         let (rows, kw, vw) = (x.rows as i32, width as i32, 0i32);

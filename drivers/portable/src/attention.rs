@@ -1,6 +1,7 @@
 //! Causal paged attention over a ragged batch: each sequence's new keys and
 //! values go into its pages first, then every query attends over its
-//! sequence's cached positions.
+//! sequence's cached positions. An op sharing an earlier layer's cache
+//! (`kv_from`) writes nothing: that layer already cached this step's tokens.
 
 use pie_driver::ir::AttentionAttrs;
 use pie_driver::{DriverError, ForwardBatch, Result};
@@ -11,8 +12,8 @@ use crate::tensor::Act;
 
 pub fn paged_attention(
     q: &Act,
-    k: &Act,
-    v: &Act,
+    k: Option<&Act>,
+    v: Option<&Act>,
     sinks: Option<&[f32]>,
     kv: &mut KvCache,
     batch: &ForwardBatch,
@@ -33,6 +34,7 @@ pub fn paged_attention(
     }
     for seq in &batch.seqs {
         kv.check_pages(seq)?;
+        let (Some(k), Some(v)) = (k, v) else { continue };
         for t in 0..seq.len {
             let row = seq.start + t;
             let token_slot = kv.slot_of(seq, seq.first_pos + t);

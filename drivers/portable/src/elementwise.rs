@@ -1,6 +1,6 @@
 //! Row-wise and elementwise ops.
 
-use pie_driver::ir::{ActivationFn, RmsNormAttrs};
+use pie_driver::ir::{ActivationFn, GaussianTopkAttrs, RmsNormAttrs};
 use pie_driver::{DriverError, Result};
 use rayon::prelude::*;
 
@@ -125,6 +125,52 @@ pub fn split(x: &Act, sizes: &[usize], group: usize) -> Vec<Act> {
     parts
 }
 
+/// Joins the rows of `parts` feature-wise, in order.
+pub fn concat(parts: &[&Act]) -> Act {
+    let rows = parts.first().map_or(0, |p| p.rows);
+    let width = parts.iter().map(|p| p.width).sum();
+    let mut data = Vec::with_capacity(rows * width);
+    for r in 0..rows {
+        for p in parts {
+            data.extend_from_slice(p.row(r));
+        }
+    }
+    Act { data, rows, width }
+}
+
+/// `sqrt(mean(x²))` of each group of `group` features.
+pub fn rms(x: &Act, group: usize) -> Act {
+    let data = x
+        .data
+        .chunks(group)
+        .map(|g| (g.iter().map(|v| v * v).sum::<f32>() / group as f32).sqrt())
+        .collect();
+    Act {
+        data,
+        rows: x.rows,
+        width: x.width / group,
+    }
+}
+
+/// `relu(x − mean − z·std)` of each row, with the population std: only
+/// the features above the cutoff survive, shifted down by it.
+pub fn gaussian_topk(x: &Act, a: &GaussianTopkAttrs) -> Act {
+    let mut out = x.clone();
+    let n = x.width as f32;
+    let cut_row = |row: &mut [f32]| {
+        let mean = row.iter().sum::<f32>() / n;
+        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+        let cutoff = mean + var.sqrt() * a.std_multiplier;
+        row.iter_mut().for_each(|v| *v = (*v - cutoff).max(0.0));
+    };
+    if out.data.len() >= PAR_MIN_ELEMS {
+        out.data.par_chunks_mut(x.width).for_each(cut_row);
+    } else {
+        out.data.chunks_mut(x.width).for_each(cut_row);
+    }
+    out
+}
+
 pub fn activation_fn(f: ActivationFn) -> fn(f32) -> f32 {
     match f {
         ActivationFn::Silu => |v| v / (1.0 + (-v).exp()),
@@ -139,6 +185,7 @@ pub fn activation_fn(f: ActivationFn) -> fn(f32) -> f32 {
             r * r
         },
         ActivationFn::Sigmoid => |v| 1.0 / (1.0 + (-v).exp()),
+        ActivationFn::Tanh => f32::tanh,
     }
 }
 
@@ -177,6 +224,42 @@ mod tests {
         ] {
             assert!((erf(x) - want).abs() < 1e-6, "erf({x})");
         }
+    }
+
+    #[test]
+    fn gaussian_topk_keeps_what_lies_above_the_cutoff() {
+        let x = Act {
+            data: vec![1.0, 2.0, 3.0, 4.0],
+            rows: 1,
+            width: 4,
+        };
+        // mean 2.5, population std sqrt(1.25); z = 1 cuts at 2.5 + 1.118.
+        let a = GaussianTopkAttrs {
+            width: 4,
+            sparsity: 0.841_344_7,
+            std_multiplier: 1.0,
+        };
+        let out = gaussian_topk(&x, &a);
+        let cut = 2.5 + 1.25f32.sqrt();
+        assert_eq!(out.data[..3], [0.0, 0.0, 0.0]);
+        assert!((out.data[3] - (4.0 - cut)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn concat_and_rms_per_row() {
+        let a = Act {
+            data: vec![3.0, 1.0],
+            rows: 2,
+            width: 1,
+        };
+        let b = Act {
+            data: vec![4.0, 1.0, 1.0, 1.0],
+            rows: 2,
+            width: 2,
+        };
+        let joined = concat(&[&a, &b]);
+        assert_eq!(joined.data, [3.0, 4.0, 1.0, 1.0, 1.0, 1.0]);
+        assert_eq!(rms(&joined, 3).data, [(26.0f32 / 3.0).sqrt(), 1.0]);
     }
 
     #[test]

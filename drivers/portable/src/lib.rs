@@ -7,6 +7,7 @@ mod elementwise;
 mod gdn;
 mod kv;
 mod mamba2;
+mod mix;
 mod mla;
 mod moe;
 mod recurrent;
@@ -188,8 +189,8 @@ impl Driver for PortableDriver {
     fn attention(
         &self,
         q: &Act,
-        k: &Act,
-        v: &Act,
+        k: Option<&Act>,
+        v: Option<&Act>,
         sinks: Option<&Weight>,
         kv: &mut KvCache,
         batch: &ForwardBatch,
@@ -206,8 +207,19 @@ impl Driver for PortableDriver {
         elementwise::zip(x, y, a.width, |p, q| p * q)
     }
 
-    fn scale(&self, x: &Act, a: &ScaleAttrs) -> Result<Act> {
-        Ok(elementwise::map(x, |v| v * a.factor))
+    fn scale(&self, x: &Act, w: Option<&Weight>, a: &ScaleAttrs) -> Result<Act> {
+        let Some(w) = w else {
+            return Ok(elementwise::map(x, |v| v * a.factor));
+        };
+        let w = w.vector();
+        x.expect_width(w.len(), "scale")?;
+        let mut out = x.clone();
+        for row in out.data.chunks_mut(x.width) {
+            row.iter_mut()
+                .zip(w)
+                .for_each(|(v, wi)| *v *= a.factor * wi);
+        }
+        Ok(out)
     }
 
     fn glu(&self, gate: &Act, up: &Act, a: &GluAttrs) -> Result<Act> {
@@ -241,6 +253,31 @@ impl Driver for PortableDriver {
             )));
         }
         Ok(elementwise::split(x, &a.sizes, a.group))
+    }
+
+    fn concat(&self, parts: &[&Act], a: &ConcatAttrs) -> Result<Act> {
+        let widths: Vec<usize> = parts.iter().map(|p| p.width).collect();
+        if widths != a.widths || parts.iter().any(|p| p.rows != parts[0].rows) {
+            return Err(DriverError::Invalid(format!(
+                "concat of widths {widths:?} (expected {:?})",
+                a.widths
+            )));
+        }
+        Ok(elementwise::concat(parts))
+    }
+
+    fn mix(&self, x: &Act, coefs: &Act, a: &MixAttrs) -> Result<Act> {
+        mix::mix(x, coefs, a)
+    }
+
+    fn rms(&self, x: &Act, a: &RmsAttrs) -> Result<Act> {
+        x.expect_width(a.width, "rms")?;
+        Ok(elementwise::rms(x, a.group))
+    }
+
+    fn gaussian_topk(&self, x: &Act, a: &GaussianTopkAttrs) -> Result<Act> {
+        x.expect_width(a.width, "gaussian_topk")?;
+        Ok(elementwise::gaussian_topk(x, a))
     }
 
     fn composite(
