@@ -31,6 +31,8 @@ pie_gemv_bf16(float* __restrict__ out, const float* __restrict__ x, const unsign
 #pragma unroll
         for (int f = 0; f < PIE_GEMV_FEATS; f++) acc[r][f] = 0.0f;
 
+    // Unrolled so the next chunk's weight loads issue before this one's FMAs.
+#pragma unroll 2
     for (int c = threadIdx.x * 8; c < k; c += PIE_GEMV_THREADS * 8) {
         float wv[PIE_GEMV_FEATS][8];
 #pragma unroll
@@ -61,13 +63,15 @@ pie_gemv_bf16(float* __restrict__ out, const float* __restrict__ x, const unsign
     __shared__ float partial[PIE_GEMV_THREADS / 32][PIE_GEMV_MAX_ROWS][PIE_GEMV_FEATS];
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
-    for (int r = 0; r < PIE_GEMV_MAX_ROWS; r++)
+    for (int r = 0; r < PIE_GEMV_MAX_ROWS; r++) {
+        if (r >= m) break;  // uniform: rows past m hold nothing
 #pragma unroll
         for (int f = 0; f < PIE_GEMV_FEATS; f++) {
             float v = acc[r][f];
             for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
             if (lane == 0) partial[warp][r][f] = v;
         }
+    }
     __syncthreads();
     int t = threadIdx.x;
     if (t < PIE_GEMV_MAX_ROWS * PIE_GEMV_FEATS) {

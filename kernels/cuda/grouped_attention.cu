@@ -134,24 +134,42 @@ pie_gqa_attention_partial(float* part_ml, float* part_acc, const float* q, const
 }
 
 // One block of 128 threads per (row, query head); thread d owns output
-// dimension d. has_sinks: a learned per-head logit in the denominator.
+// dimension d. The first warp turns the splits' maxima into weights (in
+// shared memory), then every thread sums its dimension over the splits
+// with independent loads. has_sinks: a learned per-head logit in the
+// denominator. splits <= PIE_GQA_MAX_SPLITS.
+#define PIE_GQA_MAX_SPLITS 64
 extern "C" __global__ void pie_gqa_attention_combine(float* out, const float* part_ml, const float* part_acc,
                                                      const float* sinks, int has_sinks, int heads,
                                                      int kv_heads, int v_head_dim, int splits) {
+    __shared__ float weight[PIE_GQA_MAX_SPLITS];
+    __shared__ float denominator;
     int row = blockIdx.x / heads, h = blockIdx.x % heads;
     int group = heads / kv_heads;
     int rk = row * kv_heads + h / group, g = h % group;
-    float mx = PIE_GQA_NEG_INF;
-    for (int s = 0; s < splits; s++) mx = fmaxf(mx, part_ml[(((long long)rk * splits + s) * group + g) * 2]);
-    float total = has_sinks ? __expf(sinks[h] - mx) : 0.0f;
-    float value = 0.0f;
-    int d = threadIdx.x;
-    for (int s = 0; s < splits; s++) {
-        long long p = ((long long)rk * splits + s) * group + g;
-        float ms = part_ml[p * 2];
-        float w = ms == PIE_GQA_NEG_INF ? 0.0f : __expf(ms - mx);
-        total += part_ml[p * 2 + 1] * w;
-        if (d < v_head_dim) value += part_acc[p * v_head_dim + d] * w;
+    const float* ml = part_ml + ((long long)rk * splits * group + g) * 2;  // split s at s * group * 2
+    if (threadIdx.x < 32) {
+        int lane = threadIdx.x;
+        float mx = PIE_GQA_NEG_INF;
+        for (int s = lane; s < splits; s += 32) mx = fmaxf(mx, ml[(long long)s * group * 2]);
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        float total = 0.0f;
+        for (int s = lane; s < splits; s += 32) {
+            float ms = ml[(long long)s * group * 2];
+            float w = ms == PIE_GQA_NEG_INF ? 0.0f : __expf(ms - mx);
+            weight[s] = w;
+            total += ml[(long long)s * group * 2 + 1] * w;
+        }
+        total = pie_warp_sum(total);
+        if (lane == 0) denominator = total + (has_sinks ? __expf(sinks[h] - mx) : 0.0f);
     }
-    if (d < v_head_dim) out[((long long)row * heads + h) * v_head_dim + d] = value / total;
+    __syncthreads();
+    int d = threadIdx.x;
+    if (d >= v_head_dim) return;
+    const float* acc = part_acc + ((long long)rk * splits * group + g) * v_head_dim + d;
+    long long stride = (long long)group * v_head_dim;
+    float value = 0.0f;
+#pragma unroll 8
+    for (int s = 0; s < splits; s++) value += acc[s * stride] * weight[s];
+    out[((long long)row * heads + h) * v_head_dim + d] = value / denominator;
 }

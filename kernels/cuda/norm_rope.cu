@@ -1,32 +1,41 @@
 // RMSNorm and rotary embeddings of the CUDA driver (f32 activations).
 
-// One block per group of `group` features; blockDim.x a power of two <= 1024.
-// out = x / rms(x) * (offset + w), w optional (has_weight = 0: no scale).
+// Sum of `v` over the block (blockDim.x a multiple of 32, <= 1024), by
+// warp shuffles and one step through shared memory; every thread gets it.
+__device__ __forceinline__ float pie_block_sum(float v) {
+    __shared__ float warp_sums[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();  // warp_sums may still be read from a previous call
+    if (lane == 0) warp_sums[warp] = v;
+    __syncthreads();
+    v = lane < (int)(blockDim.x >> 5) ? warp_sums[lane] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// One block per group of `group` features; blockDim.x a power of two,
+// 32..1024. out = x / rms(x) * (offset + w), w optional (has_weight = 0:
+// no scale).
 extern "C" __global__ void pie_rms_norm(float* out, const float* x, const float* w, int has_weight,
                                         int group, float eps, float offset) {
-    extern __shared__ float pie_partial[];
     const float* xg = x + (long long)blockIdx.x * group;
     float* og = out + (long long)blockIdx.x * group;
     float sum = 0.0f;
     for (int i = threadIdx.x; i < group; i += blockDim.x) sum += xg[i] * xg[i];
-    pie_partial[threadIdx.x] = sum;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) pie_partial[threadIdx.x] += pie_partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    float inv = rsqrtf(pie_partial[0] / (float)group + eps);
+    float inv = rsqrtf(pie_block_sum(sum) / (float)group + eps);
     for (int i = threadIdx.x; i < group; i += blockDim.x) {
         float v = xg[i] * inv;
         og[i] = has_weight ? v * (offset + w[i % group]) : v;
     }
 }
 
-// Rotates, in place, the first `rotary_dim` features of every head of every
-// row. One thread per (row, head, pair). A row uses the long frequencies
+// Rotates the first `rotary_dim` features of every head of every row of
+// `src` into `x` (src == x: in place; else x's other features are not
+// written, so out of place needs rotary_dim == head_dim). One thread per (row, head, pair). A row uses the long frequencies
 // when its sequence is longer than `long_from` (LongRoPE; long_from < 0: never).
 // interleaved = 1 rotates adjacent pairs (2j, 2j+1), else (j, j + rotary_dim/2).
-extern "C" __global__ void pie_rope(float* x, const int* positions, const int* seq_lens,
+extern "C" __global__ void pie_rope(float* x, const float* src, const int* positions, const int* seq_lens,
                                     const double* inv_short, const double* inv_long, int long_from,
                                     double scale, int rows, int heads, int head_dim, int rotary_dim,
                                     int interleaved) {
@@ -39,10 +48,11 @@ extern "C" __global__ void pie_rope(float* x, const int* positions, const int* s
     const double* inv = (long_from >= 0 && seq_lens[r] > long_from) ? inv_long : inv_short;
     double angle = (double)positions[r] * inv[j];
     float c = (float)(cos(angle) * scale), s = (float)(sin(angle) * scale);
-    float* head = x + (long long)r * heads * head_dim + (long long)h * head_dim;
+    long long base = (long long)r * heads * head_dim + (long long)h * head_dim;
+    float* head = x + base;
     int i0 = interleaved ? 2 * j : j;
     int i1 = interleaved ? 2 * j + 1 : j + half;
-    float x0 = head[i0], x1 = head[i1];
+    float x0 = src[base + i0], x1 = src[base + i1];
     head[i0] = x0 * c - x1 * s;
     head[i1] = x1 * c + x0 * s;
 }

@@ -15,7 +15,9 @@ const MAX_DIM: usize = 128;
 const WARPS: usize = 4;
 /// Enough warps for every SM of a large GPU a few times over.
 const TARGET_BLOCKS: usize = 264;
-const MAX_BLOCKS_PER_HEAD: usize = 16;
+/// At most 4 × 4 = 16 splits: more leaves a warp too few keys of a short
+/// context and makes the combine pass longer.
+const MAX_BLOCKS_PER_HEAD: usize = 4;
 
 impl CudaDriver {
     /// Whether attention `a` runs on the grouped kernel.

@@ -461,9 +461,8 @@ impl CudaDriver {
 
     fn to_bf16(&self, x: &CudaAct) -> Result<CudaSlice<u16>> {
         let n = x.rows * x.width;
-        let mut out = self
-            .stream
-            .alloc_zeros::<u16>(n.max(1))
+        // Every element is written: no memset.
+        let mut out = unsafe { self.stream.alloc::<u16>(n.max(1)) }
             .map_err(cuda_err("allocating GPU memory"))?;
         let ni = int(n, "elements")?;
         let mut b = self
@@ -712,26 +711,23 @@ impl Driver for CudaDriver {
             )));
         }
         let mut out = self.act(x.rows, x.width)?;
-        let dummy;
+        // Without a weight the kernel reads none: a null address.
         let (weight, has) = match w.and_then(CudaWeight::f32) {
-            Some(w) => (w, 1i32),
-            None => {
-                dummy = self.zeros(1)?;
-                (&dummy, 0i32)
-            }
+            Some(w) => (graphs::address(w), 1i32),
+            None => (0u64, 0i32),
         };
         let groups = x.rows * (x.width / a.group);
         let g = int(a.group, "group")?;
-        let threads = 256u32;
+        let threads = a.group.next_power_of_two().clamp(32, 256) as u32;
         let cfg = LaunchConfig {
             grid_dim: (groups.max(1) as u32, 1, 1),
             block_dim: (threads, 1, 1),
-            shared_mem_bytes: threads * 4,
+            shared_mem_bytes: 0,
         };
         let mut b = self.stream.launch_builder(self.kernels.get("pie_rms_norm"));
         b.arg(&mut out.data)
             .arg(&x.data)
-            .arg(weight)
+            .arg(&weight)
             .arg(&has)
             .arg(&g)
             .arg(&a.eps)
@@ -795,11 +791,20 @@ impl Driver for CudaDriver {
                 batch.positions.len()
             )));
         }
-        let copy = self
-            .stream
-            .clone_dtod(&x.data)
-            .map_err(cuda_err("copying an activation"))?;
-        let mut out = CudaAct::new(copy, x.rows, x.width);
+        // Every feature is rotated when rotary_dim == head_dim: the kernel
+        // writes a fresh output; else it rotates a copy in place.
+        let whole = a.rotary_dim == a.head_dim;
+        let mut out = match whole {
+            true => self.act(x.rows, x.width)?,
+            false => {
+                let copy = self
+                    .stream
+                    .clone_dtod(&x.data)
+                    .map_err(cuda_err("copying an activation"))?;
+                CudaAct::new(copy, x.rows, x.width)
+            }
+        };
+        let src = graphs::address(if whole { &x.data } else { &out.data });
         let mut freqs = self.rope_freqs.lock().expect("rope freqs lock");
         let (_, short_d, long_d, long_from, scale) = self.rope_freqs_for(&mut freqs, a)?;
         let mut guard = self.rope_tables.lock().expect("rope table lock");
@@ -819,6 +824,7 @@ impl Driver for CudaDriver {
         let n = x.rows * a.heads * (a.rotary_dim / 2);
         let mut b = self.stream.launch_builder(self.kernels.get("pie_rope"));
         b.arg(&mut out.data)
+            .arg(&src)
             .arg(&pos_d)
             .arg(&lens_d)
             .arg(short_d)

@@ -309,6 +309,55 @@ fn gpu_gemv_matches_cublas() {
             "[{m}, {k}] x [{n}, {k}]: {diff} vs {scale}"
         );
     }
+    // For the record (not a timed assertion): weight-read rate at batch 1
+    // on Qwen3-8B's MLP shapes.
+    for (n, k) in [(12288, 4096), (4096, 12288)] {
+        let bits = vec![0u8; n * k * 2];
+        let w = TensorView {
+            dtype: DType::BF16,
+            shape: &[n, k],
+            data: &bits,
+        };
+        let w = own
+            .load_weight("w", &w, &[n, k], WeightRole::Matrix)
+            .unwrap();
+        let x = vec![0u8; k * 4];
+        let t = TensorView {
+            dtype: DType::F32,
+            shape: &[1, k],
+            data: &x,
+        };
+        let t = own
+            .load_weight("x", &t, &[1, k], WeightRole::Matrix)
+            .unwrap();
+        let batch = ForwardBatch::new(vec![(vec![0], 0, vec![])]);
+        let xa = own
+            .embedding(
+                &t,
+                &batch,
+                &EmbeddingAttrs {
+                    vocab: 1,
+                    hidden: k,
+                },
+            )
+            .unwrap();
+        let a = LinearAttrs {
+            in_features: k,
+            out_features: n,
+        };
+        own.synchronize().unwrap();
+        let start = std::time::Instant::now();
+        for _ in 0..50 {
+            own.linear(&xa, &w, None, &a).unwrap();
+        }
+        own.synchronize().unwrap();
+        let s = start.elapsed().as_secs_f64() / 50.0;
+        eprintln!(
+            "gemv [1, {k}] x [{n}, {k}]: {:.1} us, {:.0} GB/s of weights",
+            s * 1e6,
+            (n * k * 2) as f64 / s / 1e9
+        );
+    }
 }
 
 /// bf16 copies of f32 fixtures: the bf16 GEMM path.

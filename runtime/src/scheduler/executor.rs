@@ -4,6 +4,7 @@
 //! the forward pass. Each result goes back to the planner's inbox.
 
 use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use pie_driver::{Driver, ForwardBatch};
@@ -39,14 +40,15 @@ pub(super) struct Done {
 }
 
 /// Loads the engine on a new thread and allocates its KV cache; returns the
-/// model's facts, the executor's inbox and whether the model keeps
-/// recurrent state.
+/// model's facts, the executor's inbox, whether the model keeps recurrent
+/// state, and the thread (it ends, dropping the engine, once the inbox
+/// closes).
 pub(super) fn start<D, F>(
     name: String,
     load: F,
     cfg: &SchedulerConfig,
     results: mpsc::Sender<Msg>,
-) -> Result<(ModelInfo, mpsc::Sender<ExecBatch>, bool), PieError>
+) -> Result<(ModelInfo, mpsc::Sender<ExecBatch>, bool, JoinHandle<()>), PieError>
 where
     D: Driver + 'static,
     F: FnOnce() -> Result<Engine<D>, PieError> + Send + 'static,
@@ -54,7 +56,7 @@ where
     let (tx, rx) = mpsc::channel::<ExecBatch>();
     let (ready_tx, ready_rx) = mpsc::channel();
     let cfg = cfg.clone();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("pie-executor".into())
         .spawn(move || {
             let started = load().and_then(|mut engine| {
@@ -82,7 +84,7 @@ where
     let (info, recurrent) = ready_rx
         .recv()
         .map_err(|_| PieError::Input("the executor thread died while loading".into()))??;
-    Ok((info, tx, recurrent))
+    Ok((info, tx, recurrent, thread))
 }
 
 /// The configured page count, or (0) what the device memory holds.

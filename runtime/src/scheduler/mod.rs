@@ -21,6 +21,8 @@ pub mod stats;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use pie_driver::Driver;
 
@@ -125,12 +127,35 @@ pub struct Scheduler {
     stats: Arc<Stats>,
 }
 
-/// The planner's inbox; dropping the last one tells the planner to stop.
-struct Sender(mpsc::Sender<Msg>);
+/// The planner's inbox; dropping the last one tells the planner to stop
+/// and waits (up to `SHUTDOWN_WAIT`) for the executor to drop the engine,
+/// so device memory and handles are released before the caller goes on —
+/// or before the process exits, which must not race the driver's teardown.
+struct Sender {
+    inbox: mpsc::Sender<Msg>,
+    executor: Mutex<Option<JoinHandle<()>>>,
+}
+
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(30);
 
 impl Drop for Sender {
     fn drop(&mut self) {
-        let _ = self.0.send(Msg::Shutdown);
+        let _ = self.inbox.send(Msg::Shutdown);
+        let thread = self
+            .executor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(thread) = thread else {
+            return;
+        };
+        let deadline = Instant::now() + SHUTDOWN_WAIT;
+        while !thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if thread.is_finished() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -145,7 +170,8 @@ impl Scheduler {
     {
         let stats = Arc::new(Stats::default());
         let (tx, rx) = mpsc::channel::<Msg>();
-        let (info, exec, recurrent) = executor::start(name.to_string(), load, &cfg, tx.clone())?;
+        let (info, exec, recurrent, executor) =
+            executor::start(name.to_string(), load, &cfg, tx.clone())?;
         let mut pages = PageManager::new(info.kv_pages, info.page_size);
         if recurrent {
             pages = pages.with_state_rows(cfg.max_recurrent_contexts);
@@ -153,7 +179,10 @@ impl Scheduler {
         let kv = Arc::new(Mutex::new(pages));
         planner::start(rx, exec, kv.clone(), cfg, stats.clone())?;
         Ok(Scheduler {
-            tx: Arc::new(Sender(tx)),
+            tx: Arc::new(Sender {
+                inbox: tx,
+                executor: Mutex::new(Some(executor)),
+            }),
             kv,
             model: Arc::new(info),
             stats,
@@ -204,7 +233,7 @@ impl Scheduler {
             return Ok(());
         }
         let jobs = passes.into_iter().map(|p| p.0).collect();
-        self.tx.0.send(Msg::Jobs(jobs)).map_err(|e| {
+        self.tx.inbox.send(Msg::Jobs(jobs)).map_err(|e| {
             let Msg::Jobs(jobs) = e.0 else { unreachable!() };
             let stopped = "the scheduler has stopped".to_string();
             for job in jobs {
