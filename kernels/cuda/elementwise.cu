@@ -138,3 +138,36 @@ extern "C" __global__ void pie_scatter_add(float* out, const float* y, const int
     int r = i / width, c = i % width;
     out[(long long)rows[r] * width + c] += scales[r] * y[i];
 }
+
+// out[r, offset + c] = part[r, c]: one part of a feature-wise concat.
+extern "C" __global__ void pie_concat_part(float* out, const float* part, int rows, int width,
+                                           int out_width, int offset) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)rows * width) return;
+    long long r = i / width;
+    out[r * out_width + offset + i % width] = part[i];
+}
+
+// Output part m of each row = Σ_n (offset + coefs[r, m·streams + n]) · part
+// n of x (parts of `width` features). One thread per output element.
+extern "C" __global__ void pie_mix(float* out, const float* x, const float* coefs, int rows, int streams,
+                                   int out_streams, int width, float offset) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    long long out_width = (long long)out_streams * width;
+    if (i >= rows * out_width) return;
+    long long r = i / out_width;
+    int m = (i % out_width) / width, c = i % width;
+    const float* cr = coefs + r * out_streams * streams + (long long)m * streams;
+    const float* xr = x + r * streams * width + c;
+    float acc = 0.0f;
+    for (int n = 0; n < streams; n++) acc += (offset + cr[n]) * xr[(long long)n * width];
+    out[i] = acc;
+}
+
+// out = x · factor · w[feature]: a per-feature scale.
+extern "C" __global__ void pie_scale_weighted(float* out, const float* x, const float* w, float factor,
+                                              int rows, int width) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)rows * width) return;
+    out[i] = x[i] * factor * w[i % width];
+}

@@ -86,3 +86,25 @@ extern "C" __global__ void pie_layer_norm(float* out, const float* x, const floa
     for (int i = threadIdx.x; i < width; i += blockDim.x)
         o[i] = (xr[i] - mean) * inv * (has_weight ? w[i] : 1.0f) + (has_bias ? b[i] : 0.0f);
 }
+
+// sqrt(mean(x²)) of each group of `group` features: one block per group.
+extern "C" __global__ void pie_rms(float* out, const float* x, int group) {
+    const float* xg = x + (long long)blockIdx.x * group;
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < group; i += blockDim.x) sum += xg[i] * xg[i];
+    sum = pie_block_sum(sum);
+    if (threadIdx.x == 0) out[blockIdx.x] = sqrtf(sum / (float)group);
+}
+
+// relu(x − mean − z·std) of each row (population std): one block per row.
+extern "C" __global__ void pie_gaussian_topk(float* out, const float* x, int width, float z) {
+    const float* xr = x + (long long)blockIdx.x * width;
+    float* o = out + (long long)blockIdx.x * width;
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) sum += xr[i];
+    float mean = pie_block_sum(sum) / (float)width;
+    float var = 0.0f;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) var += (xr[i] - mean) * (xr[i] - mean);
+    float cutoff = mean + sqrtf(pie_block_sum(var) / (float)width) * z;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) o[i] = fmaxf(xr[i] - cutoff, 0.0f);
+}

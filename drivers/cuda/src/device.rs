@@ -35,7 +35,12 @@ pub const KERNEL_SOURCES: [(&str, &str); 7] = [
 ];
 
 /// Every kernel the driver launches.
-pub const KERNELS: [&str; 38] = [
+pub const KERNELS: [&str; 43] = [
+    "pie_rms",
+    "pie_gaussian_topk",
+    "pie_concat_part",
+    "pie_mix",
+    "pie_scale_weighted",
     "pie_gqa_attention_partial",
     "pie_gqa_attention_combine",
     "pie_gemv_bf16",

@@ -19,6 +19,7 @@ mod kv;
 mod mamba2;
 mod mla;
 mod moe;
+mod rows;
 mod tensor;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -540,12 +541,8 @@ impl Driver for CudaDriver {
     }
 
     fn supports(&self, op: OpKind) -> bool {
-        // Every op of the spec language but the row ops Gemma 3n added
-        // (no kernels yet; the portable driver runs them).
-        !matches!(
-            op,
-            OpKind::Concat | OpKind::Mix | OpKind::Rms | OpKind::GaussianTopk
-        )
+        // Every op of the spec language, composite ones included.
+        OpKind::ALL.contains(&op)
     }
 
     fn describe(&self) -> String {
@@ -947,12 +944,26 @@ impl Driver for CudaDriver {
     }
 
     fn scale(&self, x: &CudaAct, w: Option<&CudaWeight>, a: &ScaleAttrs) -> Result<CudaAct> {
-        if w.is_some() {
-            return Err(DriverError::Invalid(
-                "`scale` with a per-feature weight is not supported by the cuda driver yet".into(),
-            ));
+        match w {
+            Some(w) => self.scale_by_weight(x, w, a.factor),
+            None => self.map(x, "pie_scale", a.factor),
         }
-        self.map(x, "pie_scale", a.factor)
+    }
+
+    fn concat(&self, parts: &[&CudaAct], a: &ConcatAttrs) -> Result<CudaAct> {
+        self.concat_rows(parts, a)
+    }
+
+    fn mix(&self, x: &CudaAct, coefs: &CudaAct, a: &MixAttrs) -> Result<CudaAct> {
+        self.mix_streams(x, coefs, a)
+    }
+
+    fn rms(&self, x: &CudaAct, a: &RmsAttrs) -> Result<CudaAct> {
+        self.rms_of_groups(x, a)
+    }
+
+    fn gaussian_topk(&self, x: &CudaAct, a: &GaussianTopkAttrs) -> Result<CudaAct> {
+        self.gaussian_topk_rows(x, a)
     }
 
     fn glu(&self, gate: &CudaAct, up: &CudaAct, a: &GluAttrs) -> Result<CudaAct> {

@@ -12,7 +12,7 @@ use pie_runtime::sampling::Sampler;
 use pie_runtime::{Engine, LoadOptions};
 
 /// Architectures whose ops the CUDA driver runs.
-const FIXTURES: [&str; 24] = [
+const FIXTURES: [&str; 25] = [
     "llama",
     "llama3_rope",
     "mistral",
@@ -37,6 +37,7 @@ const FIXTURES: [&str; 24] = [
     "qwen3_next",
     "phimoe",
     "kimi_k2",
+    "gemma3n",
 ];
 
 /// f32 weights: max|diff| ≤ 1e-3 · max|ref| on every position's logits.
@@ -169,7 +170,7 @@ fn gpu_parity_with_transformers_and_the_portable_driver() {
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn gpu_graph_decode_matches_op_by_op_decode() {
-    for name in ["llama", "qwen3", "gemma2", "mistral", "phi3_longrope"] {
+    for name in ["llama", "qwen3", "gemma2", "mistral", "phi3_longrope", "gemma3n"] {
         let (dir, prompts) = fixture(name);
         let opts = LoadOptions::default();
         let load = |graphs: bool| {
