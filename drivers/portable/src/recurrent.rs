@@ -57,6 +57,38 @@ impl Attrs<'_> {
     }
 }
 
+/// Which form the recurrent ops (Gated DeltaNet, Mamba2) run a sequence
+/// chunk of a batch in: chunks of at least `min_tokens` tokens (prefill)
+/// take the chunked form, `chunk` tokens per block of matrix products;
+/// shorter ones (decode) step token by token. Both forms continue the same
+/// state, so the choice is free per sequence and per call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkedScan {
+    pub min_tokens: usize,
+    pub chunk: usize,
+}
+
+impl ChunkedScan {
+    /// Never chunked: the token-by-token reference.
+    pub const RECURRENT: ChunkedScan = ChunkedScan {
+        min_tokens: usize::MAX,
+        chunk: 64,
+    };
+
+    pub fn applies(&self, tokens: usize) -> bool {
+        self.chunk > 0 && tokens >= self.min_tokens.max(1)
+    }
+}
+
+impl Default for ChunkedScan {
+    fn default() -> Self {
+        ChunkedScan {
+            min_tokens: 16,
+            chunk: 64,
+        }
+    }
+}
+
 /// A depthwise causal convolution over time whose last `kernel - 1` inputs
 /// are carried in the sequence's state between forward calls.
 pub struct CausalConv<'a> {
