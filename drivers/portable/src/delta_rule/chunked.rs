@@ -61,6 +61,8 @@ struct Chunk {
     beta: Vec<f32>,
     /// Cumulative log decay through each token.
     cum: Vec<f32>,
+    /// `e^{G_t−G_s}` for `s ≤ t`, zero above: `[n][n]`.
+    decay: Vec<f32>,
 }
 
 impl Chunk {
@@ -82,6 +84,7 @@ impl Chunk {
             v: Vec::with_capacity(n * dv),
             beta: Vec::with_capacity(n),
             cum: Vec::new(),
+            decay: Vec::new(),
         };
         for t in tokens.clone() {
             let row = &inputs.qkv[t * width..(t + 1) * width];
@@ -91,6 +94,8 @@ impl Chunk {
             c.beta.push(inputs.gates[t * shape.value_heads + h].0);
         }
         c.cum = cumulative(tokens.map(|t| inputs.gates[t * shape.value_heads + h].1));
+        c.decay = vec![1f32; n * n];
+        causal_decay(&mut c.decay, &c.cum, false);
         c
     }
 
@@ -98,8 +103,17 @@ impl Chunk {
     /// state `st` (`[dv][dk]`) to the chunk's end.
     fn advance(&self, st: &mut [f32], out: &mut [f32]) {
         let (n, dk, dv) = (self.n, self.dk, self.dv);
+        // [K ; Q] Kᵀ in one product, masked and decayed: A's and the
+        // outputs' scores.
+        let kq = [self.k.as_slice(), &self.q].concat();
+        let mut scores = mul_t(&kq, 2 * n, dk, &self.k, n);
+        for half in scores.chunks_exact_mut(n * n) {
+            half.iter_mut().zip(&self.decay).for_each(|(x, d)| *x *= d);
+        }
+        let (kk, qk) = scores.split_at(n * n);
+        let k_t = transpose(&self.k, n, dk);
         // [T(βV) | T(βγK)]: `n × (dv + dk)`.
-        let tw = mul_t(&self.transform(), n, n, &self.weighted_rhs(), dv + dk);
+        let tw = mul_t(&self.transform(kk), n, n, &self.weighted_rhs(&k_t), dv + dk);
         // [T(βγK) ; γQ] · S₀ in one product: `2n × dv`.
         let mut left = Vec::with_capacity(2 * n * dk);
         for row in tw.chunks_exact(dv + dk) {
@@ -118,21 +132,18 @@ impl Chunk {
         }
         let u_t = transpose(&u, n, dv);
         // Outputs: the start state's part plus the chunk's own tokens.
-        let mut scores = mul_t(&self.q, n, dk, &self.k, n);
-        causal_decay(&mut scores, &self.cum, false);
-        let intra = mul_t(&scores, n, n, &u_t, dv);
+        let intra = mul_t(qk, n, n, &u_t, dv);
         for ((o, a), b) in out.iter_mut().zip(q_s).zip(&intra) {
             *o = a + b;
         }
-        self.move_state(st, &u_t);
+        self.move_state(st, &u_t, k_t);
     }
 
     /// `T = (I + A)⁻¹` by forward substitution, `[n][n]` unit lower
-    /// triangular: row `t` is `e_t − Σ_{s<t} A[t,s] T[s]`.
-    fn transform(&self) -> Vec<f32> {
+    /// triangular: row `t` is `e_t − Σ_{s<t} A[t,s] T[s]`. `a` holds
+    /// `(k_t·k_s) e^{G_t−G_s}`; only its strict lower triangle is read.
+    fn transform(&self, a: &[f32]) -> Vec<f32> {
         let n = self.n;
-        let mut a = mul_t(&self.k, n, self.dk, &self.k, n);
-        causal_decay(&mut a, &self.cum, true);
         let mut t = vec![0f32; n * n];
         for i in 0..n {
             let (done, rest) = t.split_at_mut(i * n);
@@ -154,34 +165,34 @@ impl Chunk {
     }
 
     /// The right operands of `T(βV)` and `T(βγK)`, stacked and transposed:
-    /// `[(dv + dk)][n]`.
-    fn weighted_rhs(&self) -> Vec<f32> {
-        let (n, dk, dv) = (self.n, self.dk, self.dv);
-        let mut rhs = vec![0f32; (dv + dk) * n];
-        for s in 0..n {
-            let (b, bg) = (self.beta[s], self.beta[s] * self.cum[s].exp());
-            for (j, &x) in self.v[s * dv..(s + 1) * dv].iter().enumerate() {
-                rhs[j * n + s] = b * x;
-            }
-            for (i, &x) in self.k[s * dk..(s + 1) * dk].iter().enumerate() {
-                rhs[(dv + i) * n + s] = bg * x;
-            }
+    /// `[(dv + dk)][n]`, from `k_t` (`Kᵀ`).
+    fn weighted_rhs(&self, k_t: &[f32]) -> Vec<f32> {
+        let n = self.n;
+        let bg: Vec<f32> = self
+            .beta
+            .iter()
+            .zip(&self.cum)
+            .map(|(b, c)| b * c.exp())
+            .collect();
+        let mut rhs = transpose(&self.v, n, self.dv);
+        for row in rhs.chunks_exact_mut(n) {
+            row.iter_mut().zip(&self.beta).for_each(|(x, b)| *x *= b);
+        }
+        for row in k_t.chunks_exact(n) {
+            rhs.extend(row.iter().zip(&bg).map(|(x, w)| x * w));
         }
         rhs
     }
 
-    /// `Sᵀ ← γ_n Sᵀ + Uᵀ K'` with `K'_s = e^{G_n−G_s} k_s`.
-    fn move_state(&self, st: &mut [f32], u_t: &[f32]) {
+    /// `Sᵀ ← γ_n Sᵀ + Uᵀ K'` with `K'_s = e^{G_n−G_s} k_s`; `k_t` is `Kᵀ`.
+    fn move_state(&self, st: &mut [f32], u_t: &[f32], mut k_t: Vec<f32>) {
         let (n, dk, dv) = (self.n, self.dk, self.dv);
         let last = self.cum[n - 1];
-        let mut kp_t = vec![0f32; dk * n];
-        for s in 0..n {
-            let w = (last - self.cum[s]).exp();
-            for (i, &x) in self.k[s * dk..(s + 1) * dk].iter().enumerate() {
-                kp_t[i * n + s] = w * x;
-            }
+        let w: Vec<f32> = self.cum.iter().map(|c| (last - c).exp()).collect();
+        for row in k_t.chunks_exact_mut(n) {
+            row.iter_mut().zip(&w).for_each(|(x, w)| *x *= w);
         }
-        let update = mul_t(u_t, dv, n, &kp_t, dk);
+        let update = mul_t(u_t, dv, n, &k_t, dk);
         let gamma = last.exp();
         st.iter_mut()
             .zip(&update)
