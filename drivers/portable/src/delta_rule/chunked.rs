@@ -15,10 +15,12 @@
 //! kernel. Heads run in parallel; each keeps its state transposed
 //! (`[dv][dk]`, the kernel's right-operand layout) for the whole sequence.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::{Inputs, Shape};
-use crate::dense::{causal_decay, cumulative, mul_t, transpose};
+use crate::dense::{cumulative, decay_matrix, mul_t_into, transpose, transpose_into};
 
 pub fn run(shape: &Shape, inputs: &Inputs, state: &mut [f32], out: &mut [f32], chunk: usize) {
     let (dv, value_dim) = (shape.dv, shape.value_dim());
@@ -40,33 +42,54 @@ fn head(shape: &Shape, inputs: &Inputs, h: usize, state: &mut [f32], chunk: usiz
     let (dk, dv, len) = (shape.dk, shape.dv, inputs.len(shape));
     let mut st = transpose(state, dk, dv);
     let mut out = vec![0f32; len * dv];
+    let mut c = Chunk::default();
     for c0 in (0..len).step_by(chunk) {
         let n = chunk.min(len - c0);
-        let c = Chunk::gather(shape, inputs, h, c0..c0 + n);
+        c.gather(shape, inputs, h, c0..c0 + n);
         c.advance(&mut st, &mut out[c0 * dv..(c0 + n) * dv]);
     }
-    state.copy_from_slice(&transpose(&st, dv, dk));
+    transpose_into(&st, dv, dk, &mut c.buf.update);
+    state.copy_from_slice(&c.buf.update);
     out
 }
 
-/// One head's tokens of one chunk, gathered contiguous.
+/// One head's tokens of one chunk, gathered contiguous; reused from chunk
+/// to chunk with its buffers.
+#[derive(Default)]
 struct Chunk {
     n: usize,
     dk: usize,
     dv: usize,
-    /// `[n][dk]`, `[n][dk]`, `[n][dv]`.
-    q: Vec<f32>,
-    k: Vec<f32>,
+    /// `[K ; Q]`: `[2n][dk]`.
+    kq: Vec<f32>,
+    /// `[n][dv]`.
     v: Vec<f32>,
     beta: Vec<f32>,
     /// Cumulative log decay through each token.
     cum: Vec<f32>,
     /// `e^{G_t−G_s}` for `s ≤ t`, zero above: `[n][n]`.
     decay: Vec<f32>,
+    buf: Buffers,
+}
+
+/// The intermediate products of a chunk.
+#[derive(Default)]
+struct Buffers {
+    scores: Vec<f32>,
+    k_t: Vec<f32>,
+    t: Vec<f32>,
+    rhs: Vec<f32>,
+    tw: Vec<f32>,
+    left: Vec<f32>,
+    by_state: Vec<f32>,
+    u: Vec<f32>,
+    u_t: Vec<f32>,
+    intra: Vec<f32>,
+    update: Vec<f32>,
 }
 
 impl Chunk {
-    fn gather(shape: &Shape, inputs: &Inputs, h: usize, tokens: std::ops::Range<usize>) -> Chunk {
+    fn gather(&mut self, shape: &Shape, inputs: &Inputs, h: usize, tokens: Range<usize>) {
         let (dk, dv, width) = (shape.dk, shape.dv, shape.width());
         let kh = shape.key_head(h);
         let (q_at, k_at, v_at) = (
@@ -75,76 +98,76 @@ impl Chunk {
             2 * shape.key_dim() + h * dv,
         );
         let n = tokens.len();
-        let mut c = Chunk {
-            n,
-            dk,
-            dv,
-            q: Vec::with_capacity(n * dk),
-            k: Vec::with_capacity(n * dk),
-            v: Vec::with_capacity(n * dv),
-            beta: Vec::with_capacity(n),
-            cum: Vec::new(),
-            decay: Vec::new(),
-        };
-        for t in tokens.clone() {
+        (self.n, self.dk, self.dv) = (n, dk, dv);
+        self.kq.resize(2 * n * dk, 0.0);
+        self.v.clear();
+        self.beta.clear();
+        let mut g = Vec::with_capacity(n);
+        for (i, t) in tokens.enumerate() {
             let row = &inputs.qkv[t * width..(t + 1) * width];
-            c.q.extend_from_slice(&row[q_at..q_at + dk]);
-            c.k.extend_from_slice(&row[k_at..k_at + dk]);
-            c.v.extend_from_slice(&row[v_at..v_at + dv]);
-            c.beta.push(inputs.gates[t * shape.value_heads + h].0);
+            self.kq[i * dk..(i + 1) * dk].copy_from_slice(&row[k_at..k_at + dk]);
+            self.kq[(n + i) * dk..(n + i + 1) * dk].copy_from_slice(&row[q_at..q_at + dk]);
+            self.v.extend_from_slice(&row[v_at..v_at + dv]);
+            let (beta, log_decay) = inputs.gates[t * shape.value_heads + h];
+            self.beta.push(beta);
+            g.push(log_decay);
         }
-        c.cum = cumulative(tokens.map(|t| inputs.gates[t * shape.value_heads + h].1));
-        c.decay = vec![1f32; n * n];
-        causal_decay(&mut c.decay, &c.cum, false);
-        c
+        self.cum = cumulative(g.iter().copied());
+        self.decay = decay_matrix(&g);
     }
 
     /// Writes the chunk's outputs (`[n][dv]`) and moves the transposed
     /// state `st` (`[dv][dk]`) to the chunk's end.
-    fn advance(&self, st: &mut [f32], out: &mut [f32]) {
+    fn advance(&mut self, st: &mut [f32], out: &mut [f32]) {
         let (n, dk, dv) = (self.n, self.dk, self.dv);
-        // [K ; Q] Kᵀ in one product, masked and decayed: A's and the
-        // outputs' scores.
-        let kq = [self.k.as_slice(), &self.q].concat();
-        let mut scores = mul_t(&kq, 2 * n, dk, &self.k, n);
-        for half in scores.chunks_exact_mut(n * n) {
+        let k = &self.kq[..n * dk];
+        let b = &mut self.buf;
+        // [K ; Q] Kᵀ in one product, decayed: A's and the outputs' scores.
+        mul_t_into(&self.kq, 2 * n, dk, k, n, &mut b.scores);
+        for half in b.scores.chunks_exact_mut(n * n) {
             half.iter_mut().zip(&self.decay).for_each(|(x, d)| *x *= d);
         }
-        let (kk, qk) = scores.split_at(n * n);
-        let k_t = transpose(&self.k, n, dk);
+        transpose_into(k, n, dk, &mut b.k_t);
+        self.transform();
+        self.weighted_rhs();
+        let b = &mut self.buf;
         // [T(βV) | T(βγK)]: `n × (dv + dk)`.
-        let tw = mul_t(&self.transform(kk), n, n, &self.weighted_rhs(&k_t), dv + dk);
+        mul_t_into(&b.t, n, n, &b.rhs, dv + dk, &mut b.tw);
         // [T(βγK) ; γQ] · S₀ in one product: `2n × dv`.
-        let mut left = Vec::with_capacity(2 * n * dk);
-        for row in tw.chunks_exact(dv + dk) {
-            left.extend_from_slice(&row[dv..]);
+        b.left.clear();
+        for row in b.tw.chunks_exact(dv + dk) {
+            b.left.extend_from_slice(&row[dv..]);
         }
-        for (row, c) in self.q.chunks_exact(dk).zip(&self.cum) {
+        let q = &self.kq[n * dk..];
+        for (row, c) in q.chunks_exact(dk).zip(&self.cum) {
             let gamma = c.exp();
-            left.extend(row.iter().map(|x| x * gamma));
+            b.left.extend(row.iter().map(|x| x * gamma));
         }
-        let by_state = mul_t(&left, 2 * n, dk, st, dv);
-        let (w_s, q_s) = by_state.split_at(n * dv);
+        mul_t_into(&b.left, 2 * n, dk, st, dv, &mut b.by_state);
+        let (w_s, q_s) = b.by_state.split_at(n * dv);
         // U = T(βV) − T(βγK) S₀, transposed for the products that follow.
-        let mut u = Vec::with_capacity(n * dv);
-        for (row, ws) in tw.chunks_exact(dv + dk).zip(w_s.chunks_exact(dv)) {
-            u.extend(row[..dv].iter().zip(ws).map(|(a, b)| a - b));
+        b.u.clear();
+        for (row, ws) in b.tw.chunks_exact(dv + dk).zip(w_s.chunks_exact(dv)) {
+            b.u.extend(row[..dv].iter().zip(ws).map(|(a, b)| a - b));
         }
-        let u_t = transpose(&u, n, dv);
+        transpose_into(&b.u, n, dv, &mut b.u_t);
         // Outputs: the start state's part plus the chunk's own tokens.
-        let intra = mul_t(qk, n, n, &u_t, dv);
-        for ((o, a), b) in out.iter_mut().zip(q_s).zip(&intra) {
-            *o = a + b;
+        mul_t_into(&b.scores[n * n..], n, n, &b.u_t, dv, &mut b.intra);
+        for ((o, a), c) in out.iter_mut().zip(q_s).zip(&b.intra) {
+            *o = a + c;
         }
-        self.move_state(st, &u_t, k_t);
+        self.move_state(st);
     }
 
     /// `T = (I + A)⁻¹` by forward substitution, `[n][n]` unit lower
-    /// triangular: row `t` is `e_t − Σ_{s<t} A[t,s] T[s]`. `a` holds
-    /// `(k_t·k_s) e^{G_t−G_s}`; only its strict lower triangle is read.
-    fn transform(&self, a: &[f32]) -> Vec<f32> {
+    /// triangular: row `t` is `e_t − Σ_{s<t} A[t,s] T[s]`. The scores'
+    /// first half holds `(k_t·k_s) e^{G_t−G_s}`; only its strict lower
+    /// triangle is read.
+    fn transform(&mut self) {
         let n = self.n;
-        let mut t = vec![0f32; n * n];
+        let (a, t) = (&self.buf.scores[..n * n], &mut self.buf.t);
+        t.clear();
+        t.resize(n * n, 0.0);
         for i in 0..n {
             let (done, rest) = t.split_at_mut(i * n);
             let row = &mut rest[..n];
@@ -161,41 +184,39 @@ impl Chunk {
                 }
             }
         }
-        t
     }
 
     /// The right operands of `T(βV)` and `T(βγK)`, stacked and transposed:
-    /// `[(dv + dk)][n]`, from `k_t` (`Kᵀ`).
-    fn weighted_rhs(&self, k_t: &[f32]) -> Vec<f32> {
-        let n = self.n;
+    /// `[(dv + dk)][n]`.
+    fn weighted_rhs(&mut self) {
+        let (n, b) = (self.n, &mut self.buf);
+        transpose_into(&self.v, n, self.dv, &mut b.rhs);
+        for row in b.rhs.chunks_exact_mut(n) {
+            row.iter_mut().zip(&self.beta).for_each(|(x, b)| *x *= b);
+        }
         let bg: Vec<f32> = self
             .beta
             .iter()
             .zip(&self.cum)
             .map(|(b, c)| b * c.exp())
             .collect();
-        let mut rhs = transpose(&self.v, n, self.dv);
-        for row in rhs.chunks_exact_mut(n) {
-            row.iter_mut().zip(&self.beta).for_each(|(x, b)| *x *= b);
+        for row in b.k_t.chunks_exact(n) {
+            b.rhs.extend(row.iter().zip(&bg).map(|(x, w)| x * w));
         }
-        for row in k_t.chunks_exact(n) {
-            rhs.extend(row.iter().zip(&bg).map(|(x, w)| x * w));
-        }
-        rhs
     }
 
-    /// `Sᵀ ← γ_n Sᵀ + Uᵀ K'` with `K'_s = e^{G_n−G_s} k_s`; `k_t` is `Kᵀ`.
-    fn move_state(&self, st: &mut [f32], u_t: &[f32], mut k_t: Vec<f32>) {
-        let (n, dk, dv) = (self.n, self.dk, self.dv);
+    /// `Sᵀ ← γ_n Sᵀ + Uᵀ K'` with `K'_s = e^{G_n−G_s} k_s`.
+    fn move_state(&mut self, st: &mut [f32]) {
+        let (n, dk, dv, b) = (self.n, self.dk, self.dv, &mut self.buf);
         let last = self.cum[n - 1];
         let w: Vec<f32> = self.cum.iter().map(|c| (last - c).exp()).collect();
-        for row in k_t.chunks_exact_mut(n) {
+        for row in b.k_t.chunks_exact_mut(n) {
             row.iter_mut().zip(&w).for_each(|(x, w)| *x *= w);
         }
-        let update = mul_t(u_t, dv, n, &k_t, dk);
+        mul_t_into(&b.u_t, dv, n, &b.k_t, dk, &mut b.update);
         let gamma = last.exp();
         st.iter_mut()
-            .zip(&update)
+            .zip(&b.update)
             .for_each(|(s, u)| *s = *s * gamma + u);
     }
 }

@@ -16,7 +16,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::{Inputs, Shape};
-use crate::dense::{causal_decay, cumulative, mul_t, transpose};
+use crate::dense::{cumulative, decay_matrix, mul_t, transpose};
 
 pub fn run(shape: &Shape, inputs: &Inputs, state: &mut [f32], out: &mut [f32], chunk: usize) {
     let (p_dim, inner, len) = (shape.head_dim, shape.inner(), inputs.len(shape));
@@ -87,14 +87,16 @@ fn head(
         x.extend_from_slice(&inputs.xbc[t * shape.width() + x_at..][..p_dim]);
         dt.push(inputs.dt[t * shape.heads + h]);
     }
-    let cum = cumulative(dt.iter().map(|d| d * inputs.a[h]));
+    let log_decays: Vec<f32> = dt.iter().map(|d| d * inputs.a[h]).collect();
+    let cum = cumulative(log_decays.iter().copied());
     let x_t = transpose(&x, n, p_dim);
 
     // Within the chunk: (C Bᵀ ∘ decay ∘ dt_s) x.
-    let mut m = grp.cb.clone();
-    causal_decay(&mut m, &cum, false);
-    for row in m.chunks_exact_mut(n) {
-        row.iter_mut().zip(&dt).for_each(|(v, d)| *v *= d);
+    let mut m = decay_matrix(&log_decays);
+    for (row, cb) in m.chunks_exact_mut(n).zip(grp.cb.chunks_exact(n)) {
+        for ((v, c), d) in row.iter_mut().zip(cb).zip(&dt) {
+            *v *= c * d;
+        }
     }
     let intra = mul_t(&m, n, n, &x_t, p_dim);
     // From the start state: e^{L_t} S₀ C_t.
