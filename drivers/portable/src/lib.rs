@@ -31,7 +31,9 @@ pub use tensor::{Act, Weight};
 pub struct PortableDriver {
     pool: std::sync::Arc<rayon::ThreadPool>,
     runtime_quant: Option<RuntimeQuant>,
-    scan: ChunkedScan,
+    /// When Gated DeltaNet and Mamba2 take their chunked forms.
+    delta_rule_scan: ChunkedScan,
+    ssd_scan: ChunkedScan,
 }
 
 /// Quantization applied at load to float (f32/bf16/f16) weight matrices.
@@ -65,7 +67,8 @@ impl PortableDriver {
         PortableDriver {
             pool: std::sync::Arc::new(pool),
             runtime_quant: None,
-            scan: ChunkedScan::default(),
+            delta_rule_scan: ChunkedScan::DELTA_RULE,
+            ssd_scan: ChunkedScan::SSD,
         }
     }
 
@@ -75,10 +78,10 @@ impl PortableDriver {
         self
     }
 
-    /// When Gated DeltaNet and Mamba2 take their chunked form (tests force
-    /// it on short prompts, or keep the token-by-token reference).
+    /// When both Gated DeltaNet and Mamba2 take their chunked forms (tests
+    /// force them on short prompts, or keep the token-by-token reference).
     pub fn with_chunked_scan(mut self, scan: ChunkedScan) -> Self {
-        self.scan = scan;
+        (self.delta_rule_scan, self.ssd_scan) = (scan, scan);
         self
     }
 
@@ -270,9 +273,9 @@ impl Driver for PortableDriver {
         match (op, inputs) {
             (OpKind::Moe, [x]) => moe::moe(x, weights, a),
             (OpKind::GatedDeltaNet, [x]) => {
-                gdn::gated_delta_net(x, weights, a, kv, batch, self.scan)
+                gdn::gated_delta_net(x, weights, a, kv, batch, self.delta_rule_scan)
             }
-            (OpKind::Mamba2, [x]) => mamba2::mamba2(x, weights, a, kv, batch, self.scan),
+            (OpKind::Mamba2, [x]) => mamba2::mamba2(x, weights, a, kv, batch, self.ssd_scan),
             (OpKind::MlaAttention, [x]) => mla::mla_attention(x, weights, a, kv, batch),
             _ => Err(DriverError::Unsupported {
                 op,

@@ -57,7 +57,7 @@ impl Attrs<'_> {
     }
 }
 
-/// Which form the recurrent ops (Gated DeltaNet, Mamba2) run a sequence
+/// Which form a recurrent op (Gated DeltaNet, Mamba2) runs a sequence
 /// chunk of a batch in: chunks of at least `min_tokens` tokens (prefill)
 /// take the chunked form, `chunk` tokens per block of matrix products;
 /// shorter ones (decode) step token by token. Both forms continue the same
@@ -69,6 +69,19 @@ pub struct ChunkedScan {
 }
 
 impl ChunkedScan {
+    /// Gated DeltaNet: the chunked form wins from about 32 tokens at
+    /// Qwen3.5-9B's sizes on 2 cores (1.1× at 32, 0.75× at 16; see
+    /// `benches/recurrent_prefill.rs`).
+    pub const DELTA_RULE: ChunkedScan = ChunkedScan {
+        min_tokens: 32,
+        chunk: 64,
+    };
+    /// Mamba2: the SSD form already wins at 8 tokens at Nemotron-H-8B's
+    /// sizes (2.9× on one core), its token-by-token scan being slow.
+    pub const SSD: ChunkedScan = ChunkedScan {
+        min_tokens: 8,
+        chunk: 64,
+    };
     /// Never chunked: the token-by-token reference.
     pub const RECURRENT: ChunkedScan = ChunkedScan {
         min_tokens: usize::MAX,
@@ -77,15 +90,6 @@ impl ChunkedScan {
 
     pub fn applies(&self, tokens: usize) -> bool {
         self.chunk > 0 && tokens >= self.min_tokens.max(1)
-    }
-}
-
-impl Default for ChunkedScan {
-    fn default() -> Self {
-        ChunkedScan {
-            min_tokens: 16,
-            chunk: 64,
-        }
     }
 }
 
