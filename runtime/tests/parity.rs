@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use pie_driver_portable::PortableDriver;
+use pie_driver_portable::{ChunkedScan, PortableDriver};
 use pie_runtime::sampling::Sampler;
 use pie_runtime::{Engine, LoadOptions};
 
@@ -59,13 +59,17 @@ fn max_error(ours: &[Vec<f32>], reference: &[Vec<f32>]) -> (f32, f32) {
 }
 
 fn check(name: &str, page_size: usize) {
+    check_with(name, page_size, PortableDriver::new());
+}
+
+fn check_with(name: &str, page_size: usize, driver: PortableDriver) {
     let (dir, prompts) = fixture(name);
     let opts = LoadOptions {
         page_size,
         ..LoadOptions::default()
     };
-    let mut engine = Engine::load(&dir, PortableDriver::new(), &opts, None)
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let mut engine =
+        Engine::load(&dir, driver, &opts, None).unwrap_or_else(|e| panic!("{name}: {e}"));
     // The reference generated exactly 10 tokens, EOS or not.
     engine.stop_ids.clear();
 
@@ -160,6 +164,30 @@ parity! {
     parity_phimoe_layer_norm_sparsemixer => "phimoe",
     parity_kimi_k2_single_group_mla_moe => "kimi_k2",
     parity_gemma3n_altup_laurel_kv_sharing => "gemma3n",
+}
+
+/// The recurrent fixtures with the chunked scans (Gated DeltaNet, Mamba2
+/// SSD) forced on: the prompts (7 and 12 tokens) are shorter than the
+/// default threshold. Chunks of 4 from 2 tokens up, so a prompt spans 2–3
+/// chunks with a partial last one, the 3-token chunked prefill continues
+/// the state in the chunked form, and decode steps stay recurrent.
+macro_rules! parity_chunked_scan {
+    ($($test:ident => $name:literal),* $(,)?) => {
+        $(
+            #[test]
+            fn $test() {
+                let scan = ChunkedScan { min_tokens: 2, chunk: 4 };
+                check_with($name, 32, PortableDriver::new().with_chunked_scan(scan));
+            }
+        )*
+    };
+}
+
+parity_chunked_scan! {
+    parity_chunked_qwen3_5_gated_delta_net => "qwen3_5",
+    parity_chunked_qwen3_5_moe => "qwen3_5_moe",
+    parity_chunked_qwen3_next => "qwen3_next",
+    parity_chunked_nemotron_h_mamba2 => "nemotron_h",
 }
 
 /// The fixture's tokenizer and chat template give what transformers gave.

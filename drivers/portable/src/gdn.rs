@@ -4,15 +4,18 @@
 //! delta-rule update each token; the output is `Sᵀq`, RMS-normalized and
 //! gated by `silu(z)`.
 //!
-//! This runs the recurrent form token by token — exact, and the reference
-//! for the chunked form a GPU driver uses for prefill.
+//! The delta rule itself runs in the form [`ChunkedScan`] picks per
+//! sequence chunk (`delta_rule`): chunked for prefill, token by token for
+//! decode.
 
 use pie_driver::ir::CompositeAttrs;
 use pie_driver::{ForwardBatch, Result};
-use rayon::prelude::*;
 
+use crate::delta_rule::{self, Inputs, Shape};
 use crate::kv::KvCache;
-use crate::recurrent::{project, rms_normalize, sigmoid, silu, softplus, Attrs, CausalConv};
+use crate::recurrent::{
+    project, rms_normalize, sigmoid, silu, softplus, Attrs, CausalConv, ChunkedScan,
+};
 use crate::tensor::{Act, Weight};
 
 struct Dims {
@@ -35,6 +38,14 @@ impl Dims {
     fn conv_dim(&self) -> usize {
         2 * self.key_dim() + self.value_dim()
     }
+    fn shape(&self) -> Shape {
+        Shape {
+            key_heads: self.key_heads,
+            value_heads: self.value_heads,
+            dk: self.dk,
+            dv: self.dv,
+        }
+    }
 }
 
 // Weight slots, in the op schema's order.
@@ -56,6 +67,7 @@ pub fn gated_delta_net(
     attrs: &CompositeAttrs,
     kv: &mut KvCache,
     batch: &ForwardBatch,
+    scan: ChunkedScan,
 ) -> Result<Act> {
     let at = Attrs {
         op: "gated_delta_net",
@@ -110,22 +122,28 @@ pub fn gated_delta_net(
 
     let mut core = Act::zeros(x.rows, d.value_dim());
     let conv_len = d.conv_dim() * (d.kernel - 1);
+    let shape = d.shape();
     for seq in &batch.seqs {
+        let rows = seq.start..seq.start + seq.len;
         let state = kv.state(slot, seq)?;
         let (conv_state, delta_state) = state.split_at_mut(conv_len);
-        let mut qkv = vec![0f32; d.conv_dim()];
-        for row in seq.start..seq.start + seq.len {
-            conv.step(conv_state, mixed.row(row), &mut qkv);
-            let gates: Vec<(f32, f32)> = (0..d.value_heads)
-                .map(|h| {
-                    let beta = sigmoid(b.row(row)[h]);
-                    let g = -a_log[h].exp() * softplus(a.row(row)[h] + dt_bias[h]);
-                    (beta, g)
+        let qkv = convolve(&d, &conv, conv_state, &mixed, rows.clone());
+        let gates: Vec<(f32, f32)> = rows
+            .clone()
+            .flat_map(|row| {
+                let (b, a) = (b.row(row), a.row(row));
+                (0..d.value_heads).map(move |h| {
+                    let g = -a_log[h].exp() * softplus(a[h] + dt_bias[h]);
+                    (sigmoid(b[h]), g)
                 })
-                .collect();
-            let out = &mut core.data[row * d.value_dim()..(row + 1) * d.value_dim()];
-            delta_rule_step(&d, &qkv, &gates, delta_state, out);
-        }
+            })
+            .collect();
+        let inputs = Inputs {
+            qkv: &qkv,
+            gates: &gates,
+        };
+        let out = &mut core.data[rows.start * d.value_dim()..rows.end * d.value_dim()];
+        delta_rule::run(&shape, &inputs, delta_state, out, scan);
     }
 
     // Per value head: RMSNorm (weight, no offset), then the silu(z) gate.
@@ -197,74 +215,26 @@ fn fused_projections(
     Ok(p)
 }
 
-/// One token of the delta rule for every value head. `qkv` is the
-/// convolved projection (q, k for each key head; v for each value head);
-/// `state` is `[value_heads][dk][dv]`.
-fn delta_rule_step(
+/// The causal convolution of `rows` (continuing `conv_state`), with q and k
+/// L2-normalized per key head and q scaled by `1/√dk`: the delta rule's
+/// `[len][conv_dim]` input.
+fn convolve(
     d: &Dims,
-    qkv: &[f32],
-    gates: &[(f32, f32)],
-    state: &mut [f32],
-    out: &mut [f32],
-) {
-    let (q_all, rest) = qkv.split_at(d.key_dim());
-    let (k_all, v_all) = rest.split_at(d.key_dim());
-    // q and k: L2-normalized per key head; q also scaled by 1/√dk.
-    let normalize = |x: &[f32], scale: f32| -> Vec<f32> {
-        x.chunks_exact(d.dk)
-            .flat_map(|h| {
-                let inv = 1.0 / (h.iter().map(|v| v * v).sum::<f32>() + 1e-6).sqrt();
-                h.iter().map(move |v| v * inv * scale)
-            })
-            .collect()
-    };
-    let q = normalize(q_all, 1.0 / (d.dk as f32).sqrt());
-    let k = normalize(k_all, 1.0);
-    let per_key_head = d.value_heads / d.key_heads;
-    let step = |h: usize, s: &mut [f32], o: &mut [f32]| {
-        let kh = h / per_key_head;
-        let (qh, kh) = (
-            &q[kh * d.dk..(kh + 1) * d.dk],
-            &k[kh * d.dk..(kh + 1) * d.dk],
-        );
-        let vh = &v_all[h * d.dv..(h + 1) * d.dv];
-        let (beta, g) = gates[h];
-        let decay = g.exp();
-        s.iter_mut().for_each(|x| *x *= decay);
-        // What the state already predicts for this key, then the
-        // beta-weighted correction towards v.
-        let mut delta = vec![0f32; d.dv];
-        for (i, &ki) in kh.iter().enumerate() {
-            let srow = &s[i * d.dv..(i + 1) * d.dv];
-            delta.iter_mut().zip(srow).for_each(|(m, x)| *m += x * ki);
+    conv: &CausalConv,
+    conv_state: &mut [f32],
+    mixed: &Act,
+    rows: std::ops::Range<usize>,
+) -> Vec<f32> {
+    let mut qkv = vec![0f32; rows.len() * d.conv_dim()];
+    let q_scale = 1.0 / (d.dk as f32).sqrt();
+    for (row, out) in rows.zip(qkv.chunks_exact_mut(d.conv_dim())) {
+        conv.step(conv_state, mixed.row(row), out);
+        let heads = out[..2 * d.key_dim()].chunks_exact_mut(d.dk);
+        for (i, head) in heads.enumerate() {
+            let scale = if i < d.key_heads { q_scale } else { 1.0 };
+            let inv = 1.0 / (head.iter().map(|v| v * v).sum::<f32>() + 1e-6).sqrt();
+            head.iter_mut().for_each(|v| *v *= inv * scale);
         }
-        delta
-            .iter_mut()
-            .zip(vh)
-            .for_each(|(m, v)| *m = (v - *m) * beta);
-        o.fill(0.0);
-        for (i, (&ki, &qi)) in kh.iter().zip(qh).enumerate() {
-            let srow = &mut s[i * d.dv..(i + 1) * d.dv];
-            srow.iter_mut()
-                .zip(&delta)
-                .for_each(|(x, dl)| *x += ki * dl);
-            o.iter_mut()
-                .zip(srow.iter())
-                .for_each(|(y, x)| *y += x * qi);
-        }
-    };
-    let per_head = d.dk * d.dv;
-    if d.value_heads * per_head >= 1 << 15 {
-        state
-            .par_chunks_mut(per_head)
-            .zip(out.par_chunks_mut(d.dv))
-            .enumerate()
-            .for_each(|(h, (s, o))| step(h, s, o));
-    } else {
-        state
-            .chunks_mut(per_head)
-            .zip(out.chunks_mut(d.dv))
-            .enumerate()
-            .for_each(|(h, (s, o))| step(h, s, o));
     }
+    qkv
 }

@@ -3,6 +3,8 @@
 //! bf16, f16) and are widened inside the matmul kernels.
 
 mod attention;
+pub mod delta_rule;
+mod dense;
 mod elementwise;
 mod gdn;
 mod kv;
@@ -12,12 +14,16 @@ mod mla;
 mod moe;
 mod recurrent;
 mod rope;
+pub mod ssd;
 mod tensor;
+#[cfg(test)]
+mod test_rng;
 
 use pie_driver::ir::*;
 use pie_driver::{Driver, DriverError, ForwardBatch, KvLayout, Result, TensorView, WeightRole};
 
 pub use kv::KvCache;
+pub use recurrent::ChunkedScan;
 pub use tensor::{Act, Weight};
 
 /// The portable driver: a worker pool; weights and KV pages live in the
@@ -26,6 +32,9 @@ pub use tensor::{Act, Weight};
 pub struct PortableDriver {
     pool: std::sync::Arc<rayon::ThreadPool>,
     runtime_quant: Option<RuntimeQuant>,
+    /// When Gated DeltaNet and Mamba2 take their chunked forms.
+    delta_rule_scan: ChunkedScan,
+    ssd_scan: ChunkedScan,
 }
 
 /// Quantization applied at load to float (f32/bf16/f16) weight matrices.
@@ -59,12 +68,21 @@ impl PortableDriver {
         PortableDriver {
             pool: std::sync::Arc::new(pool),
             runtime_quant: None,
+            delta_rule_scan: ChunkedScan::DELTA_RULE,
+            ssd_scan: ChunkedScan::SSD,
         }
     }
 
     /// Quantizes float weight matrices at load (`runtime_quant = "int8"`).
     pub fn with_runtime_quant(mut self, quant: Option<RuntimeQuant>) -> Self {
         self.runtime_quant = quant;
+        self
+    }
+
+    /// When both Gated DeltaNet and Mamba2 take their chunked forms (tests
+    /// force them on short prompts, or keep the token-by-token reference).
+    pub fn with_chunked_scan(mut self, scan: ChunkedScan) -> Self {
+        (self.delta_rule_scan, self.ssd_scan) = (scan, scan);
         self
     }
 
@@ -291,8 +309,10 @@ impl Driver for PortableDriver {
     ) -> Result<Act> {
         match (op, inputs) {
             (OpKind::Moe, [x]) => moe::moe(x, weights, a),
-            (OpKind::GatedDeltaNet, [x]) => gdn::gated_delta_net(x, weights, a, kv, batch),
-            (OpKind::Mamba2, [x]) => mamba2::mamba2(x, weights, a, kv, batch),
+            (OpKind::GatedDeltaNet, [x]) => {
+                gdn::gated_delta_net(x, weights, a, kv, batch, self.delta_rule_scan)
+            }
+            (OpKind::Mamba2, [x]) => mamba2::mamba2(x, weights, a, kv, batch, self.ssd_scan),
             (OpKind::MlaAttention, [x]) => mla::mla_attention(x, weights, a, kv, batch),
             _ => Err(DriverError::Unsupported {
                 op,

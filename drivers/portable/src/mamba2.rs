@@ -4,14 +4,16 @@
 //! and takes `dt · x ⊗ B` each token; the output `state · C + D · x` is
 //! gated by `silu(gate)`, group-RMS-normalized and projected out.
 //!
-//! This runs the recurrent form token by token — exact, and the reference
-//! for the chunked scan a GPU driver uses for prefill.
+//! The scan itself runs in the form [`ChunkedScan`] picks per sequence
+//! chunk (`ssd`): the SSD chunked scan for prefill, token by token for
+//! decode.
 
 use pie_driver::ir::CompositeAttrs;
 use pie_driver::{ForwardBatch, Result};
 
 use crate::kv::KvCache;
-use crate::recurrent::{project, rms_normalize, silu, softplus, Attrs, CausalConv};
+use crate::recurrent::{project, rms_normalize, silu, softplus, Attrs, CausalConv, ChunkedScan};
+use crate::ssd::{self, Inputs, Shape};
 use crate::tensor::{Act, Weight};
 
 struct Dims {
@@ -50,6 +52,7 @@ pub fn mamba2(
     attrs: &CompositeAttrs,
     kv: &mut KvCache,
     batch: &ForwardBatch,
+    scan: ChunkedScan,
 ) -> Result<Act> {
     let at = Attrs {
         op: "mamba2",
@@ -92,65 +95,57 @@ pub fn mamba2(
         )));
     }
 
+    let shape = Shape {
+        heads: d.heads,
+        head_dim: d.head_dim,
+        state: d.state,
+        groups: d.groups,
+    };
+    let a_neg: Vec<f32> = a_log.iter().map(|v| -v.exp()).collect();
     let mut y = Act::zeros(x.rows, d.inner());
     let conv_len = d.conv_dim() * (d.kernel - 1);
     for seq in &batch.seqs {
+        let rows = seq.start..seq.start + seq.len;
         let state = kv.state(slot, seq)?;
         let (conv_state, ssm) = state.split_at_mut(conv_len);
-        let mut xbc = vec![0f32; d.conv_dim()];
-        for row in seq.start..seq.start + seq.len {
-            let p = proj.row(row);
-            let (gate, rest) = p.split_at(d.inner());
-            let (xbc_in, dt_raw) = rest.split_at(d.conv_dim());
-            conv.step(conv_state, xbc_in, &mut xbc);
-            let out = &mut y.data[row * d.inner()..(row + 1) * d.inner()];
-            ssm_step(&d, &xbc, dt_raw, dt_bias, a_log, skip, ssm, out);
-            // Gate, then RMSNorm per group (norm after gate, as Mamba2).
-            out.iter_mut().zip(gate).for_each(|(o, g)| *o *= silu(*g));
-            for grp in out.chunks_exact_mut(d.inner() / d.groups) {
-                rms_normalize(grp, d.eps);
-            }
-            out.iter_mut().zip(norm).for_each(|(o, w)| *o *= w);
+        let mut xbc = vec![0f32; rows.len() * d.conv_dim()];
+        let mut dt = Vec::with_capacity(rows.len() * d.heads);
+        for (row, out) in rows.clone().zip(xbc.chunks_exact_mut(d.conv_dim())) {
+            let (xbc_in, dt_raw) = proj.row(row)[d.inner()..].split_at(d.conv_dim());
+            conv.step(conv_state, xbc_in, out);
+            dt.extend(
+                dt_raw
+                    .iter()
+                    .zip(dt_bias)
+                    .map(|(r, b)| softplus(r + b).max(d.dt_min)),
+            );
         }
+        let inputs = Inputs {
+            xbc: &xbc,
+            dt: &dt,
+            a: &a_neg,
+            skip,
+        };
+        let out = &mut y.data[rows.start * d.inner()..rows.end * d.inner()];
+        ssd::run(&shape, &inputs, ssm, out, scan);
+    }
+    // Gate, then RMSNorm per group (norm after gate, as Mamba2).
+    for (out, p) in y
+        .data
+        .chunks_exact_mut(d.inner())
+        .zip(proj.data.chunks_exact(proj_width))
+    {
+        out.iter_mut()
+            .zip(&p[..d.inner()])
+            .for_each(|(o, g)| *o *= silu(*g));
+        for grp in out.chunks_exact_mut(d.inner() / d.groups) {
+            rms_normalize(grp, d.eps);
+        }
+        out.iter_mut().zip(norm).for_each(|(o, w)| *o *= w);
     }
     Ok(project(
         &y,
         at.weight(weights, OUT_PROJ, "out_proj")?,
         d.hidden,
     ))
-}
-
-/// One token of the selective scan for every head; `ssm` is
-/// `[heads][head_dim][state]`.
-#[allow(clippy::too_many_arguments)]
-fn ssm_step(
-    d: &Dims,
-    xbc: &[f32],
-    dt_raw: &[f32],
-    dt_bias: &[f32],
-    a_log: &[f32],
-    skip: &[f32],
-    ssm: &mut [f32],
-    out: &mut [f32],
-) {
-    let (xs, bc) = xbc.split_at(d.inner());
-    let (b_all, c_all) = bc.split_at(d.groups * d.state);
-    let heads_per_group = d.heads / d.groups;
-    for h in 0..d.heads {
-        let g = h / heads_per_group;
-        let b = &b_all[g * d.state..(g + 1) * d.state];
-        let c = &c_all[g * d.state..(g + 1) * d.state];
-        let dt = softplus(dt_raw[h] + dt_bias[h]).max(d.dt_min);
-        let decay = (dt * -a_log[h].exp()).exp();
-        let xh = &xs[h * d.head_dim..(h + 1) * d.head_dim];
-        let sh = &mut ssm[h * d.head_dim * d.state..(h + 1) * d.head_dim * d.state];
-        for (p, (&xp, srow)) in xh.iter().zip(sh.chunks_exact_mut(d.state)).enumerate() {
-            let mut acc = 0f32;
-            for ((s, &bn), &cn) in srow.iter_mut().zip(b).zip(c) {
-                *s = *s * decay + dt * bn * xp;
-                acc += *s * cn;
-            }
-            out[h * d.head_dim + p] = acc + skip[h] * xp;
-        }
-    }
 }

@@ -57,6 +57,42 @@ impl Attrs<'_> {
     }
 }
 
+/// Which form a recurrent op (Gated DeltaNet, Mamba2) runs a sequence
+/// chunk of a batch in: chunks of at least `min_tokens` tokens (prefill)
+/// take the chunked form, `chunk` tokens per block of matrix products;
+/// shorter ones (decode) step token by token. Both forms continue the same
+/// state, so the choice is free per sequence and per call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkedScan {
+    pub min_tokens: usize,
+    pub chunk: usize,
+}
+
+impl ChunkedScan {
+    /// Gated DeltaNet: the chunked form wins from about 32 tokens at
+    /// Qwen3.5-9B's sizes on 2 cores (1.1× at 32, 0.75× at 16; see
+    /// `benches/recurrent_prefill.rs`).
+    pub const DELTA_RULE: ChunkedScan = ChunkedScan {
+        min_tokens: 32,
+        chunk: 64,
+    };
+    /// Mamba2: the SSD form already wins at 8 tokens at Nemotron-H-8B's
+    /// sizes (2.9× on one core), its token-by-token scan being slow.
+    pub const SSD: ChunkedScan = ChunkedScan {
+        min_tokens: 8,
+        chunk: 64,
+    };
+    /// Never chunked: the token-by-token reference.
+    pub const RECURRENT: ChunkedScan = ChunkedScan {
+        min_tokens: usize::MAX,
+        chunk: 64,
+    };
+
+    pub fn applies(&self, tokens: usize) -> bool {
+        self.chunk > 0 && tokens >= self.min_tokens.max(1)
+    }
+}
+
 /// A depthwise causal convolution over time whose last `kernel - 1` inputs
 /// are carried in the sequence's state between forward calls.
 pub struct CausalConv<'a> {
