@@ -13,6 +13,7 @@
 //
 // Limits (the driver checks): group = heads / kv_heads <= 8, head_dim and
 // v_head_dim <= 128. window <= 0: full causal; softcap <= 0: none.
+// The _bf16 variant reads caches of bf16 bits (pie_kv_write_bf16 wrote them).
 
 #define PIE_GQA_MAX_GROUP 8
 #define PIE_GQA_MAX_DPL 4 /* dims per lane: 128 / 32 */
@@ -26,11 +27,42 @@ __device__ __forceinline__ float pie_warp_sum(float v) {
     return v;
 }
 
-extern "C" __global__ void __launch_bounds__(PIE_GQA_WARPS * 32)
-pie_gqa_attention_partial(float* part_ml, float* part_acc, const float* q, const float* k_cache,
-                          const float* v_cache, const int* positions, const int* table, const int* table_off,
-                          int heads, int kv_heads, int head_dim, int v_head_dim, int v_stride, float scale,
-                          int window, float softcap) {
+// f32 -> bf16 bits, rounding to nearest even (NaN stays NaN).
+__device__ __forceinline__ unsigned short pie_kv_bf16_bits(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+
+// pie_kv_write for a bf16 cache: each new token's key and value rows,
+// rounded to bf16, into their token slots (the buffers hold bf16 bits).
+extern "C" __global__ void pie_kv_write_bf16(float* k_cache, float* v_cache, const float* k, const float* v,
+                                             const int* slots, int rows, int k_width, int v_width) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    int width = k_width + v_width;
+    if (i >= (long long)rows * width) return;
+    int r = i / width, c = i % width;
+    long long slot = slots[r];
+    unsigned short* kc = (unsigned short*)k_cache;
+    unsigned short* vc = (unsigned short*)v_cache;
+    if (c < k_width) kc[slot * k_width + c] = pie_kv_bf16_bits(k[(long long)r * k_width + c]);
+    else vc[slot * v_width + (c - k_width)] = pie_kv_bf16_bits(v[(long long)r * v_width + (c - k_width)]);
+}
+
+// Element `i` of a KV buffer: f32, or bf16 bits.
+__device__ __forceinline__ float pie_kv_load(const float* cache, long long i) { return cache[i]; }
+__device__ __forceinline__ float pie_kv_load(const unsigned short* cache, long long i) {
+    return __uint_as_float(((unsigned int)cache[i]) << 16);
+}
+
+// The partial pass over a cache of element type T (float or bf16 bits);
+// one instantiation per type so the hot loop has no type test.
+template <typename T>
+__device__ __forceinline__ void pie_gqa_partial(float* part_ml, float* part_acc, const float* q, const T* k_cache,
+                                                const T* v_cache, const int* positions, const int* table,
+                                                const int* table_off, int heads, int kv_heads, int head_dim,
+                                                int v_head_dim, int v_stride, float scale, int window, float softcap) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int rk = blockIdx.x;  // row * kv_heads + kv head
     int row = rk / kv_heads, kvh = rk % kv_heads;
@@ -74,7 +106,7 @@ pie_gqa_attention_partial(float* part_ml, float* part_acc, const float* q, const
 #pragma unroll
             for (int i = 0; i < PIE_GQA_MAX_DPL; i++) {
                 int d = lane + 32 * i;
-                kr[u][i] = (live[u] && d < head_dim) ? k_cache[kbase[u] + d] : 0.0f;
+                kr[u][i] = (live[u] && d < head_dim) ? pie_kv_load(k_cache, kbase[u] + d) : 0.0f;
             }
         float vr[PIE_GQA_UNROLL][PIE_GQA_MAX_DPL];
 #pragma unroll
@@ -82,7 +114,7 @@ pie_gqa_attention_partial(float* part_ml, float* part_acc, const float* q, const
 #pragma unroll
             for (int i = 0; i < PIE_GQA_MAX_DPL; i++) {
                 int d = lane + 32 * i;
-                vr[u][i] = (live[u] && d < v_head_dim) ? v_cache[vbase[u] + d] : 0.0f;
+                vr[u][i] = (live[u] && d < v_head_dim) ? pie_kv_load(v_cache, vbase[u] + d) : 0.0f;
             }
 #pragma unroll
         for (int g = 0; g < PIE_GQA_MAX_GROUP; g++) {
@@ -131,6 +163,25 @@ pie_gqa_attention_partial(float* part_ml, float* part_acc, const float* q, const
             if (d < v_head_dim) part_acc[(p * group + g) * v_head_dim + d] = acc[g][i];
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(PIE_GQA_WARPS * 32)
+pie_gqa_attention_partial(float* part_ml, float* part_acc, const float* q, const float* k_cache,
+                          const float* v_cache, const int* positions, const int* table, const int* table_off,
+                          int heads, int kv_heads, int head_dim, int v_head_dim, int v_stride, float scale,
+                          int window, float softcap) {
+    pie_gqa_partial<float>(part_ml, part_acc, q, k_cache, v_cache, positions, table, table_off, heads, kv_heads,
+                           head_dim, v_head_dim, v_stride, scale, window, softcap);
+}
+
+// The same over a bf16 cache (written by pie_kv_write_bf16).
+extern "C" __global__ void __launch_bounds__(PIE_GQA_WARPS * 32)
+pie_gqa_attention_partial_bf16(float* part_ml, float* part_acc, const float* q, const unsigned short* k_cache,
+                               const unsigned short* v_cache, const int* positions, const int* table,
+                               const int* table_off, int heads, int kv_heads, int head_dim, int v_head_dim,
+                               int v_stride, float scale, int window, float softcap) {
+    pie_gqa_partial<unsigned short>(part_ml, part_acc, q, k_cache, v_cache, positions, table, table_off, heads,
+                                    kv_heads, head_dim, v_head_dim, v_stride, scale, window, softcap);
 }
 
 // One block of 128 threads per (row, query head); thread d owns output

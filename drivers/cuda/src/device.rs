@@ -35,7 +35,9 @@ pub const KERNEL_SOURCES: [(&str, &str); 7] = [
 ];
 
 /// Every kernel the driver launches.
-pub const KERNELS: [&str; 43] = [
+pub const KERNELS: [&str; 45] = [
+    "pie_gqa_attention_partial_bf16",
+    "pie_kv_write_bf16",
     "pie_rms",
     "pie_gaussian_topk",
     "pie_concat_part",

@@ -4,7 +4,7 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use pie_driver::ir::AttentionAttrs;
-use pie_driver::Result;
+use pie_driver::{DriverError, KvLayout, Result};
 
 use crate::{cuda_err, int, AttentionTables, CudaAct, CudaDriver, CudaWeight, KvSlotBuffers};
 
@@ -18,6 +18,22 @@ const TARGET_BLOCKS: usize = 264;
 /// At most 4 × 4 = 16 splits: more leaves a warp too few keys of a short
 /// context and makes the combine pass longer.
 const MAX_BLOCKS_PER_HEAD: usize = 4;
+
+/// A bf16 KV cache is read only by the grouped kernels: every attention
+/// cache must have head dims they take (and even widths, two bf16 per f32
+/// element of the buffers).
+pub(crate) fn check_bf16_cache(layout: &KvLayout) -> Result<()> {
+    for s in &layout.slots {
+        if s.head_dim > MAX_DIM || s.v_head_dim > MAX_DIM || (s.kv_heads * s.head_dim) % 2 != 0 {
+            return Err(DriverError::Invalid(format!(
+                "kv_cache_dtype bf16 on the cuda driver takes head dims up to {MAX_DIM}; this model \
+                 caches {} values per head (use kv_cache_dtype auto)",
+                s.head_dim.max(s.v_head_dim)
+            )));
+        }
+    }
+    Ok(())
+}
 
 impl CudaDriver {
     /// Whether attention `a` runs on the grouped kernel.
@@ -39,6 +55,7 @@ impl CudaDriver {
         tables: &AttentionTables,
         slot: &KvSlotBuffers,
         sinks: Option<&CudaWeight>,
+        kv_bf16: bool,
     ) -> Result<CudaAct> {
         let group = a.heads / a.kv_heads;
         let pairs = q.rows * a.kv_heads;
@@ -68,9 +85,11 @@ impl CudaDriver {
             block_dim: ((WARPS * 32) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = self
-            .stream
-            .launch_builder(self.kernels.get("pie_gqa_attention_partial"));
+        let partial = match kv_bf16 {
+            true => "pie_gqa_attention_partial_bf16",
+            false => "pie_gqa_attention_partial",
+        };
+        let mut b = self.stream.launch_builder(self.kernels.get(partial));
         b.arg(&mut part_ml)
             .arg(&mut part_acc)
             .arg(&q.data)
@@ -87,7 +106,7 @@ impl CudaDriver {
             .arg(&a.scale)
             .arg(&window)
             .arg(&softcap);
-        unsafe { b.launch(cfg) }.map_err(cuda_err("pie_gqa_attention_partial"))?;
+        unsafe { b.launch(cfg) }.map_err(cuda_err(partial))?;
 
         let mut out = self.act(q.rows, a.heads * a.v_head_dim)?;
         let (sinks_ptr, has_sinks) = match sinks.and_then(CudaWeight::f32) {

@@ -14,6 +14,9 @@ pub struct KvSlotBuffers {
 pub struct CudaKv {
     page_size: usize,
     num_pages: usize,
+    /// Keys and values stored as bf16 (two per f32 element of the
+    /// buffers, which then hold half as many f32) instead of f32.
+    bf16: bool,
     slots: Vec<KvSlotBuffers>,
     /// The current batch's index tables on the device, built by the first
     /// attention op of a forward pass and reused by the others.
@@ -63,13 +66,15 @@ impl CudaKv {
             .page_size
             .checked_mul(layout.num_pages + 1)
             .ok_or_else(|| DriverError::Invalid("kv cache size overflows".into()))?;
+        let bf16 = layout.dtype == pie_driver::KvDType::Bf16;
+        let floats = |n: usize| if bf16 { n.div_ceil(2) } else { n };
         let slots = layout
             .slots
             .iter()
             .map(|shape| {
                 Ok(KvSlotBuffers {
-                    k: zeros(tokens * shape.kv_heads * shape.head_dim)?,
-                    v: zeros(tokens * shape.kv_heads * shape.v_head_dim)?,
+                    k: zeros(floats(tokens * shape.kv_heads * shape.head_dim))?,
+                    v: zeros(floats(tokens * shape.kv_heads * shape.v_head_dim))?,
                     shape: shape.clone(),
                 })
             })
@@ -82,6 +87,7 @@ impl CudaKv {
         Ok(CudaKv {
             page_size: layout.page_size,
             num_pages: layout.num_pages,
+            bf16,
             slots,
             tables: None,
             states,
@@ -147,6 +153,11 @@ impl CudaKv {
             crate::graphs::address(state).hash(&mut h);
         }
         h.finish()
+    }
+
+    /// Whether keys and values are stored as bf16.
+    pub fn is_bf16(&self) -> bool {
+        self.bf16
     }
 
     /// Whether the cache holds per-sequence recurrent state.
@@ -216,9 +227,11 @@ impl CudaKv {
             )));
         }
         let n = self.page_size;
+        // Per token, in f32 elements of the buffers (bf16 widths are even).
+        let per = if self.bf16 { 2 } else { 1 };
         for slot in &mut self.slots {
-            let kw = slot.shape.kv_heads * slot.shape.head_dim;
-            let vw = slot.shape.kv_heads * slot.shape.v_head_dim;
+            let kw = slot.shape.kv_heads * slot.shape.head_dim / per;
+            let vw = slot.shape.kv_heads * slot.shape.v_head_dim / per;
             copy_range(stream, &mut slot.k, from * n * kw, to * n * kw, n * kw)?;
             copy_range(stream, &mut slot.v, from * n * vw, to * n * vw, n * vw)?;
         }

@@ -624,11 +624,14 @@ impl Driver for CudaDriver {
     }
 
     fn new_kv(&self, layout: &KvLayout) -> Result<CudaKv> {
-        if layout.dtype != KvDType::Auto {
-            return Err(DriverError::Invalid(format!(
-                "kv_cache_dtype {:?} is not implemented by the cuda driver yet (use auto)",
-                layout.dtype
-            )));
+        match layout.dtype {
+            KvDType::Auto => {}
+            KvDType::Bf16 => grouped_attention::check_bf16_cache(layout)?,
+            other => {
+                return Err(DriverError::Invalid(format!(
+                "kv_cache_dtype {other:?} is not implemented by the cuda driver (use auto or bf16)"
+            )))
+            }
         }
         CudaKv::new(layout, |n| self.zeros(n))
     }
@@ -853,6 +856,7 @@ impl Driver for CudaDriver {
                 a.heads, a.kv_heads, a.v_head_dim
             )));
         }
+        let bf16 = kv.is_bf16();
         let staged = *self.staged.lock().expect("staged lock");
         let (tables, slot) = match staged {
             Some(staged) => (
@@ -872,8 +876,20 @@ impl Driver for CudaDriver {
         );
         // An op reading another layer's cache (`kv_from`) writes nothing:
         // that layer cached this step's keys and values already.
+        if bf16 && !self.gqa_fits(a) {
+            return Err(DriverError::Invalid(format!(
+                "a bf16 KV cache on the cuda driver needs grouped attention (at most 8 query heads per \
+                 KV head and head dims <= 128); this layer has {} heads over {} (use kv_cache_dtype auto)",
+                a.heads, a.kv_heads
+            )));
+        }
         if let (Some(k), Some(v)) = (k, v) {
-            let mut b = self.stream.launch_builder(self.kernels.get("pie_kv_write"));
+            let write = if bf16 {
+                "pie_kv_write_bf16"
+            } else {
+                "pie_kv_write"
+            };
+            let mut b = self.stream.launch_builder(self.kernels.get(write));
             b.arg(&mut slot.k)
                 .arg(&mut slot.v)
                 .arg(&k.data)
@@ -882,10 +898,10 @@ impl Driver for CudaDriver {
                 .arg(&rows)
                 .arg(&kwi)
                 .arg(&vwi);
-            unsafe { b.launch(blocks(q.rows * (kw + vw))) }.map_err(cuda_err("pie_kv_write"))?;
+            unsafe { b.launch(blocks(q.rows * (kw + vw))) }.map_err(cuda_err(write))?;
         }
         if self.gqa_fits(a) {
-            return self.gqa_attention(q, a, &tables, slot, sinks);
+            return self.gqa_attention(q, a, &tables, slot, sinks, bf16);
         }
         let (table, offsets, positions) = (&tables.table, &tables.table_offsets, &tables.positions);
         let dummy;

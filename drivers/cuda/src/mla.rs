@@ -32,6 +32,12 @@ impl CudaDriver {
         kv: &mut CudaKv,
         batch: &ForwardBatch,
     ) -> Result<CudaAct> {
+        if kv.is_bf16() {
+            return Err(pie_driver::DriverError::Invalid(
+                "kv_cache_dtype bf16 is not supported for MLA layers by the cuda driver yet (use auto)"
+                    .into(),
+            ));
+        }
         let op = OpArgs {
             op: "mla_attention",
             attrs,
