@@ -842,6 +842,7 @@ impl Driver for CudaDriver {
         kv: &mut CudaKv,
         batch: &ForwardBatch,
     ) -> Result<CudaAct> {
+        batch.refuse_masks(op)?;
         match (op, inputs) {
             (OpKind::Moe, [x]) => self.moe(x, weights, a),
             (OpKind::GatedDeltaNet, [x]) => self.gated_delta_net(x, weights, a, kv, batch),
