@@ -30,7 +30,7 @@ pub const KERNEL_SOURCES: [(&str, &str); 5] = [
 ];
 
 /// Every kernel the driver launches.
-pub const KERNELS: [&str; 35] = [
+pub const KERNELS: [&str; 36] = [
     "pie_add",
     "pie_mul",
     "pie_scale",
@@ -48,6 +48,7 @@ pub const KERNELS: [&str; 35] = [
     "pie_rope",
     "pie_kv_write",
     "pie_attention",
+    "pie_attention_masked",
     "pie_greedy_logprob",
     "pie_scatter_add",
     "pie_causal_conv",

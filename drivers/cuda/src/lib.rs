@@ -725,9 +725,13 @@ impl Driver for CudaDriver {
         let v_stride = kvh * vhd;
         let window = a.window.map_or(0, |w| w as i32);
         let softcap = a.softcap.unwrap_or(0.0);
-        let mut b = self
-            .stream
-            .launch_builder(self.kernels.get("pie_attention"));
+        // Batches without custom masks take the causal kernel, which
+        // compiles without any mask handling.
+        let kernel = match tables.masks {
+            Some(_) => "pie_attention_masked",
+            None => "pie_attention",
+        };
+        let mut b = self.stream.launch_builder(self.kernels.get(kernel));
         b.arg(&mut out.data)
             .arg(&q.data)
             .arg(&slot.k)
@@ -745,7 +749,10 @@ impl Driver for CudaDriver {
             .arg(&a.scale)
             .arg(&window)
             .arg(&softcap);
-        unsafe { b.launch(cfg) }.map_err(cuda_err("pie_attention"))?;
+        if let Some(m) = &tables.masks {
+            b.arg(&m.words).arg(&m.offsets).arg(&m.key_counts);
+        }
+        unsafe { b.launch(cfg) }.map_err(cuda_err(kernel))?;
         Ok(out)
     }
 
