@@ -13,6 +13,7 @@
 //! CPU- or GPU-bound and never block the async tasks running inferlets.
 
 mod executor;
+mod mask;
 pub mod outputs;
 pub mod pages;
 mod planner;
@@ -91,9 +92,12 @@ pub struct PassRequest {
     pub tokens: Vec<u32>,
     /// Rotary positions of the tokens (one each); None = the context's
     /// continuation. They change only the rotation: cache order and the
-    /// causal mask follow the context's token order.
+    /// mask follow the context's token order.
     pub positions: Option<Vec<u32>>,
-    /// Must be causal; the driver has no custom masks yet.
+    /// Attention mask: one row per token, each with one entry per key
+    /// position (the context's cached tokens, then this pass's tokens; see
+    /// `mask.rs`); None = causal. A masked pass is never split across
+    /// batches.
     pub mask: Option<Vec<Vec<bool>>>,
     /// `(index into tokens, what to return)`.
     pub outputs: Vec<(u32, OutputKind)>,
@@ -113,6 +117,9 @@ pub struct ModelInfo {
     pub tokenizer: Option<Tokenizer>,
     pub chat_template: Option<ChatTemplate>,
     pub stop_ids: Vec<u32>,
+    /// Why passes with custom attention masks are refused on this model
+    /// (recurrent or MLA layers); None = they run.
+    pub mask_refusal: Option<String>,
 }
 
 /// Handle to the scheduler; cheap to clone. The threads stop when the last
@@ -123,6 +130,7 @@ pub struct Scheduler {
     kv: Arc<Mutex<PageManager>>,
     model: Arc<ModelInfo>,
     stats: Arc<Stats>,
+    max_forward_tokens: usize,
 }
 
 /// The planner's inbox; dropping the last one tells the planner to stop.
@@ -151,12 +159,14 @@ impl Scheduler {
             pages = pages.with_state_rows(cfg.max_recurrent_contexts);
         }
         let kv = Arc::new(Mutex::new(pages));
+        let max_forward_tokens = cfg.max_forward_tokens.max(1);
         planner::start(rx, exec, kv.clone(), cfg, stats.clone())?;
         Ok(Scheduler {
             tx: Arc::new(Sender(tx)),
             kv,
             model: Arc::new(info),
             stats,
+            max_forward_tokens,
         })
     }
 
@@ -185,16 +195,24 @@ impl Scheduler {
     /// caller submitting several passes at once (an inferlet's branches)
     /// sends them together with [`Scheduler::send`], so they are planned
     /// into the same batch.
-    pub fn prepare(&self, req: PassRequest, reply: Reply) -> Result<Prepared, String> {
-        let start_len = {
+    pub fn prepare(&self, mut req: PassRequest, reply: Reply) -> Result<Prepared, String> {
+        let (start_len, mask) = {
             let mut kv = self.kv();
             let len = kv.tokens(req.ctx).map_err(|e| e.to_string())?.len();
-            check_request(&req, len, self.model.vocab)?;
+            check_request(&req, self.model.vocab)?;
+            let limits = mask::MaskLimits {
+                refusal: self.model.mask_refusal.as_deref(),
+                max_forward_tokens: self.max_forward_tokens,
+            };
+            let mask = match req.mask.take() {
+                Some(rows) => mask::pack(&rows, req.tokens.len(), len, &limits)?,
+                None => None,
+            };
             kv.set_busy(req.ctx, true).map_err(|e| e.to_string())?;
-            len
+            (len, mask)
         };
         self.stats.queue_depth.fetch_add(1, Ordering::Relaxed);
-        Ok(Prepared(planner::Job::new(req, start_len, reply)))
+        Ok(Prepared(planner::Job::new(req, start_len, mask, reply)))
     }
 
     /// Queues prepared passes, in order. If the scheduler has stopped,
@@ -226,8 +244,9 @@ fn lock(kv: &Mutex<PageManager>) -> MutexGuard<'_, PageManager> {
     kv.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Refuses what the scheduler or driver cannot run, with the reason.
-fn check_request(req: &PassRequest, ctx_len: usize, vocab: usize) -> Result<(), String> {
+/// Refuses what the scheduler or driver cannot run, with the reason (the
+/// mask is checked by `mask::pack`).
+fn check_request(req: &PassRequest, vocab: usize) -> Result<(), String> {
     let n = req.tokens.len();
     if n == 0 {
         return Err("a forward pass needs at least one input token".into());
@@ -248,19 +267,6 @@ fn check_request(req: &PassRequest, ctx_len: usize, vocab: usize) -> Result<(), 
                 "{} positions given for {n} input tokens: give one per token",
                 pos.len()
             ));
-        }
-    }
-    if let Some(mask) = &req.mask {
-        let causal = mask.len() == n
-            && mask
-                .iter()
-                .enumerate()
-                .all(|(i, row)| row.len() == ctx_len + i + 1 && row.iter().all(|&b| b));
-        if !causal {
-            return Err(
-                "custom attention masks are not supported by this driver yet; only the causal mask (rows of ctx_len + i + 1 `true`) is accepted"
-                    .into(),
-            );
         }
     }
     Ok(())

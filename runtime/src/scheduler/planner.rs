@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pie_driver::ForwardBatch;
+use pie_driver::{AttnMask, ForwardBatch};
 use rayon::prelude::*;
 
 use super::executor::{BatchId, Done, ExecBatch};
@@ -53,18 +53,21 @@ pub(super) struct Job {
     done: usize,
     /// The context's length when the pass started.
     start_len: usize,
+    /// The pass's custom attention mask (never split across batches).
+    mask: Option<AttnMask>,
     outputs: Vec<Option<PassOutput>>,
     pub reply: Reply,
     in_flight: bool,
 }
 
 impl Job {
-    pub fn new(req: PassRequest, start_len: usize, reply: Reply) -> Self {
+    pub fn new(req: PassRequest, start_len: usize, mask: Option<AttnMask>, reply: Reply) -> Self {
         Job {
             outputs: vec![None; req.outputs.len()],
             req,
             done: 0,
             start_len,
+            mask,
             reply,
             in_flight: false,
         }
@@ -231,7 +234,14 @@ impl Planner {
             if job.in_flight {
                 continue;
             }
-            let take = (job.req.tokens.len() - job.done).min(budget);
+            let left = job.req.tokens.len() - job.done;
+            // A masked pass runs whole (its rows may look ahead): it waits
+            // for a batch with room, at the latest the next one, where it
+            // is at the head (it fits `max_forward_tokens`, see `prepare`).
+            if job.mask.is_some() && left > budget {
+                break;
+            }
+            let take = left.min(budget);
             match kv.prepare_write(job.req.ctx, take) {
                 Ok(write) => {
                     budget -= take;
@@ -486,6 +496,9 @@ impl BatchPlan {
             write.pages,
             write.state,
         );
+        if let Some(mask) = &job.mask {
+            self.batch.seqs.last_mut().expect("pushed").mask = Some(mask.clone());
+        }
         if let Some(positions) = &job.req.positions {
             let end = self.batch.positions.len();
             self.batch.positions[end - take..].copy_from_slice(&positions[range]);
