@@ -13,6 +13,7 @@
 //! CPU- or GPU-bound and never block the async tasks running inferlets.
 
 mod executor;
+mod ids;
 mod mask;
 pub mod outputs;
 pub mod pages;
@@ -106,6 +107,19 @@ pub struct PassRequest {
 /// Called once with a pass's result, on the planner thread.
 pub type Reply = Box<dyn FnOnce(PassResult) + Send>;
 
+/// Called after each group of replies (see [`Scheduler::after_replies`]).
+pub type AfterReplies = Arc<dyn Fn() + Send + Sync>;
+
+/// The hooks run after each group of replies, shared with the planner.
+pub(crate) type Hooks = Arc<Mutex<Vec<AfterReplies>>>;
+
+/// Runs every hook (after replies were called).
+pub(crate) fn run_hooks(hooks: &Hooks) {
+    for h in hooks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        h();
+    }
+}
+
 /// The model-level facts front ends need without touching the engine.
 pub struct ModelInfo {
     pub name: String,
@@ -131,6 +145,7 @@ pub struct Scheduler {
     model: Arc<ModelInfo>,
     stats: Arc<Stats>,
     max_forward_tokens: usize,
+    hooks: Hooks,
 }
 
 /// The planner's inbox; dropping the last one tells the planner to stop.
@@ -160,13 +175,15 @@ impl Scheduler {
         }
         let kv = Arc::new(Mutex::new(pages));
         let max_forward_tokens = cfg.max_forward_tokens.max(1);
-        planner::start(rx, exec, kv.clone(), cfg, stats.clone())?;
+        let hooks = Hooks::default();
+        planner::start(rx, exec, kv.clone(), cfg, stats.clone(), hooks.clone())?;
         Ok(Scheduler {
             tx: Arc::new(Sender(tx)),
             kv,
             model: Arc::new(info),
             stats,
             max_forward_tokens,
+            hooks,
         })
     }
 
@@ -182,6 +199,17 @@ impl Scheduler {
     /// every batch.
     pub fn kv(&self) -> MutexGuard<'_, PageManager> {
         lock(&self.kv)
+    }
+
+    /// Runs `hook` after each group of replies: the passes one step
+    /// answered (on the planner thread), or those refused together. A
+    /// front end whose replies defer work that costs per call (waking a
+    /// task) does it there once per group. A hook must not add hooks.
+    pub fn after_replies(&self, hook: AfterReplies) {
+        self.hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(hook);
     }
 
     /// Queues a pass; `reply` gets its outputs. Bad requests are refused
@@ -230,6 +258,7 @@ impl Scheduler {
                 let _ = self.kv().set_busy(job.req.ctx, false);
                 (job.reply)(Err(stopped.clone()));
             }
+            run_hooks(&self.hooks);
             stopped
         })
     }

@@ -9,7 +9,7 @@
 //! executor runs batches in planning order, so a page freed and reused
 //! later is never written before an earlier batch has read it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,6 +18,7 @@ use pie_driver::{AttnMask, ForwardBatch};
 use rayon::prelude::*;
 
 use super::executor::{BatchId, Done, ExecBatch};
+use super::ids::IdMap;
 use super::{lock, outputs, PageManager, PassOutput, PassRequest, PassResult, Reply};
 use super::{KvError, OutputKind, SchedulerConfig, Stats};
 use crate::engine::RowOutput;
@@ -90,14 +91,14 @@ struct InFlight {
 }
 
 struct Planner {
-    jobs: HashMap<JobId, Job>,
+    jobs: IdMap<Job>,
     /// Every job, in arrival order.
     order: VecDeque<JobId>,
     /// Jobs not in flight.
     waiting: usize,
     next_job: JobId,
     next_batch: BatchId,
-    in_flight: HashMap<BatchId, InFlight>,
+    in_flight: IdMap<InFlight>,
     /// Since when the head pass has been waiting for KV pages with nothing
     /// else running.
     blocked_since: Option<Instant>,
@@ -110,6 +111,7 @@ struct Planner {
     exec: mpsc::Sender<ExecBatch>,
     cfg: SchedulerConfig,
     stats: Arc<Stats>,
+    hooks: super::Hooks,
 }
 
 pub(super) fn start(
@@ -118,14 +120,15 @@ pub(super) fn start(
     kv: Arc<Mutex<PageManager>>,
     cfg: SchedulerConfig,
     stats: Arc<Stats>,
+    hooks: super::Hooks,
 ) -> Result<(), PieError> {
     let planner = Planner {
-        jobs: HashMap::new(),
+        jobs: IdMap::default(),
         order: VecDeque::new(),
         waiting: 0,
         next_job: 0,
         next_batch: 0,
-        in_flight: HashMap::new(),
+        in_flight: IdMap::default(),
         blocked_since: None,
         expected: 0,
         gather_until: None,
@@ -134,6 +137,7 @@ pub(super) fn start(
         exec,
         cfg,
         stats,
+        hooks,
     };
     std::thread::Builder::new()
         .name("pie-planner".into())
@@ -456,6 +460,7 @@ impl Planner {
         for (reply, result) in replies {
             reply(result);
         }
+        super::run_hooks(&self.hooks);
     }
 }
 
