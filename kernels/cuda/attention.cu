@@ -1,4 +1,4 @@
-// Paged causal attention of the CUDA driver: keys and values live in token
+// Paged attention of the CUDA driver (causal, or with per-row masks): keys and values live in token
 // slots of fixed-size pages; each sequence's page table is flattened by the
 // host into `table` (token slot of every position), `table_off[row]` saying
 // where the row's sequence starts.
@@ -27,11 +27,20 @@ extern "C" __global__ void pie_kv_write(float* k_cache, float* v_cache, const fl
 // dimension, reading each value row coalesced.
 // window <= 0: full causal attention; softcap <= 0: none; has_sinks: a
 // learned per-head logit in the denominator (GPT-OSS).
-extern "C" __global__ void pie_attention(float* out, const float* q, const float* k_cache,
-                                         const float* v_cache, const int* positions, const int* table,
-                                         const int* table_off, const float* sinks, int has_sinks,
-                                         int heads, int kv_heads, int head_dim, int v_head_dim,
-                                         int v_stride, float scale, int window, float softcap) {
+// MASKED (the pie_attention_masked entry): a row with mask_off[row] >= 0
+// attends to the keys 0 .. key_count[row] - 1 whose bit is set in its mask
+// row (mask_words + mask_off[row], 32 keys a word, key j at bit j % 32 of
+// word j / 32), later tokens of its chunk included; other rows stay causal.
+// Hidden keys score -inf, and a tile or row with no visible key adds
+// nothing. The causal entry compiles without any of it.
+template <bool MASKED>
+__device__ __forceinline__ void pie_attention_body(float* out, const float* q, const float* k_cache,
+                                                   const float* v_cache, const int* positions, const int* table,
+                                                   const int* table_off, const float* sinks, int has_sinks,
+                                                   int heads, int kv_heads, int head_dim, int v_head_dim,
+                                                   int v_stride, float scale, int window, float softcap,
+                                                   const unsigned* mask_words, const int* mask_off,
+                                                   const int* key_count) {
     __shared__ float probs[PIE_ATTN_THREADS];
     __shared__ float reduce[PIE_ATTN_THREADS];
     extern __shared__ float q_shared[];
@@ -41,6 +50,12 @@ extern "C" __global__ void pie_attention(float* out, const float* q, const float
     const int warps = PIE_ATTN_THREADS / 32;
     int pos = positions[row];
     int first = window > 0 ? max(0, pos + 1 - window) : 0;
+    int last = pos;
+    const unsigned* bits = 0;
+    if (MASKED && mask_off[row] >= 0) {
+        bits = mask_words + mask_off[row];
+        last = key_count[row] - 1;
+    }
     const int* slots = table + table_off[row];
     const float* qh = q + (long long)row * heads * head_dim + (long long)h * head_dim;
     for (int d = tid; d < head_dim; d += PIE_ATTN_THREADS) q_shared[d] = qh[d];
@@ -53,18 +68,20 @@ extern "C" __global__ void pie_attention(float* out, const float* q, const float
     // the key width when values are the keys' first dims: MLA's latent).
     int k_width = kv_heads * head_dim, v_width = v_stride;
 
-    for (int tile = first; tile <= pos; tile += PIE_ATTN_THREADS) {
-        int n = min(PIE_ATTN_THREADS, pos + 1 - tile);
+    for (int tile = first; tile <= last; tile += PIE_ATTN_THREADS) {
+        int n = min(PIE_ATTN_THREADS, last + 1 - tile);
         for (int t = warp; t < PIE_ATTN_THREADS; t += warps) {
+            bool seen = t < n;
+            if (MASKED && seen && bits) seen = (bits[(tile + t) >> 5] >> ((tile + t) & 31)) & 1u;
             float dot = 0.0f;
-            if (t < n) {
+            if (seen) {
                 const float* kj = k_cache + (long long)slots[tile + t] * k_width + (long long)kvh * head_dim;
                 for (int d = lane; d < head_dim; d += 32) dot += q_shared[d] * kj[d];
             }
             for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
             if (lane == 0) {
                 float s = PIE_NEG_INF;
-                if (t < n) {
+                if (seen) {
                     s = dot * scale;
                     if (softcap > 0.0f) s = tanhf(s / softcap) * softcap;
                 }
@@ -80,6 +97,7 @@ extern "C" __global__ void pie_attention(float* out, const float* q, const float
         }
         float m_new = fmaxf(m, reduce[0]);
         __syncthreads();
+        if (MASKED && m_new == PIE_NEG_INF) continue;  // nothing visible yet (uniform across the block)
         float p = tid < n ? expf(probs[tid] - m_new) : 0.0f;
         probs[tid] = p;
         reduce[tid] = p;
@@ -95,6 +113,7 @@ extern "C" __global__ void pie_attention(float* out, const float* q, const float
             if (d >= v_head_dim) break;
             float sum = acc[a] * correction;
             for (int t = 0; t < n; t++) {
+                if (MASKED && probs[t] == 0.0f) continue;  // hidden key: skip its value row
                 sum += probs[t] * v_cache[(long long)slots[tile + t] * v_width + (long long)kvh * v_head_dim + d];
             }
             acc[a] = sum;
@@ -102,13 +121,34 @@ extern "C" __global__ void pie_attention(float* out, const float* q, const float
         m = m_new;
         __syncthreads();
     }
-    if (has_sinks) l += expf(sinks[h] - m);
+    if (has_sinks && (!MASKED || m != PIE_NEG_INF)) l += expf(sinks[h] - m);
     float* oh = out + (long long)row * heads * v_head_dim + (long long)h * v_head_dim;
     for (int a = 0; a < PIE_ATTN_MAX_DIMS_PER_THREAD; a++) {
         int d = tid + a * PIE_ATTN_THREADS;
         if (d >= v_head_dim) break;
-        oh[d] = acc[a] / l;
+        oh[d] = (MASKED && l == 0.0f) ? 0.0f : acc[a] / l;
     }
+}
+
+extern "C" __global__ void pie_attention(float* out, const float* q, const float* k_cache,
+                                         const float* v_cache, const int* positions, const int* table,
+                                         const int* table_off, const float* sinks, int has_sinks,
+                                         int heads, int kv_heads, int head_dim, int v_head_dim,
+                                         int v_stride, float scale, int window, float softcap) {
+    pie_attention_body<false>(out, q, k_cache, v_cache, positions, table, table_off, sinks, has_sinks, heads,
+                              kv_heads, head_dim, v_head_dim, v_stride, scale, window, softcap, 0, 0, 0);
+}
+
+extern "C" __global__ void pie_attention_masked(float* out, const float* q, const float* k_cache,
+                                                const float* v_cache, const int* positions, const int* table,
+                                                const int* table_off, const float* sinks, int has_sinks,
+                                                int heads, int kv_heads, int head_dim, int v_head_dim,
+                                                int v_stride, float scale, int window, float softcap,
+                                                const unsigned* mask_words, const int* mask_off,
+                                                const int* key_count) {
+    pie_attention_body<true>(out, q, k_cache, v_cache, positions, table, table_off, sinks, has_sinks, heads,
+                             kv_heads, head_dim, v_head_dim, v_stride, scale, window, softcap, mask_words,
+                             mask_off, key_count);
 }
 
 // Greedy sampling with its log-probability, per requested row: the argmax

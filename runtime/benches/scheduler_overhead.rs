@@ -370,9 +370,11 @@ fn breakdown() -> serde_json::Value {
     let sample_big_ns = per_call(200, |i| {
         std::hint::black_box(outputs::compute(&big, &greedy, i));
     });
-    // Answering a pass: fill the slot and wake the inferlet's tokio task
-    // parked in `wait-any` (the host's reply closure), from a plain thread
-    // as the scheduler does; the tasks are woken 64 at a time.
+    // Answering a pass the direct way: fill the slot and wake the
+    // inferlet's tokio task parked in `wait-any` from a plain thread, 64
+    // tasks at a time. (The host's replies now only record whom to wake and
+    // a dispatcher task wakes them once per step, `inferlet/wakes.rs`; this
+    // is the per-pass cost that moved off the planner.)
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -397,6 +397,19 @@ impl<D: Driver + 'static> Engine<D> {
         !self.ir.state_slots.is_empty()
     }
 
+    /// Why this model cannot apply custom attention masks: its first
+    /// layer that mixes tokens without honouring one (recurrent, MLA).
+    pub fn mask_refusal(&self) -> Option<String> {
+        self.ir.nodes().filter(|n| n.enabled).find_map(|n| {
+            pie_driver::mask_refusal(n.kind()).map(|why| {
+                format!(
+                    "its `{}` layers cannot apply one: {why}",
+                    n.kind().spec_name()
+                )
+            })
+        })
+    }
+
     /// Copies recurrent state row `from` to row `to` (a fork).
     pub fn copy_state(&mut self, from: u32, to: u32) -> Result<(), PieError> {
         let (kv, ..) = self.kv.as_mut().ok_or_else(no_kv)?;

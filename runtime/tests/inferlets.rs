@@ -169,3 +169,33 @@ fn faulty_inferlets_fail_alone() {
     let kv = rt.scheduler().kv();
     assert_eq!(kv.free_pages(), kv.total_pages(), "no pages leaked");
 }
+
+/// A raw pass with a tree mask through the Rust SDK (`testing/tree_mask`):
+/// a mask of the wrong shape is refused with its reason, then two siblings
+/// hidden from each other in one pass give the logits of each branch run
+/// alone on a fork, in the same batch.
+#[test]
+fn tree_masked_pass_matches_each_branch_alone() {
+    let rt = runtime(256);
+    let tree = load(&rt, "tree_mask");
+    let (events, status) = tokio().block_on(async {
+        rt.launch(
+            &tree,
+            vec!["--prompt".into(), PROMPT.into()],
+            Limits::default(),
+        )
+        .wait()
+        .await
+    });
+    status.unwrap();
+    let msgs = messages(&events);
+    eprintln!("{msgs:?}");
+    assert_eq!(msgs.len(), 2, "{msgs:?}");
+    assert!(
+        msgs[0].starts_with("refused: ") && msgs[0].contains("row 0 has 1 entries"),
+        "{msgs:?}"
+    );
+    assert!(msgs[1].starts_with("tree ok "), "{msgs:?}");
+    let kv = rt.scheduler().kv();
+    assert_eq!(kv.free_pages(), kv.total_pages(), "pages freed at exit");
+}

@@ -152,20 +152,172 @@ fn bad_passes_are_refused_with_a_reason() {
         err.contains("3 positions given for 2 input tokens"),
         "{err}"
     );
-    let err = s
-        .submit(
-            PassRequest {
-                ctx: a,
-                tokens: vec![1, 2],
-                mask: Some(vec![vec![true], vec![false, true]]),
-                ..PassRequest::default()
-            },
-            Box::new(|_| {}),
-        )
-        .unwrap_err();
-    assert!(err.contains("custom attention masks"), "{err}");
+    // Masks of the wrong shape, or hiding every key from a token.
+    let masked = |mask: Vec<Vec<bool>>| {
+        let req = PassRequest {
+            ctx: a,
+            tokens: vec![1, 2],
+            mask: Some(mask),
+            ..PassRequest::default()
+        };
+        s.submit(req, Box::new(|_| {})).unwrap_err()
+    };
+    let err = masked(vec![vec![true, true]]);
+    assert!(err.contains("1 rows for 2 input tokens"), "{err}");
+    let err = masked(vec![vec![true], vec![false, true]]);
+    assert!(
+        err.contains("row 0 has 1 entries; each row needs 2"),
+        "{err}"
+    );
+    let err = masked(vec![vec![false, false], vec![false, true]]);
+    assert!(err.contains("row 0 attends to no position"), "{err}");
     assert!(pass(&s, 999, &[1]).unwrap_err().contains("no context 999"));
     assert!(s.kv().tokens(a).unwrap().is_empty());
+    // The scheduler keeps serving the context after the refusals.
+    assert_close(
+        &logits(pass(&s, a, &[1, 2])),
+        &reference(&[1, 2]),
+        "after refusals",
+    );
+}
+
+/// Rows over `ctx_len + n` keys: the context's tokens, then each token's
+/// own ancestors in the pass (`parents[i]`: index of token i's parent in
+/// the pass, None for a root under the context) and itself.
+fn tree_mask(ctx_len: usize, parents: &[Option<usize>]) -> Vec<Vec<bool>> {
+    let n = parents.len();
+    (0..n)
+        .map(|i| {
+            let mut row = vec![false; ctx_len + n];
+            row[..ctx_len].fill(true);
+            let mut at = Some(i);
+            while let Some(t) = at {
+                row[ctx_len + t] = true;
+                at = parents[t];
+            }
+            row
+        })
+        .collect()
+}
+
+/// A tree of drafts in one pass (a root, two siblings under it that must
+/// not see each other, a grandchild under the first) gives each token the
+/// logits of its branch run alone; a later pass that hides the rejected
+/// sibling continues the accepted branch. The pass is queued behind a
+/// long prompt that fills the batches, so it also waits to run whole.
+#[test]
+fn tree_masks_match_each_branch_run_alone() {
+    let s = start(64, 5);
+    let prompt: Vec<u32> = (0..9).map(|i| (i * 7 + 3) % 200 + 3).collect();
+    let a = s.kv().create();
+    logits(pass(&s, a, &prompt));
+    let (root, b1, b2, c1) = (31u32, 32, 33, 34);
+    let l = prompt.len() as u32;
+    let tree = PassRequest {
+        ctx: a,
+        tokens: vec![root, b1, b2, c1],
+        positions: Some(vec![l, l + 1, l + 1, l + 2]),
+        mask: Some(tree_mask(9, &[None, Some(0), Some(0), Some(1)])),
+        outputs: (0..4).map(|i| (i, OutputKind::Logits)).collect(),
+    };
+    let long = s.kv().create();
+    let (tx, rx) = mpsc::channel();
+    let (tx2, rx2) = mpsc::channel();
+    let first = s
+        .prepare(
+            PassRequest {
+                ctx: long,
+                tokens: (0..12).map(|i| i + 40).collect(),
+                outputs: vec![(11, OutputKind::Logits)],
+                ..PassRequest::default()
+            },
+            Box::new(move |r| tx2.send(r).unwrap()),
+        )
+        .unwrap();
+    let second = s
+        .prepare(tree, Box::new(move |r| tx.send(r).unwrap()))
+        .unwrap();
+    s.send(vec![first, second]).unwrap();
+    let outs: Vec<Vec<f32>> = rx
+        .recv()
+        .unwrap()
+        .unwrap()
+        .into_iter()
+        .map(|o| match o {
+            PassOutput::Logits(l) => l,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    rx2.recv().unwrap().unwrap();
+
+    let mut e = Engine::load(&llama(), PortableDriver::new(), &opts(), None).unwrap();
+    let branch1 = [prompt.clone(), vec![root, b1, c1]].concat();
+    let branch2 = [prompt.clone(), vec![root, b2]].concat();
+    let refs = e.prompt_logits(&[branch1.clone(), branch2]).unwrap();
+    assert_close(&outs[0], &refs[0][9], "root");
+    assert_close(&outs[1], &refs[0][10], "first sibling");
+    assert_close(&outs[2], &refs[1][10], "second sibling");
+    assert_close(&outs[3], &refs[0][11], "grandchild");
+
+    // Accept root, b1, c1: the next token hides b2 (cache position 11).
+    let mut row = vec![true; 14];
+    row[11] = false;
+    let (tx, rx) = mpsc::channel();
+    let next = PassRequest {
+        ctx: a,
+        tokens: vec![35],
+        positions: Some(vec![l + 3]),
+        mask: Some(vec![row]),
+        outputs: vec![(0, OutputKind::Logits)],
+    };
+    s.submit(next, Box::new(move |r| tx.send(r).unwrap()))
+        .unwrap();
+    let got = logits(rx.recv().unwrap());
+    assert_close(
+        &got,
+        &reference(&[branch1, vec![35]].concat()),
+        "accepted branch",
+    );
+}
+
+/// Models whose layers cannot apply a mask (here Gated DeltaNet) refuse a
+/// custom one up front, naming the layer, and keep serving; the causal
+/// mask written out is still accepted.
+#[test]
+fn recurrent_models_refuse_custom_masks() {
+    let s = Scheduler::start(
+        "qwen3_5",
+        || Engine::load(&qwen3_5(), PortableDriver::new(), &opts(), None),
+        SchedulerConfig {
+            kv_pages: 16,
+            ..SchedulerConfig::default()
+        },
+    )
+    .unwrap();
+    let a = s.kv().create();
+    let req = |mask| PassRequest {
+        ctx: a,
+        tokens: vec![5, 6],
+        mask: Some(mask),
+        outputs: vec![(1, OutputKind::Logits)],
+        ..PassRequest::default()
+    };
+    let err = s
+        .submit(req(tree_mask(0, &[None, None])), Box::new(|_| {}))
+        .unwrap_err();
+    assert!(
+        err.contains("cannot take a custom attention mask: its `gated_delta_net` layers"),
+        "{err}"
+    );
+    let (tx, rx) = mpsc::channel();
+    let causal = vec![vec![true, false], vec![true, true]];
+    s.submit(req(causal), Box::new(move |r| tx.send(r).unwrap()))
+        .unwrap();
+    assert_close(
+        &logits(rx.recv().unwrap()),
+        &reference_qwen3_5(&[5, 6]),
+        "causal",
+    );
 }
 
 fn qwen3_5() -> PathBuf {

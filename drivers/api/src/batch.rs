@@ -1,5 +1,8 @@
 //! One forward call's inputs: the tokens of several sequences laid end to
-//! end, with each sequence's positions and KV page table.
+//! end, with each sequence's positions, KV page table and (optionally) a
+//! custom attention mask.
+
+use crate::mask::AttnMask;
 
 /// A contiguous run of tokens of one sequence inside a [`ForwardBatch`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +21,9 @@ pub struct SeqChunk {
     /// position 0 begins from a zero state; a later chunk continues the
     /// state its sequence's previous chunk left.
     pub state: u32,
+    /// Which keys each token attends to; None = causal (token `t` sees
+    /// positions `0 ..= first_pos + t`), the fast path every driver keeps.
+    pub mask: Option<AttnMask>,
 }
 
 impl SeqChunk {
@@ -62,6 +68,7 @@ impl ForwardBatch {
             first_pos,
             pages,
             state,
+            mask: None,
         });
     }
 

@@ -8,12 +8,14 @@
 mod batch;
 pub mod experts;
 pub mod loader;
+mod mask;
 pub mod math;
 pub mod moe;
 pub mod rope;
 mod tensor;
 
 pub use batch::{ForwardBatch, KvDType, KvLayout, KvSlotShape, SeqChunk};
+pub use mask::{mask_refusal, AttnMask};
 pub use pie_archspec::ir;
 pub use tensor::{DType, QuantKind, TensorView, WeightSource};
 

@@ -35,7 +35,7 @@ pub const KERNEL_SOURCES: [(&str, &str); 7] = [
 ];
 
 /// Every kernel the driver launches.
-pub const KERNELS: [&str; 45] = [
+pub const KERNELS: [&str; 46] = [
     "pie_gqa_attention_partial_bf16",
     "pie_kv_write_bf16",
     "pie_rms",
@@ -63,6 +63,7 @@ pub const KERNELS: [&str; 45] = [
     "pie_rope",
     "pie_kv_write",
     "pie_attention",
+    "pie_attention_masked",
     "pie_greedy_logprob",
     "pie_scatter_add",
     "pie_causal_conv",

@@ -59,7 +59,7 @@ pub fn is_decode(batch: &ForwardBatch) -> bool {
             .seqs
             .iter()
             .enumerate()
-            .all(|(i, s)| s.len == 1 && s.start == i)
+            .all(|(i, s)| s.len == 1 && s.start == i && s.mask.is_none())
 }
 
 /// `batch` with `bucket - rows` padding sequences of one token at position
@@ -75,6 +75,7 @@ pub fn pad(batch: &ForwardBatch, bucket: usize, scratch_page: u32) -> ForwardBat
             first_pos: 0,
             pages: vec![scratch_page],
             state: 0,
+            mask: None,
         });
     }
     padded

@@ -3,7 +3,7 @@
 
 use cudarc::driver::CudaSlice;
 use pie_driver::ir::AttentionAttrs;
-use pie_driver::{DriverError, ForwardBatch, KvLayout, KvSlotShape, Result};
+use pie_driver::{DriverError, ForwardBatch, KvLayout, KvSlotShape, Result, SeqChunk};
 
 pub struct KvSlotBuffers {
     pub shape: KvSlotShape,
@@ -27,15 +27,26 @@ pub struct CudaKv {
     max_seqs: usize,
 }
 
-/// A batch's sequence layout (what the tables depend on).
-type BatchKey = Vec<(usize, usize, usize, Vec<u32>)>;
-
 pub struct DeviceTables {
-    key: BatchKey,
+    /// The batch's sequence chunks (what the tables depend on).
+    key: Vec<SeqChunk>,
     pub new_slots: CudaSlice<i32>,
     pub table: CudaSlice<i32>,
     pub table_offsets: CudaSlice<i32>,
     pub positions: CudaSlice<i32>,
+    /// Present when a chunk of the batch has a custom mask.
+    pub masks: Option<MaskTables>,
+}
+
+/// The masks of a batch on the device (see `pie_attention_masked`).
+pub struct MaskTables {
+    /// Every masked chunk's mask words, chunk after chunk; the bits of
+    /// `AttnMask::words` stored as i32 (the kernel reads them unsigned).
+    pub words: CudaSlice<i32>,
+    /// Per row: where its mask row starts in `words`, or -1 (causal).
+    pub offsets: CudaSlice<i32>,
+    /// Per row: how many key positions its mask row covers.
+    pub key_counts: CudaSlice<i32>,
 }
 
 /// Where a batch's tokens go and what each query row reads.
@@ -48,6 +59,42 @@ pub struct AttentionPlan {
     pub table_offsets: Vec<i32>,
     /// Per row: its position.
     pub positions: Vec<i32>,
+}
+
+/// Host side of [`MaskTables`].
+struct MaskPlan {
+    words: Vec<i32>,
+    offsets: Vec<i32>,
+    key_counts: Vec<i32>,
+}
+
+impl MaskPlan {
+    fn new(batch: &ForwardBatch) -> Result<Self> {
+        batch.check_masks()?;
+        let rows = batch.num_tokens();
+        let mut plan = MaskPlan {
+            words: Vec::new(),
+            offsets: vec![-1; rows],
+            key_counts: vec![0; rows],
+        };
+        for seq in &batch.seqs {
+            let Some(mask) = &seq.mask else { continue };
+            let base = plan.words.len();
+            let per_row = mask.words_per_row();
+            plan.words.extend(mask.words().iter().map(|&w| w as i32));
+            for t in 0..seq.len {
+                plan.offsets[seq.start + t] = int(base + t * per_row, "mask words")?;
+                plan.key_counts[seq.start + t] = int(mask.keys(), "mask keys")?;
+            }
+        }
+        Ok(plan)
+    }
+}
+
+fn int(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| {
+        DriverError::Invalid(format!("{what} = {v} exceeds the kernels' 32-bit range"))
+    })
 }
 
 impl CudaKv {
@@ -105,19 +152,27 @@ impl CudaKv {
         a: &AttentionAttrs,
         upload: impl Fn(&[i32]) -> Result<CudaSlice<i32>>,
     ) -> Result<(&DeviceTables, &mut KvSlotBuffers)> {
-        let key: BatchKey = batch
-            .seqs
-            .iter()
-            .map(|s| (s.start, s.len, s.first_pos, s.pages.clone()))
-            .collect();
-        if self.tables.as_ref().is_none_or(|t| t.key != key) {
+        // Every attention op of a forward pass asks; only the first builds.
+        if self.tables.as_ref().is_none_or(|t| t.key != batch.seqs) {
             let plan = self.plan(batch)?;
+            let masks = match batch.has_masks() {
+                true => {
+                    let m = MaskPlan::new(batch)?;
+                    Some(MaskTables {
+                        words: upload(&m.words)?,
+                        offsets: upload(&m.offsets)?,
+                        key_counts: upload(&m.key_counts)?,
+                    })
+                }
+                false => None,
+            };
             self.tables = Some(DeviceTables {
-                key,
+                key: batch.seqs.clone(),
                 new_slots: upload(&plan.new_slots)?,
                 table: upload(&plan.table)?,
                 table_offsets: upload(&plan.table_offsets)?,
                 positions: upload(&plan.positions)?,
+                masks,
             });
         }
         let buffers = Self::slot_in(&mut self.slots, slot, a)?;

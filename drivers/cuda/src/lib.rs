@@ -88,6 +88,9 @@ struct AttentionTables {
     table: u64,
     table_offsets: u64,
     positions: u64,
+    /// Mask words, per-row offsets and key counts, when a chunk of the
+    /// batch has a custom mask (staged decode batches never do).
+    masks: Option<(u64, u64, u64)>,
 }
 
 impl AttentionTables {
@@ -97,6 +100,13 @@ impl AttentionTables {
             table: graphs::address(&t.table),
             table_offsets: graphs::address(&t.table_offsets),
             positions: graphs::address(&t.positions),
+            masks: t.masks.as_ref().map(|m| {
+                (
+                    graphs::address(&m.words),
+                    graphs::address(&m.offsets),
+                    graphs::address(&m.key_counts),
+                )
+            }),
         }
     }
 
@@ -106,6 +116,7 @@ impl AttentionTables {
             table: s.table(),
             table_offsets: s.table_offsets(),
             positions: s.cache_positions(),
+            masks: None,
         }
     }
 }
@@ -900,8 +911,14 @@ impl Driver for CudaDriver {
                 .arg(&vwi);
             unsafe { b.launch(blocks(q.rows * (kw + vw))) }.map_err(cuda_err(write))?;
         }
-        if self.gqa_fits(a) {
+        // Masked batches take the per-head kernel's masked form.
+        if tables.masks.is_none() && self.gqa_fits(a) {
             return self.gqa_attention(q, a, &tables, slot, sinks, bf16);
+        }
+        if bf16 {
+            return Err(DriverError::Invalid(
+                "a bf16 KV cache on the cuda driver does not take custom attention masks yet (use kv_cache_dtype auto)".into(),
+            ));
         }
         let (table, offsets, positions) = (&tables.table, &tables.table_offsets, &tables.positions);
         let dummy;
@@ -927,9 +944,13 @@ impl Driver for CudaDriver {
         let v_stride = kvh * vhd;
         let window = a.window.map_or(0, |w| w as i32);
         let softcap = a.softcap.unwrap_or(0.0);
-        let mut b = self
-            .stream
-            .launch_builder(self.kernels.get("pie_attention"));
+        // Batches without custom masks take the causal kernel, which
+        // compiles without any mask handling.
+        let kernel = match tables.masks {
+            Some(_) => "pie_attention_masked",
+            None => "pie_attention",
+        };
+        let mut b = self.stream.launch_builder(self.kernels.get(kernel));
         b.arg(&mut out.data)
             .arg(&q.data)
             .arg(&slot.k)
@@ -947,7 +968,10 @@ impl Driver for CudaDriver {
             .arg(&a.scale)
             .arg(&window)
             .arg(&softcap);
-        unsafe { b.launch(cfg) }.map_err(cuda_err("pie_attention"))?;
+        if let Some((words, offsets, key_counts)) = &tables.masks {
+            b.arg(words).arg(offsets).arg(key_counts);
+        }
+        unsafe { b.launch(cfg) }.map_err(cuda_err(kernel))?;
         Ok(out)
     }
 
@@ -1064,6 +1088,7 @@ impl Driver for CudaDriver {
         batch: &ForwardBatch,
     ) -> Result<CudaAct> {
         self.composite_seen.store(true, Ordering::Relaxed);
+        batch.refuse_masks(op)?;
         match (op, inputs) {
             (OpKind::Moe, [x]) => self.moe(x, weights, a),
             (OpKind::GatedDeltaNet, [x]) => self.gated_delta_net(x, weights, a, kv, batch),

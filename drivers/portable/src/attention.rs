@@ -1,7 +1,10 @@
-//! Causal paged attention over a ragged batch: each sequence's new keys and
+//! Paged attention over a ragged batch: each sequence's new keys and
 //! values go into its pages first, then every query attends over its
-//! sequence's cached positions. An op sharing an earlier layer's cache
-//! (`kv_from`) writes nothing: that layer already cached this step's tokens.
+//! sequence's cached positions: causally (up to its own position), or, for
+//! a chunk with a custom mask, over the keys its mask row allows among all
+//! of the sequence's positions, its chunk's later tokens included. An op
+//! sharing an earlier layer's cache (`kv_from`) writes nothing: that layer
+//! already cached this step's tokens.
 
 use pie_driver::ir::AttentionAttrs;
 use pie_driver::{DriverError, ForwardBatch, Result};
@@ -32,6 +35,7 @@ pub fn paged_attention(
             "KV slot {slot} was allocated for another shape"
         )));
     }
+    batch.check_masks()?;
     for seq in &batch.seqs {
         kv.check_pages(seq)?;
         let (Some(k), Some(v)) = (k, v) else { continue };
@@ -59,18 +63,30 @@ pub fn paged_attention(
         .collect();
     rows.par_iter_mut().for_each(|(row, out_row)| {
         let seq = &batch.seqs[row_seq[*row]];
-        let pos = seq.first_pos + (*row - seq.start);
+        let t = *row - seq.start;
+        let pos = seq.first_pos + t;
         let first = match a.window {
             Some(w) => (pos + 1).saturating_sub(w),
             None => 0,
         };
-        let mut scores = vec![0f32; pos + 1 - first];
+        // A masked row may see later tokens of its chunk; the window still
+        // counts back from the token's own position.
+        let last = match &seq.mask {
+            Some(_) => seq.kv_len() - 1,
+            None => pos,
+        };
+        let visible = |j: usize| seq.mask.as_ref().is_none_or(|m| m.allows(t, j));
+        let mut scores = vec![0f32; (last + 1).saturating_sub(first)];
         let mut kbuf = vec![0f32; a.head_dim];
         let mut vbuf = vec![0f32; a.v_head_dim];
         for h in 0..a.heads {
             let kvh = h / group;
             let qh = &q.row(*row)[h * a.head_dim..(h + 1) * a.head_dim];
-            for (j, s) in (first..=pos).zip(scores.iter_mut()) {
+            for (j, s) in (first..=last).zip(scores.iter_mut()) {
+                if !visible(j) {
+                    *s = f32::NEG_INFINITY;
+                    continue;
+                }
                 let key = kv.key(slot, kv.slot_of(seq, j), kvh, &mut kbuf);
                 let mut dot = qh.iter().zip(key).map(|(x, y)| x * y).sum::<f32>() * a.scale;
                 if let Some(cap) = a.softcap {
@@ -86,13 +102,19 @@ pub fn paged_attention(
                 .copied()
                 .chain(sink)
                 .fold(f32::NEG_INFINITY, f32::max);
+            if max == f32::NEG_INFINITY {
+                continue; // a mask left nothing in the window: output zeros
+            }
             let mut denom = sink.map(|s| (s - max).exp()).unwrap_or(0.0);
             for s in scores.iter_mut() {
                 *s = (*s - max).exp();
                 denom += *s;
             }
             let oh = &mut out_row[h * a.v_head_dim..(h + 1) * a.v_head_dim];
-            for (j, p) in (first..=pos).zip(&scores) {
+            for (j, p) in (first..=last).zip(&scores) {
+                if !visible(j) {
+                    continue;
+                }
                 let val = kv.value(slot, kv.slot_of(seq, j), kvh, &mut vbuf);
                 let w = p / denom;
                 oh.iter_mut().zip(val).for_each(|(o, x)| *o += w * x);
@@ -100,4 +122,211 @@ pub fn paged_attention(
         }
     });
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pie_driver::{AttnMask, KvDType, KvLayout, KvSlotShape};
+
+    const HEADS: usize = 4;
+    const KV_HEADS: usize = 2;
+    const DIM: usize = 8;
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn act(rows: usize, width: usize, seed: u64) -> Act {
+        Act {
+            data: values(rows * width, seed),
+            rows,
+            width,
+        }
+    }
+
+    fn attrs(window: Option<usize>, softcap: Option<f32>) -> AttentionAttrs {
+        AttentionAttrs {
+            heads: HEADS,
+            kv_heads: KV_HEADS,
+            head_dim: DIM,
+            v_head_dim: DIM,
+            scale: 0.35,
+            window,
+            softcap,
+            cache_slot: 0,
+        }
+    }
+
+    /// Straightforward masked softmax attention of one query row over a
+    /// sequence's keys and values (all rows, in position order).
+    fn reference(
+        q: &[f32],
+        keys: &[Vec<f32>],
+        vals: &[Vec<f32>],
+        visible: impl Fn(usize) -> bool,
+        a: &AttentionAttrs,
+        sinks: Option<&[f32]>,
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; HEADS * DIM];
+        for h in 0..HEADS {
+            let kvh = h / (HEADS / KV_HEADS);
+            let qh = &q[h * DIM..(h + 1) * DIM];
+            let scores: Vec<Option<f32>> = (0..keys.len())
+                .map(|j| {
+                    visible(j).then(|| {
+                        let k = &keys[j][kvh * DIM..(kvh + 1) * DIM];
+                        let s = qh.iter().zip(k).map(|(x, y)| x * y).sum::<f32>() * a.scale;
+                        a.softcap.map_or(s, |c| (s / c).tanh() * c)
+                    })
+                })
+                .collect();
+            let sink = sinks.map(|s| s[h]);
+            let max = scores
+                .iter()
+                .flatten()
+                .copied()
+                .chain(sink)
+                .fold(f32::MIN, f32::max);
+            let denom: f32 = scores
+                .iter()
+                .flatten()
+                .chain(&sink)
+                .map(|s| (s - max).exp())
+                .sum();
+            for (j, s) in scores.iter().enumerate() {
+                if let Some(s) = s {
+                    let w = (s - max).exp() / denom;
+                    for d in 0..DIM {
+                        out[h * DIM + d] += w * vals[j][kvh * DIM + d];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Two steps on two sequences: a causal prefix, then sequence 0 gets a
+    /// masked chunk (a tree: siblings hidden from each other, and a row
+    /// that looks ahead within its chunk) beside sequence 1's causal one.
+    fn check_against_reference(window: Option<usize>, softcap: Option<f32>, sinks: Option<&[f32]>) {
+        let a = attrs(window, softcap);
+        let layout = KvLayout {
+            page_size: 4,
+            num_pages: 8,
+            slots: vec![KvSlotShape {
+                kv_heads: KV_HEADS,
+                head_dim: DIM,
+                v_head_dim: DIM,
+            }],
+            dtype: KvDType::Auto,
+            state_slots: vec![],
+            max_seqs: 1,
+        };
+        let mut kv = KvCache::new(&layout).unwrap();
+        let pages = [vec![0, 1, 2], vec![3, 4]];
+        let kw = KV_HEADS * DIM;
+        let mut keys: [Vec<Vec<f32>>; 2] = Default::default();
+        let mut vals: [Vec<Vec<f32>>; 2] = Default::default();
+        // (first_pos, len) per sequence per step.
+        let steps = [[(0, 5), (0, 3)], [(5, 4), (3, 2)]];
+        // Step 2, sequence 0: keys 0..9; tokens 5 (root), 6 and 7
+        // (siblings under 5), 8 (child of 6); row 0 also sees token 6.
+        let tree: Vec<Vec<bool>> = [&[5, 6][..], &[5, 6], &[5, 7], &[5, 6, 8]]
+            .iter()
+            .map(|own| (0..9).map(|j| j < 5 || own.contains(&j)).collect())
+            .collect();
+        for (step, chunks) in steps.iter().enumerate() {
+            let mut batch = ForwardBatch::default();
+            for (s, &(first, len)) in chunks.iter().enumerate() {
+                batch.push(&vec![0; len], first, pages[s].clone(), 0);
+            }
+            if step == 1 {
+                batch.seqs[0].mask = Some(AttnMask::from_rows(&tree, 9).unwrap());
+            }
+            let n = batch.num_tokens();
+            let seed = step as u64 * 10;
+            let (q, k, v) = (
+                act(n, HEADS * DIM, seed),
+                act(n, kw, seed + 1),
+                act(n, kw, seed + 2),
+            );
+            for (s, seq) in batch.seqs.iter().enumerate() {
+                for r in seq.start..seq.start + seq.len {
+                    keys[s].push(k.row(r).to_vec());
+                    vals[s].push(v.row(r).to_vec());
+                }
+            }
+            let out = paged_attention(&q, &k, &v, sinks, &mut kv, &batch, &a).unwrap();
+            for (s, seq) in batch.seqs.iter().enumerate() {
+                for t in 0..seq.len {
+                    let pos = seq.first_pos + t;
+                    let from = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                    let visible = |j: usize| {
+                        j >= from
+                            && match &seq.mask {
+                                Some(m) => m.allows(t, j),
+                                None => j <= pos,
+                            }
+                    };
+                    let row = seq.start + t;
+                    let want = reference(q.row(row), &keys[s], &vals[s], visible, &a, sinks);
+                    for (x, y) in out.row(row).iter().zip(&want) {
+                        assert!(
+                            (x - y).abs() < 1e-5,
+                            "step {step} seq {s} token {t}: {x} vs {y}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn masked_attention_matches_a_masked_softmax_reference() {
+        check_against_reference(None, None, None);
+    }
+
+    #[test]
+    fn masks_combine_with_windows_softcaps_and_sinks() {
+        check_against_reference(Some(4), Some(1.5), Some(&[0.3, -0.2, 0.0, 1.0]));
+    }
+
+    #[test]
+    fn a_mask_of_the_wrong_shape_is_refused() {
+        let layout = KvLayout {
+            page_size: 4,
+            num_pages: 2,
+            slots: vec![KvSlotShape {
+                kv_heads: KV_HEADS,
+                head_dim: DIM,
+                v_head_dim: DIM,
+            }],
+            dtype: KvDType::Auto,
+            state_slots: vec![],
+            max_seqs: 1,
+        };
+        let mut kv = KvCache::new(&layout).unwrap();
+        let mut batch = ForwardBatch::default();
+        batch.push(&[0, 0], 0, vec![0], 0);
+        batch.seqs[0].mask = Some(AttnMask::from_rows(&[vec![true; 3], vec![true; 3]], 3).unwrap());
+        let (q, k) = (act(2, HEADS * DIM, 1), act(2, KV_HEADS * DIM, 2));
+        let err =
+            paged_attention(&q, &k, &k, None, &mut kv, &batch, &attrs(None, None)).unwrap_err();
+        assert!(
+            err.to_string().contains("mask is 2×3, the chunk needs 2×2"),
+            "{err}"
+        );
+    }
 }

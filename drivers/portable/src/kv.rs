@@ -437,6 +437,7 @@ mod state_tests {
             first_pos,
             pages: vec![0],
             state,
+            mask: None,
         }
     }
 

@@ -307,6 +307,7 @@ impl Driver for PortableDriver {
         kv: &mut KvCache,
         batch: &ForwardBatch,
     ) -> Result<Act> {
+        batch.refuse_masks(op)?;
         match (op, inputs) {
             (OpKind::Moe, [x]) => moe::moe(x, weights, a),
             (OpKind::GatedDeltaNet, [x]) => {

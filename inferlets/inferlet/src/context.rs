@@ -6,7 +6,7 @@
 //! needs an input token to produce the next token's logits.
 
 use crate::bindings::pie::inferlet::{forward::Output, kv};
-use crate::forward::{OutputKind, PassFuture};
+use crate::forward::{OutputKind, Pass, PassFuture};
 use crate::generate::Generate;
 use crate::{Model, Sampler};
 
@@ -145,6 +145,26 @@ impl Context {
             return Err("forward: no input tokens".into());
         }
         PassFuture::submit(&self.kv, input, outputs).await
+    }
+
+    /// Tokens already run (in the KV cache): the key positions a mask's
+    /// rows start with.
+    pub fn run_len(&self) -> usize {
+        self.kv.len() as usize
+    }
+
+    /// One raw pass (own positions, custom attention mask) on the run
+    /// tokens: a mask's rows cover [`Context::run_len`] key positions
+    /// before the pass's tokens. Pending tokens must be run first
+    /// ([`Context::forward`]), since they would shift those positions.
+    pub async fn pass(&mut self, pass: Pass) -> Result<Vec<Output>, String> {
+        if !self.pending.is_empty() {
+            return Err(format!(
+                "Context::pass: {} tokens are pending; run them first (Context::forward)",
+                self.pending.len()
+            ));
+        }
+        PassFuture::submit_pass(&self.kv, pass).await
     }
 
     /// Starts generation from the conversation or tokens so far.

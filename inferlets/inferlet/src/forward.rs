@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use crate::bindings::pie::inferlet::forward::{
-    self, Output, OutputKind as WitKind, OutputRequest, Pass, Pending,
+    self, Output, OutputKind as WitKind, OutputRequest, Pass as WitPass, Pending,
 };
 use crate::bindings::pie::inferlet::kv;
 use crate::Sampler;
@@ -31,6 +31,43 @@ impl OutputKind {
     }
 }
 
+/// A raw forward pass for [`crate::Context::pass`]: tokens appended to the
+/// context, optionally with their own rotary positions and attention mask.
+#[derive(Debug, Clone, Default)]
+pub struct Pass {
+    pub tokens: Vec<u32>,
+    /// One per token; None = right after the context's last token.
+    pub positions: Option<Vec<u32>>,
+    /// One row per token over every key position the pass can see: the
+    /// context's run tokens, then this pass's tokens (true = attends); None
+    /// = causal. See [`tree_mask`].
+    pub mask: Option<Vec<Vec<bool>>>,
+    /// `(index into tokens, what to return)`.
+    pub outputs: Vec<(usize, OutputKind)>,
+}
+
+/// The mask of a pass whose tokens form a tree under a context of
+/// `ctx_len` run tokens: token `i` sees the whole context, its ancestors in
+/// the pass (`parents[i]` is its parent's index, None for a root) and
+/// itself, but not its siblings or their descendants (tree drafts of
+/// speculative decoding).
+pub fn tree_mask(ctx_len: usize, parents: &[Option<usize>]) -> Vec<Vec<bool>> {
+    let n = parents.len();
+    (0..n)
+        .map(|i| {
+            let mut row = vec![false; ctx_len + n];
+            row[..ctx_len].fill(true);
+            let mut at = Some(i);
+            // A parent index at or after its child would loop: stop there.
+            while let Some(t) = at.filter(|&t| t < n && !row[ctx_len + t]) {
+                row[ctx_len + t] = true;
+                at = parents[t].filter(|&p| p < t);
+            }
+            row
+        })
+        .collect()
+}
+
 /// A submitted pass; resolves to its outputs in request order.
 pub(crate) enum PassFuture {
     Submitted(Pending),
@@ -43,11 +80,23 @@ impl PassFuture {
         tokens: Vec<u32>,
         outputs: &[(usize, OutputKind)],
     ) -> Self {
-        let pass = Pass {
-            tokens,
-            positions: None,
-            mask: None,
-            outputs: outputs
+        Self::submit_pass(
+            ctx,
+            Pass {
+                tokens,
+                outputs: outputs.to_vec(),
+                ..Pass::default()
+            },
+        )
+    }
+
+    pub(crate) fn submit_pass(ctx: &kv::Context, pass: Pass) -> Self {
+        let pass = WitPass {
+            tokens: pass.tokens,
+            positions: pass.positions,
+            mask: pass.mask,
+            outputs: pass
+                .outputs
                 .iter()
                 .map(|(i, k)| OutputRequest {
                     index: *i as u32,

@@ -37,7 +37,7 @@ mod sampler;
 pub use bindings::pie::inferlet::forward::Output;
 pub use context::Context;
 pub use executor::{block_on, join_all};
-pub use forward::OutputKind;
+pub use forward::{tree_mask, OutputKind, Pass};
 pub use generate::{Generate, Generated};
 pub use model::Model;
 pub use sampler::Sampler;

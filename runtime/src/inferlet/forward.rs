@@ -67,10 +67,10 @@ impl Host for InstanceState {
     ) -> wasmtime::Result<Result<Resource<PendingPass>, String>> {
         let id = self.context_id(&ctx)?;
         let slot: Slot = Arc::new(Mutex::new(None));
-        let (filled, notify) = (slot.clone(), self.pass_done.clone());
+        let (filled, notify, wakes) = (slot.clone(), self.pass_done.clone(), self.wakes.clone());
         let reply = Box::new(move |r: PassResult| {
             *filled.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
-            notify.notify_one();
+            wakes.defer(notify);
         });
         match self.sched.prepare(request(id, pass), reply) {
             Ok(pass) => self.unsent.push(pass),

@@ -12,6 +12,7 @@ mod kv_store;
 pub mod limits;
 mod model;
 mod state;
+mod wakes;
 mod wasi;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,6 +46,8 @@ pub struct InferletRuntime {
     sched: Scheduler,
     store: Arc<kv_store::KvStore>,
     next_id: AtomicU64,
+    /// Wake-ups of inferlets whose passes finished, sent once per step.
+    wakes: Arc<wakes::Wakes>,
 }
 
 /// A running inferlet, seen from its client.
@@ -86,12 +89,20 @@ impl InferletRuntime {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| format!("wasmtime linker (WASI): {e}"))?;
         start_epoch_ticker(&engine)?;
+        let wakes = Arc::new(wakes::Wakes::default());
+        let weak = Arc::downgrade(&wakes);
+        sched.after_replies(Arc::new(move || {
+            if let Some(w) = weak.upgrade() {
+                w.flush();
+            }
+        }));
         Ok(InferletRuntime {
             engine,
             linker,
             sched,
             store: Default::default(),
             next_id: AtomicU64::new(1),
+            wakes,
         })
     }
 
@@ -124,6 +135,7 @@ impl InferletRuntime {
             passes: Vec::new(),
             unsent: Vec::new(),
             pass_done: Arc::new(Notify::new()),
+            wakes: self.wakes.clone(),
             started: Instant::now(),
             time_limit: limits.time,
         };
@@ -136,6 +148,7 @@ impl InferletRuntime {
                 .map_err(|e| format!("inferlet {id}: {e}"));
             let _ = events.send(Event::Exit(status));
         };
+        self.wakes.ensure_dispatcher();
         match tokio::runtime::Handle::try_current() {
             Ok(tokio) => drop(tokio.spawn(task)),
             Err(_) => {

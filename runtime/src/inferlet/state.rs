@@ -33,6 +33,8 @@ pub struct InstanceState {
     pub unsent: Vec<Prepared>,
     /// Signalled whenever one of this inferlet's passes finishes.
     pub pass_done: Arc<Notify>,
+    /// Where replies defer that signal to (once per scheduler step).
+    pub wakes: Arc<super::wakes::Wakes>,
     pub started: Instant,
     pub time_limit: Duration,
 }

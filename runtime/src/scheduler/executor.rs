@@ -133,6 +133,7 @@ fn model_info<D: Driver + 'static>(
         tokenizer: engine.tokenizer.take(),
         chat_template: engine.chat_template.take(),
         stop_ids: engine.stop_ids.clone(),
+        mask_refusal: engine.mask_refusal(),
     }
 }
 

@@ -13,6 +13,8 @@
 //! CPU- or GPU-bound and never block the async tasks running inferlets.
 
 mod executor;
+mod ids;
+mod mask;
 pub mod outputs;
 pub mod pages;
 mod planner;
@@ -93,9 +95,12 @@ pub struct PassRequest {
     pub tokens: Vec<u32>,
     /// Rotary positions of the tokens (one each); None = the context's
     /// continuation. They change only the rotation: cache order and the
-    /// causal mask follow the context's token order.
+    /// mask follow the context's token order.
     pub positions: Option<Vec<u32>>,
-    /// Must be causal; the driver has no custom masks yet.
+    /// Attention mask: one row per token, each with one entry per key
+    /// position (the context's cached tokens, then this pass's tokens; see
+    /// `mask.rs`); None = causal. A masked pass is never split across
+    /// batches.
     pub mask: Option<Vec<Vec<bool>>>,
     /// `(index into tokens, what to return)`.
     pub outputs: Vec<(u32, OutputKind)>,
@@ -103,6 +108,19 @@ pub struct PassRequest {
 
 /// Called once with a pass's result, on the planner thread.
 pub type Reply = Box<dyn FnOnce(PassResult) + Send>;
+
+/// Called after each group of replies (see [`Scheduler::after_replies`]).
+pub type AfterReplies = Arc<dyn Fn() + Send + Sync>;
+
+/// The hooks run after each group of replies, shared with the planner.
+pub(crate) type Hooks = Arc<Mutex<Vec<AfterReplies>>>;
+
+/// Runs every hook (after replies were called).
+pub(crate) fn run_hooks(hooks: &Hooks) {
+    for h in hooks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        h();
+    }
+}
 
 /// The model-level facts front ends need without touching the engine.
 pub struct ModelInfo {
@@ -115,6 +133,9 @@ pub struct ModelInfo {
     pub tokenizer: Option<Tokenizer>,
     pub chat_template: Option<ChatTemplate>,
     pub stop_ids: Vec<u32>,
+    /// Why passes with custom attention masks are refused on this model
+    /// (recurrent or MLA layers); None = they run.
+    pub mask_refusal: Option<String>,
 }
 
 /// Handle to the scheduler; cheap to clone. The threads stop when the last
@@ -125,6 +146,8 @@ pub struct Scheduler {
     kv: Arc<Mutex<PageManager>>,
     model: Arc<ModelInfo>,
     stats: Arc<Stats>,
+    max_forward_tokens: usize,
+    hooks: Hooks,
 }
 
 /// The planner's inbox; dropping the last one tells the planner to stop
@@ -177,7 +200,9 @@ impl Scheduler {
             pages = pages.with_state_rows(cfg.max_recurrent_contexts);
         }
         let kv = Arc::new(Mutex::new(pages));
-        planner::start(rx, exec, kv.clone(), cfg, stats.clone())?;
+        let max_forward_tokens = cfg.max_forward_tokens.max(1);
+        let hooks = Hooks::default();
+        planner::start(rx, exec, kv.clone(), cfg, stats.clone(), hooks.clone())?;
         Ok(Scheduler {
             tx: Arc::new(Sender {
                 inbox: tx,
@@ -186,6 +211,8 @@ impl Scheduler {
             kv,
             model: Arc::new(info),
             stats,
+            max_forward_tokens,
+            hooks,
         })
     }
 
@@ -203,6 +230,17 @@ impl Scheduler {
         lock(&self.kv)
     }
 
+    /// Runs `hook` after each group of replies: the passes one step
+    /// answered (on the planner thread), or those refused together. A
+    /// front end whose replies defer work that costs per call (waking a
+    /// task) does it there once per group. A hook must not add hooks.
+    pub fn after_replies(&self, hook: AfterReplies) {
+        self.hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(hook);
+    }
+
     /// Queues a pass; `reply` gets its outputs. Bad requests are refused
     /// here, before anything changes.
     pub fn submit(&self, req: PassRequest, reply: Reply) -> Result<(), String> {
@@ -214,16 +252,24 @@ impl Scheduler {
     /// caller submitting several passes at once (an inferlet's branches)
     /// sends them together with [`Scheduler::send`], so they are planned
     /// into the same batch.
-    pub fn prepare(&self, req: PassRequest, reply: Reply) -> Result<Prepared, String> {
-        let start_len = {
+    pub fn prepare(&self, mut req: PassRequest, reply: Reply) -> Result<Prepared, String> {
+        let (start_len, mask) = {
             let mut kv = self.kv();
             let len = kv.tokens(req.ctx).map_err(|e| e.to_string())?.len();
-            check_request(&req, len, self.model.vocab)?;
+            check_request(&req, self.model.vocab)?;
+            let limits = mask::MaskLimits {
+                refusal: self.model.mask_refusal.as_deref(),
+                max_forward_tokens: self.max_forward_tokens,
+            };
+            let mask = match req.mask.take() {
+                Some(rows) => mask::pack(&rows, req.tokens.len(), len, &limits)?,
+                None => None,
+            };
             kv.set_busy(req.ctx, true).map_err(|e| e.to_string())?;
-            len
+            (len, mask)
         };
         self.stats.queue_depth.fetch_add(1, Ordering::Relaxed);
-        Ok(Prepared(planner::Job::new(req, start_len, reply)))
+        Ok(Prepared(planner::Job::new(req, start_len, mask, reply)))
     }
 
     /// Queues prepared passes, in order. If the scheduler has stopped,
@@ -241,6 +287,7 @@ impl Scheduler {
                 let _ = self.kv().set_busy(job.req.ctx, false);
                 (job.reply)(Err(stopped.clone()));
             }
+            run_hooks(&self.hooks);
             stopped
         })
     }
@@ -255,8 +302,9 @@ fn lock(kv: &Mutex<PageManager>) -> MutexGuard<'_, PageManager> {
     kv.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Refuses what the scheduler or driver cannot run, with the reason.
-fn check_request(req: &PassRequest, ctx_len: usize, vocab: usize) -> Result<(), String> {
+/// Refuses what the scheduler or driver cannot run, with the reason (the
+/// mask is checked by `mask::pack`).
+fn check_request(req: &PassRequest, vocab: usize) -> Result<(), String> {
     let n = req.tokens.len();
     if n == 0 {
         return Err("a forward pass needs at least one input token".into());
@@ -277,19 +325,6 @@ fn check_request(req: &PassRequest, ctx_len: usize, vocab: usize) -> Result<(), 
                 "{} positions given for {n} input tokens: give one per token",
                 pos.len()
             ));
-        }
-    }
-    if let Some(mask) = &req.mask {
-        let causal = mask.len() == n
-            && mask
-                .iter()
-                .enumerate()
-                .all(|(i, row)| row.len() == ctx_len + i + 1 && row.iter().all(|&b| b));
-        if !causal {
-            return Err(
-                "custom attention masks are not supported by this driver yet; only the causal mask (rows of ctx_len + i + 1 `true`) is accepted"
-                    .into(),
-            );
         }
     }
     Ok(())

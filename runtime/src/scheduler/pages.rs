@@ -12,7 +12,7 @@
 //! rewound. Every method checks before it changes anything: an error leaves
 //! the manager as it was.
 
-use std::collections::HashMap;
+use super::ids::IdMap;
 
 pub type PageId = u32;
 pub type ContextId = u64;
@@ -86,7 +86,7 @@ pub struct PageManager {
     refcount: Vec<u32>,
     /// Free pages; popped from the end.
     free: Vec<PageId>,
-    contexts: HashMap<ContextId, Context>,
+    contexts: IdMap<Context>,
     next_id: ContextId,
     /// Free recurrent state rows (None: the model has no recurrent layers).
     free_states: Option<Vec<u32>>,
@@ -101,7 +101,7 @@ impl PageManager {
             page_size: page_size.max(1),
             refcount: vec![0; num_pages],
             free: (0..num_pages as PageId).rev().collect(),
-            contexts: HashMap::new(),
+            contexts: IdMap::default(),
             next_id: 1,
             free_states: None,
             state_rows: 0,

@@ -9,15 +9,16 @@
 //! executor runs batches in planning order, so a page freed and reused
 //! later is never written before an earlier batch has read it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pie_driver::ForwardBatch;
+use pie_driver::{AttnMask, ForwardBatch};
 use rayon::prelude::*;
 
 use super::executor::{BatchId, Done, ExecBatch};
+use super::ids::IdMap;
 use super::{lock, outputs, PageManager, PassOutput, PassRequest, PassResult, Reply};
 use super::{KvError, OutputKind, SchedulerConfig, Stats};
 use crate::engine::RowOutput;
@@ -53,18 +54,21 @@ pub(super) struct Job {
     done: usize,
     /// The context's length when the pass started.
     start_len: usize,
+    /// The pass's custom attention mask (never split across batches).
+    mask: Option<AttnMask>,
     outputs: Vec<Option<PassOutput>>,
     pub reply: Reply,
     in_flight: bool,
 }
 
 impl Job {
-    pub fn new(req: PassRequest, start_len: usize, reply: Reply) -> Self {
+    pub fn new(req: PassRequest, start_len: usize, mask: Option<AttnMask>, reply: Reply) -> Self {
         Job {
             outputs: vec![None; req.outputs.len()],
             req,
             done: 0,
             start_len,
+            mask,
             reply,
             in_flight: false,
         }
@@ -87,14 +91,14 @@ struct InFlight {
 }
 
 struct Planner {
-    jobs: HashMap<JobId, Job>,
+    jobs: IdMap<Job>,
     /// Every job, in arrival order.
     order: VecDeque<JobId>,
     /// Jobs not in flight.
     waiting: usize,
     next_job: JobId,
     next_batch: BatchId,
-    in_flight: HashMap<BatchId, InFlight>,
+    in_flight: IdMap<InFlight>,
     /// Since when the head pass has been waiting for KV pages with nothing
     /// else running.
     blocked_since: Option<Instant>,
@@ -107,6 +111,7 @@ struct Planner {
     exec: mpsc::Sender<ExecBatch>,
     cfg: SchedulerConfig,
     stats: Arc<Stats>,
+    hooks: super::Hooks,
 }
 
 pub(super) fn start(
@@ -115,14 +120,15 @@ pub(super) fn start(
     kv: Arc<Mutex<PageManager>>,
     cfg: SchedulerConfig,
     stats: Arc<Stats>,
+    hooks: super::Hooks,
 ) -> Result<(), PieError> {
     let planner = Planner {
-        jobs: HashMap::new(),
+        jobs: IdMap::default(),
         order: VecDeque::new(),
         waiting: 0,
         next_job: 0,
         next_batch: 0,
-        in_flight: HashMap::new(),
+        in_flight: IdMap::default(),
         blocked_since: None,
         expected: 0,
         gather_until: None,
@@ -131,6 +137,7 @@ pub(super) fn start(
         exec,
         cfg,
         stats,
+        hooks,
     };
     std::thread::Builder::new()
         .name("pie-planner".into())
@@ -231,7 +238,14 @@ impl Planner {
             if job.in_flight {
                 continue;
             }
-            let take = (job.req.tokens.len() - job.done).min(budget);
+            let left = job.req.tokens.len() - job.done;
+            // A masked pass runs whole (its rows may look ahead): it waits
+            // for a batch with room, at the latest the next one, where it
+            // is at the head (it fits `max_forward_tokens`, see `prepare`).
+            if job.mask.is_some() && left > budget {
+                break;
+            }
+            let take = left.min(budget);
             match kv.prepare_write(job.req.ctx, take) {
                 Ok(write) => {
                     budget -= take;
@@ -446,6 +460,7 @@ impl Planner {
         for (reply, result) in replies {
             reply(result);
         }
+        super::run_hooks(&self.hooks);
     }
 }
 
@@ -486,6 +501,9 @@ impl BatchPlan {
             write.pages,
             write.state,
         );
+        if let Some(mask) = &job.mask {
+            self.batch.seqs.last_mut().expect("pushed").mask = Some(mask.clone());
+        }
         if let Some(positions) = &job.req.positions {
             let end = self.batch.positions.len();
             self.batch.positions[end - take..].copy_from_slice(&positions[range]);
