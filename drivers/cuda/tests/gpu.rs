@@ -766,6 +766,7 @@ fn masked_attention_steps<D: pie_driver::Driver>(
         window,
         softcap,
         cache_slot: 0,
+        kv_from: None,
     };
     let layout = KvLayout {
         page_size: 4,
@@ -850,7 +851,7 @@ fn masked_attention_steps<D: pie_driver::Driver>(
         let k = act(kv_heads * dim, step * 3 + 1);
         let v = act(kv_heads * dim, step * 3 + 2);
         let out = d
-            .attention(&q, &k, &v, sink_w.as_ref(), &mut kv, &batch, &a)
+            .attention(&q, Some(&k), Some(&v), sink_w.as_ref(), &mut kv, &batch, &a)
             .unwrap();
         let rows: Vec<usize> = (0..n).collect();
         outs.push(d.read_rows(&out, &rows).unwrap());
