@@ -166,6 +166,7 @@ mod tests {
             window,
             softcap,
             cache_slot: 0,
+            kv_from: None,
         }
     }
 
@@ -268,7 +269,7 @@ mod tests {
                     vals[s].push(v.row(r).to_vec());
                 }
             }
-            let out = paged_attention(&q, &k, &v, sinks, &mut kv, &batch, &a).unwrap();
+            let out = paged_attention(&q, Some(&k), Some(&v), sinks, &mut kv, &batch, &a).unwrap();
             for (s, seq) in batch.seqs.iter().enumerate() {
                 for t in 0..seq.len {
                     let pos = seq.first_pos + t;
@@ -322,8 +323,16 @@ mod tests {
         batch.push(&[0, 0], 0, vec![0], 0);
         batch.seqs[0].mask = Some(AttnMask::from_rows(&[vec![true; 3], vec![true; 3]], 3).unwrap());
         let (q, k) = (act(2, HEADS * DIM, 1), act(2, KV_HEADS * DIM, 2));
-        let err =
-            paged_attention(&q, &k, &k, None, &mut kv, &batch, &attrs(None, None)).unwrap_err();
+        let err = paged_attention(
+            &q,
+            Some(&k),
+            Some(&k),
+            None,
+            &mut kv,
+            &batch,
+            &attrs(None, None),
+        )
+        .unwrap_err();
         assert!(
             err.to_string().contains("mask is 2×3, the chunk needs 2×2"),
             "{err}"
