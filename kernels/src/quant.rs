@@ -610,6 +610,31 @@ pub fn gather_rows_quant(kind: QuantKind, table: &[u8], k: usize, ids: &[u32], o
 mod tests {
     use super::*;
 
+    /// The AVX2 activation prep rounds exactly like the portable loop, and
+    /// pads scales and sums with zeros to a multiple of eight blocks.
+    #[test]
+    fn prepared_activations_match_the_portable_loop() {
+        let x: Vec<f32> = (0..18 * 32)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013 + if i % 64 == 0 { 7.0 } else { 0.0 })
+            .collect();
+        let p = fused::Prepared::new(&x);
+        assert_eq!((p.scales.len(), p.sums.len()), (24, 24));
+        assert!(p.scales[18..]
+            .iter()
+            .chain(&p.sums[18..])
+            .all(|&v| v == 0.0));
+        for (b, xs) in x.chunks(32).enumerate() {
+            let max = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = max / 32767.0;
+            assert_eq!(p.scales[b], scale, "block {b}");
+            for (i, v) in xs.iter().enumerate() {
+                assert_eq!(p.q[b * 32 + i], (v / scale).round_ties_even() as i16);
+            }
+            let sum: f32 = xs.iter().sum();
+            assert!((p.sums[b] - sum).abs() <= 1e-5 * (1.0 + sum.abs()));
+        }
+    }
+
     /// Q8_0 rows of known values: the quantized matmul equals a plain one
     /// over the decoded weights.
     #[test]
