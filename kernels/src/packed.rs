@@ -237,6 +237,9 @@ mod avx2 {
     use super::{quant_bytes, quant_index, PackedRows, Prepared, GROUP};
     use crate::quant::fused::avx2::hsum;
 
+    /// Bytes ahead of the current block that the kernel prefetches.
+    const PREFETCH_AHEAD: usize = 2048;
+
     // Formats as const parameters, so each gets its own loop without
     // per-block branches.
     pub const Q4_0: u8 = 0;
@@ -337,6 +340,12 @@ mod avx2 {
                 let x0 = _mm256_loadu_si256(xq.add(blk * 32) as *const __m256i);
                 let x1 = _mm256_loadu_si256(xq.add(blk * 32 + 16) as *const __m256i);
                 let wp = qs.add(blk * stride);
+                // The weights stream from memory once per token: ask for
+                // them ahead, so loads find them in cache. (A prefetch past
+                // the end of `qs` never faults.)
+                for line in (0..R * qb).step_by(64) {
+                    _mm_prefetch(wp.add(PREFETCH_AHEAD + line) as *const i8, _MM_HINT_T0);
+                }
                 for r in 0..R {
                     let (w0, w1) = widen::<KIND>(wp.add(r * qb));
                     let dot =
