@@ -30,6 +30,20 @@ pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     y.iter_mut().zip(x).for_each(|(o, v)| *o += alpha * v);
 }
 
+/// Asks the CPU to bring `x` into cache ahead of use (a hint; no-op off
+/// x86-64).
+#[inline]
+pub fn prefetch(x: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in (0..x.len()).step_by(16) {
+        // SAFETY: `line` is inside `x`; a prefetch never faults.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch(x.as_ptr().add(line) as *const i8, _MM_HINT_T0);
+        }
+    }
+}
+
 /// `out[h] = rows[h] · x` for the `out.len()` rows of `rows` (each `x.len()` long).
 pub fn dot_rows(rows: &[f32], x: &[f32], out: &mut [f32]) {
     assert_eq!(rows.len(), x.len() * out.len(), "dot_rows: shapes differ");

@@ -83,6 +83,9 @@ pub fn paged_attention(
     Ok(out)
 }
 
+/// How many positions ahead attention prefetches the KV cache.
+const PREFETCH_POSITIONS: usize = 8;
+
 /// The cached positions one task attends over, for one KV head.
 struct Span<'a> {
     kv: &'a KvCache,
@@ -99,6 +102,12 @@ impl Span<'_> {
         let mut scores = vec![0f32; heads * self.positions.len()];
         let mut kbuf = vec![0f32; a.head_dim];
         for (j, s) in self.positions.clone().zip(scores.chunks_exact_mut(heads)) {
+            // Cached keys are read once per step, from memory: start the
+            // loads a few positions early (values too, for the second pass).
+            if j + PREFETCH_POSITIONS < self.positions.end {
+                let ahead = self.kv.slot_of(self.seq, j + PREFETCH_POSITIONS);
+                self.kv.prefetch(self.slot, ahead, self.kv_head);
+            }
             let token_slot = self.kv.slot_of(self.seq, j);
             let key = self.kv.key(self.slot, token_slot, self.kv_head, &mut kbuf);
             pie_kernels::vector::dot_rows(q_rows, key, s);
