@@ -3,5 +3,6 @@
 pub mod matmul;
 pub mod packed;
 pub mod quant;
+pub mod vector;
 
 pub use matmul::{gather_rows, matmul, WeightMatrix};

@@ -3,11 +3,18 @@
 //! GGUF interleaves each block's f16 scale (and min) with its quants, so a
 //! row-dot converts two scalars per 32 weights and keeps the `min·Σx` term in
 //! a scalar chain. Here each row keeps its scales and mins as contiguous f16
-//! arrays — converted eight at a time — and its quant bytes back to back.
+//! arrays — converted eight at a time — and the quant bytes of every
+//! [`GROUP`] consecutive rows are interleaved block by block (block 0 of rows
+//! 0–3, block 1 of rows 0–3, …). The kernel dots the four rows of a group
+//! together: each activation block is loaded once for four weight rows, and
+//! the weights stream from one sequential run of memory instead of four.
 //! Same bytes as the file, different order.
 
 use crate::quant::fused::Prepared;
 use crate::quant::{matmul_rows, QuantKind, QuantRows};
+
+/// Rows whose quant bytes are interleaved and dotted together.
+const GROUP: usize = 4;
 
 #[derive(Debug)]
 pub struct PackedRows {
@@ -15,13 +22,18 @@ pub struct PackedRows {
     rows: usize,
     /// Blocks per row.
     nb: usize,
-    /// f16 bits, `rows × nb`.
+    /// f16 bits, `rows × nb`, then [`PAD`] zeros.
     scales: Vec<u16>,
-    /// f16 bits of Q4_1's mins, `rows × nb` (empty otherwise).
+    /// f16 bits of Q4_1's mins, `rows × nb` then [`PAD`] zeros (empty
+    /// otherwise).
     mins: Vec<u16>,
-    /// Quant bytes, `rows × nb × quant_bytes`.
+    /// Quant bytes, `rows × nb × quant_bytes`, interleaved by row group.
     qs: Vec<u8>,
 }
+
+/// Zero scales after the last row, so the kernel may read eight blocks'
+/// scales at any block of any row.
+const PAD: usize = 8;
 
 /// Quant bytes per block.
 fn quant_bytes(kind: QuantKind) -> usize {
@@ -30,6 +42,15 @@ fn quant_bytes(kind: QuantKind) -> usize {
     } else {
         16
     }
+}
+
+/// Index (in blocks) of block `b` of row `j` in the interleaved quant array:
+/// a group's rows sit side by side per block; the last group may hold
+/// fewer than [`GROUP`] rows.
+fn quant_index(rows: usize, nb: usize, j: usize, b: usize) -> usize {
+    let first = j / GROUP * GROUP;
+    let width = GROUP.min(rows - first);
+    first * nb + b * width + (j - first)
 }
 
 impl PackedRows {
@@ -46,15 +67,24 @@ impl PackedRows {
         let nb = k / 32;
         let qb = quant_bytes(kind);
         let head = kind.block_bytes() - qb;
-        let mut scales = Vec::with_capacity(rows * nb);
-        let mut mins = Vec::new();
-        let mut qs = Vec::with_capacity(rows * nb * qb);
-        for block in data.chunks_exact(kind.block_bytes()) {
+        let mut scales = Vec::with_capacity(rows * nb + PAD);
+        let mut mins = Vec::with_capacity(if kind == QuantKind::Q4_1 {
+            rows * nb + PAD
+        } else {
+            0
+        });
+        let mut qs = vec![0u8; rows * nb * qb];
+        for (i, block) in data.chunks_exact(kind.block_bytes()).enumerate() {
             scales.push(u16::from_le_bytes([block[0], block[1]]));
             if kind == QuantKind::Q4_1 {
                 mins.push(u16::from_le_bytes([block[2], block[3]]));
             }
-            qs.extend_from_slice(&block[head..]);
+            let at = quant_index(rows, nb, i / nb, i % nb) * qb;
+            qs[at..at + qb].copy_from_slice(&block[head..]);
+        }
+        scales.resize(scales.len() + PAD, 0);
+        if kind == QuantKind::Q4_1 {
+            mins.resize(mins.len() + PAD, 0);
         }
         Some(PackedRows {
             kind,
@@ -74,9 +104,9 @@ impl PackedRows {
             return None;
         }
         let nb = k / 32;
-        let mut scales = Vec::with_capacity(rows * nb);
-        let mut qs = Vec::with_capacity(rows * k);
-        for block in w.chunks_exact(32) {
+        let mut scales = Vec::with_capacity(rows * nb + PAD);
+        let mut qs = vec![0u8; rows * k];
+        for (i, block) in w.chunks_exact(32).enumerate() {
             let max = block.iter().fold(0f32, |m, x| m.max(x.abs()));
             let d = half::f16::from_f32(max / 127.0);
             let inv = if d.to_f32() > 0.0 {
@@ -85,12 +115,12 @@ impl PackedRows {
                 0.0
             };
             scales.push(d.to_bits());
-            qs.extend(
-                block
-                    .iter()
-                    .map(|x| (x * inv).round().clamp(-127.0, 127.0) as i8 as u8),
-            );
+            let at = quant_index(rows, nb, i / nb, i % nb) * 32;
+            for (q, x) in qs[at..at + 32].iter_mut().zip(block) {
+                *q = (x * inv).round().clamp(-127.0, 127.0) as i8 as u8;
+            }
         }
+        scales.resize(scales.len() + PAD, 0);
         Some(PackedRows {
             kind: QuantKind::Q8_0,
             rows,
@@ -129,8 +159,33 @@ impl PackedRows {
             buf[2..4].copy_from_slice(&self.mins[i].to_le_bytes());
             at += 2;
         }
-        buf[at..at + qb].copy_from_slice(&self.qs[i * qb..(i + 1) * qb]);
+        let q = quant_index(self.rows, self.nb, j, b) * qb;
+        buf[at..at + qb].copy_from_slice(&self.qs[q..q + qb]);
         at + qb
+    }
+
+    /// Dots of rows `j0..j0 + out.len()` (all in one group) with `x`.
+    #[cfg(target_arch = "x86_64")]
+    fn group_dots_avx2(&self, j0: usize, x: &Prepared, out: &mut [f32]) {
+        macro_rules! go {
+            ($kind:expr) => {
+                // SAFETY: AVX2, FMA and F16C were detected at run time; the
+                // arrays hold `nb` blocks for every row, the rows share a group.
+                unsafe {
+                    match out.len() {
+                        4 => avx2::dots::<{ $kind }, 4>(self, j0, x, out),
+                        3 => avx2::dots::<{ $kind }, 3>(self, j0, x, out),
+                        2 => avx2::dots::<{ $kind }, 2>(self, j0, x, out),
+                        _ => avx2::dots::<{ $kind }, 1>(self, j0, x, out),
+                    }
+                }
+            };
+        }
+        match self.kind {
+            QuantKind::Q8_0 => go!(avx2::Q8_0),
+            QuantKind::Q4_1 => go!(avx2::Q4_1),
+            _ => go!(avx2::Q4_0),
+        }
     }
 }
 
@@ -144,27 +199,34 @@ impl QuantRows for PackedRows {
     }
 
     fn row_dot(&self, j: usize, x: &Prepared) -> f32 {
+        let mut out = [0f32];
+        self.row_dots(j, x, &mut out);
+        out[0]
+    }
+
+    fn row_dots(&self, j0: usize, x: &Prepared, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         {
             if crate::quant::fused::avx2::available() {
-                // SAFETY: AVX2, FMA and F16C were detected at run time; the
-                // arrays hold `nb` blocks for every row.
-                return unsafe {
-                    match self.kind {
-                        QuantKind::Q8_0 => avx2::row_dot::<{ avx2::Q8_0 }>(self, j, x),
-                        QuantKind::Q4_1 => avx2::row_dot::<{ avx2::Q4_1 }>(self, j, x),
-                        _ => avx2::row_dot::<{ avx2::Q4_0 }>(self, j, x),
+                let mut j = j0;
+                for chunk in out.chunks_mut(GROUP) {
+                    // Split where a row group ends, so each call stays in one.
+                    let split = (GROUP - j % GROUP).min(chunk.len());
+                    let (a, b) = chunk.split_at_mut(split);
+                    self.group_dots_avx2(j, x, a);
+                    if !b.is_empty() {
+                        self.group_dots_avx2(j + split, x, b);
                     }
-                };
+                    j += chunk.len();
+                }
+                return;
             }
         }
-        let mut buf = [0u8; 34];
         let mut row = vec![0f32; self.nb * 32];
-        for (b, out) in row.chunks_exact_mut(32).enumerate() {
-            let len = self.block(j, b, &mut buf);
-            self.kind.dequantize_row(&buf[..len], out);
+        for (j, o) in (j0..).zip(out.iter_mut()) {
+            self.dequantize_row(j, &mut row);
+            *o = crate::matmul::dot(&row, x.x);
         }
-        crate::matmul::dot(&row, x.x)
     }
 }
 
@@ -172,8 +234,11 @@ impl QuantRows for PackedRows {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{PackedRows, Prepared};
+    use super::{quant_bytes, quant_index, PackedRows, Prepared, GROUP};
     use crate::quant::fused::avx2::hsum;
+
+    /// Bytes ahead of the current block that the kernel prefetches.
+    const PREFETCH_AHEAD: usize = 2048;
 
     // Formats as const parameters, so each gets its own loop without
     // per-block branches.
@@ -188,80 +253,112 @@ mod avx2 {
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
     }
 
-    /// One weight row against one prepared activation row. Scales of eight
-    /// blocks are converted and multiplied by the activation scales at once;
-    /// the offset term (`min·Σx`, or `-8·d·Σx` for Q4_0) is a vector FMA.
+    /// One block's 32 quants (at `p`) as two vectors of 16-bit lanes.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn row_dot<const KIND: u8>(w: &PackedRows, j: usize, x: &Prepared) -> f32 {
+    unsafe fn widen<const KIND: u8>(p: *const u8) -> (__m256i, __m256i) {
+        if KIND == Q8_0 {
+            (
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(p as *const __m128i)),
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(16) as *const __m128i)),
+            )
+        } else {
+            let mask = _mm_set1_epi8(0x0f);
+            let q = _mm_loadu_si128(p as *const __m128i);
+            (
+                _mm256_cvtepu8_epi16(_mm_and_si128(q, mask)),
+                _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(q, 4), mask)),
+            )
+        }
+    }
+
+    /// Block scales times activation scales for blocks `b..b + 8` of row
+    /// `j` into `ds`, and their offset term (`min·Σx`, or `-8·d·Σx` for
+    /// Q4_0) added to `offsets`. Past a row's last block the activation
+    /// scales and sums are zero padding, so those lanes add nothing.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scales<const KIND: u8>(
+        w: &PackedRows,
+        j: usize,
+        b: usize,
+        x: &Prepared,
+        ds: &mut [f32; 8],
+        offsets: &mut __m256,
+    ) {
+        let base = j * w.nb + b;
+        let d8 = f16x8(w.scales.as_ptr().add(base));
+        _mm256_storeu_ps(
+            ds.as_mut_ptr(),
+            _mm256_mul_ps(d8, _mm256_loadu_ps(x.scales.as_ptr().add(b))),
+        );
+        let sums = _mm256_loadu_ps(x.sums.as_ptr().add(b));
+        if KIND == Q4_1 {
+            let mins = f16x8(w.mins.as_ptr().add(base));
+            *offsets = _mm256_fmadd_ps(mins, sums, *offsets);
+        } else if KIND == Q4_0 {
+            let mins = _mm256_mul_ps(d8, _mm256_set1_ps(-8.0));
+            *offsets = _mm256_fmadd_ps(mins, sums, *offsets);
+        }
+    }
+
+    /// Rows `j0..j0 + R` (one row group) against one prepared activation
+    /// row. Each activation block is loaded once and dotted with the R
+    /// weight blocks beside it in memory; scales of eight blocks are
+    /// converted at once.
+    ///
+    /// # Safety
+    /// AVX2+FMA+F16C; the rows lie in one group; `out.len() == R`.
+    // Block and row indices address several arrays at once.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dots<const KIND: u8, const R: usize>(
+        w: &PackedRows,
+        j0: usize,
+        x: &Prepared,
+        out: &mut [f32],
+    ) {
+        debug_assert!(R <= GROUP && j0 % GROUP + R <= GROUP && out.len() == R);
         let nb = w.nb;
-        let base = j * nb;
-        let qb = if KIND == Q8_0 { 32 } else { 16 };
-        let qs = w.qs.as_ptr().add(base * qb);
+        let qb = quant_bytes(w.kind);
+        let first = j0 / GROUP * GROUP;
+        // Bytes from one block of a row to its next block.
+        let stride = GROUP.min(w.rows - first) * qb;
+        let qs = w.qs.as_ptr().add(quant_index(w.rows, nb, j0, 0) * qb);
         let xq = x.q.as_ptr();
-        let mask = _mm_set1_epi8(0x0f);
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut offsets = _mm256_setzero_ps();
-        let mut ds = [0f32; 8];
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut offsets = [_mm256_setzero_ps(); R];
+        let mut ds = [[0f32; 8]; R];
         let mut b = 0;
         while b < nb {
             let group = (nb - b).min(8);
-            // Scales (and the offset term) for up to eight blocks.
-            if group == 8 {
-                let d8 = f16x8(w.scales.as_ptr().add(base + b));
-                _mm256_storeu_ps(
-                    ds.as_mut_ptr(),
-                    _mm256_mul_ps(d8, _mm256_loadu_ps(x.scales.as_ptr().add(b))),
-                );
-                let sums = _mm256_loadu_ps(x.sums.as_ptr().add(b));
-                if KIND == Q4_1 {
-                    let mins = f16x8(w.mins.as_ptr().add(base + b));
-                    offsets = _mm256_fmadd_ps(mins, sums, offsets);
-                } else if KIND == Q4_0 {
-                    let mins = _mm256_mul_ps(d8, _mm256_set1_ps(-8.0));
-                    offsets = _mm256_fmadd_ps(mins, sums, offsets);
-                }
-            } else {
-                let mut tail_offset = 0f32;
-                for (i, slot) in ds.iter_mut().enumerate().take(group) {
-                    let d = half::f16::from_bits(w.scales[base + b + i]).to_f32();
-                    *slot = d * x.scales[b + i];
-                    tail_offset += match KIND {
-                        Q4_1 => half::f16::from_bits(w.mins[base + b + i]).to_f32() * x.sums[b + i],
-                        Q4_0 => -8.0 * d * x.sums[b + i],
-                        _ => 0.0,
-                    };
-                }
-                offsets = _mm256_add_ps(
-                    offsets,
-                    _mm256_setr_ps(tail_offset, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
-                );
+            for r in 0..R {
+                scales::<KIND>(w, j0 + r, b, x, &mut ds[r], &mut offsets[r]);
             }
-            for (i, &d) in ds.iter().enumerate().take(group) {
+            for i in 0..group {
                 let blk = b + i;
-                let xp = xq.add(blk * 32);
-                let (w0, w1) = if KIND == Q8_0 {
-                    let p = qs.add(blk * 32);
-                    (
-                        _mm256_cvtepi8_epi16(_mm_loadu_si128(p as *const __m128i)),
-                        _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(16) as *const __m128i)),
-                    )
-                } else {
-                    let q = _mm_loadu_si128(qs.add(blk * 16) as *const __m128i);
-                    (
-                        _mm256_cvtepu8_epi16(_mm_and_si128(q, mask)),
-                        _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(q, 4), mask)),
-                    )
-                };
-                let x0 = _mm256_loadu_si256(xp as *const __m256i);
-                let x1 = _mm256_loadu_si256(xp.add(16) as *const __m256i);
-                let dots = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
-                acc[i & 3] =
-                    _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(dots), acc[i & 3]);
+                let x0 = _mm256_loadu_si256(xq.add(blk * 32) as *const __m256i);
+                let x1 = _mm256_loadu_si256(xq.add(blk * 32 + 16) as *const __m256i);
+                let wp = qs.add(blk * stride);
+                // The weights stream from memory once per token: ask for
+                // them ahead, so loads find them in cache. (A prefetch past
+                // the end of `qs` never faults.)
+                for line in (0..R * qb).step_by(64) {
+                    _mm_prefetch(wp.add(PREFETCH_AHEAD + line) as *const i8, _MM_HINT_T0);
+                }
+                for r in 0..R {
+                    let (w0, w1) = widen::<KIND>(wp.add(r * qb));
+                    let dot =
+                        _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+                    acc[r] =
+                        _mm256_fmadd_ps(_mm256_set1_ps(ds[r][i]), _mm256_cvtepi32_ps(dot), acc[r]);
+                }
             }
             b += group;
         }
-        let total = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        hsum(total) + hsum(offsets)
+        for r in 0..R {
+            out[r] = hsum(acc[r]) + hsum(offsets[r]);
+        }
     }
 }
 

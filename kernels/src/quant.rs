@@ -220,6 +220,13 @@ const DECODE_BAND_MIN_ROWS: usize = 5;
 pub(crate) trait QuantRows: Sync {
     fn dequantize_row(&self, j: usize, dst: &mut [f32]);
     fn row_dot(&self, j: usize, x: &fused::Prepared) -> f32;
+    /// Dots of rows `j0..j0 + out.len()` with `x`; layouts that share
+    /// activation loads between rows override it.
+    fn row_dots(&self, j0: usize, x: &fused::Prepared, out: &mut [f32]) {
+        for (j, o) in (j0..).zip(out.iter_mut()) {
+            *o = self.row_dot(j, x);
+        }
+    }
 }
 
 /// Rows stored as GGUF blocks, back to back.
@@ -313,13 +320,19 @@ pub(crate) fn matmul_rows(
     let prepared: Vec<fused::Prepared> = (0..m)
         .map(|i| fused::Prepared::new(&x[i * k..(i + 1) * k]))
         .collect();
+    if m == 1 {
+        // One activation row (decode): each task writes its columns in place.
+        use rayon::prelude::*;
+        return out
+            .par_chunks_mut(QUANT_ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(t, cols)| rows.row_dots(t * QUANT_ROWS_PER_TASK, &prepared[0], cols));
+    }
     column_bands(n, QUANT_ROWS_PER_TASK, m, out, |j0, j1| {
         let width = j1 - j0;
         let mut band = vec![0f32; m * width];
-        for j in j0..j1 {
-            for (i, xp) in prepared.iter().enumerate() {
-                band[i * width + (j - j0)] = rows.row_dot(j, xp);
-            }
+        for (xp, cols) in prepared.iter().zip(band.chunks_exact_mut(width)) {
+            rows.row_dots(j0, xp, cols);
         }
         band
     });
@@ -371,21 +384,39 @@ pub(crate) mod fused {
         pub sums: Vec<f32>,
     }
 
+    /// Prepared scales and sums run to a multiple of this many blocks
+    /// (zeros after the last), so kernels load eight blocks' worth at once.
+    const SCALE_PAD: usize = 8;
+
     impl<'a> Prepared<'a> {
         pub fn new(x: &'a [f32]) -> Self {
-            let mut q = vec![0i16; x.len()];
-            let mut scales = Vec::with_capacity(x.len().div_ceil(32));
-            let mut sums = Vec::with_capacity(x.len().div_ceil(32));
-            for (xs, qs) in x.chunks(32).zip(q.chunks_mut(32)) {
+            let blocks = x.len().div_ceil(32);
+            let padded = blocks.next_multiple_of(SCALE_PAD);
+            let mut p = Prepared {
+                x,
+                q: vec![0i16; x.len()],
+                scales: vec![0f32; padded],
+                sums: vec![0f32; padded],
+            };
+            #[cfg(target_arch = "x86_64")]
+            {
+                if avx2::available() && x.len().is_multiple_of(32) {
+                    // SAFETY: AVX2 was detected; `q` holds `x.len()` values
+                    // and `scales`/`sums` one entry per 32.
+                    unsafe { avx2::prepare(&mut p) };
+                    return p;
+                }
+            }
+            for (b, (xs, qs)) in x.chunks(32).zip(p.q.chunks_mut(32)).enumerate() {
                 let max = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let scale = if max > 0.0 { max / 32767.0 } else { 1.0 };
                 for (o, v) in qs.iter_mut().zip(xs) {
-                    *o = (v / scale).round() as i16;
+                    *o = (v / scale).round_ties_even() as i16;
                 }
-                scales.push(scale);
-                sums.push(xs.iter().sum());
+                p.scales[b] = scale;
+                p.sums[b] = xs.iter().sum();
             }
-            Prepared { x, q, scales, sums }
+            p
         }
     }
 
@@ -448,6 +479,54 @@ pub(crate) mod fused {
             let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
             let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
             _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))
+        }
+
+        /// [`Prepared::new`] for whole blocks of 32: per block the largest
+        /// magnitude sets the scale, values are rounded to the nearest
+        /// 16-bit step (ties to even, as the portable loop does).
+        ///
+        /// # Safety
+        /// AVX2; `p.x.len()` a multiple of 32, `p.q` as long, `p.scales` and
+        /// `p.sums` one entry per block.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn prepare(p: &mut Prepared) {
+            let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+            for (b, (xs, qs)) in
+                p.x.chunks_exact(32)
+                    .zip(p.q.chunks_exact_mut(32))
+                    .enumerate()
+            {
+                let v: [__m256; 4] =
+                    std::array::from_fn(|i| _mm256_loadu_ps(xs.as_ptr().add(8 * i)));
+                let m01 = _mm256_max_ps(_mm256_and_ps(v[0], abs), _mm256_and_ps(v[1], abs));
+                let m23 = _mm256_max_ps(_mm256_and_ps(v[2], abs), _mm256_and_ps(v[3], abs));
+                let max = hmax(_mm256_max_ps(m01, m23));
+                let scale = if max > 0.0 { max / 32767.0 } else { 1.0 };
+                let sv = _mm256_set1_ps(scale);
+                let q: [__m256i; 4] = std::array::from_fn(|i| {
+                    let r = _mm256_round_ps(
+                        _mm256_div_ps(v[i], sv),
+                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+                    );
+                    _mm256_cvtps_epi32(r)
+                });
+                // packs works per 128-bit lane: restore the order after.
+                let lo = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xd8);
+                let hi = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xd8);
+                _mm256_storeu_si256(qs.as_mut_ptr() as *mut __m256i, lo);
+                _mm256_storeu_si256(qs.as_mut_ptr().add(16) as *mut __m256i, hi);
+                p.scales[b] = scale;
+                let sum = _mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3]));
+                p.sums[b] = hsum(sum);
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn hmax(v: __m256) -> f32 {
+            let m4 = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps(m2, m2, 1)))
         }
 
         /// Q4_0 (`(q - 8)·d`) and Q4_1 (`q·d + m`): per block,
@@ -530,6 +609,31 @@ pub fn gather_rows_quant(kind: QuantKind, table: &[u8], k: usize, ids: &[u32], o
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The AVX2 activation prep rounds exactly like the portable loop, and
+    /// pads scales and sums with zeros to a multiple of eight blocks.
+    #[test]
+    fn prepared_activations_match_the_portable_loop() {
+        let x: Vec<f32> = (0..18 * 32)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013 + if i % 64 == 0 { 7.0 } else { 0.0 })
+            .collect();
+        let p = fused::Prepared::new(&x);
+        assert_eq!((p.scales.len(), p.sums.len()), (24, 24));
+        assert!(p.scales[18..]
+            .iter()
+            .chain(&p.sums[18..])
+            .all(|&v| v == 0.0));
+        for (b, xs) in x.chunks(32).enumerate() {
+            let max = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = max / 32767.0;
+            assert_eq!(p.scales[b], scale, "block {b}");
+            for (i, v) in xs.iter().enumerate() {
+                assert_eq!(p.q[b * 32 + i], (v / scale).round_ties_even() as i16);
+            }
+            let sum: f32 = xs.iter().sum();
+            assert!((p.sums[b] - sum).abs() <= 1e-5 * (1.0 + sum.abs()));
+        }
+    }
 
     /// Q8_0 rows of known values: the quantized matmul equals a plain one
     /// over the decoded weights.

@@ -8,70 +8,9 @@ use std::path::Path;
 use pie_driver_portable::PortableDriver;
 use pie_runtime::{Engine, LoadOptions};
 
-enum Meta {
-    U32(u32),
-    F32(f32),
-    Str(String),
-}
+mod gguf_writer;
 
-struct Tensor {
-    name: String,
-    /// Row-major shape (outermost first).
-    shape: Vec<usize>,
-    data: Vec<f32>,
-}
-
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    out.extend((s.len() as u64).to_le_bytes());
-    out.extend(s.as_bytes());
-}
-
-/// A GGUF v3 image with f32 tensors.
-fn gguf_bytes(meta: &[(&str, Meta)], tensors: &[Tensor]) -> Vec<u8> {
-    let mut out = b"GGUF".to_vec();
-    out.extend(3u32.to_le_bytes());
-    out.extend((tensors.len() as u64).to_le_bytes());
-    out.extend((meta.len() as u64).to_le_bytes());
-    for (k, v) in meta {
-        put_str(&mut out, k);
-        match v {
-            Meta::U32(x) => {
-                out.extend(4u32.to_le_bytes());
-                out.extend(x.to_le_bytes());
-            }
-            Meta::F32(x) => {
-                out.extend(6u32.to_le_bytes());
-                out.extend(x.to_le_bytes());
-            }
-            Meta::Str(s) => {
-                out.extend(8u32.to_le_bytes());
-                put_str(&mut out, s);
-            }
-        }
-    }
-    let mut offset = 0u64;
-    for t in tensors {
-        put_str(&mut out, &t.name);
-        out.extend((t.shape.len() as u32).to_le_bytes());
-        for d in t.shape.iter().rev() {
-            out.extend((*d as u64).to_le_bytes());
-        }
-        out.extend(0u32.to_le_bytes()); // f32
-        out.extend(offset.to_le_bytes());
-        offset += (t.data.len() as u64 * 4).div_ceil(32) * 32;
-    }
-    while !out.len().is_multiple_of(32) {
-        out.push(0);
-    }
-    for t in tensors {
-        let start = out.len();
-        out.extend(t.data.iter().flat_map(|x| x.to_le_bytes()));
-        while !(out.len() - start).is_multiple_of(32) {
-            out.push(0);
-        }
-    }
-    out
-}
+use gguf_writer::{gguf_bytes, gguf_name, Encoding, Meta, Tensor};
 
 /// llama.cpp's converter layout for Q/K: within each head, Hugging Face row
 /// `t·(head_dim/2) + j` becomes row `2j + t`.
@@ -125,6 +64,7 @@ fn llama_fixture_gguf() -> Vec<u8> {
             name: gguf_name,
             shape,
             data,
+            encoding: Encoding::F32,
         });
     }
     let u = |k: &str| Meta::U32(cfg[k].as_u64().unwrap() as u32);
@@ -143,32 +83,6 @@ fn llama_fixture_gguf() -> Vec<u8> {
         ),
     ];
     gguf_bytes(&meta, &tensors)
-}
-
-fn gguf_name(hf: &str) -> String {
-    if let Some(rest) = hf.strip_prefix("model.layers.") {
-        let (layer, tail) = rest.split_once('.').unwrap();
-        let part = match tail {
-            "input_layernorm.weight" => "attn_norm.weight",
-            "self_attn.q_proj.weight" => "attn_q.weight",
-            "self_attn.k_proj.weight" => "attn_k.weight",
-            "self_attn.v_proj.weight" => "attn_v.weight",
-            "self_attn.o_proj.weight" => "attn_output.weight",
-            "post_attention_layernorm.weight" => "ffn_norm.weight",
-            "mlp.gate_proj.weight" => "ffn_gate.weight",
-            "mlp.up_proj.weight" => "ffn_up.weight",
-            "mlp.down_proj.weight" => "ffn_down.weight",
-            other => panic!("unexpected tensor {other}"),
-        };
-        return format!("blk.{layer}.{part}");
-    }
-    match hf {
-        "model.embed_tokens.weight" => "token_embd.weight",
-        "model.norm.weight" => "output_norm.weight",
-        "lm_head.weight" => "output.weight",
-        other => panic!("unexpected tensor {other}"),
-    }
-    .to_string()
 }
 
 #[test]

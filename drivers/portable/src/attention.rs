@@ -49,81 +49,150 @@ pub fn paged_attention(
     let mut out = Act::zeros(q.rows, a.heads * a.v_head_dim);
     let group = a.heads / a.kv_heads;
     let kv: &KvCache = kv;
-    // One task per sequence and token: rows of `out` are disjoint.
-    let mut rows: Vec<(usize, &mut [f32])> = out
-        .data
-        .chunks_mut(a.heads * a.v_head_dim)
-        .enumerate()
-        .collect();
     let row_seq: Vec<usize> = batch
         .seqs
         .iter()
         .enumerate()
         .flat_map(|(si, s)| std::iter::repeat_n(si, s.len))
         .collect();
-    rows.par_iter_mut().for_each(|(row, out_row)| {
-        let seq = &batch.seqs[row_seq[*row]];
-        let t = *row - seq.start;
-        let pos = seq.first_pos + t;
-        let first = match a.window {
-            Some(w) => (pos + 1).saturating_sub(w),
-            None => 0,
-        };
-        // A masked row may see later tokens of its chunk; the window still
-        // counts back from the token's own position.
-        let last = match &seq.mask {
-            Some(_) => seq.kv_len() - 1,
-            None => pos,
-        };
-        let visible = |j: usize| seq.mask.as_ref().is_none_or(|m| m.allows(t, j));
-        let mut scores = vec![0f32; (last + 1).saturating_sub(first)];
-        let mut kbuf = vec![0f32; a.head_dim];
-        let mut vbuf = vec![0f32; a.v_head_dim];
-        for h in 0..a.heads {
-            let kvh = h / group;
-            let qh = &q.row(*row)[h * a.head_dim..(h + 1) * a.head_dim];
-            for (j, s) in (first..=last).zip(scores.iter_mut()) {
-                if !visible(j) {
-                    *s = f32::NEG_INFINITY;
-                    continue;
-                }
-                let key = kv.key(slot, kv.slot_of(seq, j), kvh, &mut kbuf);
-                let mut dot = qh.iter().zip(key).map(|(x, y)| x * y).sum::<f32>() * a.scale;
-                if let Some(cap) = a.softcap {
-                    dot = (dot / cap).tanh() * cap;
-                }
-                *s = dot;
-            }
+    // One task per (token, KV head): the query heads of a GQA group read
+    // each cached key and value once, and their output columns are
+    // adjacent, so tasks own disjoint chunks of `out`.
+    out.data
+        .par_chunks_mut(group * a.v_head_dim)
+        .enumerate()
+        .for_each(|(task, out_group)| {
+            let (row, kvh) = (task / a.kv_heads, task % a.kv_heads);
+            let seq = &batch.seqs[row_seq[row]];
+            let t = row - seq.start;
+            let pos = seq.first_pos + t;
+            let first = match a.window {
+                Some(w) => (pos + 1).saturating_sub(w),
+                None => 0,
+            };
+            // A masked row may see later tokens of its chunk; the window
+            // still counts back from the token's own position.
+            let last = match &seq.mask {
+                Some(_) => seq.kv_len() - 1,
+                None => pos,
+            };
+            let heads = kvh * group..(kvh + 1) * group;
+            let q_rows = &q.row(row)[heads.start * a.head_dim..heads.end * a.head_dim];
+            let span = Span {
+                kv,
+                slot,
+                seq,
+                positions: first..last + 1,
+                kv_head: kvh,
+                mask_row: seq.mask.as_ref().map(|m| (m, t)),
+            };
+            let mut probs = span.scores(q_rows, a);
             // A sink is a learned logit that takes probability mass but
             // contributes no value (GPT-OSS).
-            let sink = sinks.map(|s| s[h]);
-            let max = scores
-                .iter()
-                .copied()
-                .chain(sink)
-                .fold(f32::NEG_INFINITY, f32::max);
-            if max == f32::NEG_INFINITY {
-                continue; // a mask left nothing in the window: output zeros
-            }
-            let mut denom = sink.map(|s| (s - max).exp()).unwrap_or(0.0);
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                denom += *s;
-            }
-            let oh = &mut out_row[h * a.v_head_dim..(h + 1) * a.v_head_dim];
-            for (j, p) in (first..=last).zip(&scores) {
-                if !visible(j) {
-                    continue;
-                }
-                let val = kv.value(slot, kv.slot_of(seq, j), kvh, &mut vbuf);
-                let w = p / denom;
-                oh.iter_mut().zip(val).for_each(|(o, x)| *o += w * x);
-            }
-        }
-    });
+            softmax_columns(&mut probs, group, |h| sinks.map(|s| s[kvh * group + h]));
+            span.weighted_values(&probs, out_group, a.v_head_dim);
+        });
     Ok(out)
 }
 
+/// How many positions ahead attention prefetches the KV cache.
+const PREFETCH_POSITIONS: usize = 8;
+
+/// The cached positions one task attends over, for one KV head.
+struct Span<'a> {
+    kv: &'a KvCache,
+    slot: usize,
+    seq: &'a pie_driver::SeqChunk,
+    positions: std::ops::Range<usize>,
+    kv_head: usize,
+    /// The row's custom mask (and the row within its chunk), if any.
+    mask_row: Option<(&'a pie_driver::AttnMask, usize)>,
+}
+
+impl Span<'_> {
+    fn visible(&self, j: usize) -> bool {
+        self.mask_row.is_none_or(|(m, t)| m.allows(t, j))
+    }
+
+    /// Scaled (and soft-capped) scores, `[positions, heads of q_rows]`.
+    fn scores(&self, q_rows: &[f32], a: &AttentionAttrs) -> Vec<f32> {
+        let heads = q_rows.len() / a.head_dim;
+        let mut scores = vec![0f32; heads * self.positions.len()];
+        let mut kbuf = vec![0f32; a.head_dim];
+        for (j, s) in self.positions.clone().zip(scores.chunks_exact_mut(heads)) {
+            // Cached keys are read once per step, from memory: start the
+            // loads a few positions early (values too, for the second pass).
+            if j + PREFETCH_POSITIONS < self.positions.end {
+                let ahead = self.kv.slot_of(self.seq, j + PREFETCH_POSITIONS);
+                self.kv.prefetch(self.slot, ahead, self.kv_head);
+            }
+            if !self.visible(j) {
+                s.fill(f32::NEG_INFINITY);
+                continue;
+            }
+            let token_slot = self.kv.slot_of(self.seq, j);
+            let key = self.kv.key(self.slot, token_slot, self.kv_head, &mut kbuf);
+            pie_kernels::vector::dot_rows(q_rows, key, s);
+            for dot in s.iter_mut() {
+                *dot *= a.scale;
+                if let Some(cap) = a.softcap {
+                    *dot = (*dot / cap).tanh() * cap;
+                }
+            }
+        }
+        scores
+    }
+
+    /// `out[h] = Σ_t probs[t][h] · value[t]` for each head's `v_dim` columns.
+    fn weighted_values(&self, probs: &[f32], out: &mut [f32], v_dim: usize) {
+        let heads = out.len() / v_dim;
+        let mut vbuf = vec![0f32; v_dim];
+        for (j, p) in self.positions.clone().zip(probs.chunks_exact(heads)) {
+            if !self.visible(j) {
+                continue;
+            }
+            let token_slot = self.kv.slot_of(self.seq, j);
+            let val = self
+                .kv
+                .value(self.slot, token_slot, self.kv_head, &mut vbuf);
+            pie_kernels::vector::axpy_rows(p, val, out);
+        }
+    }
+}
+
+/// Softmax of each column of `scores` (`[positions, heads]`) in place; a
+/// head's sink logit takes its share of the mass.
+fn softmax_columns(scores: &mut [f32], heads: usize, sink: impl Fn(usize) -> Option<f32>) {
+    for h in 0..heads {
+        let max = scores
+            .iter()
+            .skip(h)
+            .step_by(heads)
+            .copied()
+            .chain(sink(h))
+            .fold(f32::NEG_INFINITY, f32::max);
+        if max == f32::NEG_INFINITY {
+            // A mask left nothing in the window: this head outputs zeros.
+            scores
+                .iter_mut()
+                .skip(h)
+                .step_by(heads)
+                .for_each(|s| *s = 0.0);
+            continue;
+        }
+        let mut denom = sink(h).map(|s| (s - max).exp()).unwrap_or(0.0);
+        for s in scores.iter_mut().skip(h).step_by(heads) {
+            *s = (*s - max).exp();
+            denom += *s;
+        }
+        let inv = 1.0 / denom;
+        scores
+            .iter_mut()
+            .skip(h)
+            .step_by(heads)
+            .for_each(|s| *s *= inv);
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;

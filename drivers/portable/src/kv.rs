@@ -90,6 +90,17 @@ impl Store {
         }
     }
 
+    /// Prefetches head `head` of token slot `token_slot` (f32 storage only:
+    /// the other dtypes are decoded into a scratch row anyway).
+    fn prefetch(&self, token_slot: usize, head: usize, dim: usize, width: usize) {
+        if let Store::F32(v) = self {
+            let at = token_slot * width + head * dim;
+            if let Some(x) = v.get(at..at + dim) {
+                pie_kernels::vector::prefetch(x);
+            }
+        }
+    }
+
     /// Head `head` of token slot `token_slot`; `width` = values per token.
     fn read<'a>(
         &'a self,
@@ -335,6 +346,14 @@ impl KvCache {
     ) -> &'a [f32] {
         let s = &self.slots[slot];
         s.k.read(token_slot, kv_head, s.shape.head_dim, s.k_width(), buf)
+    }
+
+    /// Starts loading head `kv_head`'s key and value at `token_slot`, for
+    /// attention to find them in cache a few positions later.
+    pub fn prefetch(&self, slot: usize, token_slot: usize, kv_head: usize) {
+        let s = &self.slots[slot];
+        s.k.prefetch(token_slot, kv_head, s.shape.head_dim, s.k_width());
+        s.v.prefetch(token_slot, kv_head, s.shape.v_head_dim, s.v_width());
     }
 
     pub fn value<'a>(
