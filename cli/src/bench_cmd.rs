@@ -127,6 +127,7 @@ fn report<D: Driver + 'static>(engine: &Engine<D>, args: &BenchArgs, row: &Row) 
             "decode_tok_s": round(decode_tok_s, 1),
             "decode_ms_per_step": round(ms_per_step, 3),
             "peak_rss_mb": rss_mb,
+            "kv_cache_dtype": engine.kv_cache_dtype().name(),
         });
         println!("{out}");
     } else {

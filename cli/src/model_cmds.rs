@@ -31,7 +31,8 @@ pub struct ModelArgs {
     /// Tokens per KV cache page.
     #[arg(long, default_value_t = 32)]
     pub kv_page_size: usize,
-    /// KV cache storage: auto, bf16, f16, int8_per_token_head, fp8_e4m3.
+    /// KV cache storage: auto (portable: f16 for quantized/16-bit checkpoints,
+    /// f32 for f32 ones), f32, bf16, f16, int8_per_token_head, fp8_e4m3.
     #[arg(long, default_value = "auto", value_parser = parse_kv_dtype)]
     pub kv_cache_dtype: KvDType,
     /// Quantize float weight matrices at load: `int8` (Q8_0 blocks).

@@ -10,6 +10,7 @@
 //! the weights stream from one sequential run of memory instead of four.
 //! Same bytes as the file, different order.
 
+use crate::memory::HugeBuf;
 use crate::quant::fused::Prepared;
 use crate::quant::{matmul_rows, QuantKind, QuantRows};
 
@@ -23,12 +24,12 @@ pub struct PackedRows {
     /// Blocks per row.
     nb: usize,
     /// f16 bits, `rows × nb`, then [`PAD`] zeros.
-    scales: Vec<u16>,
+    scales: HugeBuf<u16>,
     /// f16 bits of Q4_1's mins, `rows × nb` then [`PAD`] zeros (empty
     /// otherwise).
-    mins: Vec<u16>,
+    mins: HugeBuf<u16>,
     /// Quant bytes, `rows × nb × quant_bytes`, interleaved by row group.
-    qs: Vec<u8>,
+    qs: HugeBuf<u8>,
 }
 
 /// Zero scales after the last row, so the kernel may read eight blocks'
@@ -67,24 +68,20 @@ impl PackedRows {
         let nb = k / 32;
         let qb = quant_bytes(kind);
         let head = kind.block_bytes() - qb;
-        let mut scales = Vec::with_capacity(rows * nb + PAD);
-        let mut mins = Vec::with_capacity(if kind == QuantKind::Q4_1 {
+        let mut scales = HugeBuf::zeroed(rows * nb + PAD);
+        let mut mins = HugeBuf::zeroed(if kind == QuantKind::Q4_1 {
             rows * nb + PAD
         } else {
             0
         });
-        let mut qs = vec![0u8; rows * nb * qb];
+        let mut qs = HugeBuf::zeroed(rows * nb * qb);
         for (i, block) in data.chunks_exact(kind.block_bytes()).enumerate() {
-            scales.push(u16::from_le_bytes([block[0], block[1]]));
+            scales[i] = u16::from_le_bytes([block[0], block[1]]);
             if kind == QuantKind::Q4_1 {
-                mins.push(u16::from_le_bytes([block[2], block[3]]));
+                mins[i] = u16::from_le_bytes([block[2], block[3]]);
             }
             let at = quant_index(rows, nb, i / nb, i % nb) * qb;
             qs[at..at + qb].copy_from_slice(&block[head..]);
-        }
-        scales.resize(scales.len() + PAD, 0);
-        if kind == QuantKind::Q4_1 {
-            mins.resize(mins.len() + PAD, 0);
         }
         Some(PackedRows {
             kind,
@@ -104,8 +101,8 @@ impl PackedRows {
             return None;
         }
         let nb = k / 32;
-        let mut scales = Vec::with_capacity(rows * nb + PAD);
-        let mut qs = vec![0u8; rows * k];
+        let mut scales = HugeBuf::zeroed(rows * nb + PAD);
+        let mut qs = HugeBuf::zeroed(rows * k);
         for (i, block) in w.chunks_exact(32).enumerate() {
             let max = block.iter().fold(0f32, |m, x| m.max(x.abs()));
             let d = half::f16::from_f32(max / 127.0);
@@ -114,19 +111,18 @@ impl PackedRows {
             } else {
                 0.0
             };
-            scales.push(d.to_bits());
+            scales[i] = d.to_bits();
             let at = quant_index(rows, nb, i / nb, i % nb) * 32;
             for (q, x) in qs[at..at + 32].iter_mut().zip(block) {
                 *q = (x * inv).round().clamp(-127.0, 127.0) as i8 as u8;
             }
         }
-        scales.resize(scales.len() + PAD, 0);
         Some(PackedRows {
             kind: QuantKind::Q8_0,
             rows,
             nb,
             scales,
-            mins: Vec::new(),
+            mins: HugeBuf::zeroed(0),
             qs,
         })
     }

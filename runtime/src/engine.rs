@@ -134,11 +134,14 @@ impl<D: Driver + 'static> Engine<D> {
                 p(loaded.get(), total, name);
             }
         };
-        let model = {
+        let (model, f32_matrices) = {
             let mut store =
                 WeightStore::new(&driver, files.weights.as_ref()).with_progress(&report);
-            (arch.load)(&mut store, &ir)?
+            let model = (arch.load)(&mut store, &ir)?;
+            (model, store.f32_matrices())
         };
+        let kv_dtype = driver.resolve_kv_dtype(opts.kv_cache_dtype, f32_matrices);
+        crate::heap::trim();
         Ok(Engine {
             driver,
             arch: arch.name,
@@ -146,7 +149,7 @@ impl<D: Driver + 'static> Engine<D> {
             model,
             kv: None,
             page_size: opts.page_size.max(1),
-            kv_dtype: opts.kv_cache_dtype,
+            kv_dtype,
             tokenizer: files.tokenizer,
             chat_template: files.chat_template,
             stop_ids: files.stop_ids,
@@ -340,6 +343,12 @@ impl<D: Driver + 'static> Engine<D> {
         self.kv(pages, state_rows).map(|_| ())
     }
 
+    /// How the KV cache stores keys and values, once the driver resolved
+    /// `auto` for this checkpoint.
+    pub fn kv_cache_dtype(&self) -> KvDType {
+        self.kv_dtype
+    }
+
     /// KV pages that fit in `utilization` of the device's memory once the
     /// weights are loaded, keeping room for the activations of a batch of
     /// `max_tokens` tokens and `max_rows` logits rows and for `state_rows`
@@ -353,7 +362,7 @@ impl<D: Driver + 'static> Engine<D> {
     ) -> Option<usize> {
         let (free, total) = self.driver.memory_info()?;
         let value_bytes = match self.kv_dtype {
-            KvDType::Auto => 4,
+            KvDType::Auto | KvDType::F32 => 4,
             KvDType::Bf16 | KvDType::F16 => 2,
             KvDType::Int8PerTokenHead | KvDType::Fp8E4m3 => 1,
         };

@@ -86,6 +86,14 @@ impl ModelSource {
             .and_then(MetaValue::as_u64)
             .map(|id| vec![id as u32])
             .unwrap_or_default();
+        // The vocabulary arrays (~100k strings) served the tokenizer and the
+        // chat template; weights never read them. Freed before the weights
+        // load, so their heap pages are returned rather than kept resident
+        // at the peak.
+        let mut file = file;
+        file.metadata
+            .retain(|(key, v)| !(key.starts_with("tokenizer.ggml.") && v.as_array().is_some()));
+        crate::heap::trim();
         let heads = config["num_attention_heads"].as_u64().unwrap_or(0) as usize;
         let kv_heads = config["num_key_value_heads"].as_u64().unwrap_or(0) as usize;
         Ok(ModelSource {

@@ -12,6 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
+use pie_driver::KvDType;
 use pie_driver_portable::PortableDriver;
 use pie_runtime::sampling::Sampler;
 use pie_runtime::{Engine, LoadOptions};
@@ -131,10 +132,20 @@ fn reference(arch: &str) -> Vec<Prompt> {
         .collect()
 }
 
+/// The fixture as GGUF, with an f32 KV cache: these tests compare weight
+/// formats, so cache rounding (f16 under `auto` for Q8_0) stays out.
 fn load(arch: &str, matrices: Matrices, dir: &Path) -> Engine<PortableDriver> {
+    load_with(arch, matrices, dir, KvDType::F32)
+}
+
+fn load_with(arch: &str, matrices: Matrices, dir: &Path, kv: KvDType) -> Engine<PortableDriver> {
     let path = dir.join(format!("{arch}.gguf"));
     std::fs::write(&path, fixture_gguf(arch, matrices)).unwrap();
-    Engine::load(&path, PortableDriver::new(), &LoadOptions::default(), None).unwrap()
+    let opts = LoadOptions {
+        kv_cache_dtype: kv,
+        ..LoadOptions::default()
+    };
+    Engine::load(&path, PortableDriver::new(), &opts, None).unwrap()
 }
 
 /// Logits of every prompt position.
@@ -262,4 +273,27 @@ fn qwen2_gguf_q8_0_matches_its_decoded_weights() {
 #[test]
 fn qwen3_gguf_q8_0_matches_its_decoded_weights() {
     check_q8_0("qwen3");
+}
+
+/// `auto` caches f16 for a block-quantized checkpoint and f32 for an f32
+/// one; the f16 cache stays close to the f32 one and greedy agrees.
+#[test]
+fn auto_kv_cache_follows_the_checkpoint_dtype() {
+    let dir = tempfile::tempdir().unwrap();
+    let f32_model = load_with("qwen3", Matrices::F32, dir.path(), KvDType::Auto);
+    assert_eq!(f32_model.kv_cache_dtype(), KvDType::F32);
+    let mut auto = load_with("qwen3", Matrices::Q8_0, dir.path(), KvDType::Auto);
+    assert_eq!(auto.kv_cache_dtype(), KvDType::F16);
+    let mut exact = load("qwen3", Matrices::Q8_0, dir.path());
+    let prompts = reference("qwen3");
+    let want = logits(&mut exact, &prompts);
+    for (i, got) in logits(&mut auto, &prompts).iter().enumerate() {
+        assert_close(
+            &format!("qwen3 Q8_0 f16 cache prompt {i}"),
+            got,
+            &want[i],
+            3e-3,
+        );
+    }
+    assert_eq!(greedy(&mut auto, &prompts), greedy(&mut exact, &prompts));
 }

@@ -279,13 +279,14 @@ fn half_precision_weights() {
         safetensors::serialize_to_file(views, &None, &out.path().join("model.safetensors"))
             .unwrap();
 
-        let mut engine = Engine::load(
-            out.path(),
-            PortableDriver::new(),
-            &LoadOptions::default(),
-            None,
-        )
-        .unwrap();
+        // An f32 cache: this test measures the weight format alone (under
+        // `auto` a half-precision checkpoint also gets an f16 cache, whose
+        // cost `kv_cache_dtypes_quality` measures).
+        let opts = LoadOptions {
+            kv_cache_dtype: pie_driver::KvDType::F32,
+            ..LoadOptions::default()
+        };
+        let mut engine = Engine::load(out.path(), PortableDriver::new(), &opts, None).unwrap();
         let logits = engine
             .prompt_logits(std::slice::from_ref(&prompts[0].ids))
             .unwrap();
@@ -376,6 +377,7 @@ fn kv_cache_dtypes_quality() {
     let (dir, prompts) = fixture("llama");
     let bounds = [
         (KvDType::Auto, 1e-3f32),
+        (KvDType::F32, 1e-3),
         (KvDType::Bf16, 2e-2),
         (KvDType::F16, 3e-3),
         (KvDType::Int8PerTokenHead, 3e-2),

@@ -94,9 +94,12 @@ pub struct KvSlotShape {
 /// How cached keys and values are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KvDType {
-    /// The driver's activation type (f32 on the portable driver).
+    /// The driver's choice for the checkpoint ([`crate::Driver::resolve_kv_dtype`]):
+    /// on the portable driver f32 for f32 checkpoints and f16 for narrower
+    /// ones; f32 on the cuda driver.
     #[default]
     Auto,
+    F32,
     Bf16,
     F16,
     /// int8 with one f32 scale per token and head.
@@ -107,11 +110,30 @@ pub enum KvDType {
 }
 
 impl KvDType {
-    pub const NAMES: [&'static str; 5] = ["auto", "bf16", "f16", "int8_per_token_head", "fp8_e4m3"];
+    pub const NAMES: [&'static str; 6] = [
+        "auto",
+        "f32",
+        "bf16",
+        "f16",
+        "int8_per_token_head",
+        "fp8_e4m3",
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDType::Auto => "auto",
+            KvDType::F32 => "f32",
+            KvDType::Bf16 => "bf16",
+            KvDType::F16 => "f16",
+            KvDType::Int8PerTokenHead => "int8_per_token_head",
+            KvDType::Fp8E4m3 => "fp8_e4m3",
+        }
+    }
 
     pub fn from_name(name: &str) -> Option<Self> {
         Some(match name {
             "auto" => KvDType::Auto,
+            "f32" => KvDType::F32,
             "bf16" => KvDType::Bf16,
             "f16" => KvDType::F16,
             "int8_per_token_head" => KvDType::Int8PerTokenHead,

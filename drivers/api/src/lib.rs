@@ -85,6 +85,14 @@ pub trait Driver: Send + Sync {
         self.name().to_string()
     }
 
+    /// The KV cache dtype to allocate when `requested` (usually `auto`)
+    /// leaves the choice to the driver; `float_weights` says whether every
+    /// weight matrix of the checkpoint is stored as f32. The default keeps
+    /// `auto` (the driver's activation type).
+    fn resolve_kv_dtype(&self, requested: KvDType, _float_weights: bool) -> KvDType {
+        requested
+    }
+
     /// Runs `f` (a whole forward pass) in the driver's execution context:
     /// the portable driver runs it on its own worker pool, so the ops'
     /// parallel loops start from a worker instead of waking one per op.

@@ -15,6 +15,8 @@ pub struct WeightStore<'a, D: Driver> {
     loaded: HashMap<String, Arc<D::Weight>>,
     /// Called after each tensor is loaded (progress display).
     on_load: Option<&'a dyn Fn(&str)>,
+    /// Every matrix loaded so far was stored as f32 in the checkpoint.
+    f32_matrices: bool,
 }
 
 impl<'a, D: Driver> WeightStore<'a, D> {
@@ -24,12 +26,24 @@ impl<'a, D: Driver> WeightStore<'a, D> {
             source,
             loaded: HashMap::new(),
             on_load: None,
+            f32_matrices: true,
         }
     }
 
     pub fn with_progress(mut self, on_load: &'a dyn Fn(&str)) -> Self {
         self.on_load = Some(on_load);
         self
+    }
+
+    /// Whether every weight matrix (experts included) loaded so far was
+    /// stored as f32: drivers pick a narrower KV cache for checkpoints that
+    /// are themselves narrower (see [`Driver::resolve_kv_dtype`]).
+    pub fn f32_matrices(&self) -> bool {
+        self.f32_matrices
+    }
+
+    fn note_matrix(&mut self, dtype: crate::DType) {
+        self.f32_matrices &= dtype == crate::DType::F32;
     }
 
     /// The weight `key` of `node`; None when the spec made it absent.
@@ -53,6 +67,7 @@ impl<'a, D: Driver> WeightStore<'a, D> {
         let role = if shape.len() == 1 {
             WeightRole::Vector
         } else {
+            self.note_matrix(view.dtype);
             WeightRole::Matrix
         };
         let w = Arc::new(self.driver.load_weight(name, &view, &shape, role)?);
@@ -104,6 +119,7 @@ impl<'a, D: Driver> WeightStore<'a, D> {
                 data.extend_from_slice(view.data);
                 self.source.release(&expert);
             }
+            self.note_matrix(dtype.unwrap_or(crate::DType::F32));
             let view = TensorView {
                 dtype: dtype.unwrap_or(crate::DType::F32),
                 shape: &stacked,
@@ -112,6 +128,7 @@ impl<'a, D: Driver> WeightStore<'a, D> {
             self.driver.load_weight(name, &view, &stacked, role)?
         } else {
             let view = self.source.tensor(name).map_err(DriverError::Invalid)?;
+            self.note_matrix(view.dtype);
             let w = self.driver.load_weight(name, &view, &stacked, role)?;
             self.source.release(name);
             w

@@ -132,7 +132,7 @@ impl Span<'_> {
             }
             let token_slot = self.kv.slot_of(self.seq, j);
             let key = self.kv.key(self.slot, token_slot, self.kv_head, &mut kbuf);
-            pie_kernels::vector::dot_rows(q_rows, key, s);
+            key.dot_rows(q_rows, s);
             for dot in s.iter_mut() {
                 *dot *= a.scale;
                 if let Some(cap) = a.softcap {
@@ -155,7 +155,7 @@ impl Span<'_> {
             let val = self
                 .kv
                 .value(self.slot, token_slot, self.kv_head, &mut vbuf);
-            pie_kernels::vector::axpy_rows(p, val, out);
+            val.axpy_rows(p, out);
         }
     }
 }

@@ -29,7 +29,7 @@ enum Store {
 impl Store {
     fn new(dtype: KvDType, elems: usize, heads: usize, tokens: usize) -> Self {
         match dtype {
-            KvDType::Auto => Store::F32(vec![0.0; elems]),
+            KvDType::Auto | KvDType::F32 => Store::F32(vec![0.0; elems]),
             KvDType::Bf16 => Store::Bf16(vec![bf16::ZERO; elems]),
             KvDType::F16 => Store::F16(vec![f16::ZERO; elems]),
             KvDType::Int8PerTokenHead => Store::Int8 {
@@ -90,15 +90,16 @@ impl Store {
         }
     }
 
-    /// Prefetches head `head` of token slot `token_slot` (f32 storage only:
-    /// the other dtypes are decoded into a scratch row anyway).
+    /// Prefetches head `head` of token slot `token_slot` (f32 and f16
+    /// storage, which attention reads in place; the other dtypes are
+    /// decoded into a scratch row anyway).
     fn prefetch(&self, token_slot: usize, head: usize, dim: usize, width: usize) {
-        if let Store::F32(v) = self {
-            let at = token_slot * width + head * dim;
-            if let Some(x) = v.get(at..at + dim) {
-                pie_kernels::vector::prefetch(x);
-            }
-        }
+        let at = token_slot * width + head * dim;
+        match self {
+            Store::F32(v) => v.get(at..at + dim).map(pie_kernels::vector::prefetch),
+            Store::F16(v) => v.get(at..at + dim).map(pie_kernels::vector::prefetch),
+            _ => None,
+        };
     }
 
     /// Head `head` of token slot `token_slot`; `width` = values per token.
@@ -109,36 +110,64 @@ impl Store {
         dim: usize,
         width: usize,
         buf: &'a mut [f32],
-    ) -> &'a [f32] {
+    ) -> HeadRow<'a> {
         let at = token_slot * width + head * dim;
         match self {
-            Store::F32(v) => &v[at..at + dim],
+            Store::F32(v) => HeadRow::F32(&v[at..at + dim]),
+            Store::F16(v) => HeadRow::F16(&v[at..at + dim]),
             Store::Bf16(v) => {
                 buf.iter_mut()
                     .zip(&v[at..at + dim])
                     .for_each(|(o, x)| *o = x.to_f32());
-                buf
-            }
-            Store::F16(v) => {
-                buf.iter_mut()
-                    .zip(&v[at..at + dim])
-                    .for_each(|(o, x)| *o = x.to_f32());
-                buf
+                HeadRow::F32(buf)
             }
             Store::Int8 { q, scales } => {
                 let scale = scales[token_slot * (width / dim) + head];
                 buf.iter_mut()
                     .zip(&q[at..at + dim])
                     .for_each(|(o, x)| *o = *x as f32 * scale);
-                buf
+                HeadRow::F32(buf)
             }
             Store::Fp8 { q, scales } => {
                 let scale = scales[token_slot * (width / dim) + head];
                 buf.iter_mut()
                     .zip(&q[at..at + dim])
                     .for_each(|(o, x)| *o = fp8_e4m3::decode(*x) * scale);
-                buf
+                HeadRow::F32(buf)
             }
+        }
+    }
+}
+
+/// One head's cached key or value as attention reads it: in place for f32
+/// and f16 storage, else decoded into a scratch row.
+#[derive(Debug, Clone, Copy)]
+pub enum HeadRow<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+impl HeadRow<'_> {
+    /// `out[h] = rows[h] · self` (see [`pie_kernels::vector::dot_rows`]).
+    pub fn dot_rows(self, rows: &[f32], out: &mut [f32]) {
+        match self {
+            HeadRow::F32(x) => pie_kernels::vector::dot_rows(rows, x, out),
+            HeadRow::F16(x) => pie_kernels::vector::dot_rows_f16(rows, x, out),
+        }
+    }
+
+    /// `ys[h] += alphas[h] · self` (see [`pie_kernels::vector::axpy_rows`]).
+    pub fn axpy_rows(self, alphas: &[f32], ys: &mut [f32]) {
+        match self {
+            HeadRow::F32(x) => pie_kernels::vector::axpy_rows(alphas, x, ys),
+            HeadRow::F16(x) => pie_kernels::vector::axpy_rows_f16(alphas, x, ys),
+        }
+    }
+
+    pub fn to_vec(self) -> Vec<f32> {
+        match self {
+            HeadRow::F32(x) => x.to_vec(),
+            HeadRow::F16(x) => x.iter().map(|v| v.to_f32()).collect(),
         }
     }
 }
@@ -336,14 +365,14 @@ impl KvCache {
     }
 
     /// Head `kv_head`'s key at `token_slot`; `buf` (head_dim long) holds the
-    /// decoded values when the cache dtype is not f32.
+    /// decoded values when the cache dtype is neither f32 nor f16.
     pub fn key<'a>(
         &'a self,
         slot: usize,
         token_slot: usize,
         kv_head: usize,
         buf: &'a mut [f32],
-    ) -> &'a [f32] {
+    ) -> HeadRow<'a> {
         let s = &self.slots[slot];
         s.k.read(token_slot, kv_head, s.shape.head_dim, s.k_width(), buf)
     }
@@ -362,7 +391,7 @@ impl KvCache {
         token_slot: usize,
         kv_head: usize,
         buf: &'a mut [f32],
-    ) -> &'a [f32] {
+    ) -> HeadRow<'a> {
         let s = &self.slots[slot];
         s.v.read(token_slot, kv_head, s.shape.v_head_dim, s.v_width(), buf)
     }

@@ -20,7 +20,9 @@ mod tensor;
 mod test_rng;
 
 use pie_driver::ir::*;
-use pie_driver::{Driver, DriverError, ForwardBatch, KvLayout, Result, TensorView, WeightRole};
+use pie_driver::{
+    Driver, DriverError, ForwardBatch, KvDType, KvLayout, Result, TensorView, WeightRole,
+};
 
 pub use kv::KvCache;
 pub use recurrent::ChunkedScan;
@@ -117,6 +119,18 @@ impl Driver for PortableDriver {
 
     fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         self.pool.install(f)
+    }
+
+    /// `auto` caches f16 for checkpoints stored narrower than f32 (GGUF
+    /// blocks, f16, bf16), as llama.cpp does: half the bytes attention
+    /// streams per step, at a cost measured in docs/QUANTIZATION.md. f32
+    /// checkpoints keep an f32 cache, so their parity stays exact.
+    fn resolve_kv_dtype(&self, requested: KvDType, float_weights: bool) -> KvDType {
+        match requested {
+            KvDType::Auto if float_weights => KvDType::F32,
+            KvDType::Auto => KvDType::F16,
+            other => other,
+        }
     }
 
     fn load_weight(
