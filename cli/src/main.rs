@@ -52,6 +52,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    pie_runtime::heap::use_one_arena();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Spec(cmd) => spec_cmds::run(cmd),

@@ -283,6 +283,11 @@ pub fn matmul_quant(
     );
 }
 
+thread_local! {
+    /// A prefill band's weight rows decoded to f32, kept per thread.
+    static DECODED_BAND: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// The matmul over any row layout: fused row dots at decode sizes, decoded
 /// bands and the tiled f32 kernel for prefill.
 pub(crate) fn matmul_rows(
@@ -301,11 +306,16 @@ pub(crate) fn matmul_rows(
     if m >= DECODE_BAND_MIN_ROWS {
         const BAND: usize = 64;
         return column_bands(n, BAND, m, out, |j0, j1| {
-            let mut decoded = vec![0f32; (j1 - j0) * k];
+            let mut band = vec![0f32; m * (j1 - j0)];
+            // Reused per thread: a fresh band of this size (up to a few MB)
+            // is an mmap, page faults and an munmap per band. Taken out
+            // rather than borrowed: the matmul below may run another band
+            // on this thread while it waits for its own tasks.
+            let mut decoded = DECODED_BAND.take();
+            decoded.resize((j1 - j0) * k, 0.0);
             for (j, dst) in (j0..j1).zip(decoded.chunks_exact_mut(k)) {
                 rows.dequantize_row(j, dst);
             }
-            let mut band = vec![0f32; m * (j1 - j0)];
             crate::matmul::matmul(
                 x,
                 m,
@@ -314,6 +324,7 @@ pub(crate) fn matmul_rows(
                 j1 - j0,
                 &mut band,
             );
+            DECODED_BAND.set(decoded);
             band
         });
     }

@@ -6,7 +6,7 @@ pub mod chat_template;
 pub mod engine;
 pub mod error;
 pub mod gguf;
-mod heap;
+pub mod heap;
 pub mod inferlet;
 mod load_error;
 pub mod model_dir;

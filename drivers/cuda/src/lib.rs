@@ -638,10 +638,12 @@ impl Driver for CudaDriver {
         match layout.dtype {
             KvDType::Auto | KvDType::F32 => {}
             KvDType::Bf16 => grouped_attention::check_bf16_cache(layout)?,
-            other => return Err(DriverError::Invalid(format!(
+            other => {
+                return Err(DriverError::Invalid(format!(
                 "kv_cache_dtype {} is not implemented by the cuda driver (use auto, f32 or bf16)",
                 other.name()
-            ))),
+            )))
+            }
         }
         CudaKv::new(layout, |n| self.zeros(n))
     }
