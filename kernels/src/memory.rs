@@ -14,7 +14,7 @@ const HUGE_PAGE: usize = 2 << 20;
 /// pages faulted in afterwards come as huge pages (a buffer already touched
 /// is only collapsed later, by `khugepaged`, if at all). A hint: it does
 /// nothing on other systems, for buffers below 2 MiB, or where THP is off.
-pub fn advise_huge_pages<T>(buf: &mut [T]) {
+fn advise_huge_pages<T>(buf: &mut [T]) {
     let start = buf.as_mut_ptr() as usize;
     let end = start + std::mem::size_of_val(buf);
     let first = start.div_ceil(HUGE_PAGE) * HUGE_PAGE;

@@ -49,7 +49,7 @@ impl ModelSource {
     }
 
     fn open_gguf(path: &Path) -> Result<Self, LoadError> {
-        let file = GgufFile::open(path)?;
+        let mut file = GgufFile::open(path)?;
         let config = gguf::config::to_hf_config(&file)?;
         let arch = gguf::config::architecture(&file)?.to_string();
         let label = path.display().to_string();
@@ -90,7 +90,6 @@ impl ModelSource {
         // chat template; weights never read them. Freed before the weights
         // load, so their heap pages are returned rather than kept resident
         // at the peak.
-        let mut file = file;
         file.metadata
             .retain(|(key, v)| !(key.starts_with("tokenizer.ggml.") && v.as_array().is_some()));
         crate::heap::trim();

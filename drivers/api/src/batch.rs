@@ -110,16 +110,28 @@ pub enum KvDType {
 }
 
 impl KvDType {
-    pub const NAMES: [&'static str; 6] = [
-        "auto",
-        "f32",
-        "bf16",
-        "f16",
-        "int8_per_token_head",
-        "fp8_e4m3",
+    /// Every dtype, in the order help texts list them.
+    pub const ALL: [KvDType; 6] = [
+        KvDType::Auto,
+        KvDType::F32,
+        KvDType::Bf16,
+        KvDType::F16,
+        KvDType::Int8PerTokenHead,
+        KvDType::Fp8E4m3,
     ];
 
-    pub fn name(self) -> &'static str {
+    /// The names `from_name` accepts, derived from [`KvDType::ALL`].
+    pub const NAMES: [&'static str; 6] = {
+        let mut names = [""; 6];
+        let mut i = 0;
+        while i < names.len() {
+            names[i] = Self::ALL[i].name();
+            i += 1;
+        }
+        names
+    };
+
+    pub const fn name(self) -> &'static str {
         match self {
             KvDType::Auto => "auto",
             KvDType::F32 => "f32",
@@ -131,15 +143,7 @@ impl KvDType {
     }
 
     pub fn from_name(name: &str) -> Option<Self> {
-        Some(match name {
-            "auto" => KvDType::Auto,
-            "f32" => KvDType::F32,
-            "bf16" => KvDType::Bf16,
-            "f16" => KvDType::F16,
-            "int8_per_token_head" => KvDType::Int8PerTokenHead,
-            "fp8_e4m3" => KvDType::Fp8E4m3,
-            _ => return None,
-        })
+        Self::ALL.into_iter().find(|d| d.name() == name)
     }
 }
 
@@ -154,4 +158,18 @@ pub struct KvLayout {
     pub state_slots: Vec<usize>,
     /// Sequences that can hold recurrent state at once (state rows).
     pub max_seqs: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KvDType;
+
+    #[test]
+    fn kv_dtype_names_round_trip() {
+        for (dtype, name) in KvDType::ALL.into_iter().zip(KvDType::NAMES) {
+            assert_eq!(dtype.name(), name);
+            assert_eq!(KvDType::from_name(name), Some(dtype));
+        }
+        assert_eq!(KvDType::from_name("f8"), None);
+    }
 }
