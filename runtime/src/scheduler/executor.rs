@@ -3,12 +3,13 @@
 //! depends on (recurrent state rows of forks, copied-on-write pages), then
 //! the forward pass. Each result goes back to the planner's inbox.
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use pie_driver::{Driver, ForwardBatch};
 
+use super::inbox::Inbox;
 use super::planner::Msg;
 use super::{ModelInfo, SchedulerConfig};
 use crate::engine::{Engine, RowOutput};
@@ -47,7 +48,7 @@ pub(super) fn start<D, F>(
     name: String,
     load: F,
     cfg: &SchedulerConfig,
-    results: mpsc::Sender<Msg>,
+    results: Arc<Inbox>,
 ) -> Result<(ModelInfo, mpsc::Sender<ExecBatch>, bool, JoinHandle<()>), PieError>
 where
     D: Driver + 'static,
@@ -141,7 +142,7 @@ fn model_info<D: Driver + 'static>(
 fn run<D: Driver + 'static>(
     mut engine: Engine<D>,
     batches: mpsc::Receiver<ExecBatch>,
-    results: mpsc::Sender<Msg>,
+    results: Arc<Inbox>,
 ) {
     for b in batches {
         let started = Instant::now();

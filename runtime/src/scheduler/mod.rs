@@ -14,6 +14,7 @@
 
 mod executor;
 mod ids;
+mod inbox;
 mod mask;
 pub mod outputs;
 pub mod pages;
@@ -21,7 +22,6 @@ mod planner;
 pub mod stats;
 
 use std::sync::atomic::Ordering;
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -155,7 +155,7 @@ pub struct Scheduler {
 /// so device memory and handles are released before the caller goes on —
 /// or before the process exits, which must not race the driver's teardown.
 struct Sender {
-    inbox: mpsc::Sender<Msg>,
+    inbox: Arc<inbox::Inbox>,
     executor: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -192,9 +192,9 @@ impl Scheduler {
         F: FnOnce() -> Result<Engine<D>, PieError> + Send + 'static,
     {
         let stats = Arc::new(Stats::default());
-        let (tx, rx) = mpsc::channel::<Msg>();
+        let inbox = Arc::new(inbox::Inbox::default());
         let (info, exec, recurrent, executor) =
-            executor::start(name.to_string(), load, &cfg, tx.clone())?;
+            executor::start(name.to_string(), load, &cfg, inbox.clone())?;
         let mut pages = PageManager::new(info.kv_pages, info.page_size);
         if recurrent {
             pages = pages.with_state_rows(cfg.max_recurrent_contexts);
@@ -202,10 +202,17 @@ impl Scheduler {
         let kv = Arc::new(Mutex::new(pages));
         let max_forward_tokens = cfg.max_forward_tokens.max(1);
         let hooks = Hooks::default();
-        planner::start(rx, exec, kv.clone(), cfg, stats.clone(), hooks.clone())?;
+        planner::start(
+            inbox.clone(),
+            exec,
+            kv.clone(),
+            cfg,
+            stats.clone(),
+            hooks.clone(),
+        )?;
         Ok(Scheduler {
             tx: Arc::new(Sender {
-                inbox: tx,
+                inbox,
                 executor: Mutex::new(Some(executor)),
             }),
             kv,
@@ -279,8 +286,8 @@ impl Scheduler {
             return Ok(());
         }
         let jobs = passes.into_iter().map(|p| p.0).collect();
-        self.tx.inbox.send(Msg::Jobs(jobs)).map_err(|e| {
-            let Msg::Jobs(jobs) = e.0 else { unreachable!() };
+        self.tx.inbox.send(Msg::Jobs(jobs)).map_err(|msg| {
+            let Msg::Jobs(jobs) = msg else { unreachable!() };
             let stopped = "the scheduler has stopped".to_string();
             for job in jobs {
                 self.stats.queue_depth.fetch_sub(1, Ordering::Relaxed);

@@ -12,6 +12,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex};
+
 use std::time::{Duration, Instant};
 
 use pie_driver::{AttnMask, ForwardBatch};
@@ -19,6 +20,7 @@ use rayon::prelude::*;
 
 use super::executor::{BatchId, Done, ExecBatch};
 use super::ids::IdMap;
+use super::inbox::{Inbox, Wake};
 use super::{lock, outputs, PageManager, PassOutput, PassRequest, PassResult, Reply};
 use super::{KvError, OutputKind, SchedulerConfig, Stats};
 use crate::engine::RowOutput;
@@ -115,7 +117,7 @@ struct Planner {
 }
 
 pub(super) fn start(
-    inbox: mpsc::Receiver<Msg>,
+    inbox: Arc<Inbox>,
     exec: mpsc::Sender<ExecBatch>,
     kv: Arc<Mutex<PageManager>>,
     cfg: SchedulerConfig,
@@ -141,17 +143,39 @@ pub(super) fn start(
     };
     std::thread::Builder::new()
         .name("pie-planner".into())
-        .spawn(move || planner.run(inbox))
+        .spawn(move || planner.run(&inbox))
         .map(|_| ())
         .map_err(|e| PieError::Input(format!("cannot start the planner thread: {e}")))
 }
 
 impl Planner {
-    fn run(mut self, inbox: mpsc::Receiver<Msg>) {
+    fn run(mut self, inbox: &Inbox) {
+        self.serve(inbox);
+        // Passes that arrived after the last one was answered: the
+        // scheduler is stopping, tell their inferlets.
+        for msg in inbox.close() {
+            if let Msg::Jobs(jobs) = msg {
+                let done = jobs
+                    .into_iter()
+                    .map(|job| {
+                        let id = self.next_job;
+                        self.next_job += 1;
+                        self.jobs.insert(id, job);
+                        self.order.push_back(id);
+                        self.waiting += 1;
+                        (id, Err("the scheduler has stopped".to_string()))
+                    })
+                    .collect();
+                self.finish(done);
+            }
+        }
+    }
+
+    fn serve(&mut self, inbox: &Inbox) {
         let mut stalled = false;
         loop {
             let gathering = self.gathering();
-            if stalled || !self.can_dispatch() || gathering.is_some() {
+            let msgs = if stalled || !self.can_dispatch() || gathering.is_some() {
                 if self.shutting_down && self.jobs.is_empty() {
                     return; // dropping `exec` stops the executor
                 }
@@ -162,28 +186,31 @@ impl Planner {
                     (None, true) => Some(EXHAUSTION_POLL),
                     (None, false) => None,
                 };
-                let msg = match timeout {
-                    Some(t) => match inbox.recv_timeout(t) {
-                        Ok(m) => Some(m),
-                        Err(mpsc::RecvTimeoutError::Timeout) => None,
-                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
-                    },
-                    None => match inbox.recv() {
-                        Ok(m) => Some(m),
-                        Err(_) => return,
-                    },
-                };
-                if let Some(m) = msg {
-                    self.handle(m);
-                }
-            }
-            while let Ok(m) = inbox.try_recv() {
+                inbox.wait(self.wake_for(stalled, gathering.is_some()), timeout)
+            } else {
+                inbox.drain()
+            };
+            for m in msgs {
                 self.handle(m);
             }
             stalled = false;
             if self.can_dispatch() && self.gathering().is_none() {
                 stalled = !self.dispatch();
             }
+        }
+    }
+
+    /// What new messages can change while the planner cannot plan: while
+    /// gathering, the passes still expected; while batches in flight fill
+    /// the pipeline or the head waits for pages, only a result; otherwise
+    /// (nothing waiting) any pass.
+    fn wake_for(&self, stalled: bool, gathering: bool) -> Wake {
+        if gathering {
+            Wake::Passes(self.expected.saturating_sub(self.waiting))
+        } else if stalled || self.in_flight.len() > self.cfg.speculation_depth {
+            Wake::ResultsOnly
+        } else {
+            Wake::Passes(1)
         }
     }
 
