@@ -253,7 +253,8 @@ impl Planner {
     /// nothing could be planned or answered.
     fn dispatch(&mut self) -> bool {
         let started = Instant::now();
-        let mut kv = lock(&self.kv);
+        let kv = self.kv.clone();
+        let mut kv = lock(&kv);
         let mut plan = BatchPlan::default();
         let mut failed = Vec::new();
         let mut budget = self.cfg.max_forward_tokens.max(1);
@@ -297,13 +298,14 @@ impl Planner {
             true => Vec::new(),
             false => kv.take_state_copies(),
         };
-        drop(kv);
         let progressed = !plan.chunks.is_empty() || !failed.is_empty();
+        let replies = self.retire(&mut kv, failed);
+        drop(kv);
         if progressed {
             self.blocked_since = None;
             self.gather_until = None;
         }
-        self.finish(failed);
+        self.answer(replies);
         if !plan.chunks.is_empty() {
             self.send(plan, state_copies, started);
         }
@@ -361,12 +363,19 @@ impl Planner {
             return;
         };
         self.waiting += flight.chunks.len();
-        let finished = match done.result {
-            Ok(rows) => self.advance(&flight, rows),
-            Err(e) => self.fail(&flight, &e),
+        let outputs = done.result.map(|rows| self.outputs(&flight, rows));
+        // One hold of the page manager for the whole answer: inferlets'
+        // `submit` calls contend for it.
+        let kv = self.kv.clone();
+        let mut kv = lock(&kv);
+        let finished = match outputs {
+            Ok(()) => self.advance(&mut kv, &flight),
+            Err(e) => self.fail(&mut kv, &flight, &e),
         };
         let answered = finished.len();
-        self.finish(finished);
+        let replies = self.retire(&mut kv, finished);
+        drop(kv);
+        self.answer(replies);
         self.expected = self.waiting + answered;
         let window = (done.driver_time / 8).clamp(GATHER_MIN, GATHER_MAX);
         self.gather_until = Some(Instant::now() + window);
@@ -374,7 +383,8 @@ impl Planner {
         self.stats.record_step(step, done.driver_time);
     }
 
-    fn advance(&mut self, flight: &InFlight, rows: Vec<RowOutput>) -> Vec<(JobId, PassResult)> {
+    /// Turns a batch's logits rows into the outputs of their passes.
+    fn outputs(&mut self, flight: &InFlight, rows: Vec<RowOutput>) {
         // What each logits row becomes, and at which position.
         let wanted: Vec<(&OutputKind, usize)> = flight
             .rows
@@ -412,7 +422,11 @@ impl Planner {
         for (&(id, out), output) in flight.rows.iter().zip(computed) {
             self.jobs.get_mut(&id).expect("in flight").outputs[out] = Some(output);
         }
-        let mut kv = lock(&self.kv);
+    }
+
+    /// Commits a batch's tokens to their contexts; returns the passes it
+    /// finished.
+    fn advance(&mut self, kv: &mut PageManager, flight: &InFlight) -> Vec<(JobId, PassResult)> {
         let mut finished = Vec::new();
         for c in &flight.chunks {
             let job = self.jobs.get_mut(&c.job).expect("in flight");
@@ -430,8 +444,12 @@ impl Planner {
     /// Fails every pass of a batch the driver refused. The context goes
     /// back to its length before the pass; where a page was being copied
     /// the copy may be half made, so it goes back to that page's start.
-    fn fail(&mut self, flight: &InFlight, err: &PieError) -> Vec<(JobId, PassResult)> {
-        let mut kv = lock(&self.kv);
+    fn fail(
+        &mut self,
+        kv: &mut PageManager,
+        flight: &InFlight,
+        err: &PieError,
+    ) -> Vec<(JobId, PassResult)> {
         let page_size = kv.page_size();
         flight
             .chunks
@@ -456,10 +474,21 @@ impl Planner {
 
     /// Answers finished and failed jobs and removes them from the queue.
     fn finish(&mut self, done: Vec<(JobId, PassResult)>) {
+        let kv = self.kv.clone();
+        let replies = self.retire(&mut lock(&kv), done);
+        self.answer(replies);
+    }
+
+    /// Removes finished and failed jobs from the queue and releases their
+    /// contexts (under the page manager's lock); returns their replies.
+    fn retire(
+        &mut self,
+        kv: &mut PageManager,
+        done: Vec<(JobId, PassResult)>,
+    ) -> Vec<(Reply, PassResult)> {
         if done.is_empty() {
-            return;
+            return Vec::new();
         }
-        let mut kv = lock(&self.kv);
         let mut replies = Vec::with_capacity(done.len());
         for (id, result) in done {
             let job = self.jobs.remove(&id).expect("queued");
@@ -477,13 +506,19 @@ impl Planner {
             let _ = kv.set_busy(job.req.ctx, false);
             replies.push((job.reply, result));
         }
-        drop(kv);
         self.order.retain(|id| self.jobs.contains_key(id));
+        replies
+    }
+
+    /// Calls the replies, outside the page manager's lock (they may call
+    /// back into the scheduler), then the after-replies hooks.
+    fn answer(&self, replies: Vec<(Reply, PassResult)>) {
+        if replies.is_empty() {
+            return;
+        }
         let n = replies.len() as u64;
         self.stats.passes.fetch_add(n, Ordering::Relaxed);
         self.stats.queue_depth.fetch_sub(n, Ordering::Relaxed);
-        // Replies run outside the page manager's lock: they may call back
-        // into the scheduler.
         for (reply, result) in replies {
             reply(result);
         }
