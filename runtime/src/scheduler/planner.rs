@@ -12,7 +12,6 @@
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex};
-
 use std::time::{Duration, Instant};
 
 use pie_driver::{AttnMask, ForwardBatch};
@@ -154,21 +153,14 @@ impl Planner {
         // Passes that arrived after the last one was answered: the
         // scheduler is stopping, tell their inferlets.
         for msg in inbox.close() {
-            if let Msg::Jobs(jobs) = msg {
-                let done = jobs
-                    .into_iter()
-                    .map(|job| {
-                        let id = self.next_job;
-                        self.next_job += 1;
-                        self.jobs.insert(id, job);
-                        self.order.push_back(id);
-                        self.waiting += 1;
-                        (id, Err("the scheduler has stopped".to_string()))
-                    })
-                    .collect();
-                self.finish(done);
-            }
+            self.handle(msg);
         }
+        let stopped = self
+            .order
+            .iter()
+            .map(|&id| (id, Err("the scheduler has stopped".to_string())))
+            .collect();
+        self.finish(stopped);
     }
 
     fn serve(&mut self, inbox: &Inbox) {
