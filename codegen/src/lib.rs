@@ -6,6 +6,7 @@
 //!
 //! [`Driver`]: ../pie_driver/trait.Driver.html
 
+mod fusion;
 mod naming;
 mod section;
 

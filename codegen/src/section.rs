@@ -8,6 +8,7 @@ use pie_archspec::ir::OpKind;
 use pie_archspec::ops::schema_of;
 use pie_archspec::spec::{OpDecl, Section};
 
+use crate::fusion::{self, Step};
 use crate::naming::{weight_field, Names};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -164,11 +165,14 @@ impl<'a> SectionGen<'a> {
     }
 
     fn forward_fn(&self) -> TokenStream {
-        let body = self.ops.iter().map(|op| self.op_call(op));
         let result = match self.role {
             Role::Epilogue => format_ident!("logits"),
             _ => format_ident!("x"),
         };
+        let body = fusion::plan(&self.section.ops, &result.to_string())
+            .into_iter()
+            .map(|step| self.step_call(&step))
+            .collect::<Vec<_>>();
         match self.role {
             Role::Prologue => quote! {
                 pub fn forward(&self, d: &D, kv: &mut D::Kv, batch: &ForwardBatch) -> Result<D::Act> {
@@ -187,6 +191,50 @@ impl<'a> SectionGen<'a> {
         }
     }
 
+    /// The code for one step of the fusion plan.
+    fn step_call(&self, step: &Step) -> TokenStream {
+        let op = |i: usize| &self.ops[i];
+        match step {
+            Step::Op(i) => self.op_call(op(*i)),
+            Step::LinearMany(group) => {
+                let x = op(group[0]).input("in", 0);
+                let ws = group.iter().map(|&i| op(i).required("weight"));
+                let bs = group.iter().map(|&i| op(i).weight("bias"));
+                let attrs = group.iter().map(|&i| op(i).attrs());
+                let outs = group.iter().map(|&i| op(i).output());
+                quote! {
+                    let mut outs = d.linear_many(#x, &[#(#ws),*], &[#(#bs),*], &[#(#attrs),*])?.into_iter();
+                    #( let #outs = loader::next_part(&mut outs)?; )*
+                }
+            }
+            Step::GatedLinear { gate, up, glu } => {
+                let (g, u, m) = (op(*gate), op(*up), op(*glu));
+                let x = g.input("in", 0);
+                let (gw, gb, ga) = (g.required("weight"), g.weight("bias"), g.attrs());
+                let (uw, ub, ua) = (u.required("weight"), u.weight("bias"), u.attrs());
+                let (a, out) = (m.attrs(), m.output());
+                quote!(let #out = d.gated_linear(#x, (#gw, #gb, #ga), (#uw, #ub, #ua), #a)?;)
+            }
+            Step::AddRmsNorm { add, norm } => {
+                let (s, n) = (op(*add), op(*norm));
+                let (x, y, aa) = (s.input("in", 0), s.input("in", 1), s.attrs());
+                let (w, na) = (n.weight("weight"), n.attrs());
+                let (sum, normed) = (s.output(), n.output());
+                quote! {
+                    let (sum, normed) = d.add_rms_norm(#x, #y, #aa, #w, #na)?;
+                    let #sum = sum;
+                    let #normed = normed;
+                }
+            }
+            Step::RmsNormRope { norm, rope } => {
+                let (n, r) = (op(*norm), op(*rope));
+                let (x, w, na) = (n.input("in", 0), n.weight("weight"), n.attrs());
+                let (ra, out) = (r.attrs(), r.output());
+                quote!(let #out = d.rms_norm_rope(#x, #w, #na, batch, #ra)?;)
+            }
+        }
+    }
+
     /// `let out = d.op(inputs, weights, &attrs)?;` for one op.
     fn op_call(&self, op: &OpGen) -> TokenStream {
         let decl = op.decl;
@@ -197,51 +245,10 @@ impl<'a> SectionGen<'a> {
         } else {
             quote!(&l.#attrs_field)
         };
-        let input = |key: &str, n: usize| -> TokenStream {
-            let name = format_ident!("{}", decl.input(key)[n].value);
-            quote!(&#name)
-        };
-        let optional_input = |key: &str| -> TokenStream {
-            match decl.input(key).first() {
-                Some(n) => {
-                    let name = format_ident!("{}", n.value);
-                    quote!(Some(&#name))
-                }
-                None => quote!(None),
-            }
-        };
-        let weight = |key: &str| -> TokenStream {
-            match op.weights.iter().find(|w| w.key == key) {
-                None => quote!(None),
-                Some(w) if w.optional && conditional => {
-                    let (f, d) = (&w.field, &w.doc);
-                    quote!(Some(&*loader::present(&l.#f, #d)?))
-                }
-                Some(w) if w.optional => {
-                    let f = &w.field;
-                    quote!(l.#f.as_deref())
-                }
-                Some(w) => {
-                    let f = &w.field;
-                    quote!(Some(&*l.#f))
-                }
-            }
-        };
-        // A weight the op cannot run without: `&W`, or an error naming it
-        // when a conditional left it unloaded.
-        let required = |key: &str| -> TokenStream {
-            match op.weights.iter().find(|w| w.key == key) {
-                Some(w) if w.optional => {
-                    let (f, d) = (&w.field, &w.doc);
-                    quote!(&*loader::present(&l.#f, #d)?)
-                }
-                Some(w) => {
-                    let f = &w.field;
-                    quote!(&l.#f)
-                }
-                None => unreachable!("the parser rejects ops without their required weights"),
-            }
-        };
+        let input = |key: &str, n: usize| op.input(key, n);
+        let optional_input = |key: &str| op.optional_input(key);
+        let weight = |key: &str| op.weight(key);
+        let required = |key: &str| op.required(key);
         let call = match decl.kind {
             OpKind::Embedding => {
                 let w = required("weight");
@@ -331,6 +338,72 @@ impl<'a> SectionGen<'a> {
             }
         } else {
             quote!(let #out = #call;)
+        }
+    }
+}
+
+impl OpGen<'_> {
+    fn conditional(&self) -> bool {
+        self.decl.cond.is_some()
+    }
+
+    /// `&l.attrs` (unconditional ops only: a conditional op's attributes
+    /// are bound by the `match` around its call).
+    fn attrs(&self) -> TokenStream {
+        let f = &self.attrs;
+        quote!(&l.#f)
+    }
+
+    fn output(&self) -> Ident {
+        format_ident!("{}", self.decl.outputs[0].value)
+    }
+
+    fn input(&self, key: &str, n: usize) -> TokenStream {
+        let name = format_ident!("{}", self.decl.input(key)[n].value);
+        quote!(&#name)
+    }
+
+    fn optional_input(&self, key: &str) -> TokenStream {
+        match self.decl.input(key).first() {
+            Some(n) => {
+                let name = format_ident!("{}", n.value);
+                quote!(Some(&#name))
+            }
+            None => quote!(None),
+        }
+    }
+
+    fn weight(&self, key: &str) -> TokenStream {
+        match self.weights.iter().find(|w| w.key == key) {
+            None => quote!(None),
+            Some(w) if w.optional && self.conditional() => {
+                let (f, d) = (&w.field, &w.doc);
+                quote!(Some(&*loader::present(&l.#f, #d)?))
+            }
+            Some(w) if w.optional => {
+                let f = &w.field;
+                quote!(l.#f.as_deref())
+            }
+            Some(w) => {
+                let f = &w.field;
+                quote!(Some(&*l.#f))
+            }
+        }
+    }
+
+    /// A weight the op cannot run without: `&W`, or an error naming it
+    /// when a conditional left it unloaded.
+    fn required(&self, key: &str) -> TokenStream {
+        match self.weights.iter().find(|w| w.key == key) {
+            Some(w) if w.optional => {
+                let (f, d) = (&w.field, &w.doc);
+                quote!(&*loader::present(&l.#f, #d)?)
+            }
+            Some(w) => {
+                let f = &w.field;
+                quote!(&l.#f)
+            }
+            None => unreachable!("the parser rejects ops without their required weights"),
         }
     }
 }

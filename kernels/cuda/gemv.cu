@@ -21,10 +21,12 @@ __device__ __forceinline__ void pie_unpack_bf16x8(uint4 raw, float* out) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS)
-pie_gemv_bf16(float* __restrict__ out, const float* __restrict__ x, const unsigned short* __restrict__ w,
-              int m, int n, int k) {
-    int f0 = blockIdx.x * PIE_GEMV_FEATS;
+// The block's share of out = x · Wᵀ: features f0 .. f0 + PIE_GEMV_FEATS
+// of every row. Thread t < m · PIE_GEMV_FEATS gets the sum for row
+// t / PIE_GEMV_FEATS, feature f0 + t % PIE_GEMV_FEATS; the others get 0.
+// Every thread of the block must call it (it synchronizes).
+__device__ __forceinline__ float pie_gemv_block(const float* __restrict__ x, const unsigned short* __restrict__ w,
+                                                int m, int n, int k, int f0) {
     float acc[PIE_GEMV_MAX_ROWS][PIE_GEMV_FEATS];
 #pragma unroll
     for (int r = 0; r < PIE_GEMV_MAX_ROWS; r++)
@@ -62,6 +64,7 @@ pie_gemv_bf16(float* __restrict__ out, const float* __restrict__ x, const unsign
     // Warp sums, then the 4 warps' partial sums through shared memory.
     __shared__ float partial[PIE_GEMV_THREADS / 32][PIE_GEMV_MAX_ROWS][PIE_GEMV_FEATS];
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();  // a previous call's readers are done with `partial`
 #pragma unroll
     for (int r = 0; r < PIE_GEMV_MAX_ROWS; r++) {
         if (r >= m) break;  // uniform: rows past m hold nothing
@@ -74,13 +77,45 @@ pie_gemv_bf16(float* __restrict__ out, const float* __restrict__ x, const unsign
     }
     __syncthreads();
     int t = threadIdx.x;
-    if (t < PIE_GEMV_MAX_ROWS * PIE_GEMV_FEATS) {
-        int r = t / PIE_GEMV_FEATS, f = t % PIE_GEMV_FEATS;
-        if (r < m && f0 + f < n) {
-            float v = 0.0f;
+    float v = 0.0f;
+    if (t < m * PIE_GEMV_FEATS) {
 #pragma unroll
-            for (int wi = 0; wi < PIE_GEMV_THREADS / 32; wi++) v += partial[wi][r][f];
-            out[(size_t)r * n + f0 + f] = v;
-        }
+        for (int wi = 0; wi < PIE_GEMV_THREADS / 32; wi++) v += partial[wi][t / PIE_GEMV_FEATS][t % PIE_GEMV_FEATS];
     }
+    return v;
+}
+
+// Writes the block's sums (from pie_gemv_block) into out [m, n].
+__device__ __forceinline__ void pie_gemv_store(float* out, float v, int m, int n, int f0) {
+    int t = threadIdx.x, r = t / PIE_GEMV_FEATS, f = f0 + t % PIE_GEMV_FEATS;
+    if (t < m * PIE_GEMV_FEATS && f < n) out[(size_t)r * n + f] = v;
+}
+
+extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS)
+pie_gemv_bf16(float* __restrict__ out, const float* __restrict__ x, const unsigned short* __restrict__ w,
+              int m, int n, int k) {
+    int f0 = blockIdx.x * PIE_GEMV_FEATS;
+    pie_gemv_store(out, pie_gemv_block(x, w, m, n, k, f0), m, n, f0);
+}
+
+// Up to three products of one x in one launch (q/k/v projections): the
+// first ceil(n0 / FEATS) blocks compute out0, the next out1, then out2
+// (n2 = 0: two products).
+extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS)
+pie_gemv3_bf16(float* out0, const unsigned short* __restrict__ w0, int n0,
+               float* out1, const unsigned short* __restrict__ w1, int n1,
+               float* out2, const unsigned short* __restrict__ w2, int n2,
+               const float* __restrict__ x, int m, int k) {
+    int b = blockIdx.x;
+    int b0 = (n0 + PIE_GEMV_FEATS - 1) / PIE_GEMV_FEATS, b1 = (n1 + PIE_GEMV_FEATS - 1) / PIE_GEMV_FEATS;
+    float* out = out0;
+    const unsigned short* w = w0;
+    int n = n0;
+    if (b >= b0 + b1) {
+        out = out2, w = w2, n = n2, b -= b0 + b1;
+    } else if (b >= b0) {
+        out = out1, w = w1, n = n1, b -= b0;
+    }
+    int f0 = b * PIE_GEMV_FEATS;
+    pie_gemv_store(out, pie_gemv_block(x, w, m, n, k, f0), m, n, f0);
 }

@@ -210,6 +210,68 @@ pub trait Driver: Send + Sync {
     /// [`ForwardBatch::outputs`]).
     fn select_rows(&self, x: &Self::Act, rows: &[usize]) -> Result<Self::Act>;
 
+    // Fused ops. Codegen calls these where a spec's ops form the pattern
+    // (`codegen/src/fusion.rs`); each default runs the ops one by one, so
+    // a driver overrides only the fusions it has kernels for.
+
+    /// Several `linear` ops reading the same input (q/k/v projections):
+    /// one output per weight, in order.
+    fn linear_many(
+        &self,
+        x: &Self::Act,
+        weights: &[&Self::Weight],
+        biases: &[Option<&Self::Weight>],
+        attrs: &[&LinearAttrs],
+    ) -> Result<Vec<Self::Act>> {
+        weights
+            .iter()
+            .zip(biases)
+            .zip(attrs)
+            .map(|((w, b), a)| self.linear(x, w, *b, a))
+            .collect()
+    }
+
+    /// `glu(linear(x, gate), linear(x, up))`: a gated MLP's first half.
+    fn gated_linear(
+        &self,
+        x: &Self::Act,
+        gate: (&Self::Weight, Option<&Self::Weight>, &LinearAttrs),
+        up: (&Self::Weight, Option<&Self::Weight>, &LinearAttrs),
+        a: &GluAttrs,
+    ) -> Result<Self::Act> {
+        let g = self.linear(x, gate.0, gate.1, gate.2)?;
+        let u = self.linear(x, up.0, up.1, up.2)?;
+        self.glu(&g, &u, a)
+    }
+
+    /// `s = x + y` and `rms_norm(s)`: a residual add and the norm after it.
+    /// Returns `(s, normed)`.
+    fn add_rms_norm(
+        &self,
+        x: &Self::Act,
+        y: &Self::Act,
+        add: &ElementwiseAttrs,
+        w: Option<&Self::Weight>,
+        norm: &RmsNormAttrs,
+    ) -> Result<(Self::Act, Self::Act)> {
+        let sum = self.add(x, y, add)?;
+        let normed = self.rms_norm(&sum, w, norm)?;
+        Ok((sum, normed))
+    }
+
+    /// `rope(rms_norm(x))`: per-head q/k norms followed by the rotation.
+    fn rms_norm_rope(
+        &self,
+        x: &Self::Act,
+        w: Option<&Self::Weight>,
+        norm: &RmsNormAttrs,
+        batch: &ForwardBatch,
+        rope: &RopeAttrs,
+    ) -> Result<Self::Act> {
+        let normed = self.rms_norm(x, w, norm)?;
+        self.rope(&normed, batch, rope)
+    }
+
     /// Composite ops: attributes and weights as the spec named them.
     fn composite(
         &self,

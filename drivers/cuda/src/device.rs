@@ -9,7 +9,7 @@ use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use pie_driver::{DriverError, Result};
 
 /// Kernel sources, compiled together into one module.
-pub const KERNEL_SOURCES: [(&str, &str); 7] = [
+pub const KERNEL_SOURCES: [(&str, &str); 8] = [
     (
         "grouped_attention.cu",
         include_str!("../../../kernels/cuda/grouped_attention.cu"),
@@ -32,10 +32,11 @@ pub const KERNEL_SOURCES: [(&str, &str); 7] = [
         include_str!("../../../kernels/cuda/recurrent.cu"),
     ),
     ("moe.cu", include_str!("../../../kernels/cuda/moe.cu")),
+    ("fused.cu", include_str!("../../../kernels/cuda/fused.cu")),
 ];
 
 /// Every kernel the driver launches.
-pub const KERNELS: [&str; 46] = [
+pub const KERNELS: [&str; 50] = [
     "pie_gqa_attention_partial_bf16",
     "pie_kv_write_bf16",
     "pie_rms",
@@ -82,6 +83,10 @@ pub const KERNELS: [&str; 46] = [
     "pie_moe_down_f32",
     "pie_moe_down_bf16",
     "pie_moe_combine",
+    "pie_gemv3_bf16",
+    "pie_gemv_glu_bf16",
+    "pie_add_rms_norm",
+    "pie_rms_norm_rope",
 ];
 
 /// Whether a shared library can be opened, without cudarc's panic when it

@@ -11,6 +11,7 @@
 
 mod composite;
 mod device;
+mod fused;
 mod gdn;
 mod graphs;
 mod grouped_attention;
@@ -68,6 +69,9 @@ pub struct CudaDriver {
     /// Whether bf16 GEMMs of at most 4 rows use `pie_gemv_bf16`
     /// (`PIE_CUDA_GEMV=0`: cuBLAS for every shape).
     gemv: bool,
+    /// Whether fused ops run their fused kernels (`PIE_CUDA_FUSE=0`: one
+    /// kernel per op, as the trait's defaults do; for A/B runs).
+    fuse: bool,
     /// Device address tables of expert weights (grouped MoE kernels),
     /// keyed by the first expert's address and the offset into each.
     expert_tables: moe::ExpertTables,
@@ -79,6 +83,18 @@ struct RopeTables {
     seq_lens: Vec<i32>,
     positions_d: CudaSlice<i32>,
     seq_lens_d: CudaSlice<i32>,
+}
+
+/// Device addresses (and constants) a rope kernel reads: positions and
+/// sequence lengths of the batch's rows, short and long inverse
+/// frequencies, the LongRoPE switch length (-1: none) and cos/sin scale.
+struct RopeInputs {
+    positions: u64,
+    seq_lens: u64,
+    short: u64,
+    long: u64,
+    long_from: i32,
+    scale: f64,
 }
 
 /// Device addresses of the tables an attention op reads: uploaded by the
@@ -184,6 +200,7 @@ impl CudaDriver {
             passes_run: AtomicBool::new(false),
             gqa: std::env::var("PIE_CUDA_GQA").map_or(true, |v| v != "0"),
             gemv: std::env::var("PIE_CUDA_GEMV").map_or(true, |v| v != "0"),
+            fuse: std::env::var("PIE_CUDA_FUSE").map_or(true, |v| v != "0"),
             expert_tables: Default::default(),
         })
     }
@@ -199,6 +216,13 @@ impl CudaDriver {
     /// for every GEMM shape).
     pub fn with_gemv(mut self, on: bool) -> Self {
         self.gemv = on;
+        self
+    }
+
+    /// This driver with the fused kernels on or off (off: one kernel per
+    /// op where codegen fused ops, as `PIE_CUDA_FUSE=0` does).
+    pub fn with_fusion(mut self, on: bool) -> Self {
+        self.fuse = on;
         self
     }
 
@@ -469,6 +493,38 @@ impl CudaDriver {
             table.scale,
         ));
         Ok(freqs.last().expect("pushed above"))
+    }
+
+    /// What a rope kernel reads for this batch: the staged tables inside
+    /// a recorded decode pass, else this batch's (uploaded once per pass).
+    fn rope_inputs(&self, batch: &ForwardBatch, a: &RopeAttrs) -> Result<RopeInputs> {
+        let mut freqs = self.rope_freqs.lock().expect("rope freqs lock");
+        let (_, short, long, long_from, scale) = self.rope_freqs_for(&mut freqs, a)?;
+        let (short, long, long_from, scale) = (
+            graphs::address(short),
+            graphs::address(long),
+            *long_from,
+            *scale,
+        );
+        let mut guard = self.rope_tables.lock().expect("rope table lock");
+        let (positions, seq_lens) = match *self.staged.lock().expect("staged lock") {
+            Some(staged) => (staged.rope_positions(), staged.seq_lens()),
+            None => {
+                let tables = self.rope_tables_for(&mut guard, batch)?;
+                (
+                    graphs::address(&tables.positions_d),
+                    graphs::address(&tables.seq_lens_d),
+                )
+            }
+        };
+        Ok(RopeInputs {
+            positions,
+            seq_lens,
+            short,
+            long,
+            long_from,
+            scale,
+        })
     }
 
     fn to_bf16(&self, x: &CudaAct) -> Result<CudaSlice<u16>> {
@@ -817,19 +873,7 @@ impl Driver for CudaDriver {
             }
         };
         let src = graphs::address(if whole { &x.data } else { &out.data });
-        let mut freqs = self.rope_freqs.lock().expect("rope freqs lock");
-        let (_, short_d, long_d, long_from, scale) = self.rope_freqs_for(&mut freqs, a)?;
-        let mut guard = self.rope_tables.lock().expect("rope table lock");
-        let (pos_d, lens_d) = match *self.staged.lock().expect("staged lock") {
-            Some(staged) => (staged.rope_positions(), staged.seq_lens()),
-            None => {
-                let tables = self.rope_tables_for(&mut guard, batch)?;
-                (
-                    graphs::address(&tables.positions_d),
-                    graphs::address(&tables.seq_lens_d),
-                )
-            }
-        };
+        let inputs = self.rope_inputs(batch, a)?;
         let rows = int(x.rows, "rows")?;
         let (heads, hd, rd) = (a.heads as i32, a.head_dim as i32, a.rotary_dim as i32);
         let interleaved = i32::from(a.style == RopeStyle::Interleaved);
@@ -837,12 +881,12 @@ impl Driver for CudaDriver {
         let mut b = self.stream.launch_builder(self.kernels.get("pie_rope"));
         b.arg(&mut out.data)
             .arg(&src)
-            .arg(&pos_d)
-            .arg(&lens_d)
-            .arg(short_d)
-            .arg(long_d)
-            .arg(long_from)
-            .arg(scale)
+            .arg(&inputs.positions)
+            .arg(&inputs.seq_lens)
+            .arg(&inputs.short)
+            .arg(&inputs.long)
+            .arg(&inputs.long_from)
+            .arg(&inputs.scale)
             .arg(&rows)
             .arg(&heads)
             .arg(&hd)
@@ -1108,6 +1152,70 @@ impl Driver for CudaDriver {
 
     fn copy_state(&self, kv: &mut CudaKv, from: u32, to: u32) -> Result<()> {
         kv.copy_state(from as usize, to as usize, &self.stream)
+    }
+
+    fn linear_many(
+        &self,
+        x: &CudaAct,
+        weights: &[&CudaWeight],
+        biases: &[Option<&CudaWeight>],
+        attrs: &[&LinearAttrs],
+    ) -> Result<Vec<CudaAct>> {
+        if let Some(outs) = self.fused_linear_many(x, weights, biases, attrs)? {
+            return Ok(outs);
+        }
+        weights
+            .iter()
+            .zip(biases)
+            .zip(attrs)
+            .map(|((w, b), a)| self.linear(x, w, *b, a))
+            .collect()
+    }
+
+    fn gated_linear(
+        &self,
+        x: &CudaAct,
+        gate: (&CudaWeight, Option<&CudaWeight>, &LinearAttrs),
+        up: (&CudaWeight, Option<&CudaWeight>, &LinearAttrs),
+        a: &GluAttrs,
+    ) -> Result<CudaAct> {
+        if let Some(out) = self.fused_gated_linear(x, gate, up, a)? {
+            return Ok(out);
+        }
+        let g = self.linear(x, gate.0, gate.1, gate.2)?;
+        let u = self.linear(x, up.0, up.1, up.2)?;
+        self.glu(&g, &u, a)
+    }
+
+    fn add_rms_norm(
+        &self,
+        x: &CudaAct,
+        y: &CudaAct,
+        add: &ElementwiseAttrs,
+        w: Option<&CudaWeight>,
+        norm: &RmsNormAttrs,
+    ) -> Result<(CudaAct, CudaAct)> {
+        if let Some(pair) = self.fused_add_rms_norm(x, y, w, norm)? {
+            return Ok(pair);
+        }
+        let sum = self.add(x, y, add)?;
+        let normed = self.rms_norm(&sum, w, norm)?;
+        Ok((sum, normed))
+    }
+
+    fn rms_norm_rope(
+        &self,
+        x: &CudaAct,
+        w: Option<&CudaWeight>,
+        norm: &RmsNormAttrs,
+        batch: &ForwardBatch,
+        rope: &RopeAttrs,
+    ) -> Result<CudaAct> {
+        if let Some(out) = self.fused_rms_norm_rope(x, w, norm, batch, rope)? {
+            return Ok(out);
+        }
+        let normed = self.rms_norm(x, w, norm)?;
+        self.rope(&normed, batch, rope)
     }
 
     fn select_rows(&self, x: &CudaAct, rows: &[usize]) -> Result<CudaAct> {

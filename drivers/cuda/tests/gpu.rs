@@ -437,53 +437,58 @@ fn gpu_gemv_matches_cublas() {
     }
 }
 
+/// A bf16 copy of f32 fixture `name` (configs and every tensor, one
+/// safetensors file) in a temporary directory.
+fn bf16_copy(name: &str) -> (tempfile::TempDir, Vec<Prompt>) {
+    use safetensors::tensor::{Dtype, TensorView};
+    let (dir, prompts) = fixture(name);
+    let out = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let file = path.file_name().unwrap().to_str().unwrap().to_string();
+        if file.ends_with(".json") && !file.contains("index") {
+            std::fs::copy(&path, out.path().join(&file)).unwrap();
+        }
+    }
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "safetensors") {
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for (tname, view) in st.tensors() {
+            let data = view
+                .data()
+                .chunks_exact(4)
+                .flat_map(|c| {
+                    half::bf16::from_f32(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes()
+                })
+                .collect();
+            tensors.push((tname, view.shape().to_vec(), data));
+        }
+    }
+    let views: Vec<(&str, TensorView)> = tensors
+        .iter()
+        .map(|(n, s, d)| {
+            (
+                n.as_str(),
+                TensorView::new(Dtype::BF16, s.clone(), d).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, &None, &out.path().join("model.safetensors")).unwrap();
+    (out, prompts)
+}
+
 /// bf16 copies of f32 fixtures: the bf16 GEMM path.
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn gpu_bf16_weights_against_the_f32_reference() {
-    use safetensors::tensor::{Dtype, TensorView};
     for name in ["llama", "qwen3"] {
-        let (dir, prompts) = fixture(name);
-        let out = tempfile::tempdir().unwrap();
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            let file = path.file_name().unwrap().to_str().unwrap().to_string();
-            if file.ends_with(".json") && !file.contains("index") {
-                std::fs::copy(&path, out.path().join(&file)).unwrap();
-            }
-        }
-        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_none_or(|e| e != "safetensors") {
-                continue;
-            }
-            let bytes = std::fs::read(&path).unwrap();
-            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-            for (tname, view) in st.tensors() {
-                let data = view
-                    .data()
-                    .chunks_exact(4)
-                    .flat_map(|c| {
-                        half::bf16::from_f32(f32::from_le_bytes(c.try_into().unwrap()))
-                            .to_le_bytes()
-                    })
-                    .collect();
-                tensors.push((tname, view.shape().to_vec(), data));
-            }
-        }
-        let views: Vec<(&str, TensorView)> = tensors
-            .iter()
-            .map(|(n, s, d)| {
-                (
-                    n.as_str(),
-                    TensorView::new(Dtype::BF16, s.clone(), d).unwrap(),
-                )
-            })
-            .collect();
-        safetensors::serialize_to_file(views, &None, &out.path().join("model.safetensors"))
-            .unwrap();
-        let mut engine = Engine::load(out.path(), gpu(), &LoadOptions::default(), None).unwrap();
+        let (dir, prompts) = bf16_copy(name);
+        let mut engine = Engine::load(dir.path(), gpu(), &LoadOptions::default(), None).unwrap();
         let logits = engine
             .prompt_logits(std::slice::from_ref(&prompts[0].ids))
             .unwrap();
@@ -495,6 +500,39 @@ fn gpu_bf16_weights_against_the_f32_reference() {
         assert!(
             diff <= BF16_TOL * scale,
             "{name}: {diff} > {BF16_TOL} × {scale}"
+        );
+    }
+}
+
+/// The fused kernels (q/k/v and gate/up GEMVs with the GLU, residual add +
+/// RMSNorm, q/k norm + rope) against one kernel per op on the same bf16
+/// weights. The prompt runs one token per pass, so every pass has the
+/// decode shape the fused GEMVs take; both paths also against transformers.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn gpu_fused_kernels_match_one_kernel_per_op() {
+    for name in ["llama", "qwen3"] {
+        let (dir, prompts) = bf16_copy(name);
+        let opts = LoadOptions::default();
+        let mut fused = Engine::load(dir.path(), gpu(), &opts, None).unwrap();
+        let mut plain = Engine::load(dir.path(), gpu().with_fusion(false), &opts, None).unwrap();
+        let ids = &prompts[0].ids;
+        let a = fused.prompt_logits_chunked(ids, 1).unwrap();
+        let b = plain.prompt_logits_chunked(ids, 1).unwrap();
+        let (diff, scale) = max_error(&a, &b);
+        let (ref_diff, ref_scale) = max_error(&a, &prompts[0].logits);
+        eprintln!(
+            "gpu fused {name}: vs one kernel per op {:.3e}, vs transformers {:.3e} (of max|ref|)",
+            diff / scale,
+            ref_diff / ref_scale
+        );
+        assert!(
+            diff <= 1e-5 * scale,
+            "{name}: fused vs unfused {diff} > 1e-5 × {scale}"
+        );
+        assert!(
+            ref_diff <= BF16_TOL * ref_scale,
+            "{name}: fused vs transformers {ref_diff} > {BF16_TOL} × {ref_scale}"
         );
     }
 }

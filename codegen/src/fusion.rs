@@ -1,0 +1,344 @@
+//! Which ops of a section run as one fused driver call.
+//!
+//! The forward is straight-line code over named activations, so fusing is
+//! a matter of finding op patterns whose intermediate results nobody else
+//! reads. Each fused call has a default in the `Driver` trait that runs the
+//! ops one by one; drivers with a kernel for it (CUDA) save launches and
+//! round trips through memory. Conditional ops are never fused: their
+//! `None` branch passes the input through, which a fused call cannot.
+
+use pie_archspec::ir::OpKind;
+use pie_archspec::spec::OpDecl;
+
+/// One call of a section's forward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// An op on its own.
+    Op(usize),
+    /// Two or more `linear` ops on the same input (q/k/v projections).
+    LinearMany(Vec<usize>),
+    /// `linear` gate, `linear` up (same input), `glu` of the two.
+    GatedLinear { gate: usize, up: usize, glu: usize },
+    /// `add` and the `rms_norm` of its sum right after it.
+    AddRmsNorm { add: usize, norm: usize },
+    /// An `rms_norm` whose only reader is a later `rope`, run at the rope.
+    RmsNormRope { norm: usize, rope: usize },
+}
+
+/// The calls that run `ops` in order; `result` is the activation the
+/// section returns (so it is live at the end).
+pub fn plan(ops: &[OpDecl], result: &str) -> Vec<Step> {
+    let deferred = norms_before_rope(ops, result);
+    let mut steps = Vec::new();
+    // The ops still to place: deferred norms move to their rope.
+    let order: Vec<usize> = (0..ops.len())
+        .filter(|i| !deferred.iter().any(|&(norm, _)| norm == *i))
+        .collect();
+    let mut at = 0;
+    while at < order.len() {
+        let i = order[at];
+        if let Some(&(norm, _)) = deferred.iter().find(|&&(_, rope)| rope == i) {
+            steps.push(Step::RmsNormRope { norm, rope: i });
+            at += 1;
+            continue;
+        }
+        let rest = &order[at..];
+        if let Some(step) = gated_linear(ops, rest, result) {
+            steps.push(step);
+            at += 3;
+        } else if let Some(group) = linear_group(ops, rest) {
+            at += group.len();
+            steps.push(Step::LinearMany(group));
+        } else if let Some(step) = add_rms_norm(ops, rest) {
+            steps.push(step);
+            at += 2;
+        } else {
+            steps.push(Step::Op(i));
+            at += 1;
+        }
+    }
+    steps
+}
+
+fn fusable(op: &OpDecl, kind: OpKind) -> bool {
+    op.kind == kind && op.cond.is_none()
+}
+
+fn input<'a>(op: &'a OpDecl, key: &str, n: usize) -> Option<&'a str> {
+    op.input(key).get(n).map(|s| s.value.as_str())
+}
+
+fn output(op: &OpDecl) -> &str {
+    &op.outputs[0].value
+}
+
+fn reads(op: &OpDecl, name: &str) -> bool {
+    op.inputs
+        .iter()
+        .any(|(_, names)| names.iter().any(|n| n.value == name))
+}
+
+fn writes(op: &OpDecl, name: &str) -> bool {
+    op.outputs.iter().any(|o| o.value == name)
+}
+
+/// Whether `name`, as bound after op `after`, is read later: by an op
+/// before one rebinds it, or as the section's result.
+fn read_after(ops: &[OpDecl], after: usize, name: &str, result: &str) -> bool {
+    for op in &ops[after + 1..] {
+        if reads(op, name) {
+            return true;
+        }
+        if writes(op, name) {
+            return false;
+        }
+    }
+    name == result
+}
+
+/// `(norm, rope)` pairs: a per-group `rms_norm` whose output only a later
+/// `rope` reads, with nothing in between touching its input or output.
+fn norms_before_rope(ops: &[OpDecl], result: &str) -> Vec<(usize, usize)> {
+    let mut pairs = Vec::new();
+    for (n, norm) in ops.iter().enumerate() {
+        if !fusable(norm, OpKind::RmsNorm) {
+            continue;
+        }
+        let (Some(src), out) = (input(norm, "in", 0), output(norm)) else {
+            continue;
+        };
+        let Some(r) = (n + 1..ops.len()).find(|&j| reads(&ops[j], out) || writes(&ops[j], out))
+        else {
+            continue;
+        };
+        let rope = &ops[r];
+        // The norm moves to the rope: its input must still hold the same
+        // value there, and after the rope nothing may read the normed
+        // activation (unless the rope rebinds its name).
+        let src_kept = ops[n + 1..r].iter().all(|op| !writes(op, src));
+        let normed_dead = output(rope) == out || !read_after(ops, r, out, result);
+        if fusable(rope, OpKind::Rope)
+            && input(rope, "in", 0) == Some(out)
+            && src_kept
+            && normed_dead
+        {
+            pairs.push((n, r));
+        }
+    }
+    pairs
+}
+
+/// `linear g; linear u; glu(g, u)` on one input, g and u read nowhere else.
+fn gated_linear(ops: &[OpDecl], rest: &[usize], result: &str) -> Option<Step> {
+    let [g, u, m, ..] = *rest else { return None };
+    let (gate, up, glu) = (&ops[g], &ops[u], &ops[m]);
+    let linears = fusable(gate, OpKind::Linear) && fusable(up, OpKind::Linear);
+    if !linears || !fusable(glu, OpKind::Glu) {
+        return None;
+    }
+    let x = input(gate, "in", 0)?;
+    let (go, uo) = (output(gate), output(up));
+    let wired = input(up, "in", 0) == Some(x)
+        && go != uo
+        && go != x
+        && uo != x
+        && input(glu, "gate", 0) == Some(go)
+        && input(glu, "up", 0) == Some(uo);
+    let private = [go, uo]
+        .iter()
+        .all(|name| output(glu) == *name || !read_after(ops, m, name, result));
+    (wired && private).then_some(Step::GatedLinear {
+        gate: g,
+        up: u,
+        glu: m,
+    })
+}
+
+/// The longest run (two or more) of `linear` ops reading one input, none
+/// of which rebinds that input or another's output.
+fn linear_group(ops: &[OpDecl], rest: &[usize]) -> Option<Vec<usize>> {
+    let first = &ops[*rest.first()?];
+    if !fusable(first, OpKind::Linear) {
+        return None;
+    }
+    let x = input(first, "in", 0)?;
+    let mut group: Vec<usize> = Vec::new();
+    for &i in rest {
+        let op = &ops[i];
+        let out = output(op);
+        let distinct = out != x && group.iter().all(|&j| output(&ops[j]) != out);
+        if !fusable(op, OpKind::Linear) || input(op, "in", 0) != Some(x) || !distinct {
+            break;
+        }
+        group.push(i);
+    }
+    (group.len() >= 2).then_some(group)
+}
+
+/// `s = add(a, b)` immediately followed by `rms_norm(s)`.
+fn add_rms_norm(ops: &[OpDecl], rest: &[usize]) -> Option<Step> {
+    let [a, n, ..] = *rest else { return None };
+    let (add, norm) = (&ops[a], &ops[n]);
+    let wired = fusable(add, OpKind::Add)
+        && fusable(norm, OpKind::RmsNorm)
+        && add.input("in").len() == 2
+        && input(norm, "in", 0) == Some(output(add));
+    wired.then_some(Step::AddRmsNorm { add: a, norm: n })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fusion plan of a one-block spec whose layer runs `ops` (TOML
+    /// inline tables, one per line).
+    fn plan_of(ops: &str) -> Vec<Step> {
+        let text = format!(
+            r#"
+[arch]
+name = "t"
+hf_model_types = ["t"]
+summary = "test"
+
+[params]
+hidden = "hidden_size"
+vocab = "vocab_size"
+layers = "num_hidden_layers"
+
+[prologue]
+ops = [{{ op = "embedding", out = "x", weight = "e" }}]
+
+[[layer]]
+name = "block"
+prefix = "l.{{i}}"
+ops = [
+{ops}
+]
+
+[epilogue]
+ops = [{{ op = "linear", in = "x", out = "logits", features = "vocab", weight = "head" }}]
+"#
+        );
+        let spec = pie_archspec::parse("t.toml", &text).unwrap_or_else(|d| panic!("{d}"));
+        plan(&spec.layers[0].ops, "x")
+    }
+
+    const NORM_QK: &str = r#"
+  { op = "rms_norm", in = "x", out = "h", weight = "n", eps = 1e-6 },
+  { op = "linear", in = "h", out = "q", features = "hidden", weight = "q" },
+  { op = "linear", in = "h", out = "k", features = "hidden", weight = "k" },
+"#;
+
+    #[test]
+    fn qwen3_layer_fuses_every_pattern() {
+        let ops = format!(
+            r#"{NORM_QK}
+  {{ op = "linear", in = "h", out = "v", features = "hidden", weight = "v" }},
+  {{ op = "rms_norm", in = "q", out = "q", weight = "qn", group = 8, eps = 1e-6 }},
+  {{ op = "rms_norm", in = "k", out = "k", weight = "kn", group = 8, eps = 1e-6 }},
+  {{ op = "rope", in = "q", out = "q", head_dim = 8, theta = 1e4 }},
+  {{ op = "rope", in = "k", out = "k", head_dim = 8, theta = 1e4 }},
+  {{ op = "attention", q = "q", k = "k", v = "v", out = "a", heads = 2, kv_heads = 2, head_dim = 8 }},
+  {{ op = "add", in = ["x", "a"], out = "x" }},
+  {{ op = "rms_norm", in = "x", out = "h", weight = "n2", eps = 1e-6 }},
+  {{ op = "linear", in = "h", out = "g", features = 32, weight = "g" }},
+  {{ op = "linear", in = "h", out = "u", features = 32, weight = "u" }},
+  {{ op = "glu", gate = "g", up = "u", out = "m", act = "silu" }},
+  {{ op = "linear", in = "m", out = "m", features = "hidden", weight = "d" }},
+  {{ op = "add", in = ["x", "m"], out = "x" }},"#
+        );
+        assert_eq!(
+            plan_of(&ops),
+            vec![
+                Step::Op(0),
+                Step::LinearMany(vec![1, 2, 3]),
+                Step::RmsNormRope { norm: 4, rope: 6 },
+                Step::RmsNormRope { norm: 5, rope: 7 },
+                Step::Op(8),
+                Step::AddRmsNorm { add: 9, norm: 10 },
+                Step::GatedLinear {
+                    gate: 11,
+                    up: 12,
+                    glu: 13
+                },
+                Step::Op(14),
+                Step::Op(15),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_gate_read_after_the_glu_stays_unfused() {
+        let ops = r#"
+  { op = "linear", in = "x", out = "g", features = 32, weight = "g" },
+  { op = "linear", in = "x", out = "u", features = 32, weight = "u" },
+  { op = "glu", gate = "g", up = "u", out = "m", act = "silu" },
+  { op = "mul", in = ["m", "g"], out = "m" },
+  { op = "linear", in = "m", out = "x", features = "hidden", weight = "d" },"#;
+        // g is read by the mul: gate/up still share one call, the glu runs alone.
+        assert_eq!(
+            plan_of(ops),
+            vec![
+                Step::LinearMany(vec![0, 1]),
+                Step::Op(2),
+                Step::Op(3),
+                Step::Op(4)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_linear_rebinding_its_input_ends_the_group() {
+        let ops = r#"
+  { op = "linear", in = "x", out = "a", features = "hidden", weight = "a" },
+  { op = "linear", in = "x", out = "x", features = "hidden", weight = "b" },
+  { op = "linear", in = "x", out = "c", features = "hidden", weight = "c" },
+  { op = "add", in = ["a", "c"], out = "x" },"#;
+        assert_eq!(
+            plan_of(ops),
+            vec![Step::Op(0), Step::Op(1), Step::Op(2), Step::Op(3)]
+        );
+    }
+
+    #[test]
+    fn a_norm_whose_output_is_read_before_the_rope_runs_alone() {
+        let ops = format!(
+            r#"{NORM_QK}
+  {{ op = "rms_norm", in = "q", out = "q", weight = "qn", group = 8, eps = 1e-6 }},
+  {{ op = "add", in = ["q", "k"], out = "s" }},
+  {{ op = "rope", in = "q", out = "q", head_dim = 8, theta = 1e4 }},
+  {{ op = "add", in = ["q", "s"], out = "x" }},"#
+        );
+        assert_eq!(
+            plan_of(&ops),
+            vec![
+                Step::Op(0),
+                Step::LinearMany(vec![1, 2]),
+                Step::Op(3),
+                Step::Op(4),
+                Step::Op(5),
+                Step::Op(6)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_norm_kept_alive_past_the_rope_runs_alone() {
+        let ops = format!(
+            r#"{NORM_QK}
+  {{ op = "rms_norm", in = "q", out = "n", weight = "qn", group = 8, eps = 1e-6 }},
+  {{ op = "rope", in = "n", out = "r", head_dim = 8, theta = 1e4 }},
+  {{ op = "add", in = ["n", "r"], out = "x" }},"#
+        );
+        let steps = plan_of(&ops);
+        assert!(steps.contains(&Step::Op(3)) && steps.contains(&Step::Op(4)));
+    }
+
+    #[test]
+    fn conditional_ops_are_never_fused() {
+        let ops = r#"
+  { op = "add", in = ["x", "x"], out = "x" },
+  { op = "rms_norm", in = "x", out = "x", weight = "n", eps = 1e-6, if = "hidden > 1" },"#;
+        assert_eq!(plan_of(ops), vec![Step::Op(0), Step::Op(1)]);
+    }
+}

@@ -1,0 +1,235 @@
+//! Fused kernels for the op patterns codegen groups (`codegen/src/fusion.rs`,
+//! `kernels/cuda/fused.cu`). Each returns None where its kernel does not
+//! apply (f32 weights, biases, more than a few rows for the GEMV ones,
+//! shapes the kernel does not cover), and the driver then runs the ops one
+//! by one; at batch 1 decode they cut Qwen3's 19 launches per layer to 12.
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use pie_driver::ir::*;
+use pie_driver::{DriverError, ForwardBatch, Result};
+
+use crate::{activation_code, cuda_err, graphs, int, CudaAct, CudaDriver, CudaWeight};
+
+const GEMV_FEATS: usize = 4; // PIE_GEMV_FEATS in gemv.cu
+const GEMV_THREADS: u32 = 128;
+
+/// A bf16 matrix without a bias, or None.
+fn plain_bf16<'w>(w: &'w CudaWeight, bias: Option<&CudaWeight>) -> Option<&'w CudaSlice<u16>> {
+    match (w, bias) {
+        (CudaWeight::Bf16(w), None) => Some(w),
+        _ => None,
+    }
+}
+
+fn gemv_grid(blocks: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks.max(1) as u32, 1, 1),
+        block_dim: (GEMV_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl CudaDriver {
+    fn fusing_gemv(&self, x: &CudaAct, attrs: &[&LinearAttrs]) -> bool {
+        self.fuse
+            && self.gemv_fits(x.rows, x.width)
+            && attrs.iter().all(|a| a.in_features == x.width)
+    }
+
+    /// Two or three bias-free bf16 products of one input in one launch.
+    pub(crate) fn fused_linear_many(
+        &self,
+        x: &CudaAct,
+        weights: &[&CudaWeight],
+        biases: &[Option<&CudaWeight>],
+        attrs: &[&LinearAttrs],
+    ) -> Result<Option<Vec<CudaAct>>> {
+        if !(2..=3).contains(&weights.len()) || !self.fusing_gemv(x, attrs) {
+            return Ok(None);
+        }
+        let Some(ws) = weights
+            .iter()
+            .zip(biases)
+            .map(|(w, b)| plain_bf16(w, *b))
+            .collect::<Option<Vec<_>>>()
+        else {
+            return Ok(None);
+        };
+        let mut outs = attrs
+            .iter()
+            .map(|a| self.act(x.rows, a.out_features))
+            .collect::<Result<Vec<_>>>()?;
+        // A third product of width 0 when there are two: it gets no blocks.
+        let ns = attrs
+            .iter()
+            .map(|a| int(a.out_features, "features"))
+            .chain(std::iter::once(Ok(0)))
+            .take(3)
+            .collect::<Result<Vec<i32>>>()?;
+        let (m, k) = (int(x.rows, "rows")?, int(x.width, "width")?);
+        let blocks: usize = attrs
+            .iter()
+            .map(|a| a.out_features.div_ceil(GEMV_FEATS))
+            .sum();
+        let addr = |i: usize| {
+            outs.get(i)
+                .map_or(0, |o: &CudaAct| graphs::address(&o.data))
+        };
+        let (o0, o1, o2) = (addr(0), addr(1), addr(2));
+        let w = |i: usize| ws.get(i).map_or(0, |w| graphs::address(*w));
+        let (w0, w1, w2) = (w(0), w(1), w(2));
+        let mut b = self
+            .stream
+            .launch_builder(self.kernels.get("pie_gemv3_bf16"));
+        b.arg(&o0).arg(&w0).arg(&ns[0]);
+        b.arg(&o1).arg(&w1).arg(&ns[1]);
+        b.arg(&o2).arg(&w2).arg(&ns[2]);
+        b.arg(&x.data).arg(&m).arg(&k);
+        unsafe { b.launch(gemv_grid(blocks)) }.map_err(cuda_err("pie_gemv3_bf16"))?;
+        // The kernel wrote through raw addresses: keep the slices' order.
+        outs.truncate(weights.len());
+        Ok(Some(outs))
+    }
+
+    /// `glu(x·Wgᵀ, x·Wuᵀ)` in one launch for bias-free bf16 weights.
+    pub(crate) fn fused_gated_linear(
+        &self,
+        x: &CudaAct,
+        gate: (&CudaWeight, Option<&CudaWeight>, &LinearAttrs),
+        up: (&CudaWeight, Option<&CudaWeight>, &LinearAttrs),
+        a: &GluAttrs,
+    ) -> Result<Option<CudaAct>> {
+        let n = gate.2.out_features;
+        if up.2.out_features != n || a.width != n || !self.fusing_gemv(x, &[gate.2, up.2]) {
+            return Ok(None);
+        }
+        let (Some(wg), Some(wu)) = (plain_bf16(gate.0, gate.1), plain_bf16(up.0, up.1)) else {
+            return Ok(None);
+        };
+        let mut out = self.act(x.rows, n)?;
+        let (m, ni, k) = (
+            int(x.rows, "rows")?,
+            int(n, "features")?,
+            int(x.width, "width")?,
+        );
+        let (func, limit) = (activation_code(a.func), a.limit.unwrap_or(0.0));
+        let mut b = self
+            .stream
+            .launch_builder(self.kernels.get("pie_gemv_glu_bf16"));
+        b.arg(&mut out.data)
+            .arg(&x.data)
+            .arg(wg)
+            .arg(wu)
+            .arg(&m)
+            .arg(&ni)
+            .arg(&k)
+            .arg(&func)
+            .arg(&limit);
+        unsafe { b.launch(gemv_grid(n.div_ceil(GEMV_FEATS))) }
+            .map_err(cuda_err("pie_gemv_glu_bf16"))?;
+        Ok(Some(out))
+    }
+
+    /// `(x + y, rms_norm(x + y))` in one launch.
+    pub(crate) fn fused_add_rms_norm(
+        &self,
+        x: &CudaAct,
+        y: &CudaAct,
+        w: Option<&CudaWeight>,
+        norm: &RmsNormAttrs,
+    ) -> Result<Option<(CudaAct, CudaAct)>> {
+        let shapes_fit = x.rows == y.rows && x.width == y.width && x.width == norm.width;
+        if !self.fuse || !shapes_fit || norm.group == 0 || !norm.width.is_multiple_of(norm.group) {
+            return Ok(None);
+        }
+        let (weight, has) = norm_weight(w);
+        let mut sum = self.act(x.rows, x.width)?;
+        let mut out = self.act(x.rows, x.width)?;
+        let groups = x.rows * (x.width / norm.group);
+        let g = int(norm.group, "group")?;
+        let mut b = self
+            .stream
+            .launch_builder(self.kernels.get("pie_add_rms_norm"));
+        b.arg(&mut sum.data)
+            .arg(&mut out.data)
+            .arg(&x.data)
+            .arg(&y.data)
+            .arg(&weight)
+            .arg(&has)
+            .arg(&g)
+            .arg(&norm.eps)
+            .arg(&norm.offset);
+        unsafe { b.launch(norm_grid(groups, norm.group)) }.map_err(cuda_err("pie_add_rms_norm"))?;
+        Ok(Some((sum, out)))
+    }
+
+    /// `rope(rms_norm(x))` with per-head norms, one block per head.
+    pub(crate) fn fused_rms_norm_rope(
+        &self,
+        x: &CudaAct,
+        w: Option<&CudaWeight>,
+        norm: &RmsNormAttrs,
+        batch: &ForwardBatch,
+        rope: &RopeAttrs,
+    ) -> Result<Option<CudaAct>> {
+        let per_head = norm.group == rope.head_dim && norm.width == rope.heads * rope.head_dim;
+        let fits = x.width == norm.width && batch.positions.len() == x.rows && rope.head_dim <= 512;
+        if !self.fuse || !per_head || !fits {
+            return Ok(None);
+        }
+        if rope.rotary_dim > rope.head_dim || !rope.rotary_dim.is_multiple_of(2) {
+            return Err(DriverError::Invalid(format!(
+                "rope of {} features in heads of {}",
+                rope.rotary_dim, rope.head_dim
+            )));
+        }
+        let inputs = self.rope_inputs(batch, rope)?;
+        let (weight, has) = norm_weight(w);
+        let mut out = self.act(x.rows, x.width)?;
+        let (heads, hd, rd) = (
+            rope.heads as i32,
+            rope.head_dim as i32,
+            rope.rotary_dim as i32,
+        );
+        let interleaved = i32::from(rope.style == RopeStyle::Interleaved);
+        let mut b = self
+            .stream
+            .launch_builder(self.kernels.get("pie_rms_norm_rope"));
+        b.arg(&mut out.data)
+            .arg(&x.data)
+            .arg(&weight)
+            .arg(&has)
+            .arg(&norm.eps)
+            .arg(&norm.offset)
+            .arg(&inputs.positions)
+            .arg(&inputs.seq_lens)
+            .arg(&inputs.short)
+            .arg(&inputs.long)
+            .arg(&inputs.long_from)
+            .arg(&inputs.scale)
+            .arg(&heads)
+            .arg(&hd)
+            .arg(&rd)
+            .arg(&interleaved);
+        let cfg = norm_grid(x.rows * rope.heads, rope.head_dim);
+        unsafe { b.launch(cfg) }.map_err(cuda_err("pie_rms_norm_rope"))?;
+        Ok(Some(out))
+    }
+}
+
+/// A norm weight's address and whether there is one (null: no scale).
+fn norm_weight(w: Option<&CudaWeight>) -> (u64, i32) {
+    match w.and_then(CudaWeight::f32) {
+        Some(w) => (graphs::address(w), 1),
+        None => (0, 0),
+    }
+}
+
+/// One block per group, a power of two of 32..256 threads.
+fn norm_grid(groups: usize, group: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (groups.max(1) as u32, 1, 1),
+        block_dim: (group.next_power_of_two().clamp(32, 256) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
