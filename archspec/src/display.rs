@@ -186,12 +186,12 @@ fn attrs_text(op: &NodeOp) -> String {
             float(a.sparsity),
             float(a.std_multiplier)
         ),
-        // The cache slot follows from execution order; printing it would keep
-        // identical layers from folding together.
+        // The cache slots follow from execution order; printing them would
+        // keep identical layers from folding together.
         NodeOp::Composite(_, a) => a
             .attrs
             .iter()
-            .filter(|(k, _)| k != "cache_slot")
+            .filter(|(k, _)| k != "cache_slot" && k != "index_slot")
             .map(|(k, v)| format!("{k}={}", attr_value(v)))
             .collect::<Vec<_>>()
             .join(" "),

@@ -60,6 +60,7 @@ pub fn lower(
         kv_slots: Vec::new(),
         state_slots: Vec::new(),
         layer_kv_slots: HashMap::new(),
+        index_slot: None,
     };
     let mut widths = HashMap::new();
     let prologue = lw.section(&spec.prologue, &mut widths)?;
@@ -135,6 +136,8 @@ struct Lowerer<'a> {
     state_slots: Vec<StateSlot>,
     /// The KV slot of each layer's first attention op (for `kv_from`).
     layer_kv_slots: HashMap<usize, usize>,
+    /// The indexer-key slot of the last MLA layer with a sparse indexer.
+    index_slot: Option<usize>,
 }
 
 impl<'a> Lowerer<'a> {
@@ -701,6 +704,7 @@ impl<'a> Lowerer<'a> {
                         crate::ir::AttrValue::Int(cache_slot as i64),
                     ));
                     self.bind_mla_rope(op, &mut attrs)?;
+                    self.bind_mla_indexer(op, &mut weights, &mut attrs)?;
                 }
                 if let Some(slot) = self.state_slot(op)? {
                     attrs.attrs.push((
@@ -844,6 +848,80 @@ impl<'a> Lowerer<'a> {
             }),
             vec![out_streams * width],
         ))
+    }
+
+    /// DeepSeek sparse attention (GLM-MoE-DSA): a layer with indexer
+    /// weights caches one roped indexer key (`index_head_dim` values) per
+    /// token in a slot of its own and picks each query's keys; a layer that
+    /// declares `index_topk` without them reuses the picks of the last such
+    /// layer in the same pass. Both get `index_slot`, the indexer-key slot
+    /// that made the picks.
+    fn bind_mla_indexer(
+        &mut self,
+        op: &OpDecl,
+        weights: &mut [WeightBinding],
+        attrs: &mut CompositeAttrs,
+    ) -> Result<(), BindError> {
+        if self.attr(op, "index_topk")?.is_none() {
+            return Ok(());
+        }
+        self.usize_attr(op, "index_topk", None)?;
+        let bound = |key: &str| weights.iter().any(|w| w.key == key && w.name.is_some());
+        let slot = if bound("indexer_wk") {
+            let hidden = self.usize_attr(op, "hidden", None)?;
+            let heads = self.usize_attr(op, "index_heads", None)?;
+            let head_dim = self.usize_attr(op, "index_head_dim", None)?;
+            let rope = self.usize_attr(op, "qk_rope_head_dim", None)?;
+            if rope > head_dim {
+                return self.fail(
+                    op,
+                    format!("qk_rope_head_dim {rope} exceeds index_head_dim {head_dim}"),
+                );
+            }
+            // The indexer's queries come from the low-rank query path.
+            let rank = match self.attr(op, "q_lora_rank")? {
+                None | Some(Value::Null) => {
+                    return self.fail(op, "the sparse indexer needs `q_lora_rank`")
+                }
+                Some(_) => self.usize_attr(op, "q_lora_rank", None)?,
+            };
+            for w in weights.iter_mut() {
+                let shape = match w.key.as_str() {
+                    "indexer_wq" => vec![heads * head_dim, rank],
+                    "indexer_wk" => vec![head_dim, hidden],
+                    "indexer_k_norm" | "indexer_k_norm_bias" => vec![head_dim],
+                    "indexer_weights" => vec![heads, hidden],
+                    _ => continue,
+                };
+                if w.name.is_none() {
+                    return self.fail(op, format!("the sparse indexer needs weight `{}`", w.key));
+                }
+                w.shape = Some(shape);
+            }
+            let slot = self.kv_slots.len();
+            self.kv_slots.push(KvSlot {
+                layer: self.layer.unwrap_or(0),
+                kv_heads: 1,
+                head_dim,
+                v_head_dim: 0,
+            });
+            self.index_slot = Some(slot);
+            slot
+        } else {
+            match self.index_slot {
+                Some(slot) => slot,
+                None => {
+                    return self.fail(
+                        op,
+                        "a layer sharing the sparse indexer's picks needs an earlier layer with indexer weights",
+                    )
+                }
+            }
+        };
+        attrs
+            .attrs
+            .push(("index_slot".into(), crate::ir::AttrValue::Int(slot as i64)));
+        Ok(())
     }
 
     /// MLA's rope (shared by all heads' rope part) and softmax scale: the

@@ -2,10 +2,17 @@
 //! `page_size` token slots, each slot holding every KV head's key and value,
 //! in the cache dtype chosen at allocation. Narrow dtypes are encoded on
 //! write and decoded into a scratch row on read (the CPU has no native
-//! arithmetic for them).
+//! arithmetic for them). The cache also carries the one piece of state
+//! that ops of a pass share: the sparse-attention indexer's picks, which
+//! GLM-MoE-DSA's `shared` layers reuse.
+
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use half::{bf16, f16};
 use pie_driver::{DriverError, KvDType, KvLayout, KvSlotShape, Result, SeqChunk};
+
+use crate::indexer::Picks;
 
 /// One tensor's (keys' or values') storage for all token slots.
 #[derive(Debug)]
@@ -222,6 +229,9 @@ pub struct KvCache {
     states: Vec<Vec<f32>>,
     state_sizes: Vec<usize>,
     max_seqs: usize,
+    /// The sparse-attention picks the indexer of each indexer-key slot
+    /// made in the latest pass, for the layers that share them.
+    picks: HashMap<usize, Arc<Picks>>,
 }
 
 impl KvCache {
@@ -273,6 +283,7 @@ impl KvCache {
             states,
             state_sizes: layout.state_slots.clone(),
             max_seqs: layout.max_seqs,
+            picks: HashMap::new(),
         })
     }
 
@@ -329,6 +340,17 @@ impl KvCache {
             states.copy_within(from * size..(from + 1) * size, to * size);
         }
         Ok(())
+    }
+
+    /// The picks the indexer of indexer-key slot `slot` made last.
+    pub fn picks(&self, slot: usize) -> Option<Arc<Picks>> {
+        self.picks.get(&slot).cloned()
+    }
+
+    /// Keeps this pass's picks of indexer-key slot `slot` for the layers
+    /// that share them.
+    pub fn set_picks(&mut self, slot: usize, picks: Arc<Picks>) {
+        self.picks.insert(slot, picks);
     }
 
     /// Token slot index of position `pos` of a sequence.

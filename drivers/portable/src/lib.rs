@@ -7,6 +7,7 @@ pub mod delta_rule;
 mod dense;
 mod elementwise;
 mod gdn;
+mod indexer;
 mod kv;
 mod mamba2;
 mod mix;

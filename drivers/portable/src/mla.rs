@@ -7,11 +7,15 @@
 //! The up-projections are absorbed: a head's nope score `q_nope · (W_k c)`
 //! is computed as `(W_kᵀ q_nope) · c`, and its output `W_v Σ p c` — so the
 //! per-head keys and values are never materialized, in prefill or decode.
+//!
+//! With DeepSeek sparse attention (GLM-MoE-DSA) each query attends only to
+//! the cached tokens the indexer picks (`indexer.rs`).
 
 use pie_driver::ir::CompositeAttrs;
 use pie_driver::{ForwardBatch, Result};
 use rayon::prelude::*;
 
+use crate::indexer;
 use crate::kv::KvCache;
 use crate::recurrent::{project, rms_normalize, Attrs};
 use crate::rope;
@@ -46,7 +50,6 @@ const KV_A: usize = 4;
 const KV_A_NORM: usize = 5;
 const KV_B: usize = 6;
 const O: usize = 7;
-const INDEXER_WQ: usize = 8;
 
 pub fn mla_attention(
     x: &Act,
@@ -74,12 +77,12 @@ pub fn mla_attention(
         .rope
         .clone()
         .ok_or_else(|| at.invalid("the rope was not resolved at lowering"))?;
-    check_indexer(&at, weights, batch)?;
     let slot = at.usize("cache_slot")?;
 
-    let q = queries(&at, &d, x, weights)?;
+    let (q, q_resid) = queries(&at, &d, x, weights)?;
     let latent = latents(&at, &d, x, weights, batch, &rope_attrs)?;
     write_cache(kv, slot, batch, &latent, d.cache_width())?;
+    let picks = indexer::select(&at, x, q_resid.as_ref(), weights, kv, batch, &rope_attrs)?;
 
     // The key (first nope rows) and value (next v rows) up-projections of
     // each head, as f32 `[heads][nope + v][kv_lora]`.
@@ -112,7 +115,12 @@ pub fn mla_attention(
         .for_each(|(row, out_row)| {
             let seq = &batch.seqs[row_seq[row]];
             let pos = seq.first_pos + (row - seq.start);
-            let cached: Vec<Vec<f32>> = (0..=pos)
+            let keys = match &picks {
+                Some(p) => p.keys(row, pos),
+                None => (0..=pos).collect(),
+            };
+            let cached: Vec<Vec<f32>> = keys
+                .into_iter()
                 .map(|j| {
                     let mut buf = vec![0f32; d.cache_width()];
                     kv.key(slot, kv.slot_of(seq, j), 0, &mut buf).to_vec()
@@ -170,11 +178,17 @@ fn attend_head(
 }
 
 /// Queries `[rows, heads · (nope + rope)]`, through the low-rank path
-/// (q_a → norm → q_b) when the model has one.
-fn queries(at: &Attrs, d: &Dims, x: &Act, weights: &[Option<&Weight>]) -> Result<Act> {
+/// (q_a → norm → q_b) when the model has one; then also the normalized
+/// low-rank query, which the sparse indexer reads.
+fn queries(
+    at: &Attrs,
+    d: &Dims,
+    x: &Act,
+    weights: &[Option<&Weight>],
+) -> Result<(Act, Option<Act>)> {
     let width = d.heads * d.qk();
     if let Some(q) = weights.get(Q).copied().flatten() {
-        return Ok(project(x, q, width));
+        return Ok((project(x, q, width), None));
     }
     let rank = at.usize("q_lora_rank")?;
     let mut qa = project(x, at.weight(weights, Q_A, "q_a")?, rank);
@@ -183,7 +197,8 @@ fn queries(at: &Attrs, d: &Dims, x: &Act, weights: &[Option<&Weight>]) -> Result
         rms_normalize(row, d.eps);
         row.iter_mut().zip(norm).for_each(|(v, w)| *v *= w);
     }
-    Ok(project(&qa, at.weight(weights, Q_B, "q_b")?, width))
+    let q = project(&qa, at.weight(weights, Q_B, "q_b")?, width);
+    Ok((q, Some(qa)))
 }
 
 /// Each token's cache row: the normalized latent, then its rope key.
@@ -238,25 +253,6 @@ fn write_cache(
             let row = &latent.data[(seq.start + t) * width..(seq.start + t + 1) * width];
             kv.write(slot, token_slot, row, &[]);
         }
-    }
-    Ok(())
-}
-
-/// GLM-MoE-DSA's sparse-attention indexer picks the top `index_topk`
-/// cached tokens per query. While a sequence is no longer than that, it
-/// picks them all and dense attention is exact; beyond, this driver does
-/// not implement the selection yet.
-fn check_indexer(at: &Attrs, weights: &[Option<&Weight>], batch: &ForwardBatch) -> Result<()> {
-    if weights.get(INDEXER_WQ).copied().flatten().is_none() {
-        return Ok(());
-    }
-    let topk = at.opt_usize("index_topk")?.unwrap_or(0);
-    if let Some(seq) = batch.seqs.iter().find(|s| s.kv_len() > topk) {
-        return Err(at.invalid(format!(
-            "a sequence of {} tokens exceeds the sparse indexer's top-k ({topk}); \
-             sparse selection is not implemented by the portable driver yet",
-            seq.kv_len()
-        )));
     }
     Ok(())
 }
