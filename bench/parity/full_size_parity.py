@@ -4,7 +4,9 @@
 
 Usage (GPU machine): python3 full_size_parity.py CONFIG.json PIE_BINARY DTYPE
 DTYPE is float32 or bfloat16 (the checkpoint's dtype; transformers computes
-in it, pie reads it). Writes $OUT/full_size_parity_<model_type>_<dtype>.json
+in it, pie reads it). PIE_ARGS adds flags to pie's commands (e.g.
+`--kv-cache-dtype bf16`) and PIE_LABEL a suffix to the output name.
+Writes $OUT/full_size_parity_<model_type>_<dtype>[_<label>].json
 with the max logit error relative to max|ref| over every prompt position,
 and the greedy tokens of both over 32 steps.
 """
@@ -24,7 +26,8 @@ PROMPT_LEN, GEN = 24, 32
 
 def pie_json(binary, args):
     env = dict(os.environ, LD_LIBRARY_PATH="/usr/local/cuda/lib64:" + os.environ.get("LD_LIBRARY_PATH", ""))
-    out = subprocess.run([binary, *args, "--driver", "cuda", "--json"], check=True, capture_output=True,
+    extra = os.environ.get("PIE_ARGS", "").split()
+    out = subprocess.run([binary, *args, *extra, "--driver", "cuda", "--json"], check=True, capture_output=True,
                          text=True, env=env)
     return json.loads(out.stdout)
 
@@ -84,7 +87,9 @@ def main():
     }
     print(json.dumps({k: v for k, v in result.items() if not k.startswith("greedy_")}), "agree", agree, "/", GEN)
     out = os.environ.get("OUT", ".")
-    with open(os.path.join(out, f"full_size_parity_{model_type}_{dtype_name}.json"), "w") as f:
+    label = f"_{os.environ['PIE_LABEL']}" if os.environ.get("PIE_LABEL") else ""
+    result["pie_args"] = os.environ.get("PIE_ARGS", "")
+    with open(os.path.join(out, f"full_size_parity_{model_type}_{dtype_name}{label}.json"), "w") as f:
         json.dump(result, f, indent=1)
 
 

@@ -23,6 +23,9 @@ pub enum Step {
     AddRmsNorm { add: usize, norm: usize },
     /// An `rms_norm` whose only reader is a later `rope`, run at the rope.
     RmsNormRope { norm: usize, rope: usize },
+    /// `linear` whose output only the next op, an `add` rebinding the other
+    /// operand (the residual), reads: the residual moves into the call.
+    LinearAdd { linear: usize, add: usize },
 }
 
 /// The calls that run `ops` in order; `result` is the activation the
@@ -50,6 +53,9 @@ pub fn plan(ops: &[OpDecl], result: &str) -> Vec<Step> {
             at += group.len();
             steps.push(Step::LinearMany(group));
         } else if let Some(step) = add_rms_norm(ops, rest) {
+            steps.push(step);
+            at += 2;
+        } else if let Some(step) = linear_add(ops, rest, result) {
             steps.push(step);
             at += 2;
         } else {
@@ -175,6 +181,30 @@ fn linear_group(ops: &[OpDecl], rest: &[usize]) -> Option<Vec<usize>> {
     (group.len() >= 2).then_some(group)
 }
 
+/// `x = add(x, linear(m))` (either operand order), where the product is
+/// read nowhere else and the residual is not the product's input (it is
+/// moved into the call while the input is borrowed). An add followed by a
+/// norm of its sum is left to [`add_rms_norm`]: as many launches, and the
+/// norm reads the sum from the same kernel.
+fn linear_add(ops: &[OpDecl], rest: &[usize], result: &str) -> Option<Step> {
+    let [l, a, ..] = *rest else { return None };
+    let (linear, add) = (&ops[l], &ops[a]);
+    if !fusable(linear, OpKind::Linear) || !fusable(add, OpKind::Add) || add.input("in").len() != 2
+    {
+        return None;
+    }
+    let (m, y, sum) = (input(linear, "in", 0)?, output(linear), output(add));
+    let residual = match (input(add, "in", 0)?, input(add, "in", 1)?) {
+        (r, o) | (o, r) if o == y && r != y => r,
+        _ => return None,
+    };
+    let normed_next = rest.get(2).is_some_and(|&n| {
+        fusable(&ops[n], OpKind::RmsNorm) && input(&ops[n], "in", 0) == Some(sum)
+    });
+    let wired = sum == residual && residual != m && !read_after(ops, a, y, result);
+    (wired && !normed_next).then_some(Step::LinearAdd { linear: l, add: a })
+}
+
 /// `s = add(a, b)` immediately followed by `rms_norm(s)`.
 fn add_rms_norm(ops: &[OpDecl], rest: &[usize]) -> Option<Step> {
     let [a, n, ..] = *rest else { return None };
@@ -261,8 +291,10 @@ ops = [{{ op = "linear", in = "x", out = "logits", features = "vocab", weight = 
                     up: 12,
                     glu: 13
                 },
-                Step::Op(14),
-                Step::Op(15),
+                Step::LinearAdd {
+                    linear: 14,
+                    add: 15
+                },
             ]
         );
     }
@@ -332,6 +364,43 @@ ops = [{{ op = "linear", in = "x", out = "logits", features = "vocab", weight = 
         );
         let steps = plan_of(&ops);
         assert!(steps.contains(&Step::Op(3)) && steps.contains(&Step::Op(4)));
+    }
+
+    #[test]
+    fn a_product_read_after_the_add_is_not_folded_into_it() {
+        let ops = r#"
+  { op = "linear", in = "x", out = "m", features = "hidden", weight = "d" },
+  { op = "add", in = ["x", "m"], out = "x" },
+  { op = "add", in = ["x", "m"], out = "x" },
+  { op = "linear", in = "x", out = "y", features = "hidden", weight = "e" },
+  { op = "add", in = ["x", "y"], out = "z" },
+  { op = "linear", in = "z", out = "w", features = "hidden", weight = "f" },
+  { op = "add", in = ["w", "z"], out = "z" },
+  { op = "add", in = ["z", "w"], out = "x" },"#;
+        // m is read again; the add into z does not rebind the residual x;
+        // w is read by the last add.
+        assert_eq!(plan_of(ops), (0..8).map(Step::Op).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_down_projection_folds_into_the_residual_either_way_round() {
+        let ops = r#"
+  { op = "rms_norm", in = "x", out = "h", weight = "n", eps = 1e-6 },
+  { op = "linear", in = "h", out = "m", features = "hidden", weight = "d" },
+  { op = "add", in = ["m", "x"], out = "x" },
+  { op = "linear", in = "x", out = "m", features = "hidden", weight = "e" },
+  { op = "add", in = ["m", "x"], out = "x" },"#;
+        // The second product reads the residual itself: it stays unfused
+        // (the residual cannot move while it is borrowed).
+        assert_eq!(
+            plan_of(ops),
+            vec![
+                Step::Op(0),
+                Step::LinearAdd { linear: 1, add: 2 },
+                Step::Op(3),
+                Step::Op(4)
+            ]
+        );
     }
 
     #[test]

@@ -226,6 +226,25 @@ impl<'a> SectionGen<'a> {
                     let #normed = normed;
                 }
             }
+            Step::LinearAdd { linear, add } => {
+                let (l_op, a_op) = (op(*linear), op(*add));
+                let (x, w, b, la) = (
+                    l_op.input("in", 0),
+                    l_op.required("weight"),
+                    l_op.weight("bias"),
+                    l_op.attrs(),
+                );
+                let product = &l_op.decl.outputs[0].value;
+                let residual = a_op
+                    .decl
+                    .input("in")
+                    .iter()
+                    .find(|n| &n.value != product)
+                    .map(|n| format_ident!("{}", n.value))
+                    .expect("the fusion plan checked the add's operands");
+                let (aa, out) = (a_op.attrs(), a_op.output());
+                quote!(let #out = d.linear_add(#x, #w, #b, #la, #residual, #aa)?;)
+            }
             Step::RmsNormRope { norm, rope } => {
                 let (n, r) = (op(*norm), op(*rope));
                 let (x, w, na) = (n.input("in", 0), n.weight("weight"), n.attrs());

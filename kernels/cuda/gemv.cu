@@ -119,3 +119,14 @@ pie_gemv3_bf16(float* out0, const unsigned short* __restrict__ w0, int n0,
     int f0 = b * PIE_GEMV_FEATS;
     pie_gemv_store(out, pie_gemv_block(x, w, m, n, k, f0), m, n, f0);
 }
+
+// out += x · Wᵀ: a projection added into the residual stream in place
+// (each output element is read and written by one thread).
+extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS)
+pie_gemv_add_bf16(float* out, const float* __restrict__ x, const unsigned short* __restrict__ w, int m, int n,
+                  int k) {
+    int f0 = blockIdx.x * PIE_GEMV_FEATS;
+    float v = pie_gemv_block(x, w, m, n, k, f0);
+    int t = threadIdx.x, r = t / PIE_GEMV_FEATS, f = f0 + t % PIE_GEMV_FEATS;
+    if (t < m * PIE_GEMV_FEATS && f < n) out[(size_t)r * n + f] += v;
+}

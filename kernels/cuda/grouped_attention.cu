@@ -56,9 +56,49 @@ __device__ __forceinline__ float pie_kv_load(const unsigned short* cache, long l
     return __uint_as_float(((unsigned int)cache[i]) << 16);
 }
 
+// Which head dimension a lane's i-th value holds. Strided (lane + 32 i)
+// works for any head dim; with CONTIG (head_dim == v_head_dim == 128) a
+// lane holds 4 consecutive dims, read with one vector load per key row.
+template <bool CONTIG>
+__device__ __forceinline__ int pie_gqa_dim(int lane, int i) {
+    return CONTIG ? lane * PIE_GQA_MAX_DPL + i : lane + 32 * i;
+}
+
+// A lane's values of one key or value row starting at `base`.
+template <bool CONTIG>
+__device__ __forceinline__ void pie_gqa_row(const float* cache, long long base, int lane, bool live, int dim,
+                                            float* out) {
+    if (CONTIG) {
+        float4 v = live ? *(const float4*)(cache + base + lane * 4) : make_float4(0.f, 0.f, 0.f, 0.f);
+        out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < PIE_GQA_MAX_DPL; i++) {
+        int d = lane + 32 * i;
+        out[i] = (live && d < dim) ? cache[base + d] : 0.0f;
+    }
+}
+
+template <bool CONTIG>
+__device__ __forceinline__ void pie_gqa_row(const unsigned short* cache, long long base, int lane, bool live,
+                                            int dim, float* out) {
+    if (CONTIG) {
+        uint2 raw = live ? *(const uint2*)(cache + base + lane * 4) : make_uint2(0u, 0u);
+        out[0] = __uint_as_float(raw.x << 16), out[1] = __uint_as_float(raw.x & 0xffff0000u);
+        out[2] = __uint_as_float(raw.y << 16), out[3] = __uint_as_float(raw.y & 0xffff0000u);
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < PIE_GQA_MAX_DPL; i++) {
+        int d = lane + 32 * i;
+        out[i] = (live && d < dim) ? pie_kv_load(cache, base + d) : 0.0f;
+    }
+}
+
 // The partial pass over a cache of element type T (float or bf16 bits);
-// one instantiation per type so the hot loop has no type test.
-template <typename T>
+// one instantiation per type and dim layout so the hot loop has no tests.
+template <typename T, bool CONTIG>
 __device__ __forceinline__ void pie_gqa_partial(float* part_ml, float* part_acc, const float* q, const T* k_cache,
                                                 const T* v_cache, const int* positions, const int* table,
                                                 const int* table_off, int heads, int kv_heads, int head_dim,
@@ -83,7 +123,7 @@ __device__ __forceinline__ void pie_gqa_partial(float* part_ml, float* part_acc,
         l[g] = 0.0f;
 #pragma unroll
         for (int i = 0; i < PIE_GQA_MAX_DPL; i++) {
-            int d = lane + 32 * i;
+            int d = pie_gqa_dim<CONTIG>(lane, i);
             qr[g][i] = (g < group && d < head_dim) ? qrow[g * head_dim + d] : 0.0f;
             acc[g][i] = 0.0f;
         }
@@ -102,20 +142,11 @@ __device__ __forceinline__ void pie_gqa_partial(float* part_ml, float* part_acc,
         }
         float kr[PIE_GQA_UNROLL][PIE_GQA_MAX_DPL];
 #pragma unroll
-        for (int u = 0; u < PIE_GQA_UNROLL; u++)
-#pragma unroll
-            for (int i = 0; i < PIE_GQA_MAX_DPL; i++) {
-                int d = lane + 32 * i;
-                kr[u][i] = (live[u] && d < head_dim) ? pie_kv_load(k_cache, kbase[u] + d) : 0.0f;
-            }
+        for (int u = 0; u < PIE_GQA_UNROLL; u++) pie_gqa_row<CONTIG>(k_cache, kbase[u], lane, live[u], head_dim, kr[u]);
         float vr[PIE_GQA_UNROLL][PIE_GQA_MAX_DPL];
 #pragma unroll
         for (int u = 0; u < PIE_GQA_UNROLL; u++)
-#pragma unroll
-            for (int i = 0; i < PIE_GQA_MAX_DPL; i++) {
-                int d = lane + 32 * i;
-                vr[u][i] = (live[u] && d < v_head_dim) ? pie_kv_load(v_cache, vbase[u] + d) : 0.0f;
-            }
+            pie_gqa_row<CONTIG>(v_cache, vbase[u], lane, live[u], v_head_dim, vr[u]);
 #pragma unroll
         for (int g = 0; g < PIE_GQA_MAX_GROUP; g++) {
             if (g >= group) break;
@@ -159,30 +190,26 @@ __device__ __forceinline__ void pie_gqa_partial(float* part_ml, float* part_acc,
         }
 #pragma unroll
         for (int i = 0; i < PIE_GQA_MAX_DPL; i++) {
-            int d = lane + 32 * i;
+            int d = pie_gqa_dim<CONTIG>(lane, i);
             if (d < v_head_dim) part_acc[(p * group + g) * v_head_dim + d] = acc[g][i];
         }
     }
 }
 
-extern "C" __global__ void __launch_bounds__(PIE_GQA_WARPS * 32)
-pie_gqa_attention_partial(float* part_ml, float* part_acc, const float* q, const float* k_cache,
-                          const float* v_cache, const int* positions, const int* table, const int* table_off,
-                          int heads, int kv_heads, int head_dim, int v_head_dim, int v_stride, float scale,
-                          int window, float softcap) {
-    pie_gqa_partial<float>(part_ml, part_acc, q, k_cache, v_cache, positions, table, table_off, heads, kv_heads,
-                           head_dim, v_head_dim, v_stride, scale, window, softcap);
-}
-
-// The same over a bf16 cache (written by pie_kv_write_bf16).
-extern "C" __global__ void __launch_bounds__(PIE_GQA_WARPS * 32)
-pie_gqa_attention_partial_bf16(float* part_ml, float* part_acc, const float* q, const unsigned short* k_cache,
-                               const unsigned short* v_cache, const int* positions, const int* table,
-                               const int* table_off, int heads, int kv_heads, int head_dim, int v_head_dim,
-                               int v_stride, float scale, int window, float softcap) {
-    pie_gqa_partial<unsigned short>(part_ml, part_acc, q, k_cache, v_cache, positions, table, table_off, heads,
-                                    kv_heads, head_dim, v_head_dim, v_stride, scale, window, softcap);
-}
+// The partial pass's entry points: f32 or bf16 cache, strided dims or (the
+// _c128 ones, head_dim == v_head_dim == 128) 4 consecutive dims per lane.
+#define PIE_GQA_PARTIAL_KERNEL(NAME, T, CONTIG)                                                                \
+    extern "C" __global__ void __launch_bounds__(PIE_GQA_WARPS * 32)                                           \
+        NAME(float* part_ml, float* part_acc, const float* q, const T* k_cache, const T* v_cache,              \
+             const int* positions, const int* table, const int* table_off, int heads, int kv_heads,            \
+             int head_dim, int v_head_dim, int v_stride, float scale, int window, float softcap) {             \
+        pie_gqa_partial<T, CONTIG>(part_ml, part_acc, q, k_cache, v_cache, positions, table, table_off, heads, \
+                                   kv_heads, head_dim, v_head_dim, v_stride, scale, window, softcap);          \
+    }
+PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial, float, false)
+PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_bf16, unsigned short, false)
+PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_c128, float, true)
+PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_bf16_c128, unsigned short, true)
 
 // One block of 128 threads per (row, query head); thread d owns output
 // dimension d. The first warp turns the splits' maxima into weights (in

@@ -244,6 +244,22 @@ pub trait Driver: Send + Sync {
         self.glu(&g, &u, a)
     }
 
+    /// `residual + linear(x)`: a projection added into the residual
+    /// stream. The residual is moved in, so a driver may accumulate into
+    /// its memory.
+    fn linear_add(
+        &self,
+        x: &Self::Act,
+        w: &Self::Weight,
+        bias: Option<&Self::Weight>,
+        a: &LinearAttrs,
+        residual: Self::Act,
+        add: &ElementwiseAttrs,
+    ) -> Result<Self::Act> {
+        let y = self.linear(x, w, bias, a)?;
+        self.add(&residual, &y, add)
+    }
+
     /// `s = x + y` and `rms_norm(s)`: a residual add and the norm after it.
     /// Returns `(s, normed)`.
     fn add_rms_norm(

@@ -36,7 +36,7 @@ pub const KERNEL_SOURCES: [(&str, &str); 8] = [
 ];
 
 /// Every kernel the driver launches.
-pub const KERNELS: [&str; 50] = [
+pub const KERNELS: [&str; 53] = [
     "pie_gqa_attention_partial_bf16",
     "pie_kv_write_bf16",
     "pie_rms",
@@ -87,6 +87,9 @@ pub const KERNELS: [&str; 50] = [
     "pie_gemv_glu_bf16",
     "pie_add_rms_norm",
     "pie_rms_norm_rope",
+    "pie_gemv_add_bf16",
+    "pie_gqa_attention_partial_c128",
+    "pie_gqa_attention_partial_bf16_c128",
 ];
 
 /// Whether a shared library can be opened, without cudarc's panic when it

@@ -2,30 +2,22 @@
 //! `kernels/cuda/fused.cu`). Each returns None where its kernel does not
 //! apply (f32 weights, biases, more than a few rows for the GEMV ones,
 //! shapes the kernel does not cover), and the driver then runs the ops one
-//! by one; at batch 1 decode they cut Qwen3's 19 launches per layer to 12.
+//! by one; at batch 1 decode they cut Qwen3's 19 launches per layer to 11
+//! (with `linear_add`, in `lib.rs`: the down projection accumulates into
+//! the residual).
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use pie_driver::ir::*;
 use pie_driver::{DriverError, ForwardBatch, Result};
 
+use crate::gemm::{gemv_grid, GEMV_FEATS};
 use crate::{activation_code, cuda_err, graphs, int, CudaAct, CudaDriver, CudaWeight};
-
-const GEMV_FEATS: usize = 4; // PIE_GEMV_FEATS in gemv.cu
-const GEMV_THREADS: u32 = 128;
 
 /// A bf16 matrix without a bias, or None.
 fn plain_bf16<'w>(w: &'w CudaWeight, bias: Option<&CudaWeight>) -> Option<&'w CudaSlice<u16>> {
     match (w, bias) {
         (CudaWeight::Bf16(w), None) => Some(w),
         _ => None,
-    }
-}
-
-fn gemv_grid(blocks: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (blocks.max(1) as u32, 1, 1),
-        block_dim: (GEMV_THREADS, 1, 1),
-        shared_mem_bytes: 0,
     }
 }
 

@@ -85,9 +85,14 @@ impl CudaDriver {
             block_dim: ((WARPS * 32) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let partial = match kv_bf16 {
-            true => "pie_gqa_attention_partial_bf16",
-            false => "pie_gqa_attention_partial",
+        // Head dims of 128: each lane reads 4 consecutive dims per row
+        // (one 16-byte f32 or 8-byte bf16 load) instead of 4 strided ones.
+        let contiguous = a.head_dim == MAX_DIM && a.v_head_dim == MAX_DIM;
+        let partial = match (kv_bf16, contiguous) {
+            (true, true) => "pie_gqa_attention_partial_bf16_c128",
+            (true, false) => "pie_gqa_attention_partial_bf16",
+            (false, true) => "pie_gqa_attention_partial_c128",
+            (false, false) => "pie_gqa_attention_partial",
         };
         let mut b = self.stream.launch_builder(self.kernels.get(partial));
         b.arg(&mut part_ml)

@@ -13,6 +13,7 @@ mod composite;
 mod device;
 mod fused;
 mod gdn;
+mod gemm;
 mod graphs;
 mod grouped_attention;
 pub mod kernel_build;
@@ -38,6 +39,7 @@ use kv::KvSlotBuffers;
 pub use tensor::{CudaAct, CudaWeight};
 
 use device::Kernels;
+use gemm::GemmInput;
 
 /// A GPU with its stream, cuBLAS handle and compiled kernels.
 pub struct CudaDriver {
@@ -344,105 +346,6 @@ impl CudaDriver {
         Ok(out)
     }
 
-    /// `out = x · Wᵀ` through cuBLAS: x `[m, k]`, W `[n, k]`, out `[m, n]`.
-    pub(crate) fn gemm(&self, x: &CudaAct, w: &CudaWeight, n: usize) -> Result<CudaAct> {
-        use cudarc::cublas::sys::{
-            cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType,
-        };
-        use cudarc::driver::{DevicePtr, DevicePtrMut};
-        let (m, k) = (x.rows, x.width);
-        let mut out = self.act(m, n)?;
-        let (mi, ni, ki) = (int(m, "rows")?, int(n, "features")?, int(k, "width")?);
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        // Row-major out[m, n] = x[m, k] · W[n, k]ᵀ is column-major
-        // outᵀ[n, m] = W[k, n]ᵀ · xᵀ[k, m].
-        let run = |a_ptr: u64, b_ptr: u64, dtype: cudaDataType, out_ptr: u64| unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *self.blas.handle(),
-                cublasOperation_t::CUBLAS_OP_T,
-                cublasOperation_t::CUBLAS_OP_N,
-                ni,
-                mi,
-                ki,
-                &alpha as *const f32 as *const _,
-                a_ptr as *const _,
-                dtype,
-                ki,
-                b_ptr as *const _,
-                dtype,
-                ki,
-                &beta as *const f32 as *const _,
-                out_ptr as *mut _,
-                cudaDataType::CUDA_R_32F,
-                ni,
-                cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        };
-        let result = match w {
-            CudaWeight::F32(wd) => {
-                let (a, _ga) = wd.device_ptr(&self.stream);
-                let (b, _gb) = x.data.device_ptr(&self.stream);
-                let (c, _gc) = out.data.device_ptr_mut(&self.stream);
-                run(a, b, cudaDataType::CUDA_R_32F, c)
-            }
-            CudaWeight::Experts(_) => {
-                return Err(DriverError::Invalid(
-                    "expert weights are used one expert at a time".into(),
-                ))
-            }
-            CudaWeight::Bf16(wd) if self.gemv_fits(m, k) => {
-                return self.gemv_bf16(x, wd, n, out);
-            }
-            CudaWeight::Bf16(wd) => {
-                let xb = self.to_bf16(x)?;
-                let (a, _ga) = wd.device_ptr(&self.stream);
-                let (b, _gb) = xb.device_ptr(&self.stream);
-                let (c, _gc) = out.data.device_ptr_mut(&self.stream);
-                run(a, b, cudaDataType::CUDA_R_16BF, c)
-            }
-        };
-        result.map_err(|e| {
-            DriverError::Invalid(format!("cuBLAS GEMM [{m}, {k}] x [{n}, {k}]ᵀ: {e}"))
-        })?;
-        Ok(out)
-    }
-
-    /// Whether `[m, k]` inputs take the own decode kernel (`gemv.cu`).
-    fn gemv_fits(&self, m: usize, k: usize) -> bool {
-        const MAX_ROWS: usize = 4; // PIE_GEMV_MAX_ROWS
-        self.gemv && m <= MAX_ROWS && k.is_multiple_of(8)
-    }
-
-    /// `out = x · Wᵀ` for a few rows of x and a bf16 W `[n, k]`.
-    fn gemv_bf16(
-        &self,
-        x: &CudaAct,
-        w: &CudaSlice<u16>,
-        n: usize,
-        mut out: CudaAct,
-    ) -> Result<CudaAct> {
-        const FEATS: usize = 4; // PIE_GEMV_FEATS
-        let (m, k) = (int(x.rows, "rows")?, int(x.width, "width")?);
-        let ni = int(n, "features")?;
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(FEATS) as u32, 1, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = self
-            .stream
-            .launch_builder(self.kernels.get("pie_gemv_bf16"));
-        b.arg(&mut out.data)
-            .arg(&x.data)
-            .arg(w)
-            .arg(&m)
-            .arg(&ni)
-            .arg(&k);
-        unsafe { b.launch(cfg) }.map_err(cuda_err("pie_gemv_bf16"))?;
-        Ok(out)
-    }
-
     /// The batch's rope inputs, uploaded on the first rope op of a forward
     /// pass and reused by the others (same positions, same sequences).
     fn rope_tables_for<'g>(
@@ -495,6 +398,26 @@ impl CudaDriver {
         Ok(freqs.last().expect("pushed above"))
     }
 
+    /// `linear` of an input whose bf16 cast other products may share.
+    fn linear_from(
+        &self,
+        input: &GemmInput<'_>,
+        w: &CudaWeight,
+        bias: Option<&CudaWeight>,
+        a: &LinearAttrs,
+    ) -> Result<CudaAct> {
+        if input.x.width != a.in_features {
+            return Err(DriverError::Invalid(format!(
+                "`linear` expected an input of width {}, got {}",
+                a.in_features, input.x.width
+            )));
+        }
+        let mut out = self.act(input.x.rows, a.out_features)?;
+        self.gemm_into(input, w, &mut out, false)?;
+        self.add_bias_to(&mut out, bias)?;
+        Ok(out)
+    }
+
     /// What a rope kernel reads for this batch: the staged tables inside
     /// a recorded decode pass, else this batch's (uploaded once per pass).
     fn rope_inputs(&self, batch: &ForwardBatch, a: &RopeAttrs) -> Result<RopeInputs> {
@@ -525,20 +448,6 @@ impl CudaDriver {
             long_from,
             scale,
         })
-    }
-
-    fn to_bf16(&self, x: &CudaAct) -> Result<CudaSlice<u16>> {
-        let n = x.rows * x.width;
-        // Every element is written: no memset.
-        let mut out = unsafe { self.stream.alloc::<u16>(n.max(1)) }
-            .map_err(cuda_err("allocating GPU memory"))?;
-        let ni = int(n, "elements")?;
-        let mut b = self
-            .stream
-            .launch_builder(self.kernels.get("pie_cast_bf16"));
-        b.arg(&mut out).arg(&x.data).arg(&ni);
-        unsafe { b.launch(blocks(n)) }.map_err(cuda_err("pie_cast_bf16"))?;
-        Ok(out)
     }
 
     pub(crate) fn gather(&self, x: &CudaAct, rows: &[usize]) -> Result<CudaAct> {
@@ -760,15 +669,7 @@ impl Driver for CudaDriver {
         bias: Option<&CudaWeight>,
         a: &LinearAttrs,
     ) -> Result<CudaAct> {
-        if x.width != a.in_features {
-            return Err(DriverError::Invalid(format!(
-                "`linear` expected an input of width {}, got {}",
-                a.in_features, x.width
-            )));
-        }
-        let mut out = self.gemm(x, w, a.out_features)?;
-        self.add_bias_to(&mut out, bias)?;
-        Ok(out)
+        self.linear_from(&GemmInput::new(x), w, bias, a)
     }
 
     fn rms_norm(&self, x: &CudaAct, w: Option<&CudaWeight>, a: &RmsNormAttrs) -> Result<CudaAct> {
@@ -1164,11 +1065,13 @@ impl Driver for CudaDriver {
         if let Some(outs) = self.fused_linear_many(x, weights, biases, attrs)? {
             return Ok(outs);
         }
+        // One bf16 cast of x for every product (cuBLAS path).
+        let input = GemmInput::new(x);
         weights
             .iter()
             .zip(biases)
             .zip(attrs)
-            .map(|((w, b), a)| self.linear(x, w, *b, a))
+            .map(|((w, b), a)| self.linear_from(&input, w, *b, a))
             .collect()
     }
 
@@ -1182,9 +1085,31 @@ impl Driver for CudaDriver {
         if let Some(out) = self.fused_gated_linear(x, gate, up, a)? {
             return Ok(out);
         }
-        let g = self.linear(x, gate.0, gate.1, gate.2)?;
-        let u = self.linear(x, up.0, up.1, up.2)?;
+        let input = GemmInput::new(x);
+        let g = self.linear_from(&input, gate.0, gate.1, gate.2)?;
+        let u = self.linear_from(&input, up.0, up.1, up.2)?;
         self.glu(&g, &u, a)
+    }
+
+    fn linear_add(
+        &self,
+        x: &CudaAct,
+        w: &CudaWeight,
+        bias: Option<&CudaWeight>,
+        a: &LinearAttrs,
+        residual: CudaAct,
+        add: &ElementwiseAttrs,
+    ) -> Result<CudaAct> {
+        let fits = residual.rows == x.rows && residual.width == a.out_features;
+        if !self.fuse || !fits || x.width != a.in_features {
+            let y = self.linear(x, w, bias, a)?;
+            return self.add(&residual, &y, add);
+        }
+        // The product accumulates into the residual's memory.
+        let mut out = residual;
+        self.gemm_into(&GemmInput::new(x), w, &mut out, true)?;
+        self.add_bias_to(&mut out, bias)?;
+        Ok(out)
     }
 
     fn add_rms_norm(
