@@ -245,3 +245,40 @@ extern "C" __global__ void pie_concat_cols(float* out, const float* a, const flo
     int r = i / w, c = i % w;
     out[i] = c < wa ? a[(long long)r * wa + c] : b[(long long)r * wb + (c - wa)];
 }
+
+// MLA's sparse-attention indexer (GLM-MoE-DSA): for each row r = rows[i],
+// the score of every key it sees, out[i, t] = Σ_h w[r, h] · w_scale ·
+// relu(q[r, h] · k[t] · scale) for t <= positions[r] and -inf for the
+// other t < max_keys; k[t] is the indexer key cached at the token slot of
+// the row's position t (`dim` floats a slot). One block per listed row,
+// its queries and head weights in shared memory, one thread per key.
+extern "C" __global__ void pie_mla_index_scores(float* out, const float* q, const float* w,
+                                                const float* k_cache, const int* rows, const int* positions,
+                                                const int* table, const int* table_off, int heads, int dim,
+                                                float scale, float w_scale, int max_keys) {
+    extern __shared__ float pie_index_q[];  // heads * dim queries, then heads weights
+    int r = rows[blockIdx.x];
+    const float* qr = q + (long long)r * heads * dim;
+    for (int i = threadIdx.x; i < heads * dim; i += blockDim.x) pie_index_q[i] = qr[i];
+    for (int h = threadIdx.x; h < heads; h += blockDim.x)
+        pie_index_q[heads * dim + h] = w[(long long)r * heads + h] * w_scale;
+    __syncthreads();
+    int pos = positions[r];
+    const int* slots = table + table_off[r];
+    float* o = out + (long long)blockIdx.x * max_keys;
+    for (int t = threadIdx.x; t < max_keys; t += blockDim.x) {
+        if (t > pos) {
+            o[t] = PIE_NEG_INF;
+            continue;
+        }
+        const float* kt = k_cache + (long long)slots[t] * dim;
+        float score = 0.0f;
+        for (int h = 0; h < heads; h++) {
+            const float* qh = pie_index_q + h * dim;
+            float dot = 0.0f;
+            for (int d = 0; d < dim; d++) dot += qh[d] * kt[d];
+            score += pie_index_q[heads * dim + h] * fmaxf(dot * scale, 0.0f);
+        }
+        o[t] = score;
+    }
+}

@@ -1,5 +1,5 @@
-//! Reductions over a logits row shared by the drivers' host paths and the
-//! runtime's sampling.
+//! Reductions over a row of logits or scores shared by the drivers' host
+//! paths and the runtime's sampling.
 
 /// `ln Σ exp(l)`, stable (shifted by the maximum). One pass of a
 /// polynomial `exp` over lanes of 8 partial sums, which the compiler
@@ -60,9 +60,43 @@ pub fn fast_exp(x: f32) -> f32 {
     p * f32::from_bits(exponent << 23)
 }
 
+/// The indices of the `k` largest scores in ascending index order (all of
+/// them when there are no more than `k`); equal scores prefer the lower
+/// index (as the MoE router's top-k, and `torch.topk` on CPU in practice).
+/// The sparse-attention indexer's choice of keys, on both drivers.
+pub fn top_k_indices(scores: &[f32], k: usize) -> Vec<u32> {
+    let mut idx: Vec<u32> = (0..scores.len() as u32).collect();
+    if k < idx.len() {
+        let better = |a: &u32, b: &u32| {
+            scores[*b as usize]
+                .total_cmp(&scores[*a as usize])
+                .then(a.cmp(b))
+        };
+        if k == 0 {
+            return Vec::new();
+        }
+        idx.select_nth_unstable_by(k - 1, better);
+        idx.truncate(k);
+    }
+    idx.sort_unstable();
+    idx
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn top_k_indices_keep_the_largest_and_prefer_earlier_ties() {
+        let scores = [0.5, 2.0, -1.0, 2.0, 0.5, 3.0];
+        assert_eq!(top_k_indices(&scores, 3), vec![1, 3, 5]);
+        assert_eq!(top_k_indices(&scores, 2), vec![1, 5]);
+        assert_eq!(top_k_indices(&scores, 4), vec![0, 1, 3, 5]);
+        assert_eq!(top_k_indices(&scores, 6), vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(top_k_indices(&scores, 9), vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(top_k_indices(&scores, 0), Vec::<u32>::new());
+        assert_eq!(top_k_indices(&[f32::NEG_INFINITY, 0.0], 1), vec![1]);
+    }
 
     #[test]
     fn log_sum_exp_of_a_large_vocabulary_is_fast() {

@@ -36,7 +36,7 @@ pub const KERNEL_SOURCES: [(&str, &str); 8] = [
 ];
 
 /// Every kernel the driver launches.
-pub const KERNELS: [&str; 53] = [
+pub const KERNELS: [&str; 54] = [
     "pie_gqa_attention_partial_bf16",
     "pie_kv_write_bf16",
     "pie_rms",
@@ -74,6 +74,7 @@ pub const KERNELS: [&str; 53] = [
     "pie_gate_group_norm",
     "pie_mla_query",
     "pie_mla_value",
+    "pie_mla_index_scores",
     "pie_concat_cols",
     "pie_unfuse_qkvz",
     "pie_noop_check",

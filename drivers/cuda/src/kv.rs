@@ -1,9 +1,16 @@
 //! Paged KV storage in GPU memory (f32), one key and one value buffer per
-//! attention op, and the per-batch index tables the kernels read.
+//! attention op, and the per-batch index tables the kernels read (and the
+//! sparse-attention indexer's picks, which GLM-MoE-DSA's `shared` layers
+//! reuse within a pass).
+
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 use pie_driver::ir::AttentionAttrs;
 use pie_driver::{DriverError, ForwardBatch, KvLayout, KvSlotShape, Result, SeqChunk};
+
+use crate::mla::IndexPicks;
 
 pub struct KvSlotBuffers {
     pub shape: KvSlotShape,
@@ -25,6 +32,9 @@ pub struct CudaKv {
     states: Vec<CudaSlice<f32>>,
     state_sizes: Vec<usize>,
     max_seqs: usize,
+    /// The sparse-attention picks the indexer of each indexer-key slot
+    /// made in the latest pass, for the layers that share them.
+    picks: HashMap<usize, Arc<IndexPicks>>,
 }
 
 pub struct DeviceTables {
@@ -140,6 +150,7 @@ impl CudaKv {
             states,
             state_sizes: layout.state_slots.clone(),
             max_seqs: layout.max_seqs,
+            picks: HashMap::new(),
         })
     }
 
@@ -177,6 +188,17 @@ impl CudaKv {
         }
         let buffers = Self::slot_in(&mut self.slots, slot, a)?;
         Ok((self.tables.as_ref().expect("set above"), buffers))
+    }
+
+    /// The picks the indexer of indexer-key slot `slot` made last.
+    pub fn picks(&self, slot: usize) -> Option<Arc<IndexPicks>> {
+        self.picks.get(&slot).cloned()
+    }
+
+    /// Keeps this pass's picks of indexer-key slot `slot` for the layers
+    /// that share them.
+    pub fn set_picks(&mut self, slot: usize, picks: Arc<IndexPicks>) {
+        self.picks.insert(slot, picks);
     }
 
     /// The buffers of KV slot `slot` (checked against `a`'s shape).

@@ -4,6 +4,12 @@
 //! paged attention kernel runs as one-KV-head attention over the latents
 //! (values = each latent row's first kv_lora values), and the value
 //! up-projection is applied to the attention output (`pie_mla_value`).
+//! With DeepSeek sparse attention (GLM-MoE-DSA) the attention walks each
+//! row's picked keys instead (`mla/indexer.rs`).
+
+mod indexer;
+
+pub(crate) use indexer::IndexPicks;
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use pie_driver::ir::{AttentionAttrs, CompositeAttrs, RmsNormAttrs, RopeAttrs};
@@ -21,7 +27,6 @@ const KV_A: usize = 4;
 const KV_A_NORM: usize = 5;
 const KV_B: usize = 6;
 const O: usize = 7;
-const INDEXER_WQ: usize = 8;
 
 impl CudaDriver {
     pub(crate) fn mla(
@@ -63,22 +68,13 @@ impl CudaDriver {
                 "kv_lora_rank {kv_lora} (at most 512) is not supported by the cuda driver"
             )));
         }
-        if op.optional(INDEXER_WQ).is_some() {
-            let topk = attrs.usize("index_topk").ok().flatten().unwrap_or(0);
-            if let Some(s) = batch.seqs.iter().find(|s| s.kv_len() > topk) {
-                return Err(op.invalid(format!(
-                    "a sequence of {} tokens exceeds the sparse indexer's top-k ({topk}); \
-                     sparse selection is not implemented by the cuda driver yet",
-                    s.kv_len()
-                )));
-            }
-        }
         let qk = nope + rope;
         let width = kv_lora + rope;
 
         // Queries (through the low-rank path when there is one), roped part.
-        let q = match op.optional(Q) {
-            Some(q) => self.gemm(x, q, heads * qk)?,
+        // `q_resid`: the normalized low-rank query, which the indexer reads.
+        let (q, q_resid) = match op.optional(Q) {
+            Some(q) => (self.gemm(x, q, heads * qk)?, None),
             None => {
                 let rank = op.usize("q_lora_rank")?;
                 let qa = self.gemm(x, op.weight(Q_A, "q_a")?, rank)?;
@@ -87,7 +83,10 @@ impl CudaDriver {
                     Some(op.weight(Q_A_NORM, "q_a_norm")?),
                     &norm(rank, eps),
                 )?;
-                self.gemm(&qa, op.weight(Q_B, "q_b")?, heads * qk)?
+                (
+                    self.gemm(&qa, op.weight(Q_B, "q_b")?, heads * qk)?,
+                    Some(qa),
+                )
             }
         };
         let q_rot = self
@@ -113,11 +112,12 @@ impl CudaDriver {
             batch,
             &RopeAttrs {
                 heads: 1,
-                ..rope_attrs
+                ..rope_attrs.clone()
             },
         )?;
         let latent = self.concat(&lat, &kpe)?;
 
+        let picks = self.mla_index(&op, x, q_resid.as_ref(), kv, batch, &rope_attrs)?;
         let cache = AttentionAttrs {
             heads,
             kv_heads: 1,
@@ -164,7 +164,13 @@ impl CudaDriver {
         b.arg(&dtype).arg(&hi).arg(&ni).arg(&ri).arg(&vi).arg(&li);
         unsafe { b.launch(per_row_head) }.map_err(cuda_err("pie_mla_query"))?;
 
-        // One-KV-head attention over the latents; values are the latents.
+        // One-KV-head attention over the latents (or each row's picked
+        // latents); values are the latents.
+        let (positions, table, table_offsets) = match picks.as_ref().and_then(|p| p.tables.as_ref())
+        {
+            Some(t) => (&t.last, &t.table, &t.offsets),
+            None => (&tables.positions, &tables.table, &tables.table_offsets),
+        };
         let mut o_lat = self.act(x.rows, heads * kv_lora)?;
         let (one, wd, none, zero_f, has_sinks) = (1i32, width as i32, 0i32, 0.0f32, 0i32);
         let dummy = self.act_zeros(1, 1)?;
@@ -175,9 +181,9 @@ impl CudaDriver {
             .arg(&q_full.data)
             .arg(&slot.k)
             .arg(&slot.k)
-            .arg(&tables.positions)
-            .arg(&tables.table)
-            .arg(&tables.table_offsets)
+            .arg(positions)
+            .arg(table)
+            .arg(table_offsets)
             .arg(&dummy.data)
             .arg(&has_sinks)
             .arg(&hi)

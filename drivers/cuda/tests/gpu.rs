@@ -12,7 +12,7 @@ use pie_runtime::sampling::Sampler;
 use pie_runtime::{Engine, LoadOptions};
 
 /// Architectures whose ops the CUDA driver runs.
-const FIXTURES: [&str; 25] = [
+const FIXTURES: [&str; 26] = [
     "llama",
     "llama3_rope",
     "mistral",
@@ -34,6 +34,7 @@ const FIXTURES: [&str; 25] = [
     "deepseek_v2",
     "deepseek_v3",
     "glm_moe_dsa",
+    "glm_moe_dsa_sparse",
     "qwen3_next",
     "phimoe",
     "kimi_k2",
@@ -161,6 +162,51 @@ fn gpu_parity_with_transformers_and_the_portable_driver() {
         eprintln!(
             "gpu {name}: 10 tokens = transformers, 32 tokens = portable (mixed batch and alone)"
         );
+    }
+}
+
+/// GLM-MoE-DSA's sparse indexer past its top-k (5, under prompts of 12
+/// and 7 tokens; layer 1 reuses layer 0's picks): logits, a 3-token
+/// chunked prefill and 10 greedy tokens (batched and alone) as
+/// transformers, with pages larger and smaller than the prompts.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn gpu_glm_moe_dsa_sparse_indexer() {
+    let name = "glm_moe_dsa_sparse";
+    let (dir, prompts) = fixture(name);
+    let inputs: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+    for page_size in [32, 4] {
+        let opts = LoadOptions {
+            page_size,
+            ..LoadOptions::default()
+        };
+        let mut engine = Engine::load(&dir, gpu(), &opts, None).unwrap();
+        engine.stop_ids.clear();
+        let logits = engine.prompt_logits(&inputs).unwrap();
+        for (i, (ours, p)) in logits.iter().zip(&prompts).enumerate() {
+            let (diff, scale) = max_error(ours, &p.logits);
+            eprintln!(
+                "gpu {name} pages of {page_size}, prompt {i}: max|diff| {diff:.3e}, max|ref| {scale:.3}"
+            );
+            assert!(
+                diff <= F32_TOL * scale,
+                "prompt {i}: {diff} > {F32_TOL} × {scale}"
+            );
+        }
+        let chunked = engine.prompt_logits_chunked(&prompts[0].ids, 3).unwrap();
+        let (diff, scale) = max_error(&chunked, &prompts[0].logits);
+        assert!(
+            diff <= F32_TOL * scale,
+            "chunked prefill: {diff} > {F32_TOL} × {scale}"
+        );
+        let greedy = engine.generate(&inputs, 10, &Sampler::greedy()).unwrap();
+        for (i, (ours, p)) in greedy.iter().zip(&prompts).enumerate() {
+            assert_eq!(ours, &p.greedy, "prompt {i}: batched greedy");
+            let alone = engine
+                .generate(std::slice::from_ref(&p.ids), 10, &Sampler::greedy())
+                .unwrap();
+            assert_eq!(alone[0], p.greedy, "prompt {i}: greedy alone");
+        }
     }
 }
 

@@ -28,6 +28,7 @@
 use std::sync::Arc;
 
 use pie_driver::ir::RopeAttrs;
+use pie_driver::math::top_k_indices;
 use pie_driver::{ForwardBatch, Result};
 use rayon::prelude::*;
 
@@ -169,7 +170,7 @@ pub fn select(
                             .sum()
                     })
                     .collect();
-                Some(top_k(&scores, topk))
+                Some(top_k_indices(&scores, topk))
             })
             .collect()
     } else {
@@ -181,36 +182,4 @@ pub fn select(
     });
     kv.set_picks(slot, picks.clone());
     Ok(Some(picks))
-}
-
-/// The indices of the `k` largest scores, ascending; equal scores prefer
-/// the lower index.
-fn top_k(scores: &[f32], k: usize) -> Vec<u32> {
-    let mut idx: Vec<u32> = (0..scores.len() as u32).collect();
-    if k < idx.len() {
-        let better = |a: &u32, b: &u32| {
-            scores[*b as usize]
-                .total_cmp(&scores[*a as usize])
-                .then(a.cmp(b))
-        };
-        idx.select_nth_unstable_by(k, better);
-        idx.truncate(k);
-    }
-    idx.sort_unstable();
-    idx
-}
-
-#[cfg(test)]
-mod tests {
-    use super::top_k;
-
-    #[test]
-    fn top_k_keeps_the_largest_and_prefers_earlier_ties() {
-        let scores = [0.5, 2.0, -1.0, 2.0, 0.5, 3.0];
-        assert_eq!(top_k(&scores, 3), vec![1, 3, 5]);
-        assert_eq!(top_k(&scores, 4), vec![0, 1, 3, 5]);
-        assert_eq!(top_k(&scores, 6), vec![0, 1, 2, 3, 4, 5]);
-        assert_eq!(top_k(&scores, 9), vec![0, 1, 2, 3, 4, 5]);
-        assert_eq!(top_k(&[f32::NEG_INFINITY, 0.0], 1), vec![1]);
-    }
 }
