@@ -23,6 +23,12 @@ pub enum Step {
     AddRmsNorm { add: usize, norm: usize },
     /// An `rms_norm` whose only reader is a later `rope`, run at the rope.
     RmsNormRope { norm: usize, rope: usize },
+    /// Two back-to-back [`Step::RmsNormRope`]s on independent inputs
+    /// (queries and keys): one call.
+    RmsNormRope2 {
+        first: (usize, usize),
+        second: (usize, usize),
+    },
     /// `linear` whose output only the next op, an `add` rebinding the other
     /// operand (the residual), reads: the residual moves into the call.
     LinearAdd { linear: usize, add: usize },
@@ -63,7 +69,29 @@ pub fn plan(ops: &[OpDecl], result: &str) -> Vec<Step> {
             at += 1;
         }
     }
-    steps
+    pair_norm_ropes(ops, steps)
+}
+
+/// Merges adjacent norm + rope steps where the second does not read what
+/// the first wrote.
+fn pair_norm_ropes(ops: &[OpDecl], steps: Vec<Step>) -> Vec<Step> {
+    let mut out: Vec<Step> = Vec::with_capacity(steps.len());
+    for step in steps {
+        if let (Some(Step::RmsNormRope { norm, rope }), Step::RmsNormRope { norm: n2, rope: r2 }) =
+            (out.last(), &step)
+        {
+            let (first, written) = ((*norm, *rope), output(&ops[*rope]));
+            if input(&ops[*n2], "in", 0) != Some(written) && output(&ops[*r2]) != written {
+                *out.last_mut().expect("checked above") = Step::RmsNormRope2 {
+                    first,
+                    second: (*n2, *r2),
+                };
+                continue;
+            }
+        }
+        out.push(step);
+    }
+    out
 }
 
 fn fusable(op: &OpDecl, kind: OpKind) -> bool {
@@ -282,8 +310,10 @@ ops = [{{ op = "linear", in = "x", out = "logits", features = "vocab", weight = 
             vec![
                 Step::Op(0),
                 Step::LinearMany(vec![1, 2, 3]),
-                Step::RmsNormRope { norm: 4, rope: 6 },
-                Step::RmsNormRope { norm: 5, rope: 7 },
+                Step::RmsNormRope2 {
+                    first: (4, 6),
+                    second: (5, 7)
+                },
                 Step::Op(8),
                 Step::AddRmsNorm { add: 9, norm: 10 },
                 Step::GatedLinear {

@@ -245,6 +245,16 @@ impl<'a> SectionGen<'a> {
                 let (aa, out) = (a_op.attrs(), a_op.output());
                 quote!(let #out = d.linear_add(#x, #w, #b, #la, #residual, #aa)?;)
             }
+            Step::RmsNormRope2 { first, second } => {
+                let part = |(n, r): (usize, usize)| {
+                    let (n, r) = (op(n), op(r));
+                    let (x, w, na, ra) =
+                        (n.input("in", 0), n.weight("weight"), n.attrs(), r.attrs());
+                    (quote!((#x, #w, #na, #ra)), r.output())
+                };
+                let ((a, out_a), (b, out_b)) = (part(*first), part(*second));
+                quote!(let (#out_a, #out_b) = d.rms_norm_rope2(#a, #b, batch)?;)
+            }
             Step::RmsNormRope { norm, rope } => {
                 let (n, r) = (op(*norm), op(*rope));
                 let (x, w, na) = (n.input("in", 0), n.weight("weight"), n.attrs());

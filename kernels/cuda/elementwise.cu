@@ -69,18 +69,22 @@ extern "C" __global__ void pie_activation(float* out, const float* x, int fn, in
     if (i < n) out[i] = pie_act(fn, x[i]);
 }
 
-// act(gate) * up; with limit > 0, GPT-OSS's clamped SwiGLU.
-extern "C" __global__ void pie_glu(float* out, const float* gate, const float* up, int fn, float limit, int n) {
+// act(gate) * up; with limit > 0, GPT-OSS's clamped SwiGLU. out_bf16
+// (optional) gets the result rounded to bf16 too.
+extern "C" __global__ void pie_glu(float* out, pie_u16* out_bf16, const float* gate, const float* up, int fn,
+                                   float limit, int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    float g = gate[i], u = up[i];
+    float g = gate[i], u = up[i], v;
     if (limit > 0.0f) {
         g = fminf(g, limit);
         u = fminf(fmaxf(u, -limit), limit);
-        out[i] = g / (1.0f + expf(-1.702f * g)) * (u + 1.0f);
+        v = g / (1.0f + expf(-1.702f * g)) * (u + 1.0f);
     } else {
-        out[i] = pie_act(fn, g) * u;
+        v = pie_act(fn, g) * u;
     }
+    out[i] = v;
+    if (out_bf16) out_bf16[i] = pie_f32_to_bf16(v);
 }
 
 extern "C" __global__ void pie_add_bias(float* x, const float* bias, int rows, int width) {

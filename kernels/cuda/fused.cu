@@ -27,9 +27,9 @@ pie_gemv_glu_bf16(float* __restrict__ out, const float* __restrict__ x, const un
 // sum = x + y, out = rms_norm(sum) over each group of `group` features:
 // one block per group (blockDim.x a multiple of 32). Each thread
 // normalizes the elements it summed, so no other thread's writes are read.
-extern "C" __global__ void pie_add_rms_norm(float* sum, float* out, const float* x, const float* y,
-                                            const float* w, int has_weight, int group, float eps,
-                                            float offset) {
+extern "C" __global__ void pie_add_rms_norm(float* sum, float* out, pie_u16* out_bf16, const float* x,
+                                            const float* y, const float* w, int has_weight, int group,
+                                            float eps, float offset) {
     long long base = (long long)blockIdx.x * group;
     float squares = 0.0f;
     for (int i = threadIdx.x; i < group; i += blockDim.x) {
@@ -40,23 +40,24 @@ extern "C" __global__ void pie_add_rms_norm(float* sum, float* out, const float*
     float inv = rsqrtf(pie_block_sum(squares) / (float)group + eps);
     for (int i = threadIdx.x; i < group; i += blockDim.x) {
         float v = sum[base + i] * inv;
-        out[base + i] = has_weight ? v * (offset + w[i]) : v;
+        v = has_weight ? v * (offset + w[i]) : v;
+        out[base + i] = v;
+        if (out_bf16) out_bf16[base + i] = pie_f32_to_bf16(v);
     }
 }
 
-// rope(rms_norm(x)) for per-head norms (group == head_dim): one block per
-// (row, head). The normalized head is staged in shared memory, then
-// rotated as pie_rope does (same angle formula, in double); features past
-// rotary_dim pass through. Needs head_dim <= 512.
-extern "C" __global__ void pie_rms_norm_rope(float* out, const float* x, const float* w, int has_weight,
-                                             float eps, float offset, const int* positions,
-                                             const int* seq_lens, const double* inv_short,
-                                             const double* inv_long, int long_from, double scale, int heads,
-                                             int head_dim, int rotary_dim, int interleaved) {
+// rope(rms_norm(x)) of one head (group == head_dim) by one block: the
+// normalized head is staged in shared memory, then rotated as pie_rope
+// does (same angle formula, in double); features past rotary_dim pass
+// through. `head` indexes [rows × heads] heads. Needs head_dim <= 512.
+__device__ __forceinline__ void pie_norm_rope_head(float* out, const float* x, const float* w, int has_weight,
+                                                   float eps, float offset, long long head, int row,
+                                                   const int* positions, const int* seq_lens,
+                                                   const double* inv_short, const double* inv_long, int long_from,
+                                                   double scale, int head_dim, int rotary_dim, int interleaved) {
     __shared__ float normed[512];
-    int r = blockIdx.x / heads;
-    const float* xh = x + (long long)blockIdx.x * head_dim;
-    float* oh = out + (long long)blockIdx.x * head_dim;
+    const float* xh = x + head * head_dim;
+    float* oh = out + head * head_dim;
     float squares = 0.0f;
     for (int i = threadIdx.x; i < head_dim; i += blockDim.x) squares += xh[i] * xh[i];
     float inv = rsqrtf(pie_block_sum(squares) / (float)head_dim + eps);
@@ -65,10 +66,10 @@ extern "C" __global__ void pie_rms_norm_rope(float* out, const float* x, const f
         normed[i] = has_weight ? v * (offset + w[i]) : v;
     }
     __syncthreads();
-    const double* freqs = (long_from >= 0 && seq_lens[r] > long_from) ? inv_long : inv_short;
+    const double* freqs = (long_from >= 0 && seq_lens[row] > long_from) ? inv_long : inv_short;
     int half = rotary_dim / 2;
     for (int j = threadIdx.x; j < half; j += blockDim.x) {
-        double angle = (double)positions[r] * freqs[j];
+        double angle = (double)positions[row] * freqs[j];
         float c = (float)(cos(angle) * scale), s = (float)(sin(angle) * scale);
         int i0 = interleaved ? 2 * j : j;
         int i1 = interleaved ? 2 * j + 1 : j + half;
@@ -77,4 +78,34 @@ extern "C" __global__ void pie_rms_norm_rope(float* out, const float* x, const f
         oh[i1] = x1 * c + x0 * s;
     }
     for (int i = rotary_dim + threadIdx.x; i < head_dim; i += blockDim.x) oh[i] = normed[i];
+}
+
+// rope(rms_norm(x)) for per-head norms: one block per (row, head).
+extern "C" __global__ void pie_rms_norm_rope(float* out, const float* x, const float* w, int has_weight,
+                                             float eps, float offset, const int* positions,
+                                             const int* seq_lens, const double* inv_short,
+                                             const double* inv_long, int long_from, double scale, int heads,
+                                             int head_dim, int rotary_dim, int interleaved) {
+    pie_norm_rope_head(out, x, w, has_weight, eps, offset, blockIdx.x, blockIdx.x / heads, positions, seq_lens,
+                       inv_short, inv_long, long_from, scale, head_dim, rotary_dim, interleaved);
+}
+
+// The same for two activations in one launch (queries and keys): the
+// first rows × heads_a blocks take a, the rest b. Same rope for both.
+extern "C" __global__ void pie_rms_norm_rope2(float* out_a, const float* x_a, const float* w_a, int has_w_a,
+                                              float eps_a, float offset_a, int heads_a, float* out_b,
+                                              const float* x_b, const float* w_b, int has_w_b, float eps_b,
+                                              float offset_b, int heads_b, int rows, const int* positions,
+                                              const int* seq_lens, const double* inv_short,
+                                              const double* inv_long, int long_from, double scale, int head_dim,
+                                              int rotary_dim, int interleaved) {
+    long long b = blockIdx.x, first_b = (long long)rows * heads_a;
+    if (b < first_b) {
+        pie_norm_rope_head(out_a, x_a, w_a, has_w_a, eps_a, offset_a, b, b / heads_a, positions, seq_lens,
+                           inv_short, inv_long, long_from, scale, head_dim, rotary_dim, interleaved);
+    } else {
+        b -= first_b;
+        pie_norm_rope_head(out_b, x_b, w_b, has_w_b, eps_b, offset_b, b, b / heads_b, positions, seq_lens,
+                           inv_short, inv_long, long_from, scale, head_dim, rotary_dim, interleaved);
+    }
 }

@@ -9,7 +9,9 @@
 // batch shape alone (what a recorded CUDA graph needs). Four keys per
 // step are loaded before they are used, to keep loads in flight.
 // Pass 2, pie_gqa_attention_combine: one block per (row, query head)
-// merges the splits' (max, sum, weighted values).
+// merges the splits' (max, sum, weighted values). The _fold kernels run
+// both in one launch: the last block of each (row, kv head) to finish
+// does that pair's combine (decode grids, counters from the driver).
 //
 // Limits (the driver checks): group = heads / kv_heads <= 8, head_dim and
 // v_head_dim <= 128. window <= 0: full causal; softcap <= 0: none.
@@ -206,37 +208,35 @@ __device__ __forceinline__ void pie_gqa_partial(float* part_ml, float* part_acc,
         pie_gqa_partial<T, CONTIG>(part_ml, part_acc, q, k_cache, v_cache, positions, table, table_off, heads, \
                                    kv_heads, head_dim, v_head_dim, v_stride, scale, window, softcap);          \
     }
-PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial, float, false)
-PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_bf16, unsigned short, false)
-PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_c128, float, true)
-PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_bf16_c128, unsigned short, true)
 
-// One block of 128 threads per (row, query head); thread d owns output
-// dimension d. The first warp turns the splits' maxima into weights (in
-// shared memory), then every thread sums its dimension over the splits
-// with independent loads. has_sinks: a learned per-head logit in the
-// denominator. splits <= PIE_GQA_MAX_SPLITS.
+// The combine of one (row, query head) by a block of 128 threads; thread
+// d owns output dimension d. The first warp turns the splits' maxima into
+// weights (in shared memory), then every thread sums its dimension over
+// the splits with independent loads (__ldcg: other blocks wrote them).
+// has_sinks: a learned per-head logit in the denominator. splits <=
+// PIE_GQA_MAX_SPLITS. Every thread of the block must call it.
 #define PIE_GQA_MAX_SPLITS 64
-extern "C" __global__ void pie_gqa_attention_combine(float* out, const float* part_ml, const float* part_acc,
-                                                     const float* sinks, int has_sinks, int heads,
-                                                     int kv_heads, int v_head_dim, int splits) {
+__device__ __forceinline__ void pie_gqa_combine_head(float* out, unsigned short* out_bf16, const float* part_ml,
+                                                     const float* part_acc, const float* sinks, int has_sinks,
+                                                     int heads, int kv_heads, int v_head_dim, int splits, int row,
+                                                     int h) {
     __shared__ float weight[PIE_GQA_MAX_SPLITS];
     __shared__ float denominator;
-    int row = blockIdx.x / heads, h = blockIdx.x % heads;
     int group = heads / kv_heads;
     int rk = row * kv_heads + h / group, g = h % group;
     const float* ml = part_ml + ((long long)rk * splits * group + g) * 2;  // split s at s * group * 2
+    __syncthreads();  // a previous call's readers are done with weight[]
     if (threadIdx.x < 32) {
         int lane = threadIdx.x;
         float mx = PIE_GQA_NEG_INF;
-        for (int s = lane; s < splits; s += 32) mx = fmaxf(mx, ml[(long long)s * group * 2]);
+        for (int s = lane; s < splits; s += 32) mx = fmaxf(mx, __ldcg(ml + (long long)s * group * 2));
         for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
         float total = 0.0f;
         for (int s = lane; s < splits; s += 32) {
-            float ms = ml[(long long)s * group * 2];
+            float ms = __ldcg(ml + (long long)s * group * 2);
             float w = ms == PIE_GQA_NEG_INF ? 0.0f : __expf(ms - mx);
             weight[s] = w;
-            total += ml[(long long)s * group * 2 + 1] * w;
+            total += __ldcg(ml + (long long)s * group * 2 + 1) * w;
         }
         total = pie_warp_sum(total);
         if (lane == 0) denominator = total + (has_sinks ? __expf(sinks[h] - mx) : 0.0f);
@@ -248,6 +248,63 @@ extern "C" __global__ void pie_gqa_attention_combine(float* out, const float* pa
     long long stride = (long long)group * v_head_dim;
     float value = 0.0f;
 #pragma unroll 8
-    for (int s = 0; s < splits; s++) value += acc[s * stride] * weight[s];
-    out[((long long)row * heads + h) * v_head_dim + d] = value / denominator;
+    for (int s = 0; s < splits; s++) value += __ldcg(acc + s * stride) * weight[s];
+    long long o = ((long long)row * heads + h) * v_head_dim + d;
+    out[o] = value / denominator;
+    if (out_bf16) out_bf16[o] = pie_kv_bf16_bits(value / denominator);
 }
+
+// Pass 2 as its own launch: one block of 128 threads per (row, query head).
+extern "C" __global__ void pie_gqa_attention_combine(float* out, unsigned short* out_bf16, const float* part_ml,
+                                                     const float* part_acc, const float* sinks, int has_sinks,
+                                                     int heads, int kv_heads, int v_head_dim, int splits) {
+    pie_gqa_combine_head(out, out_bf16, part_ml, part_acc, sinks, has_sinks, heads, kv_heads, v_head_dim, splits,
+                         blockIdx.x / heads, blockIdx.x % heads);
+}
+
+// Pass 2 folded into pass 1 (one launch): each block of a (row, kv head)
+// pair counts itself done in counters[pair]; the last one combines the
+// pair's query heads and resets the counter for the next launch.
+__device__ __forceinline__ void pie_gqa_fold(float* out, unsigned short* out_bf16, const float* part_ml,
+                                             const float* part_acc, const float* sinks, int has_sinks, int heads,
+                                             int kv_heads, int v_head_dim, unsigned int* counters) {
+    __shared__ bool last;
+    int rk = blockIdx.x;
+    __threadfence();  // this block's partials are visible before it counts itself
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(&counters[rk], 1u) == gridDim.y - 1;
+        if (last) counters[rk] = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    int group = heads / kv_heads, row = rk / kv_heads, kvh = rk % kv_heads;
+    int splits = gridDim.y * PIE_GQA_WARPS;
+    for (int g = 0; g < group; g++)
+        pie_gqa_combine_head(out, out_bf16, part_ml, part_acc, sinks, has_sinks, heads, kv_heads, v_head_dim, splits,
+                             row, kvh * group + g);
+}
+
+PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial, float, false)
+PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_bf16, unsigned short, false)
+PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_c128, float, true)
+PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_bf16_c128, unsigned short, true)
+
+// Both passes in one launch (decode: a grid small enough for the driver's
+// counters); the _fold names of the entry points above.
+#define PIE_GQA_FOLDED_KERNEL(NAME, T, CONTIG)                                                                 \
+    extern "C" __global__ void __launch_bounds__(PIE_GQA_WARPS * 32)                                           \
+        NAME(float* part_ml, float* part_acc, const float* q, const T* k_cache, const T* v_cache,              \
+             const int* positions, const int* table, const int* table_off, int heads, int kv_heads,            \
+             int head_dim, int v_head_dim, int v_stride, float scale, int window, float softcap, float* out,   \
+             unsigned short* out_bf16, const float* sinks, int has_sinks, unsigned int* counters) {            \
+        pie_gqa_partial<T, CONTIG>(part_ml, part_acc, q, k_cache, v_cache, positions, table, table_off, heads, \
+                                   kv_heads, head_dim, v_head_dim, v_stride, scale, window, softcap);          \
+        pie_gqa_fold(out, out_bf16, part_ml, part_acc, sinks, has_sinks, heads, kv_heads, v_head_dim,          \
+                     counters);                                                                                \
+    }
+PIE_GQA_FOLDED_KERNEL(pie_gqa_attention_fold, float, false)
+PIE_GQA_FOLDED_KERNEL(pie_gqa_attention_fold_bf16, unsigned short, false)
+PIE_GQA_FOLDED_KERNEL(pie_gqa_attention_fold_c128, float, true)
+PIE_GQA_FOLDED_KERNEL(pie_gqa_attention_fold_bf16_c128, unsigned short, true)

@@ -16,9 +16,9 @@ __device__ __forceinline__ float pie_block_sum(float v) {
 
 // One block per group of `group` features; blockDim.x a power of two,
 // 32..1024. out = x / rms(x) * (offset + w), w optional (has_weight = 0:
-// no scale).
-extern "C" __global__ void pie_rms_norm(float* out, const float* x, const float* w, int has_weight,
-                                        int group, float eps, float offset) {
+// no scale); out_bf16 (optional) gets the same values rounded to bf16.
+extern "C" __global__ void pie_rms_norm(float* out, pie_u16* out_bf16, const float* x, const float* w,
+                                        int has_weight, int group, float eps, float offset) {
     const float* xg = x + (long long)blockIdx.x * group;
     float* og = out + (long long)blockIdx.x * group;
     float sum = 0.0f;
@@ -26,7 +26,9 @@ extern "C" __global__ void pie_rms_norm(float* out, const float* x, const float*
     float inv = rsqrtf(pie_block_sum(sum) / (float)group + eps);
     for (int i = threadIdx.x; i < group; i += blockDim.x) {
         float v = xg[i] * inv;
-        og[i] = has_weight ? v * (offset + w[i % group]) : v;
+        v = has_weight ? v * (offset + w[i % group]) : v;
+        og[i] = v;
+        if (out_bf16) out_bf16[(long long)blockIdx.x * group + i] = pie_f32_to_bf16(v);
     }
 }
 

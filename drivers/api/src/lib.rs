@@ -275,6 +275,19 @@ pub trait Driver: Send + Sync {
         Ok((sum, normed))
     }
 
+    /// Two independent [`Driver::rms_norm_rope`]s (queries and keys):
+    /// each part is `(x, norm weight, norm, rope)`.
+    fn rms_norm_rope2(
+        &self,
+        a: NormRopePart<'_, Self>,
+        b: NormRopePart<'_, Self>,
+        batch: &ForwardBatch,
+    ) -> Result<(Self::Act, Self::Act)> {
+        let a = self.rms_norm_rope(a.0, a.1, a.2, batch, a.3)?;
+        let b = self.rms_norm_rope(b.0, b.1, b.2, batch, b.3)?;
+        Ok((a, b))
+    }
+
     /// `rope(rms_norm(x))`: per-head q/k norms followed by the rotation.
     fn rms_norm_rope(
         &self,
@@ -364,6 +377,15 @@ pub trait Driver: Send + Sync {
             .collect())
     }
 }
+
+/// One input of [`Driver::rms_norm_rope2`]: the activation, the norm's
+/// weight and attributes, the rope's attributes.
+pub type NormRopePart<'a, D> = (
+    &'a <D as Driver>::Act,
+    Option<&'a <D as Driver>::Weight>,
+    &'a RmsNormAttrs,
+    &'a RopeAttrs,
+);
 
 /// Index of the largest value; the first one on ties.
 pub fn argmax(v: &[f32]) -> u32 {

@@ -36,7 +36,7 @@ pub const KERNEL_SOURCES: [(&str, &str); 8] = [
 ];
 
 /// Every kernel the driver launches.
-pub const KERNELS: [&str; 54] = [
+pub const KERNELS: [&str; 59] = [
     "pie_gqa_attention_partial_bf16",
     "pie_kv_write_bf16",
     "pie_rms",
@@ -91,6 +91,11 @@ pub const KERNELS: [&str; 54] = [
     "pie_gemv_add_bf16",
     "pie_gqa_attention_partial_c128",
     "pie_gqa_attention_partial_bf16_c128",
+    "pie_gqa_attention_fold",
+    "pie_gqa_attention_fold_bf16",
+    "pie_gqa_attention_fold_c128",
+    "pie_gqa_attention_fold_bf16_c128",
+    "pie_rms_norm_rope2",
 ];
 
 /// Whether a shared library can be opened, without cudarc's panic when it

@@ -8,7 +8,7 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use pie_driver::ir::*;
-use pie_driver::{DriverError, ForwardBatch, Result};
+use pie_driver::{DriverError, ForwardBatch, NormRopePart, Result};
 
 use crate::gemm::{gemv_grid, GEMV_FEATS};
 use crate::{activation_code, cuda_err, graphs, int, CudaAct, CudaDriver, CudaWeight};
@@ -137,6 +137,8 @@ impl CudaDriver {
         let (weight, has) = norm_weight(w);
         let mut sum = self.act(x.rows, x.width)?;
         let mut out = self.act(x.rows, x.width)?;
+        out.bf16 = self.bf16_shadow(x.rows, x.width)?;
+        let shadow = out.bf16.as_ref().map_or(0, graphs::address);
         let groups = x.rows * (x.width / norm.group);
         let g = int(norm.group, "group")?;
         let mut b = self
@@ -144,6 +146,7 @@ impl CudaDriver {
             .launch_builder(self.kernels.get("pie_add_rms_norm"));
         b.arg(&mut sum.data)
             .arg(&mut out.data)
+            .arg(&shadow)
             .arg(&x.data)
             .arg(&y.data)
             .arg(&weight)
@@ -206,6 +209,74 @@ impl CudaDriver {
         let cfg = norm_grid(x.rows * rope.heads, rope.head_dim);
         unsafe { b.launch(cfg) }.map_err(cuda_err("pie_rms_norm_rope"))?;
         Ok(Some(out))
+    }
+}
+
+impl CudaDriver {
+    /// Two per-head norm + ropes (queries, keys) with the same rope in one
+    /// launch.
+    pub(crate) fn fused_rms_norm_rope2(
+        &self,
+        a: NormRopePart<'_, Self>,
+        b: NormRopePart<'_, Self>,
+        batch: &ForwardBatch,
+    ) -> Result<Option<(CudaAct, CudaAct)>> {
+        let fits = |(x, _, norm, rope): NormRopePart<'_, Self>| {
+            norm.group == rope.head_dim
+                && norm.width == rope.heads * rope.head_dim
+                && x.width == norm.width
+                && batch.positions.len() == x.rows
+                && rope.head_dim <= 512
+                && rope.rotary_dim <= rope.head_dim
+                && rope.rotary_dim.is_multiple_of(2)
+        };
+        let (ra, rb) = (a.3, b.3);
+        let same_rope = RopeAttrs {
+            heads: rb.heads,
+            ..ra.clone()
+        } == *rb;
+        if !self.fuse || !fits(a) || !fits(b) || !same_rope || a.0.rows != b.0.rows {
+            return Ok(None);
+        }
+        let inputs = self.rope_inputs(batch, ra)?;
+        let (wa, has_a) = norm_weight(a.1);
+        let (wb, has_b) = norm_weight(b.1);
+        let mut out_a = self.act(a.0.rows, a.0.width)?;
+        let mut out_b = self.act(b.0.rows, b.0.width)?;
+        let rows = int(a.0.rows, "rows")?;
+        let (heads_a, heads_b) = (ra.heads as i32, rb.heads as i32);
+        let (hd, rd) = (ra.head_dim as i32, ra.rotary_dim as i32);
+        let interleaved = i32::from(ra.style == RopeStyle::Interleaved);
+        let mut l = self
+            .stream
+            .launch_builder(self.kernels.get("pie_rms_norm_rope2"));
+        l.arg(&mut out_a.data)
+            .arg(&a.0.data)
+            .arg(&wa)
+            .arg(&has_a)
+            .arg(&a.2.eps)
+            .arg(&a.2.offset)
+            .arg(&heads_a);
+        l.arg(&mut out_b.data)
+            .arg(&b.0.data)
+            .arg(&wb)
+            .arg(&has_b)
+            .arg(&b.2.eps)
+            .arg(&b.2.offset)
+            .arg(&heads_b);
+        l.arg(&rows)
+            .arg(&inputs.positions)
+            .arg(&inputs.seq_lens)
+            .arg(&inputs.short)
+            .arg(&inputs.long)
+            .arg(&inputs.long_from)
+            .arg(&inputs.scale)
+            .arg(&hd)
+            .arg(&rd)
+            .arg(&interleaved);
+        let cfg = norm_grid(a.0.rows * (ra.heads + rb.heads), ra.head_dim);
+        unsafe { l.launch(cfg) }.map_err(cuda_err("pie_rms_norm_rope2"))?;
+        Ok(Some((out_a, out_b)))
     }
 }
 

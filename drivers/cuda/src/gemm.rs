@@ -31,7 +31,7 @@ impl<'a> GemmInput<'a> {
     }
 
     fn bf16(&self, d: &CudaDriver) -> Result<&CudaSlice<u16>> {
-        if let Some(b) = self.bf16.get() {
+        if let Some(b) = self.x.bf16.as_ref().or(self.bf16.get()) {
             return Ok(b);
         }
         let cast = d.to_bf16(self.x)?;

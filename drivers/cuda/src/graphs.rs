@@ -248,6 +248,7 @@ impl GraphCache {
             rows,
             width: r.width,
             lease: Some(r.lease.clone()),
+            bf16: None,
         })
     }
 

@@ -15,6 +15,13 @@ const MAX_DIM: usize = 128;
 const WARPS: usize = 4;
 /// Enough warps for every SM of a large GPU a few times over.
 const TARGET_BLOCKS: usize = 264;
+/// (row, kv head) pairs the one-launch (folded) form takes: one counter
+/// each, allocated with the driver.
+pub(crate) const FOLD_PAIRS: usize = 4096;
+/// Rows up to which attention folds its combine into the partial pass.
+/// Measured (H200, Qwen3): a launch saved per layer at batch 1, but at 64
+/// and 256 rows the kernel carrying both passes ran slower than two.
+const FOLD_MAX_ROWS: usize = 16;
 /// At most 4 × 4 = 16 splits: more leaves a warp too few keys of a short
 /// context and makes the combine pass longer.
 const MAX_BLOCKS_PER_HEAD: usize = 4;
@@ -88,11 +95,24 @@ impl CudaDriver {
         // Head dims of 128: each lane reads 4 consecutive dims per row
         // (one 16-byte f32 or 8-byte bf16 load) instead of 4 strided ones.
         let contiguous = a.head_dim == MAX_DIM && a.v_head_dim == MAX_DIM;
-        let partial = match (kv_bf16, contiguous) {
-            (true, true) => "pie_gqa_attention_partial_bf16_c128",
-            (true, false) => "pie_gqa_attention_partial_bf16",
-            (false, true) => "pie_gqa_attention_partial_c128",
-            (false, false) => "pie_gqa_attention_partial",
+        // Small grids (decode) combine in the same launch.
+        let fold = self.fuse && q.rows <= FOLD_MAX_ROWS && pairs <= FOLD_PAIRS;
+        let partial = match (fold, kv_bf16, contiguous) {
+            (false, true, true) => "pie_gqa_attention_partial_bf16_c128",
+            (false, true, false) => "pie_gqa_attention_partial_bf16",
+            (false, false, true) => "pie_gqa_attention_partial_c128",
+            (false, false, false) => "pie_gqa_attention_partial",
+            (true, true, true) => "pie_gqa_attention_fold_bf16_c128",
+            (true, true, false) => "pie_gqa_attention_fold_bf16",
+            (true, false, true) => "pie_gqa_attention_fold_c128",
+            (true, false, false) => "pie_gqa_attention_fold",
+        };
+        let mut out = self.act(q.rows, a.heads * a.v_head_dim)?;
+        out.bf16 = self.bf16_shadow(q.rows, a.heads * a.v_head_dim)?;
+        let shadow = out.bf16.as_ref().map_or(0, crate::graphs::address);
+        let (sinks_ptr, has_sinks) = match sinks.and_then(CudaWeight::f32) {
+            Some(s) => (crate::graphs::address(s), 1i32),
+            None => (0u64, 0i32),
         };
         let mut b = self.stream.launch_builder(self.kernels.get(partial));
         b.arg(&mut part_ml)
@@ -111,13 +131,17 @@ impl CudaDriver {
             .arg(&a.scale)
             .arg(&window)
             .arg(&softcap);
+        if fold {
+            b.arg(&mut out.data)
+                .arg(&shadow)
+                .arg(&sinks_ptr)
+                .arg(&has_sinks)
+                .arg(&self.attention_counters);
+        }
         unsafe { b.launch(cfg) }.map_err(cuda_err(partial))?;
-
-        let mut out = self.act(q.rows, a.heads * a.v_head_dim)?;
-        let (sinks_ptr, has_sinks) = match sinks.and_then(CudaWeight::f32) {
-            Some(s) => (crate::graphs::address(s), 1i32),
-            None => (0u64, 0i32),
-        };
+        if fold {
+            return Ok(out);
+        }
         let splits_i = int(splits, "splits")?;
         let cfg = LaunchConfig {
             grid_dim: (int(q.rows * a.heads, "rows × heads")? as u32, 1, 1),
@@ -128,6 +152,7 @@ impl CudaDriver {
             .stream
             .launch_builder(self.kernels.get("pie_gqa_attention_combine"));
         b.arg(&mut out.data)
+            .arg(&shadow)
             .arg(&part_ml)
             .arg(&part_acc)
             .arg(&sinks_ptr)

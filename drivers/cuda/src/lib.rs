@@ -31,7 +31,8 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use pie_driver::ir::*;
 use pie_driver::{
-    DType, Driver, DriverError, ForwardBatch, KvDType, KvLayout, Result, TensorView, WeightRole,
+    DType, Driver, DriverError, ForwardBatch, KvDType, KvLayout, NormRopePart, Result, TensorView,
+    WeightRole,
 };
 
 pub use kv::CudaKv;
@@ -71,6 +72,17 @@ pub struct CudaDriver {
     /// Whether bf16 GEMMs of at most 4 rows use `pie_gemv_bf16`
     /// (`PIE_CUDA_GEMV=0`: cuBLAS for every shape).
     gemv: bool,
+    /// One zeroed counter per (row, kv head) pair for the one-launch
+    /// grouped attention (its blocks count themselves done, the last one
+    /// combines and resets the counter).
+    attention_counters: CudaSlice<u32>,
+    /// Whether norms, GLUs and attention write bf16 copies for cuBLAS
+    /// (`PIE_CUDA_BF16_COPIES=0`: a cast before each GEMM; for A/B runs).
+    bf16_copies: bool,
+    /// Whether any weight matrix is bf16 (cuBLAS reads bf16 inputs for
+    /// those: norms, GLUs and attention then also write a bf16 copy of
+    /// their outputs for GEMMs of more than 4 rows).
+    bf16_matrices: AtomicBool,
     /// Whether fused ops run their fused kernels (`PIE_CUDA_FUSE=0`: one
     /// kernel per op, as the trait's defaults do; for A/B runs).
     fuse: bool,
@@ -186,6 +198,9 @@ impl CudaDriver {
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| DriverError::Invalid(format!("CUDA: creating the cuBLAS handle: {e}")))?;
         let workspace = blas_workspace(&stream, &blas)?;
+        let attention_counters = stream
+            .alloc_zeros::<u32>(grouped_attention::FOLD_PAIRS)
+            .map_err(cuda_err("allocating the attention counters"))?;
         Ok(CudaDriver {
             ctx,
             stream,
@@ -203,6 +218,9 @@ impl CudaDriver {
             gqa: std::env::var("PIE_CUDA_GQA").map_or(true, |v| v != "0"),
             gemv: std::env::var("PIE_CUDA_GEMV").map_or(true, |v| v != "0"),
             fuse: std::env::var("PIE_CUDA_FUSE").map_or(true, |v| v != "0"),
+            bf16_matrices: AtomicBool::new(false),
+            attention_counters,
+            bf16_copies: std::env::var("PIE_CUDA_BF16_COPIES").map_or(true, |v| v != "0"),
             expert_tables: Default::default(),
         })
     }
@@ -277,6 +295,7 @@ impl CudaDriver {
         let Some(bias) = bias.and_then(CudaWeight::f32) else {
             return Ok(());
         };
+        x.bf16 = None; // stale once the bias is in
         let (r, w) = (int(x.rows, "rows")?, int(x.width, "width")?);
         let mut b = self.stream.launch_builder(self.kernels.get("pie_add_bias"));
         b.arg(&mut x.data).arg(bias).arg(&r).arg(&w);
@@ -396,6 +415,23 @@ impl CudaDriver {
             table.scale,
         ));
         Ok(freqs.last().expect("pushed above"))
+    }
+
+    /// A bf16 copy for a new `[rows, width]` output to carry, where a
+    /// cuBLAS GEMM will read it: bf16 weights, more rows than the GEMV
+    /// takes, fused kernels on.
+    pub(crate) fn bf16_shadow(&self, rows: usize, width: usize) -> Result<Option<CudaSlice<u16>>> {
+        let wanted = self.fuse
+            && self.bf16_copies
+            && rows > gemm::GEMV_MAX_ROWS
+            && self.bf16_matrices.load(Ordering::Relaxed);
+        if !wanted {
+            return Ok(None);
+        }
+        // Every element is written by the producing kernel: no memset.
+        unsafe { self.stream.alloc::<u16>(rows * width) }
+            .map(Some)
+            .map_err(cuda_err("allocating GPU memory (out of memory?)"))
     }
 
     /// `linear` of an input whose bf16 cast other products may share.
@@ -578,6 +614,7 @@ impl Driver for CudaDriver {
         };
         let f32s: Vec<f32> = match (view.dtype, role) {
             (DType::BF16, WeightRole::Matrix) if expected.len() == 2 => {
+                self.bf16_matrices.store(true, Ordering::Relaxed);
                 return Ok(CudaWeight::Bf16(self.upload(&u16s())?));
             }
             (DType::F32, _) => view
@@ -693,8 +730,11 @@ impl Driver for CudaDriver {
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
+        out.bf16 = self.bf16_shadow(x.rows, x.width)?;
+        let shadow = out.bf16.as_ref().map_or(0, graphs::address);
         let mut b = self.stream.launch_builder(self.kernels.get("pie_rms_norm"));
         b.arg(&mut out.data)
+            .arg(&shadow)
             .arg(&x.data)
             .arg(&weight)
             .arg(&has)
@@ -965,8 +1005,11 @@ impl Driver for CudaDriver {
             a.limit.unwrap_or(0.0),
             int(n, "elements")?,
         );
+        out.bf16 = self.bf16_shadow(gate.rows, gate.width)?;
+        let shadow = out.bf16.as_ref().map_or(0, graphs::address);
         let mut b = self.stream.launch_builder(self.kernels.get("pie_glu"));
         b.arg(&mut out.data)
+            .arg(&shadow)
             .arg(&gate.data)
             .arg(&up.data)
             .arg(&f)
@@ -1107,6 +1150,7 @@ impl Driver for CudaDriver {
         }
         // The product accumulates into the residual's memory.
         let mut out = residual;
+        out.bf16 = None;
         self.gemm_into(&GemmInput::new(x), w, &mut out, true)?;
         self.add_bias_to(&mut out, bias)?;
         Ok(out)
@@ -1126,6 +1170,20 @@ impl Driver for CudaDriver {
         let sum = self.add(x, y, add)?;
         let normed = self.rms_norm(&sum, w, norm)?;
         Ok((sum, normed))
+    }
+
+    fn rms_norm_rope2(
+        &self,
+        a: NormRopePart<'_, Self>,
+        b: NormRopePart<'_, Self>,
+        batch: &ForwardBatch,
+    ) -> Result<(CudaAct, CudaAct)> {
+        if let Some(pair) = self.fused_rms_norm_rope2(a, b, batch)? {
+            return Ok(pair);
+        }
+        let a = self.rms_norm_rope(a.0, a.1, a.2, batch, a.3)?;
+        let b = self.rms_norm_rope(b.0, b.1, b.2, batch, b.3)?;
+        Ok((a, b))
     }
 
     fn rms_norm_rope(

@@ -11,6 +11,10 @@ pub struct CudaAct {
     /// Set on the logits of a replayed CUDA graph: the graph cannot run
     /// again until this activation (its allocation) is dropped.
     pub lease: Option<std::sync::Arc<()>>,
+    /// The same values rounded to bf16, written by the kernel that made
+    /// them when a cuBLAS GEMM will read them (saves a cast launch). Any
+    /// in-place change of `data` must drop it.
+    pub bf16: Option<CudaSlice<u16>>,
 }
 
 impl CudaAct {
@@ -20,6 +24,7 @@ impl CudaAct {
             rows,
             width,
             lease: None,
+            bf16: None,
         }
     }
 }

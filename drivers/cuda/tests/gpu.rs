@@ -551,9 +551,10 @@ fn gpu_bf16_weights_against_the_f32_reference() {
 }
 
 /// The fused kernels (q/k/v and gate/up GEMVs with the GLU, residual add +
-/// RMSNorm, q/k norm + rope) against one kernel per op on the same bf16
-/// weights. The prompt runs one token per pass, so every pass has the
-/// decode shape the fused GEMVs take; both paths also against transformers.
+/// RMSNorm, q/k norm + rope, the down projection into the residual, bf16
+/// copies written for cuBLAS) against one kernel per op on the same bf16
+/// weights: the whole prompt in one pass (cuBLAS), then one token per pass
+/// (the decode shape the fused GEMVs take), also against transformers.
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn gpu_fused_kernels_match_one_kernel_per_op() {
@@ -563,6 +564,19 @@ fn gpu_fused_kernels_match_one_kernel_per_op() {
         let mut fused = Engine::load(dir.path(), gpu(), &opts, None).unwrap();
         let mut plain = Engine::load(dir.path(), gpu().with_fusion(false), &opts, None).unwrap();
         let ids = &prompts[0].ids;
+        // The whole prompt in one pass: the cuBLAS path, where the fused
+        // path's norms, GLU and attention write the GEMMs' bf16 inputs.
+        let whole = fused.prompt_logits(std::slice::from_ref(ids)).unwrap();
+        let whole_plain = plain.prompt_logits(std::slice::from_ref(ids)).unwrap();
+        let (prefill_diff, prefill_scale) = max_error(&whole[0], &whole_plain[0]);
+        eprintln!(
+            "gpu fused {name} prefill: vs one kernel per op {:.3e}",
+            prefill_diff / prefill_scale
+        );
+        assert!(
+            prefill_diff <= 1e-5 * prefill_scale,
+            "{name}: fused vs unfused prefill {prefill_diff} > 1e-5 × {prefill_scale}"
+        );
         let a = fused.prompt_logits_chunked(ids, 1).unwrap();
         let b = plain.prompt_logits_chunked(ids, 1).unwrap();
         let (diff, scale) = max_error(&a, &b);
