@@ -69,20 +69,23 @@ extern "C" __global__ void pie_activation(float* out, const float* x, int fn, in
     if (i < n) out[i] = pie_act(fn, x[i]);
 }
 
-// act(gate) * up; with limit > 0, GPT-OSS's clamped SwiGLU. out_bf16
-// (optional) gets the result rounded to bf16 too.
+// act(g) * u; with limit > 0, GPT-OSS's clamped SwiGLU.
+__device__ __forceinline__ float pie_glu_value(int fn, float limit, float g, float u) {
+    if (limit > 0.0f) {
+        g = fminf(g, limit);
+        u = fminf(fmaxf(u, -limit), limit);
+        return g / (1.0f + expf(-1.702f * g)) * (u + 1.0f);
+    }
+    return pie_act(fn, g) * u;
+}
+
+// out = pie_glu_value of each element; out_bf16 (optional) gets the result
+// rounded to bf16 too.
 extern "C" __global__ void pie_glu(float* out, pie_u16* out_bf16, const float* gate, const float* up, int fn,
                                    float limit, int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    float g = gate[i], u = up[i], v;
-    if (limit > 0.0f) {
-        g = fminf(g, limit);
-        u = fminf(fmaxf(u, -limit), limit);
-        v = g / (1.0f + expf(-1.702f * g)) * (u + 1.0f);
-    } else {
-        v = pie_act(fn, g) * u;
-    }
+    float v = pie_glu_value(fn, limit, gate[i], up[i]);
     out[i] = v;
     if (out_bf16) out_bf16[i] = pie_f32_to_bf16(v);
 }

@@ -1,7 +1,7 @@
 // Fused kernels: several ops of a layer in one launch, where codegen found
 // the pattern (codegen/src/fusion.rs). Each computes exactly what the ops
 // compute one by one (same formulas, f32), so results match the unfused
-// path to rounding. Uses pie_gemv_block (gemv.cu), pie_act (elementwise.cu)
+// path to rounding. Uses pie_gemv_block (gemv.cu), pie_glu_value (elementwise.cu)
 // and pie_block_sum (norm_rope.cu), compiled before this file.
 
 // m = glu(x · Wgᵀ, x · Wuᵀ) for a few rows: each block computes the same
@@ -13,15 +13,7 @@ pie_gemv_glu_bf16(float* __restrict__ out, const float* __restrict__ x, const un
     int f0 = blockIdx.x * PIE_GEMV_FEATS;
     float g = pie_gemv_block(x, wg, m, n, k, f0);
     float u = pie_gemv_block(x, wu, m, n, k, f0);
-    float v;
-    if (limit > 0.0f) {
-        g = fminf(g, limit);
-        u = fminf(fmaxf(u, -limit), limit);
-        v = g / (1.0f + expf(-1.702f * g)) * (u + 1.0f);
-    } else {
-        v = pie_act(fn, g) * u;
-    }
-    pie_gemv_store(out, v, m, n, f0);
+    pie_gemv_store(out, pie_glu_value(fn, limit, g, u), m, n, f0);
 }
 
 // sum = x + y, out = rms_norm(sum) over each group of `group` features:

@@ -13,6 +13,7 @@ pub mod math;
 pub mod moe;
 pub mod rope;
 mod tensor;
+pub mod unfused;
 
 pub use batch::{ForwardBatch, KvDType, KvLayout, KvSlotShape, SeqChunk};
 pub use mask::{mask_refusal, AttnMask};
@@ -256,8 +257,7 @@ pub trait Driver: Send + Sync {
         residual: Self::Act,
         add: &ElementwiseAttrs,
     ) -> Result<Self::Act> {
-        let y = self.linear(x, w, bias, a)?;
-        self.add(&residual, &y, add)
+        unfused::linear_add(self, x, w, bias, a, residual, add)
     }
 
     /// `s = x + y` and `rms_norm(s)`: a residual add and the norm after it.
@@ -270,9 +270,7 @@ pub trait Driver: Send + Sync {
         w: Option<&Self::Weight>,
         norm: &RmsNormAttrs,
     ) -> Result<(Self::Act, Self::Act)> {
-        let sum = self.add(x, y, add)?;
-        let normed = self.rms_norm(&sum, w, norm)?;
-        Ok((sum, normed))
+        unfused::add_rms_norm(self, x, y, add, w, norm)
     }
 
     /// Two independent [`Driver::rms_norm_rope`]s (queries and keys):
@@ -283,9 +281,7 @@ pub trait Driver: Send + Sync {
         b: NormRopePart<'_, Self>,
         batch: &ForwardBatch,
     ) -> Result<(Self::Act, Self::Act)> {
-        let a = self.rms_norm_rope(a.0, a.1, a.2, batch, a.3)?;
-        let b = self.rms_norm_rope(b.0, b.1, b.2, batch, b.3)?;
-        Ok((a, b))
+        unfused::rms_norm_rope2(self, a, b, batch)
     }
 
     /// `rope(rms_norm(x))`: per-head q/k norms followed by the rotation.
@@ -297,8 +293,7 @@ pub trait Driver: Send + Sync {
         batch: &ForwardBatch,
         rope: &RopeAttrs,
     ) -> Result<Self::Act> {
-        let normed = self.rms_norm(x, w, norm)?;
-        self.rope(&normed, batch, rope)
+        unfused::rms_norm_rope(self, x, w, norm, batch, rope)
     }
 
     /// Composite ops: attributes and weights as the spec named them.

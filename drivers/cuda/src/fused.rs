@@ -195,17 +195,9 @@ impl CudaDriver {
             .arg(&weight)
             .arg(&has)
             .arg(&norm.eps)
-            .arg(&norm.offset)
-            .arg(&inputs.positions)
-            .arg(&inputs.seq_lens)
-            .arg(&inputs.short)
-            .arg(&inputs.long)
-            .arg(&inputs.long_from)
-            .arg(&inputs.scale)
-            .arg(&heads)
-            .arg(&hd)
-            .arg(&rd)
-            .arg(&interleaved);
+            .arg(&norm.offset);
+        inputs.push(&mut b);
+        b.arg(&heads).arg(&hd).arg(&rd).arg(&interleaved);
         let cfg = norm_grid(x.rows * rope.heads, rope.head_dim);
         unsafe { b.launch(cfg) }.map_err(cuda_err("pie_rms_norm_rope"))?;
         Ok(Some(out))
@@ -264,16 +256,9 @@ impl CudaDriver {
             .arg(&b.2.eps)
             .arg(&b.2.offset)
             .arg(&heads_b);
-        l.arg(&rows)
-            .arg(&inputs.positions)
-            .arg(&inputs.seq_lens)
-            .arg(&inputs.short)
-            .arg(&inputs.long)
-            .arg(&inputs.long_from)
-            .arg(&inputs.scale)
-            .arg(&hd)
-            .arg(&rd)
-            .arg(&interleaved);
+        l.arg(&rows);
+        inputs.push(&mut l);
+        l.arg(&hd).arg(&rd).arg(&interleaved);
         let cfg = norm_grid(a.0.rows * (ra.heads + rb.heads), ra.head_dim);
         unsafe { l.launch(cfg) }.map_err(cuda_err("pie_rms_norm_rope2"))?;
         Ok(Some((out_a, out_b)))

@@ -111,6 +111,18 @@ struct RopeInputs {
     scale: f64,
 }
 
+impl RopeInputs {
+    /// Pushes them in the order every rope kernel takes them.
+    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
+        b.arg(&self.positions)
+            .arg(&self.seq_lens)
+            .arg(&self.short)
+            .arg(&self.long)
+            .arg(&self.long_from)
+            .arg(&self.scale);
+    }
+}
+
 /// Device addresses of the tables an attention op reads: uploaded by the
 /// KV cache for this batch, or staged for a recorded decode pass.
 struct AttentionTables {
@@ -820,19 +832,9 @@ impl Driver for CudaDriver {
         let interleaved = i32::from(a.style == RopeStyle::Interleaved);
         let n = x.rows * a.heads * (a.rotary_dim / 2);
         let mut b = self.stream.launch_builder(self.kernels.get("pie_rope"));
-        b.arg(&mut out.data)
-            .arg(&src)
-            .arg(&inputs.positions)
-            .arg(&inputs.seq_lens)
-            .arg(&inputs.short)
-            .arg(&inputs.long)
-            .arg(&inputs.long_from)
-            .arg(&inputs.scale)
-            .arg(&rows)
-            .arg(&heads)
-            .arg(&hd)
-            .arg(&rd)
-            .arg(&interleaved);
+        b.arg(&mut out.data).arg(&src);
+        inputs.push(&mut b);
+        b.arg(&rows).arg(&heads).arg(&hd).arg(&rd).arg(&interleaved);
         unsafe { b.launch(blocks(n)) }.map_err(cuda_err("pie_rope"))?;
         Ok(out)
     }
@@ -1145,8 +1147,7 @@ impl Driver for CudaDriver {
     ) -> Result<CudaAct> {
         let fits = residual.rows == x.rows && residual.width == a.out_features;
         if !self.fuse || !fits || x.width != a.in_features {
-            let y = self.linear(x, w, bias, a)?;
-            return self.add(&residual, &y, add);
+            return pie_driver::unfused::linear_add(self, x, w, bias, a, residual, add);
         }
         // The product accumulates into the residual's memory.
         let mut out = residual;
@@ -1164,12 +1165,10 @@ impl Driver for CudaDriver {
         w: Option<&CudaWeight>,
         norm: &RmsNormAttrs,
     ) -> Result<(CudaAct, CudaAct)> {
-        if let Some(pair) = self.fused_add_rms_norm(x, y, w, norm)? {
-            return Ok(pair);
+        match self.fused_add_rms_norm(x, y, w, norm)? {
+            Some(pair) => Ok(pair),
+            None => pie_driver::unfused::add_rms_norm(self, x, y, add, w, norm),
         }
-        let sum = self.add(x, y, add)?;
-        let normed = self.rms_norm(&sum, w, norm)?;
-        Ok((sum, normed))
     }
 
     fn rms_norm_rope2(
@@ -1178,12 +1177,10 @@ impl Driver for CudaDriver {
         b: NormRopePart<'_, Self>,
         batch: &ForwardBatch,
     ) -> Result<(CudaAct, CudaAct)> {
-        if let Some(pair) = self.fused_rms_norm_rope2(a, b, batch)? {
-            return Ok(pair);
+        match self.fused_rms_norm_rope2(a, b, batch)? {
+            Some(pair) => Ok(pair),
+            None => pie_driver::unfused::rms_norm_rope2(self, a, b, batch),
         }
-        let a = self.rms_norm_rope(a.0, a.1, a.2, batch, a.3)?;
-        let b = self.rms_norm_rope(b.0, b.1, b.2, batch, b.3)?;
-        Ok((a, b))
     }
 
     fn rms_norm_rope(
@@ -1194,11 +1191,10 @@ impl Driver for CudaDriver {
         batch: &ForwardBatch,
         rope: &RopeAttrs,
     ) -> Result<CudaAct> {
-        if let Some(out) = self.fused_rms_norm_rope(x, w, norm, batch, rope)? {
-            return Ok(out);
+        match self.fused_rms_norm_rope(x, w, norm, batch, rope)? {
+            Some(out) => Ok(out),
+            None => pie_driver::unfused::rms_norm_rope(self, x, w, norm, batch, rope),
         }
-        let normed = self.rms_norm(x, w, norm)?;
-        self.rope(&normed, batch, rope)
     }
 
     fn select_rows(&self, x: &CudaAct, rows: &[usize]) -> Result<CudaAct> {

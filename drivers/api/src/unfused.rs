@@ -1,0 +1,59 @@
+//! The fused `Driver` calls as the ops they stand for, one by one: the
+//! trait's defaults, and what a driver with fused kernels falls back to
+//! where its kernel does not apply.
+
+use crate::ir::*;
+use crate::{Driver, ForwardBatch, NormRopePart, Result};
+
+/// `residual + linear(x)`.
+pub fn linear_add<D: Driver + ?Sized>(
+    d: &D,
+    x: &D::Act,
+    w: &D::Weight,
+    bias: Option<&D::Weight>,
+    a: &LinearAttrs,
+    residual: D::Act,
+    add: &ElementwiseAttrs,
+) -> Result<D::Act> {
+    let y = d.linear(x, w, bias, a)?;
+    d.add(&residual, &y, add)
+}
+
+/// `(x + y, rms_norm(x + y))`.
+pub fn add_rms_norm<D: Driver + ?Sized>(
+    d: &D,
+    x: &D::Act,
+    y: &D::Act,
+    add: &ElementwiseAttrs,
+    w: Option<&D::Weight>,
+    norm: &RmsNormAttrs,
+) -> Result<(D::Act, D::Act)> {
+    let sum = d.add(x, y, add)?;
+    let normed = d.rms_norm(&sum, w, norm)?;
+    Ok((sum, normed))
+}
+
+/// `rope(rms_norm(x))`.
+pub fn rms_norm_rope<D: Driver + ?Sized>(
+    d: &D,
+    x: &D::Act,
+    w: Option<&D::Weight>,
+    norm: &RmsNormAttrs,
+    batch: &ForwardBatch,
+    rope: &RopeAttrs,
+) -> Result<D::Act> {
+    let normed = d.rms_norm(x, w, norm)?;
+    d.rope(&normed, batch, rope)
+}
+
+/// Two [`Driver::rms_norm_rope`] calls.
+pub fn rms_norm_rope2<D: Driver + ?Sized>(
+    d: &D,
+    a: NormRopePart<'_, D>,
+    b: NormRopePart<'_, D>,
+    batch: &ForwardBatch,
+) -> Result<(D::Act, D::Act)> {
+    let a = d.rms_norm_rope(a.0, a.1, a.2, batch, a.3)?;
+    let b = d.rms_norm_rope(b.0, b.1, b.2, batch, b.3)?;
+    Ok((a, b))
+}
