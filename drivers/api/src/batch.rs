@@ -72,6 +72,15 @@ impl ForwardBatch {
         });
     }
 
+    /// For each token row, the index of the sequence chunk it belongs to.
+    pub fn row_seqs(&self) -> Vec<usize> {
+        self.seqs
+            .iter()
+            .enumerate()
+            .flat_map(|(si, s)| std::iter::repeat_n(si, s.len))
+            .collect()
+    }
+
     pub fn num_tokens(&self) -> usize {
         self.tokens.len()
     }

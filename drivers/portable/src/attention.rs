@@ -49,12 +49,7 @@ pub fn paged_attention(
     let mut out = Act::zeros(q.rows, a.heads * a.v_head_dim);
     let group = a.heads / a.kv_heads;
     let kv: &KvCache = kv;
-    let row_seq: Vec<usize> = batch
-        .seqs
-        .iter()
-        .enumerate()
-        .flat_map(|(si, s)| std::iter::repeat_n(si, s.len))
-        .collect();
+    let row_seq = batch.row_seqs();
     // One task per (token, KV head): the query heads of a GQA group read
     // each cached key and value once, and their output columns are
     // adjacent, so tasks own disjoint chunks of `out`.

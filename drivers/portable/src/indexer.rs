@@ -127,12 +127,7 @@ pub fn select(
         }
     }
 
-    let row_seq: Vec<usize> = batch
-        .seqs
-        .iter()
-        .enumerate()
-        .flat_map(|(si, s)| std::iter::repeat_n(si, s.len))
-        .collect();
+    let row_seq = batch.row_seqs();
     let sparse = |row: usize| batch.positions[row] as usize >= topk;
     let rows: Vec<Option<Vec<u32>>> = if (0..x.rows).any(sparse) {
         let q = project(

@@ -103,12 +103,7 @@ pub fn mla_attention(
 
     let mut out = Act::zeros(x.rows, d.heads * d.v);
     let kv: &KvCache = kv;
-    let row_seq: Vec<usize> = batch
-        .seqs
-        .iter()
-        .enumerate()
-        .flat_map(|(si, s)| std::iter::repeat_n(si, s.len))
-        .collect();
+    let row_seq = batch.row_seqs();
     out.data
         .par_chunks_mut(d.heads * d.v)
         .enumerate()
