@@ -11,7 +11,9 @@ use pie_driver::ir::*;
 use pie_driver::{DriverError, ForwardBatch, NormRopePart, Result};
 
 use crate::gemm::{gemv_grid, GEMV_FEATS};
-use crate::{activation_code, cuda_err, graphs, int, CudaAct, CudaDriver, CudaWeight};
+use crate::{
+    activation_code, cuda_err, graphs, int, weight_or_null, CudaAct, CudaDriver, CudaWeight,
+};
 
 /// A bf16 matrix without a bias, or None.
 fn plain_bf16<'w>(w: &'w CudaWeight, bias: Option<&CudaWeight>) -> Option<&'w CudaSlice<u16>> {
@@ -134,11 +136,9 @@ impl CudaDriver {
         if !self.fuse || !shapes_fit || norm.group == 0 || !norm.width.is_multiple_of(norm.group) {
             return Ok(None);
         }
-        let (weight, has) = norm_weight(w);
+        let (weight, has) = weight_or_null(w);
         let mut sum = self.act(x.rows, x.width)?;
-        let mut out = self.act(x.rows, x.width)?;
-        out.bf16 = self.bf16_shadow(x.rows, x.width)?;
-        let shadow = out.bf16.as_ref().map_or(0, graphs::address);
+        let (mut out, shadow) = self.act_with_bf16_copy(x.rows, x.width)?;
         let groups = x.rows * (x.width / norm.group);
         let g = int(norm.group, "group")?;
         let mut b = self
@@ -167,9 +167,7 @@ impl CudaDriver {
         batch: &ForwardBatch,
         rope: &RopeAttrs,
     ) -> Result<Option<CudaAct>> {
-        let per_head = norm.group == rope.head_dim && norm.width == rope.heads * rope.head_dim;
-        let fits = x.width == norm.width && batch.positions.len() == x.rows && rope.head_dim <= 512;
-        if !self.fuse || !per_head || !fits {
+        if !self.fuse || !per_head_norm_rope(x, norm, rope, batch) {
             return Ok(None);
         }
         if rope.rotary_dim > rope.head_dim || !rope.rotary_dim.is_multiple_of(2) {
@@ -179,7 +177,7 @@ impl CudaDriver {
             )));
         }
         let inputs = self.rope_inputs(batch, rope)?;
-        let (weight, has) = norm_weight(w);
+        let (weight, has) = weight_or_null(w);
         let mut out = self.act(x.rows, x.width)?;
         let (heads, hd, rd) = (
             rope.heads as i32,
@@ -202,9 +200,7 @@ impl CudaDriver {
         unsafe { b.launch(cfg) }.map_err(cuda_err("pie_rms_norm_rope"))?;
         Ok(Some(out))
     }
-}
 
-impl CudaDriver {
     /// Two per-head norm + ropes (queries, keys) with the same rope in one
     /// launch.
     pub(crate) fn fused_rms_norm_rope2(
@@ -214,11 +210,7 @@ impl CudaDriver {
         batch: &ForwardBatch,
     ) -> Result<Option<(CudaAct, CudaAct)>> {
         let fits = |(x, _, norm, rope): NormRopePart<'_, Self>| {
-            norm.group == rope.head_dim
-                && norm.width == rope.heads * rope.head_dim
-                && x.width == norm.width
-                && batch.positions.len() == x.rows
-                && rope.head_dim <= 512
+            per_head_norm_rope(x, norm, rope, batch)
                 && rope.rotary_dim <= rope.head_dim
                 && rope.rotary_dim.is_multiple_of(2)
         };
@@ -231,8 +223,8 @@ impl CudaDriver {
             return Ok(None);
         }
         let inputs = self.rope_inputs(batch, ra)?;
-        let (wa, has_a) = norm_weight(a.1);
-        let (wb, has_b) = norm_weight(b.1);
+        let (wa, has_a) = weight_or_null(a.1);
+        let (wb, has_b) = weight_or_null(b.1);
         let mut out_a = self.act(a.0.rows, a.0.width)?;
         let mut out_b = self.act(b.0.rows, b.0.width)?;
         let rows = int(a.0.rows, "rows")?;
@@ -265,16 +257,23 @@ impl CudaDriver {
     }
 }
 
-/// A norm weight's address and whether there is one (null: no scale).
-fn norm_weight(w: Option<&CudaWeight>) -> (u64, i32) {
-    match w.and_then(CudaWeight::f32) {
-        Some(w) => (graphs::address(w), 1),
-        None => (0, 0),
-    }
+/// Whether the norm is per head of the rope's heads, over the batch's
+/// rows, in heads the fused kernels stage (≤ 512 features).
+fn per_head_norm_rope(
+    x: &CudaAct,
+    norm: &RmsNormAttrs,
+    rope: &RopeAttrs,
+    batch: &ForwardBatch,
+) -> bool {
+    norm.group == rope.head_dim
+        && norm.width == rope.heads * rope.head_dim
+        && x.width == norm.width
+        && batch.positions.len() == x.rows
+        && rope.head_dim <= 512
 }
 
 /// One block per group, a power of two of 32..256 threads.
-fn norm_grid(groups: usize, group: usize) -> LaunchConfig {
+pub(crate) fn norm_grid(groups: usize, group: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (groups.max(1) as u32, 1, 1),
         block_dim: (group.next_power_of_two().clamp(32, 256) as u32, 1, 1),

@@ -69,6 +69,9 @@ impl CudaDriver {
             )));
         }
         let (mi, ni, ki) = (int(m, "rows")?, int(n, "features")?, int(k, "width")?);
+        if accumulate {
+            out.bf16 = None; // stale once the product is added in
+        }
         let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
         // Row-major out[m, n] = x[m, k] · W[n, k]ᵀ is column-major
         // outᵀ[n, m] = W[k, n]ᵀ · xᵀ[k, m].

@@ -107,13 +107,8 @@ impl CudaDriver {
             (true, false, true) => "pie_gqa_attention_fold_c128",
             (true, false, false) => "pie_gqa_attention_fold",
         };
-        let mut out = self.act(q.rows, a.heads * a.v_head_dim)?;
-        out.bf16 = self.bf16_shadow(q.rows, a.heads * a.v_head_dim)?;
-        let shadow = out.bf16.as_ref().map_or(0, crate::graphs::address);
-        let (sinks_ptr, has_sinks) = match sinks.and_then(CudaWeight::f32) {
-            Some(s) => (crate::graphs::address(s), 1i32),
-            None => (0u64, 0i32),
-        };
+        let (mut out, shadow) = self.act_with_bf16_copy(q.rows, a.heads * a.v_head_dim)?;
+        let (sinks_ptr, has_sinks) = crate::weight_or_null(sinks);
         let mut b = self.stream.launch_builder(self.kernels.get(partial));
         b.arg(&mut part_ml)
             .arg(&mut part_acc)

@@ -184,6 +184,15 @@ fn blas_workspace(stream: &Arc<CudaStream>, blas: &CudaBlas) -> Result<CudaSlice
     Ok(workspace)
 }
 
+/// An optional f32 weight as a kernel argument: its address and 1, or a
+/// null address and 0 (the kernel then reads none).
+pub(crate) fn weight_or_null(w: Option<&CudaWeight>) -> (u64, i32) {
+    match w.and_then(CudaWeight::f32) {
+        Some(w) => (graphs::address(w), 1),
+        None => (0, 0),
+    }
+}
+
 pub(crate) fn cuda_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> DriverError + '_ {
     move |e| DriverError::Invalid(format!("CUDA: {what}: {e}"))
 }
@@ -429,21 +438,24 @@ impl CudaDriver {
         Ok(freqs.last().expect("pushed above"))
     }
 
-    /// A bf16 copy for a new `[rows, width]` output to carry, where a
-    /// cuBLAS GEMM will read it: bf16 weights, more rows than the GEMV
-    /// takes, fused kernels on.
-    pub(crate) fn bf16_shadow(&self, rows: usize, width: usize) -> Result<Option<CudaSlice<u16>>> {
+    /// A new `[rows, width]` output of a kernel that can also write it
+    /// rounded to bf16, with the address of that copy (0: none). The copy
+    /// is made where a cuBLAS GEMM will read the output: bf16 weights, more
+    /// rows than the GEMV takes, fused kernels on.
+    pub(crate) fn act_with_bf16_copy(&self, rows: usize, width: usize) -> Result<(CudaAct, u64)> {
+        let mut out = self.act(rows, width)?;
         let wanted = self.fuse
             && self.bf16_copies
             && rows > gemm::GEMV_MAX_ROWS
             && self.bf16_matrices.load(Ordering::Relaxed);
-        if !wanted {
-            return Ok(None);
+        if wanted {
+            // Every element is written by the producing kernel: no memset.
+            let copy = unsafe { self.stream.alloc::<u16>(rows * width) }
+                .map_err(cuda_err("allocating GPU memory (out of memory?)"))?;
+            out.bf16 = Some(copy);
         }
-        // Every element is written by the producing kernel: no memset.
-        unsafe { self.stream.alloc::<u16>(rows * width) }
-            .map(Some)
-            .map_err(cuda_err("allocating GPU memory (out of memory?)"))
+        let address = out.bf16.as_ref().map_or(0, graphs::address);
+        Ok((out, address))
     }
 
     /// `linear` of an input whose bf16 cast other products may share.
@@ -728,22 +740,11 @@ impl Driver for CudaDriver {
                 a.width, a.group, x.width
             )));
         }
-        let mut out = self.act(x.rows, x.width)?;
-        // Without a weight the kernel reads none: a null address.
-        let (weight, has) = match w.and_then(CudaWeight::f32) {
-            Some(w) => (graphs::address(w), 1i32),
-            None => (0u64, 0i32),
-        };
+        let (mut out, shadow) = self.act_with_bf16_copy(x.rows, x.width)?;
+        let (weight, has) = weight_or_null(w);
         let groups = x.rows * (x.width / a.group);
         let g = int(a.group, "group")?;
-        let threads = a.group.next_power_of_two().clamp(32, 256) as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (groups.max(1) as u32, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        out.bf16 = self.bf16_shadow(x.rows, x.width)?;
-        let shadow = out.bf16.as_ref().map_or(0, graphs::address);
+        let cfg = fused::norm_grid(groups, a.group);
         let mut b = self.stream.launch_builder(self.kernels.get("pie_rms_norm"));
         b.arg(&mut out.data)
             .arg(&shadow)
@@ -1001,14 +1002,12 @@ impl Driver for CudaDriver {
             ));
         }
         let n = gate.rows * gate.width;
-        let mut out = self.act(gate.rows, gate.width)?;
+        let (mut out, shadow) = self.act_with_bf16_copy(gate.rows, gate.width)?;
         let (f, limit, ni) = (
             activation_code(a.func),
             a.limit.unwrap_or(0.0),
             int(n, "elements")?,
         );
-        out.bf16 = self.bf16_shadow(gate.rows, gate.width)?;
-        let shadow = out.bf16.as_ref().map_or(0, graphs::address);
         let mut b = self.stream.launch_builder(self.kernels.get("pie_glu"));
         b.arg(&mut out.data)
             .arg(&shadow)
@@ -1151,7 +1150,6 @@ impl Driver for CudaDriver {
         }
         // The product accumulates into the residual's memory.
         let mut out = residual;
-        out.bf16 = None;
         self.gemm_into(&GemmInput::new(x), w, &mut out, true)?;
         self.add_bias_to(&mut out, bias)?;
         Ok(out)
