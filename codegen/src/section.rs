@@ -269,49 +269,41 @@ impl<'a> SectionGen<'a> {
         let decl = op.decl;
         let conditional = decl.cond.is_some();
         let attrs_field = &op.attrs;
-        let a = if conditional {
-            quote!(a)
-        } else {
-            quote!(&l.#attrs_field)
-        };
-        let input = |key: &str, n: usize| op.input(key, n);
-        let optional_input = |key: &str| op.optional_input(key);
-        let weight = |key: &str| op.weight(key);
-        let required = |key: &str| op.required(key);
+        let a = if conditional { quote!(a) } else { op.attrs() };
         let call = match decl.kind {
             OpKind::Embedding => {
-                let w = required("weight");
+                let w = op.required("weight");
                 quote!(d.embedding(#w, batch, #a)?)
             }
             OpKind::Linear => {
-                let (x, w, b) = (input("in", 0), required("weight"), weight("bias"));
+                let (x, w, b) = (op.input("in", 0), op.required("weight"), op.weight("bias"));
                 quote!(d.linear(#x, #w, #b, #a)?)
             }
             OpKind::RmsNorm => {
-                let (x, w) = (input("in", 0), weight("weight"));
+                let (x, w) = (op.input("in", 0), op.weight("weight"));
                 quote!(d.rms_norm(#x, #w, #a)?)
             }
             OpKind::Rope => {
-                let x = input("in", 0);
+                let x = op.input("in", 0);
                 quote!(d.rope(#x, batch, #a)?)
             }
             OpKind::LayerNorm => {
-                let (x, w, b) = (input("in", 0), weight("weight"), weight("bias"));
+                let (x, w, b) = (op.input("in", 0), op.weight("weight"), op.weight("bias"));
                 quote!(d.layer_norm(#x, #w, #b, #a)?)
             }
             OpKind::Attention => {
-                let (q, s) = (input("q", 0), weight("sinks"));
+                let (q, s) = (op.input("q", 0), op.weight("sinks"));
                 // k/v are absent where the op reads another layer's cache.
-                let (k, v) = (optional_input("k"), optional_input("v"));
+                let (k, v) = (op.optional_input("k"), op.optional_input("v"));
                 quote!(d.attention(#q, #k, #v, #s, kv, batch, #a)?)
             }
             OpKind::Add | OpKind::Mul => {
                 let method = format_ident!("{}", decl.kind.spec_name());
-                let (x, y) = (input("in", 0), input("in", 1));
+                let (x, y) = (op.input("in", 0), op.input("in", 1));
                 quote!(d.#method(#x, #y, #a)?)
             }
             OpKind::Scale => {
-                let (x, w) = (input("in", 0), weight("weight"));
+                let (x, w) = (op.input("in", 0), op.weight("weight"));
                 quote!(d.scale(#x, #w, #a)?)
             }
             OpKind::Concat => {
@@ -322,25 +314,25 @@ impl<'a> SectionGen<'a> {
                 quote!(d.concat(&[#(#parts),*], #a)?)
             }
             OpKind::Mix => {
-                let (x, c) = (input("in", 0), input("coefs", 0));
+                let (x, c) = (op.input("in", 0), op.input("coefs", 0));
                 quote!(d.mix(#x, #c, #a)?)
             }
             OpKind::Rms | OpKind::GaussianTopk => {
                 let method = format_ident!("{}", decl.kind.spec_name());
-                let x = input("in", 0);
+                let x = op.input("in", 0);
                 quote!(d.#method(#x, #a)?)
             }
             OpKind::Softcap | OpKind::Activation => {
                 let method = format_ident!("{}", decl.kind.spec_name());
-                let x = input("in", 0);
+                let x = op.input("in", 0);
                 quote!(d.#method(#x, #a)?)
             }
             OpKind::Glu => {
-                let (g, u) = (input("gate", 0), input("up", 0));
+                let (g, u) = (op.input("gate", 0), op.input("up", 0));
                 quote!(d.glu(#g, #u, #a)?)
             }
             OpKind::Split => {
-                let x = input("in", 0);
+                let x = op.input("in", 0);
                 let outs = decl.outputs.iter().map(|o| format_ident!("{}", o.value));
                 // A split binds several names; it cannot be conditional
                 // (validation requires conditional ops to map in to out).
@@ -351,8 +343,11 @@ impl<'a> SectionGen<'a> {
             }
             OpKind::Moe | OpKind::GatedDeltaNet | OpKind::Mamba2 | OpKind::MlaAttention => {
                 let kind = format_ident!("{}", format!("{:?}", decl.kind));
-                let x = input("in", 0);
-                let weights = schema_of(decl.kind).weights.iter().map(|ws| weight(ws.key));
+                let x = op.input("in", 0);
+                let weights = schema_of(decl.kind)
+                    .weights
+                    .iter()
+                    .map(|ws| op.weight(ws.key));
                 quote!(d.composite(ir::OpKind::#kind, &[#x], &[#(#weights),*], #a, kv, batch)?)
             }
         };
