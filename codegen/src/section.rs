@@ -153,23 +153,47 @@ impl<'a> SectionGen<'a> {
                 #(#weights)*
             }
         });
+        let together = self.plan().into_iter().filter_map(|step| {
+            let group = match step {
+                Step::LinearMany(group) => group,
+                Step::GatedLinear { gate, up, .. } => vec![gate, up],
+                _ => return None,
+            };
+            let idx = group.iter().map(|&i| self.ops[i].index);
+            Some(quote! {
+                store.load_together(&[#(loader::node(nodes, #idx, section)?),*], "weight")?;
+            })
+        });
         let names = self.ops.iter().flat_map(|op| {
             std::iter::once(op.attrs.clone()).chain(op.weights.iter().map(|w| w.field.clone()))
         });
         quote! {
             pub fn load(store: &mut WeightStore<'_, D>, nodes: &[ir::Node], section: &str) -> Result<Self> {
+                // Matrices one fused call reads, loaded side by side.
+                #(#together)*
                 #(#steps)*
                 Ok(Self { #(#names),* })
             }
         }
     }
 
-    fn forward_fn(&self) -> TokenStream {
-        let result = match self.role {
+    /// The name of the activation the section returns.
+    fn result(&self) -> Ident {
+        match self.role {
             Role::Epilogue => format_ident!("logits"),
             _ => format_ident!("x"),
-        };
-        let body = fusion::plan(&self.section.ops, &result.to_string())
+        }
+    }
+
+    /// The calls the forward makes (`fusion::plan`).
+    fn plan(&self) -> Vec<Step> {
+        fusion::plan(&self.section.ops, &self.result().to_string())
+    }
+
+    fn forward_fn(&self) -> TokenStream {
+        let result = self.result();
+        let body = self
+            .plan()
             .into_iter()
             .map(|step| self.step_call(&step))
             .collect::<Vec<_>>();

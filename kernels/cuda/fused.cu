@@ -101,3 +101,36 @@ extern "C" __global__ void pie_rms_norm_rope2(float* out_a, const float* x_a, co
                            inv_short, inv_long, long_from, scale, head_dim, rotary_dim, interleaved);
     }
 }
+
+// The products of one GEMM over matrices stored together (q/k/v), each
+// row [n0 | n1 | n2] wide, copied into their own outputs (n2 may be 0).
+extern "C" __global__ void pie_split_joined(float* out0, float* out1, float* out2, const float* x, int rows,
+                                            int n0, int n1, int n2) {
+    int width = n0 + n1 + n2;
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)rows * width) return;
+    int r = (int)(i / width), c = (int)(i % width);
+    float v = x[i];
+    if (c < n0) {
+        out0[(long long)r * n0 + c] = v;
+    } else if (c < n0 + n1) {
+        out1[(long long)r * n1 + c - n0] = v;
+    } else {
+        out2[(long long)r * n2 + c - n0 - n1] = v;
+    }
+}
+
+// glu of one GEMM over gate and up stored together: each row of gu holds
+// the n gate features, then the n up features. out_bf16 (optional) gets
+// the result rounded to bf16 too.
+extern "C" __global__ void pie_glu_joined(float* out, pie_u16* out_bf16, const float* gu, int fn, float limit,
+                                          int rows, int n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)rows * n) return;
+    long long r = i / n;
+    int c = (int)(i % n);
+    const float* row = gu + r * 2 * n;
+    float v = pie_glu_value(fn, limit, row[c], row[n + c]);
+    out[i] = v;
+    if (out_bf16) out_bf16[i] = pie_f32_to_bf16(v);
+}

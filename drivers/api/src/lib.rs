@@ -65,6 +65,14 @@ pub enum WeightRole {
     Experts(ir::ExpertLayout),
 }
 
+/// One matrix of [`Driver::load_weights_together`].
+pub struct WeightPart<'a> {
+    pub name: &'a str,
+    pub view: TensorView<'a>,
+    /// The shape the spec requires (`[out, in]`).
+    pub expected: &'a [usize],
+}
+
 /// The op set generated code calls. One method per IR op; composite ops a
 /// driver has not implemented yet default to [`DriverError::Unsupported`],
 /// and the runtime checks [`Driver::supports`] at model load so users see
@@ -122,6 +130,17 @@ pub trait Driver: Send + Sync {
         expected: &[usize],
         role: WeightRole,
     ) -> Result<Self::Weight>;
+
+    /// Loads matrices that one fused call reads together (q/k/v, gate/up:
+    /// one input, the same width), each checked like [`Driver::load_weight`].
+    /// A driver that can run such a call as one product stores them next
+    /// to each other in this order; the default loads them one by one.
+    fn load_weights_together(&self, parts: &[WeightPart<'_>]) -> Result<Vec<Self::Weight>> {
+        parts
+            .iter()
+            .map(|p| self.load_weight(p.name, &p.view, p.expected, WeightRole::Matrix))
+            .collect()
+    }
 
     fn new_kv(&self, layout: &KvLayout) -> Result<Self::Kv>;
 

@@ -79,6 +79,64 @@ impl<'a, D: Driver> WeightStore<'a, D> {
         Ok(Some(w))
     }
 
+    /// Loads the matrices `key` of `nodes` (a fused call's q/k/v or gate/up)
+    /// with [`Driver::load_weights_together`], so a driver can place them
+    /// side by side; [`WeightStore::required`] then finds them loaded.
+    /// Matrices that are absent, tied to one already loaded, per-expert or
+    /// named twice are left to the ordinary one-by-one load.
+    pub fn load_together(&mut self, nodes: &[&Node], key: &str) -> Result<()> {
+        let mut names: Vec<&str> = Vec::with_capacity(nodes.len());
+        let mut shapes = Vec::with_capacity(nodes.len());
+        for node in nodes {
+            let Some(binding) = node.weight(key) else {
+                return Ok(());
+            };
+            let Some(name) = binding.name.as_deref() else {
+                return Ok(());
+            };
+            if binding.experts.is_some() || self.loaded.contains_key(name) || names.contains(&name)
+            {
+                return Ok(());
+            }
+            names.push(name);
+            shapes.push(binding.shape.clone());
+        }
+        let views = names
+            .iter()
+            .map(|name| self.source.tensor(name).map_err(DriverError::Invalid))
+            .collect::<Result<Vec<_>>>()?;
+        let expected: Vec<Vec<usize>> = shapes
+            .into_iter()
+            .zip(&views)
+            .map(|(shape, view)| shape.unwrap_or_else(|| view.shape.to_vec()))
+            .collect();
+        if expected.iter().any(|s| s.len() != 2) {
+            return Ok(());
+        }
+        let parts: Vec<crate::WeightPart<'_>> = names
+            .iter()
+            .zip(views)
+            .zip(&expected)
+            .map(|((name, view), expected)| crate::WeightPart {
+                name,
+                view,
+                expected,
+            })
+            .collect();
+        let dtypes: Vec<crate::DType> = parts.iter().map(|p| p.view.dtype).collect();
+        let weights = self.driver.load_weights_together(&parts)?;
+        drop(parts);
+        for ((name, w), dtype) in names.iter().zip(weights).zip(dtypes) {
+            self.note_matrix(dtype);
+            self.source.release(name);
+            if let Some(cb) = self.on_load {
+                cb(name);
+            }
+            self.loaded.insert(name.to_string(), Arc::new(w));
+        }
+        Ok(())
+    }
+
     /// One weight per expert, from one tensor per expert (`{e}` in `name`)
     /// or one stacked tensor, handed to the driver as a stacked view.
     fn load_experts(

@@ -36,7 +36,7 @@ pub const KERNEL_SOURCES: [(&str, &str); 8] = [
 ];
 
 /// Every kernel the driver launches.
-pub const KERNELS: [&str; 59] = [
+pub const KERNELS: [&str; 61] = [
     "pie_gqa_attention_partial_bf16",
     "pie_kv_write_bf16",
     "pie_rms",
@@ -96,6 +96,8 @@ pub const KERNELS: [&str; 59] = [
     "pie_gqa_attention_fold_c128",
     "pie_gqa_attention_fold_bf16_c128",
     "pie_rms_norm_rope2",
+    "pie_split_joined",
+    "pie_glu_joined",
 ];
 
 /// Whether a shared library can be opened, without cudarc's panic when it

@@ -6,17 +6,18 @@
 //! accumulates into the residual) and attention's folded combine, Qwen3's
 //! decode takes 9 launches per layer instead of 19.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 use pie_driver::ir::*;
 use pie_driver::{DriverError, ForwardBatch, NormRopePart, Result};
 
 use crate::gemm::{gemv_grid, GEMV_FEATS};
 use crate::{
-    activation_code, cuda_err, graphs, int, weight_or_null, CudaAct, CudaDriver, CudaWeight,
+    activation_code, cuda_err, graphs, int, weight_or_null, Bf16Matrix, CudaAct, CudaDriver,
+    CudaWeight,
 };
 
 /// A bf16 matrix without a bias, or None.
-fn plain_bf16<'w>(w: &'w CudaWeight, bias: Option<&CudaWeight>) -> Option<&'w CudaSlice<u16>> {
+fn plain_bf16<'w>(w: &'w CudaWeight, bias: Option<&CudaWeight>) -> Option<&'w Bf16Matrix> {
     match (w, bias) {
         (CudaWeight::Bf16(w), None) => Some(w),
         _ => None,
@@ -70,7 +71,7 @@ impl CudaDriver {
                 .map_or(0, |o: &CudaAct| graphs::address(&o.data))
         };
         let (o0, o1, o2) = (addr(0), addr(1), addr(2));
-        let w = |i: usize| ws.get(i).map_or(0, |w| graphs::address(*w));
+        let w = |i: usize| ws.get(i).map_or(0, |w| w.ptr);
         let (w0, w1, w2) = (w(0), w(1), w(2));
         let mut b = self
             .stream
@@ -112,8 +113,8 @@ impl CudaDriver {
             .launch_builder(self.kernels.get("pie_gemv_glu_bf16"));
         b.arg(&mut out.data)
             .arg(&x.data)
-            .arg(wg)
-            .arg(wu)
+            .arg(&wg.ptr)
+            .arg(&wu.ptr)
             .arg(&m)
             .arg(&ni)
             .arg(&k)

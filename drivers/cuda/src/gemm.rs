@@ -9,7 +9,7 @@ use std::cell::OnceCell;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use pie_driver::{DriverError, Result};
 
-use crate::{blocks, cuda_err, int, CudaAct, CudaDriver, CudaWeight};
+use crate::{blocks, cuda_err, int, Bf16Matrix, CudaAct, CudaDriver, CudaWeight};
 
 /// Rows the own GEMV takes (`PIE_GEMV_MAX_ROWS`) and features per block
 /// (`PIE_GEMV_FEATS`).
@@ -115,10 +115,9 @@ impl CudaDriver {
             }
             CudaWeight::Bf16(wd) => {
                 let xb = input.bf16(self)?;
-                let (a, _ga) = wd.device_ptr(&self.stream);
                 let (b, _gb) = xb.device_ptr(&self.stream);
                 let (c, _gc) = out.data.device_ptr_mut(&self.stream);
-                run(a, b, cudaDataType::CUDA_R_16BF, c)
+                run(wd.ptr, b, cudaDataType::CUDA_R_16BF, c)
             }
         };
         result
@@ -134,7 +133,7 @@ impl CudaDriver {
     fn gemv_bf16(
         &self,
         x: &CudaAct,
-        w: &CudaSlice<u16>,
+        w: &Bf16Matrix,
         out: &mut CudaAct,
         accumulate: bool,
     ) -> Result<()> {
@@ -148,7 +147,7 @@ impl CudaDriver {
         let mut b = self.stream.launch_builder(self.kernels.get(kernel));
         b.arg(&mut out.data)
             .arg(&x.data)
-            .arg(w)
+            .arg(&w.ptr)
             .arg(&m)
             .arg(&ni)
             .arg(&k);

@@ -16,6 +16,7 @@ mod gdn;
 mod gemm;
 mod graphs;
 mod grouped_attention;
+mod joined;
 pub mod kernel_build;
 mod kv;
 mod mamba2;
@@ -32,12 +33,12 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, LaunchConfig, PushKerne
 use pie_driver::ir::*;
 use pie_driver::{
     DType, Driver, DriverError, ForwardBatch, KvDType, KvLayout, NormRopePart, Result, TensorView,
-    WeightRole,
+    WeightPart, WeightRole,
 };
 
 pub use kv::CudaKv;
 use kv::KvSlotBuffers;
-pub use tensor::{CudaAct, CudaWeight};
+pub use tensor::{Bf16Matrix, CudaAct, CudaWeight};
 
 use device::Kernels;
 use gemm::GemmInput;
@@ -86,6 +87,10 @@ pub struct CudaDriver {
     /// Whether fused ops run their fused kernels (`PIE_CUDA_FUSE=0`: one
     /// kernel per op, as the trait's defaults do; for A/B runs).
     fuse: bool,
+    /// Whether fused calls over weights loaded together run one GEMM for
+    /// all of them past the GEMV's rows (`joined.rs`; `PIE_CUDA_JOIN=0`:
+    /// one GEMM per weight; for A/B runs).
+    join: bool,
     /// Device address tables of expert weights (grouped MoE kernels),
     /// keyed by the first expert's address and the offset into each.
     expert_tables: moe::ExpertTables,
@@ -239,6 +244,7 @@ impl CudaDriver {
             gqa: std::env::var("PIE_CUDA_GQA").map_or(true, |v| v != "0"),
             gemv: std::env::var("PIE_CUDA_GEMV").map_or(true, |v| v != "0"),
             fuse: std::env::var("PIE_CUDA_FUSE").map_or(true, |v| v != "0"),
+            join: std::env::var("PIE_CUDA_JOIN").map_or(true, |v| v != "0"),
             bf16_matrices: AtomicBool::new(false),
             attention_counters,
             bf16_copies: std::env::var("PIE_CUDA_BF16_COPIES").map_or(true, |v| v != "0"),
@@ -442,6 +448,11 @@ impl CudaDriver {
     /// rounded to bf16, with the address of that copy (0: none). The copy
     /// is made where a cuBLAS GEMM will read the output: bf16 weights, more
     /// rows than the GEMV takes, fused kernels on.
+    /// A bf16 matrix was loaded: GEMM inputs may want bf16 copies.
+    pub(crate) fn note_bf16_matrices(&self) {
+        self.bf16_matrices.store(true, Ordering::Relaxed);
+    }
+
     pub(crate) fn act_with_bf16_copy(&self, rows: usize, width: usize) -> Result<(CudaAct, u64)> {
         let mut out = self.act(rows, width)?;
         let wanted = self.fuse
@@ -589,6 +600,16 @@ impl Driver for CudaDriver {
         self.ctx.mem_get_info().ok()
     }
 
+    fn load_weights_together(&self, parts: &[WeightPart<'_>]) -> Result<Vec<CudaWeight>> {
+        if let Some(weights) = self.upload_together(parts)? {
+            return Ok(weights);
+        }
+        parts
+            .iter()
+            .map(|p| self.load_weight(p.name, &p.view, p.expected, WeightRole::Matrix))
+            .collect()
+    }
+
     fn load_weight(
         &self,
         name: &str,
@@ -638,8 +659,8 @@ impl Driver for CudaDriver {
         };
         let f32s: Vec<f32> = match (view.dtype, role) {
             (DType::BF16, WeightRole::Matrix) if expected.len() == 2 => {
-                self.bf16_matrices.store(true, Ordering::Relaxed);
-                return Ok(CudaWeight::Bf16(self.upload(&u16s())?));
+                self.note_bf16_matrices();
+                return Ok(CudaWeight::Bf16(Bf16Matrix::new(self.upload(&u16s())?)));
             }
             (DType::F32, _) => view
                 .data
@@ -710,7 +731,7 @@ impl Driver for CudaDriver {
             }
             CudaWeight::Bf16(t) => {
                 dtype = 1;
-                b.arg(t);
+                b.arg(&t.ptr);
             }
             CudaWeight::Experts(_) => {
                 return Err(DriverError::Invalid(
@@ -1109,6 +1130,9 @@ impl Driver for CudaDriver {
         if let Some(outs) = self.fused_linear_many(x, weights, biases, attrs)? {
             return Ok(outs);
         }
+        if let Some(outs) = self.joined_linear_many(x, weights, biases, attrs)? {
+            return Ok(outs);
+        }
         // One bf16 cast of x for every product (cuBLAS path).
         let input = GemmInput::new(x);
         weights
@@ -1127,6 +1151,9 @@ impl Driver for CudaDriver {
         a: &GluAttrs,
     ) -> Result<CudaAct> {
         if let Some(out) = self.fused_gated_linear(x, gate, up, a)? {
+            return Ok(out);
+        }
+        if let Some(out) = self.joined_gated_linear(x, gate, up, a)? {
             return Ok(out);
         }
         let input = GemmInput::new(x);

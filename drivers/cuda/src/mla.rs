@@ -248,7 +248,7 @@ fn push_weight<'a>(b: &mut cudarc::driver::LaunchArgs<'a>, w: &'a CudaWeight) ->
             Ok(0)
         }
         CudaWeight::Bf16(s) => {
-            b.arg(s);
+            b.arg(&s.ptr);
             Ok(1)
         }
         CudaWeight::Experts(_) => Err(DriverError::Invalid(

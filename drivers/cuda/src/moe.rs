@@ -275,7 +275,7 @@ impl CudaDriver {
         };
         let address = |e: &CudaWeight| match e {
             CudaWeight::F32(v) => Some((v.device_ptr(&self.stream).0, 4)),
-            CudaWeight::Bf16(v) => Some((v.device_ptr(&self.stream).0, 2)),
+            CudaWeight::Bf16(v) => Some((v.ptr, 2)),
             CudaWeight::Experts(_) => None,
         };
         let Some((first, _)) = list.first().and_then(address) else {

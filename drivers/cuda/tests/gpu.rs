@@ -483,6 +483,130 @@ fn gpu_gemv_matches_cublas() {
     }
 }
 
+/// q/k/v and gate/up loaded together (one allocation) and multiplied as
+/// one GEMM past the GEMV's rows must give what each product gives alone.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn gpu_joined_weights_multiply_as_one() {
+    use pie_driver::ir::{ActivationFn, EmbeddingAttrs, GluAttrs, LinearAttrs};
+    use pie_driver::{DType, Driver, ForwardBatch, TensorView, WeightPart, WeightRole};
+    use pie_driver_cuda::CudaWeight;
+    let random = |n: usize, salt: u64| -> Vec<u8> {
+        let mut seed = 0x2545_f491_4f6c_dd1du64 ^ salt;
+        (0..n)
+            .flat_map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                half::bf16::from_f32((seed % 2001) as f32 / 1000.0 - 1.0).to_le_bytes()
+            })
+            .collect()
+    };
+    let d = gpu();
+    let k = 256;
+    let widths = [512usize, 128, 128];
+    let bits: Vec<Vec<u8>> = widths.iter().map(|&n| random(n * k, n as u64)).collect();
+    let shapes: Vec<[usize; 2]> = widths.iter().map(|&n| [n, k]).collect();
+    let parts: Vec<WeightPart<'_>> = bits
+        .iter()
+        .zip(&shapes)
+        .map(|(b, s)| WeightPart {
+            name: "w",
+            view: TensorView {
+                dtype: DType::BF16,
+                shape: s,
+                data: b,
+            },
+            expected: s,
+        })
+        .collect();
+    let joined = d.load_weights_together(&parts).unwrap();
+    let alone: Vec<CudaWeight> = parts
+        .iter()
+        .map(|p| {
+            d.load_weight("w", &p.view, p.expected, WeightRole::Matrix)
+                .unwrap()
+        })
+        .collect();
+    let side_by_side = |w: &[CudaWeight]| match (&w[0], &w[1], &w[2]) {
+        (CudaWeight::Bf16(a), CudaWeight::Bf16(b), CudaWeight::Bf16(c)) => {
+            a.followed_by(b) && b.followed_by(c)
+        }
+        _ => false,
+    };
+    assert!(
+        side_by_side(&joined),
+        "loaded together but not side by side"
+    );
+    assert!(!side_by_side(&alone));
+    let attrs: Vec<LinearAttrs> = widths
+        .iter()
+        .map(|&n| LinearAttrs {
+            in_features: k,
+            out_features: n,
+        })
+        .collect();
+    let glu = GluAttrs {
+        func: ActivationFn::Silu,
+        width: 128,
+        limit: None,
+    };
+    for m in [3usize, 8, 64] {
+        let x_bits = random(m * k, m as u64);
+        let table = TensorView {
+            dtype: DType::BF16,
+            shape: &[m, k],
+            data: &x_bits,
+        };
+        let table = d
+            .load_weight("x", &table, &[m, k], WeightRole::Matrix)
+            .unwrap();
+        let batch = ForwardBatch::new(vec![((0..m as u32).collect(), 0, vec![])]);
+        let x = d
+            .embedding(
+                &table,
+                &batch,
+                &EmbeddingAttrs {
+                    vocab: m,
+                    hidden: k,
+                },
+            )
+            .unwrap();
+        let rows: Vec<usize> = (0..m).collect();
+        let read = |a: &_| d.read_rows(a, &rows).unwrap();
+        let close = |what: &str, got: &[f32], want: &[f32]| {
+            let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let diff = got
+                .iter()
+                .zip(want)
+                .fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+            eprintln!("joined {what} at {m} rows: max|diff| {diff:.3e} of {scale:.3}");
+            assert!(
+                diff <= 1e-5 * scale,
+                "{what} at {m} rows: {diff} of {scale}"
+            );
+        };
+        let ws: Vec<&CudaWeight> = joined.iter().collect();
+        let many = d
+            .linear_many(&x, &ws, &[None; 3], &attrs.iter().collect::<Vec<_>>())
+            .unwrap();
+        for (i, out) in many.iter().enumerate() {
+            let one = d.linear(&x, &alone[i], None, &attrs[i]).unwrap();
+            close(&format!("product {i}"), &read(out), &read(&one));
+        }
+        let gate_up = (&joined[1], None, &attrs[1]);
+        let up = (&joined[2], None, &attrs[2]);
+        let fused = d.gated_linear(&x, gate_up, up, &glu).unwrap();
+        let g = d.linear(&x, &alone[1], None, &attrs[1]).unwrap();
+        let u = d.linear(&x, &alone[2], None, &attrs[2]).unwrap();
+        close(
+            "gate/up",
+            &read(&fused),
+            &read(&d.glu(&g, &u, &glu).unwrap()),
+        );
+    }
+}
+
 /// A bf16 copy of f32 fixture `name` (configs and every tensor, one
 /// safetensors file) in a temporary directory.
 fn bf16_copy(name: &str) -> (tempfile::TempDir, Vec<Prompt>) {
