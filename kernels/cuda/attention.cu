@@ -153,47 +153,73 @@ extern "C" __global__ void pie_attention_masked(float* out, const float* q, cons
 
 // Greedy sampling with its log-probability, per requested row: the argmax
 // (first index on ties) and logit[argmax] - log sum exp(logits) =
-// -log sum exp(logits - max). One block per row; only two numbers per row
-// leave the device.
-extern "C" __global__ void pie_greedy_logprob(unsigned int* ids, float* logprobs, const float* x,
-                                              const int* rows, int width) {
-    __shared__ float best_v[1024];
-    __shared__ int best_i[1024];
-    const float* r = x + (long long)rows[blockIdx.x] * width;
-    float bv = PIE_NEG_INF;
-    int bi = 0x7fffffff;
-    for (int i = threadIdx.x; i < width; i += blockDim.x) {
-        float v = r[i];
-        if (v > bv) { bv = v; bi = i; }
+// -log sum exp(logits - max). Two launches, so a row of a large vocabulary
+// is read by many blocks at once (one block per row waited on memory
+// latency: ~100 us for 152k logits): pie_greedy_partial reduces slices of
+// each row to (max, first argmax, sum exp(x - max)), pie_greedy_finish
+// merges a row's slices. Only two numbers per row leave the device.
+#define PIE_GREEDY_THREADS 256
+
+// Merges part (m2, i2, s2) into (m, i, s): the larger max wins (the smaller
+// index on ties) and the other part's sum is rescaled to the winner's max.
+// Symmetric, so both lanes of a shuffle agree.
+__device__ __forceinline__ void pie_greedy_merge(float& m, int& i, float& s, float m2, int i2, float s2) {
+    if (m2 > m || (m2 == m && i2 < i)) {
+        float tm = m, ts = s;
+        int ti = i;
+        m = m2, i = i2, s = s2;
+        m2 = tm, i2 = ti, s2 = ts;
     }
-    best_v[threadIdx.x] = bv;
-    best_i[threadIdx.x] = bi;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) {
-            float ov = best_v[threadIdx.x + s];
-            int oi = best_i[threadIdx.x + s];
-            if (ov > best_v[threadIdx.x] || (ov == best_v[threadIdx.x] && oi < best_i[threadIdx.x])) {
-                best_v[threadIdx.x] = ov;
-                best_i[threadIdx.x] = oi;
-            }
-        }
-        __syncthreads();
+    if (m2 != PIE_NEG_INF) s += s2 * expf(m2 - m);
+}
+
+// The block's (max, argmax, sum) after every thread merged its own.
+__device__ __forceinline__ void pie_greedy_block(float& m, int& i, float& s) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        int i2 = __shfl_xor_sync(0xffffffffu, i, o);
+        pie_greedy_merge(m, i, s, m2, i2, s2);
     }
-    float max = best_v[0];
-    int arg = best_i[0];
+    __shared__ float wm[PIE_GREEDY_THREADS / 32], ws[PIE_GREEDY_THREADS / 32];
+    __shared__ int wi[PIE_GREEDY_THREADS / 32];
+    int warp = threadIdx.x / 32;
+    if (threadIdx.x % 32 == 0) wm[warp] = m, wi[warp] = i, ws[warp] = s;
     __syncthreads();
-    float sum = 0.f;
-    for (int i = threadIdx.x; i < width; i += blockDim.x) sum += expf(r[i] - max);
-    best_v[threadIdx.x] = sum;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) best_v[threadIdx.x] += best_v[threadIdx.x + s];
-        __syncthreads();
-    }
     if (threadIdx.x == 0) {
-        ids[blockIdx.x] = arg == 0x7fffffff ? 0 : arg;
-        logprobs[blockIdx.x] = -logf(best_v[0]);
+        for (int w = 1; w < (int)(blockDim.x / 32); w++) pie_greedy_merge(m, i, s, wm[w], wi[w], ws[w]);
+    }
+}
+
+// Block (r, slice) of a (rows, slices) grid: part[(r * slices + slice) * 3
+// + 0, 1, 2] = max, argmax (int bits), sum over its slice of row rows[r].
+extern "C" __global__ void __launch_bounds__(PIE_GREEDY_THREADS)
+pie_greedy_partial(float* part, const float* x, const int* rows, int width) {
+    const float* r = x + (long long)rows[blockIdx.x] * width;
+    int per = (width + gridDim.y - 1) / gridDim.y;
+    int begin = blockIdx.y * per, end = min(width, begin + per);
+    float m = PIE_NEG_INF, s = 0.0f;
+    int i = 0x7fffffff;
+#pragma unroll 4
+    for (int j = begin + threadIdx.x; j < end; j += blockDim.x) pie_greedy_merge(m, i, s, r[j], j, 1.0f);
+    pie_greedy_block(m, i, s);
+    if (threadIdx.x == 0) {
+        float* out = part + ((long long)blockIdx.x * gridDim.y + blockIdx.y) * 3;
+        out[0] = m, out[1] = __int_as_float(i), out[2] = s;
+    }
+}
+
+// One block per row: merges the row's `slices` parts.
+extern "C" __global__ void __launch_bounds__(PIE_GREEDY_THREADS)
+pie_greedy_finish(unsigned int* ids, float* logprobs, const float* part, int slices) {
+    const float* p = part + (long long)blockIdx.x * slices * 3;
+    float m = PIE_NEG_INF, s = 0.0f;
+    int i = 0x7fffffff;
+    for (int j = threadIdx.x; j < slices; j += blockDim.x)
+        pie_greedy_merge(m, i, s, p[3 * j], __float_as_int(p[3 * j + 1]), p[3 * j + 2]);
+    pie_greedy_block(m, i, s);
+    if (threadIdx.x == 0) {
+        ids[blockIdx.x] = i == 0x7fffffff ? 0 : i;
+        logprobs[blockIdx.x] = -logf(s);
     }
 }
 

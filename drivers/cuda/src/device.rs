@@ -36,7 +36,7 @@ pub const KERNEL_SOURCES: [(&str, &str); 8] = [
 ];
 
 /// Every kernel the driver launches.
-pub const KERNELS: [&str; 61] = [
+pub const KERNELS: [&str; 62] = [
     "pie_gqa_attention_partial_bf16",
     "pie_kv_write_bf16",
     "pie_rms",
@@ -65,7 +65,8 @@ pub const KERNELS: [&str; 61] = [
     "pie_kv_write",
     "pie_attention",
     "pie_attention_masked",
-    "pie_greedy_logprob",
+    "pie_greedy_partial",
+    "pie_greedy_finish",
     "pie_scatter_add",
     "pie_causal_conv",
     "pie_gated_delta_rule",

@@ -202,6 +202,11 @@ pub(crate) fn cuda_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -
     move |e| DriverError::Invalid(format!("CUDA: {what}: {e}"))
 }
 
+/// Threads per block and logits per block of the greedy reduction
+/// (`pie_greedy_partial`, `kernels/cuda/attention.cu`).
+const GREEDY_THREADS: u32 = 256;
+const GREEDY_SLICE: usize = 2048;
+
 pub(crate) fn blocks(n: usize) -> LaunchConfig {
     LaunchConfig::for_num_elems(n.max(1) as u32)
 }
@@ -1242,20 +1247,31 @@ impl Driver for CudaDriver {
             .map_err(cuda_err("allocating GPU memory"))?;
         let mut logprobs = self.uninit(rows.len())?;
         let width = int(x.width, "width")?;
+        // Slices of ~2k logits, so a large vocabulary is read by many blocks.
+        let slices = x.width.div_ceil(GREEDY_SLICE).clamp(1, 128);
+        let mut parts = self.uninit(rows.len() * slices * 3)?;
+        let block = (GREEDY_THREADS, 1, 1);
         let cfg = LaunchConfig {
-            grid_dim: (rows.len() as u32, 1, 1),
-            block_dim: (1024, 1, 1),
+            grid_dim: (rows.len() as u32, slices as u32, 1),
+            block_dim: block,
             shared_mem_bytes: 0,
         };
         let mut b = self
             .stream
-            .launch_builder(self.kernels.get("pie_greedy_logprob"));
-        b.arg(&mut ids)
-            .arg(&mut logprobs)
-            .arg(&x.data)
-            .arg(&idx)
-            .arg(&width);
-        unsafe { b.launch(cfg) }.map_err(cuda_err("pie_greedy_logprob"))?;
+            .launch_builder(self.kernels.get("pie_greedy_partial"));
+        b.arg(&mut parts).arg(&x.data).arg(&idx).arg(&width);
+        unsafe { b.launch(cfg) }.map_err(cuda_err("pie_greedy_partial"))?;
+        let cfg = LaunchConfig {
+            grid_dim: (rows.len() as u32, 1, 1),
+            block_dim: block,
+            shared_mem_bytes: 0,
+        };
+        let slices = slices as i32;
+        let mut b = self
+            .stream
+            .launch_builder(self.kernels.get("pie_greedy_finish"));
+        b.arg(&mut ids).arg(&mut logprobs).arg(&parts).arg(&slices);
+        unsafe { b.launch(cfg) }.map_err(cuda_err("pie_greedy_finish"))?;
         let ids = self
             .stream
             .clone_dtoh(&ids)

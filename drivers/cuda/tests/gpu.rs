@@ -607,6 +607,62 @@ fn gpu_joined_weights_multiply_as_one() {
     }
 }
 
+/// Greedy sampling over a vocabulary as large as Qwen3's (each row split
+/// over many blocks): the first index of the maximum and
+/// -log Σ exp(x - max), as computed on the host.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn gpu_greedy_rows_over_a_large_vocabulary() {
+    use pie_driver::ir::EmbeddingAttrs;
+    use pie_driver::{DType, Driver, ForwardBatch, TensorView, WeightRole};
+    let d = gpu();
+    let (rows, width) = (3usize, 151_936usize);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut values: Vec<f32> = (0..rows * width)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % 8001) as f32 / 1000.0 - 4.0
+        })
+        .collect();
+    // Row 0: a tie between two slices (the first wins); row 1: the maximum
+    // in the first slice; row 2: every logit equal.
+    values[100_000] = 7.5;
+    values[140_000] = 7.5;
+    values[width + 5] = 9.0;
+    values[2 * width..].fill(0.25);
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let table = TensorView {
+        dtype: DType::F32,
+        shape: &[rows, width],
+        data: &bytes,
+    };
+    let table = d
+        .load_weight("logits", &table, &[rows, width], WeightRole::Matrix)
+        .unwrap();
+    let batch = ForwardBatch::new(vec![((0..rows as u32).collect(), 0, vec![])]);
+    let hidden = EmbeddingAttrs {
+        vocab: rows,
+        hidden: width,
+    };
+    let logits = d.embedding(&table, &batch, &hidden).unwrap();
+    let picked = [2usize, 0, 1];
+    let got = d.greedy_rows(&logits, &picked).unwrap();
+    for (&r, (token, logprob)) in picked.iter().zip(got) {
+        let row = &values[r * width..(r + 1) * width];
+        let want = pie_driver::argmax(row);
+        let want_logprob = row[want as usize] - pie_driver::math::log_sum_exp(row);
+        eprintln!("greedy row {r}: {token} ({logprob}) vs {want} ({want_logprob})");
+        assert_eq!(token, want, "row {r}");
+        assert!(
+            (logprob - want_logprob).abs() < 1e-4,
+            "row {r}: {logprob} vs {want_logprob}"
+        );
+    }
+    assert_eq!(d.argmax_rows(&logits, &[0]).unwrap(), vec![100_000]);
+}
+
 /// A bf16 copy of f32 fixture `name` (configs and every tensor, one
 /// safetensors file) in a temporary directory.
 fn bf16_copy(name: &str) -> (tempfile::TempDir, Vec<Prompt>) {
