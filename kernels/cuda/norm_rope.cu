@@ -32,6 +32,58 @@ extern "C" __global__ void pie_rms_norm(float* out, pie_u16* out_bf16, const flo
     }
 }
 
+// Row norms with the row held in registers, for groups of a multiple of 4
+// features (at most 4 * PIE_NORM_CHUNKS per thread): thread t owns the
+// float4s t, t + blockDim.x, ..., all loaded at once, so a row costs one
+// memory round trip instead of one per blockDim.x features (the strided
+// loop above left decode-sized batches waiting on latency).
+#define PIE_NORM_CHUNKS 4
+
+// The float4 of chunk c this thread owns, or -1 past the group.
+__device__ __forceinline__ int pie_norm_chunk(int c, int group) {
+    int i = (c * (int)blockDim.x + (int)threadIdx.x) * 4;
+    return i < group ? i : -1;
+}
+
+// Scales the thread's chunks `v` by 1 / rms (of the block's `squares`) and
+// (offset + w), writing them to og (and rounded to bf16 to ob, if set).
+__device__ __forceinline__ void pie_norm_store4(float4 (&v)[PIE_NORM_CHUNKS], float squares, float* og, pie_u16* ob,
+                                                const float* w, int has_weight, int group, float eps,
+                                                float offset) {
+    float inv = rsqrtf(pie_block_sum(squares) / (float)group + eps);
+#pragma unroll
+    for (int c = 0; c < PIE_NORM_CHUNKS; c++) {
+        int i = pie_norm_chunk(c, group);
+        if (i < 0) break;
+        float4 s = make_float4(v[c].x * inv, v[c].y * inv, v[c].z * inv, v[c].w * inv);
+        if (has_weight) {
+            float4 g = *(const float4*)(w + i);
+            s = make_float4(s.x * (offset + g.x), s.y * (offset + g.y), s.z * (offset + g.z), s.w * (offset + g.w));
+        }
+        *(float4*)(og + i) = s;
+        if (ob) {
+            uint2 packed = make_uint2(pie_f32_to_bf16(s.x) | ((unsigned int)pie_f32_to_bf16(s.y) << 16),
+                                      pie_f32_to_bf16(s.z) | ((unsigned int)pie_f32_to_bf16(s.w) << 16));
+            *(uint2*)(ob + i) = packed;
+        }
+    }
+}
+
+// pie_rms_norm for groups the register path takes (pie_norm4_fits).
+extern "C" __global__ void pie_rms_norm4(float* out, pie_u16* out_bf16, const float* x, const float* w,
+                                         int has_weight, int group, float eps, float offset) {
+    long long base = (long long)blockIdx.x * group;
+    float4 v[PIE_NORM_CHUNKS];
+    float squares = 0.0f;
+#pragma unroll
+    for (int c = 0; c < PIE_NORM_CHUNKS; c++) {
+        int i = pie_norm_chunk(c, group);
+        v[c] = i < 0 ? make_float4(0.f, 0.f, 0.f, 0.f) : *(const float4*)(x + base + i);
+        squares += v[c].x * v[c].x + v[c].y * v[c].y + v[c].z * v[c].z + v[c].w * v[c].w;
+    }
+    pie_norm_store4(v, squares, out + base, out_bf16 ? out_bf16 + base : nullptr, w, has_weight, group, eps, offset);
+}
+
 // Rotates the first `rotary_dim` features of every head of every row of
 // `src` into `x` (src == x: in place; else x's other features are not
 // written, so out of place needs rotary_dim == head_dim). One thread per (row, head, pair). A row uses the long frequencies

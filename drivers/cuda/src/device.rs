@@ -36,7 +36,7 @@ pub const KERNEL_SOURCES: [(&str, &str); 8] = [
 ];
 
 /// Every kernel the driver launches.
-pub const KERNELS: [&str; 62] = [
+pub const KERNELS: [&str; 64] = [
     "pie_gqa_attention_partial_bf16",
     "pie_kv_write_bf16",
     "pie_rms",
@@ -67,6 +67,8 @@ pub const KERNELS: [&str; 62] = [
     "pie_attention_masked",
     "pie_greedy_partial",
     "pie_greedy_finish",
+    "pie_rms_norm4",
+    "pie_add_rms_norm4",
     "pie_scatter_add",
     "pie_causal_conv",
     "pie_gated_delta_rule",

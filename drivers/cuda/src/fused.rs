@@ -142,9 +142,8 @@ impl CudaDriver {
         let (mut out, shadow) = self.act_with_bf16_copy(x.rows, x.width)?;
         let groups = x.rows * (x.width / norm.group);
         let g = int(norm.group, "group")?;
-        let mut b = self
-            .stream
-            .launch_builder(self.kernels.get("pie_add_rms_norm"));
+        let (kernel, cfg) = norm_launch("pie_add_rms_norm", groups, norm.group);
+        let mut b = self.stream.launch_builder(self.kernels.get(&kernel));
         b.arg(&mut sum.data)
             .arg(&mut out.data)
             .arg(&shadow)
@@ -155,7 +154,7 @@ impl CudaDriver {
             .arg(&g)
             .arg(&norm.eps)
             .arg(&norm.offset);
-        unsafe { b.launch(norm_grid(groups, norm.group)) }.map_err(cuda_err("pie_add_rms_norm"))?;
+        unsafe { b.launch(cfg) }.map_err(cuda_err("pie_add_rms_norm"))?;
         Ok(Some((sum, out)))
     }
 
@@ -280,4 +279,32 @@ pub(crate) fn norm_grid(groups: usize, group: usize) -> LaunchConfig {
         block_dim: (group.next_power_of_two().clamp(32, 256) as u32, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// Features a thread of the register-held norms keeps (`PIE_NORM_CHUNKS`
+/// float4s, `kernels/cuda/norm_rope.cu`).
+const NORM4_PER_THREAD: usize = 16;
+
+/// The launch of `pie_rms_norm4` / `pie_add_rms_norm4` (the kernel name
+/// gets the `4`), or the strided kernel's where the group does not fit
+/// them: one block per group, enough threads that each holds at most
+/// 16 features.
+pub(crate) fn norm_launch(
+    kernel: &'static str,
+    groups: usize,
+    group: usize,
+) -> (String, LaunchConfig) {
+    if !group.is_multiple_of(4) || group > NORM4_PER_THREAD * 1024 {
+        return (kernel.to_string(), norm_grid(groups, group));
+    }
+    let threads = group
+        .div_ceil(NORM4_PER_THREAD)
+        .next_power_of_two()
+        .clamp(32, 1024);
+    let cfg = LaunchConfig {
+        grid_dim: (groups.max(1) as u32, 1, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    (format!("{kernel}4"), cfg)
 }

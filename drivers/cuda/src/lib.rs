@@ -770,8 +770,8 @@ impl Driver for CudaDriver {
         let (weight, has) = weight_or_null(w);
         let groups = x.rows * (x.width / a.group);
         let g = int(a.group, "group")?;
-        let cfg = fused::norm_grid(groups, a.group);
-        let mut b = self.stream.launch_builder(self.kernels.get("pie_rms_norm"));
+        let (kernel, cfg) = fused::norm_launch("pie_rms_norm", groups, a.group);
+        let mut b = self.stream.launch_builder(self.kernels.get(&kernel));
         b.arg(&mut out.data)
             .arg(&shadow)
             .arg(&x.data)
