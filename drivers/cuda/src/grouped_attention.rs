@@ -13,7 +13,8 @@ const MAX_GROUP: usize = 8;
 const MAX_DIM: usize = 128;
 /// Warps per block of the partial pass (`PIE_GQA_WARPS`).
 const WARPS: usize = 4;
-/// Enough warps for every SM of a large GPU a few times over.
+/// Enough warps for every SM of a large GPU a few times over
+/// (`PIE_CUDA_GQA_TARGET` overrides it, for A/B runs).
 const TARGET_BLOCKS: usize = 264;
 /// (row, kv head) pairs the one-launch (folded) form takes: one counter
 /// each, allocated with the driver.
@@ -23,8 +24,41 @@ pub(crate) const FOLD_PAIRS: usize = 4096;
 /// and 256 rows the kernel carrying both passes ran slower than two.
 const FOLD_MAX_ROWS: usize = 16;
 /// At most 4 × 4 = 16 splits: more leaves a warp too few keys of a short
-/// context and makes the combine pass longer.
+/// context and makes the combine pass longer (`PIE_CUDA_GQA_BLOCKS`
+/// overrides it, up to 16: the combine takes 64 splits).
 const MAX_BLOCKS_PER_HEAD: usize = 4;
+
+/// How many blocks attention splits each (row, KV head) over.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct GqaSplit {
+    target_blocks: usize,
+    max_blocks_per_head: usize,
+}
+
+impl GqaSplit {
+    /// The defaults, or `PIE_CUDA_GQA_TARGET` / `PIE_CUDA_GQA_BLOCKS`.
+    pub(crate) fn from_env() -> Self {
+        let read = |name: &str, default: usize, max: usize| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .map_or(default, |v| v.clamp(1, max))
+        };
+        GqaSplit {
+            target_blocks: read("PIE_CUDA_GQA_TARGET", TARGET_BLOCKS, 1 << 16),
+            max_blocks_per_head: read("PIE_CUDA_GQA_BLOCKS", MAX_BLOCKS_PER_HEAD, 16),
+        }
+    }
+
+    /// Blocks per (row, KV head) pair for `pairs` of them: a function of
+    /// the batch shape only, so a recorded graph stays right as contexts
+    /// grow.
+    fn blocks_per_pair(&self, pairs: usize) -> usize {
+        self.target_blocks
+            .div_ceil(pairs.max(1))
+            .clamp(1, self.max_blocks_per_head)
+    }
+}
 
 /// A bf16 KV cache is read only by the grouped kernels: every attention
 /// cache must have head dims they take (and even widths, two bf16 per f32
@@ -66,11 +100,7 @@ impl CudaDriver {
     ) -> Result<CudaAct> {
         let group = a.heads / a.kv_heads;
         let pairs = q.rows * a.kv_heads;
-        // Splits depend on the batch shape only, so a recorded graph
-        // stays right as contexts grow.
-        let blocks_per_pair = TARGET_BLOCKS
-            .div_ceil(pairs.max(1))
-            .clamp(1, MAX_BLOCKS_PER_HEAD);
+        let blocks_per_pair = self.gqa_split.blocks_per_pair(pairs);
         let splits = blocks_per_pair * WARPS;
         let partials = pairs * splits * group;
         let mut part_ml = self.uninit(partials * 2)?;

@@ -70,6 +70,8 @@ pub struct CudaDriver {
     /// Whether attention shapes that fit use the grouped kernels
     /// (`PIE_CUDA_GQA=0`: `pie_attention` always).
     gqa: bool,
+    /// Blocks per (row, KV head) of the grouped attention.
+    gqa_split: grouped_attention::GqaSplit,
     /// Whether bf16 GEMMs of at most 4 rows use `pie_gemv_bf16`
     /// (`PIE_CUDA_GEMV=0`: cuBLAS for every shape).
     gemv: bool,
@@ -247,6 +249,7 @@ impl CudaDriver {
             composite_seen: AtomicBool::new(false),
             passes_run: AtomicBool::new(false),
             gqa: std::env::var("PIE_CUDA_GQA").map_or(true, |v| v != "0"),
+            gqa_split: grouped_attention::GqaSplit::from_env(),
             gemv: std::env::var("PIE_CUDA_GEMV").map_or(true, |v| v != "0"),
             fuse: std::env::var("PIE_CUDA_FUSE").map_or(true, |v| v != "0"),
             join: std::env::var("PIE_CUDA_JOIN").map_or(true, |v| v != "0"),
