@@ -94,6 +94,33 @@ fn gpu() -> CudaDriver {
     CudaDriver::new().unwrap_or_else(|e| panic!("this test needs a GPU: {e}"))
 }
 
+/// An activation `[rows, width]` holding `bytes` (f32 or bf16 values, row
+/// by row): uploaded as an embedding table and gathered.
+fn activation(
+    d: &CudaDriver,
+    dtype: pie_driver::DType,
+    bytes: &[u8],
+    rows: usize,
+    width: usize,
+) -> pie_driver_cuda::CudaAct {
+    use pie_driver::ir::EmbeddingAttrs;
+    use pie_driver::{Driver, ForwardBatch, TensorView, WeightRole};
+    let view = TensorView {
+        dtype,
+        shape: &[rows, width],
+        data: bytes,
+    };
+    let table = d
+        .load_weight("activation", &view, &[rows, width], WeightRole::Matrix)
+        .unwrap();
+    let batch = ForwardBatch::new(vec![((0..rows as u32).collect(), 0, vec![])]);
+    let attrs = EmbeddingAttrs {
+        vocab: rows,
+        hidden: width,
+    };
+    d.embedding(&table, &batch, &attrs).unwrap()
+}
+
 /// Without a GPU the driver says what is missing; it never panics.
 #[test]
 fn cuda_driver_reports_what_is_missing() {
@@ -360,8 +387,8 @@ fn gpu_bf16_kv_cache() {
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn gpu_gemv_matches_cublas() {
-    use pie_driver::ir::{EmbeddingAttrs, LinearAttrs};
-    use pie_driver::{DType, Driver, ForwardBatch, TensorView, WeightRole};
+    use pie_driver::ir::LinearAttrs;
+    use pie_driver::{DType, Driver, TensorView, WeightRole};
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut random = |n: usize| -> Vec<f32> {
         (0..n)
@@ -387,31 +414,13 @@ fn gpu_gemv_matches_cublas() {
             .collect();
         let x_bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
         let run = |d: &CudaDriver| -> Vec<f32> {
-            let table = TensorView {
-                dtype: DType::F32,
-                shape: &[m, k],
-                data: &x_bytes,
-            };
-            let table = d
-                .load_weight("x", &table, &[m, k], WeightRole::Matrix)
-                .unwrap();
+            let xa = activation(d, DType::F32, &x_bytes, m, k);
             let w = TensorView {
                 dtype: DType::BF16,
                 shape: &[n, k],
                 data: &w_bits,
             };
             let w = d.load_weight("w", &w, &[n, k], WeightRole::Matrix).unwrap();
-            let batch = ForwardBatch::new(vec![((0..m as u32).collect(), 0, vec![])]);
-            let xa = d
-                .embedding(
-                    &table,
-                    &batch,
-                    &EmbeddingAttrs {
-                        vocab: m,
-                        hidden: k,
-                    },
-                )
-                .unwrap();
             let a = LinearAttrs {
                 in_features: k,
                 out_features: n,
@@ -444,26 +453,7 @@ fn gpu_gemv_matches_cublas() {
         let w = own
             .load_weight("w", &w, &[n, k], WeightRole::Matrix)
             .unwrap();
-        let x = vec![0u8; k * 4];
-        let t = TensorView {
-            dtype: DType::F32,
-            shape: &[1, k],
-            data: &x,
-        };
-        let t = own
-            .load_weight("x", &t, &[1, k], WeightRole::Matrix)
-            .unwrap();
-        let batch = ForwardBatch::new(vec![(vec![0], 0, vec![])]);
-        let xa = own
-            .embedding(
-                &t,
-                &batch,
-                &EmbeddingAttrs {
-                    vocab: 1,
-                    hidden: k,
-                },
-            )
-            .unwrap();
+        let xa = activation(&own, DType::F32, &vec![0u8; k * 4], 1, k);
         let a = LinearAttrs {
             in_features: k,
             out_features: n,
@@ -488,8 +478,8 @@ fn gpu_gemv_matches_cublas() {
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn gpu_joined_weights_multiply_as_one() {
-    use pie_driver::ir::{ActivationFn, EmbeddingAttrs, GluAttrs, LinearAttrs};
-    use pie_driver::{DType, Driver, ForwardBatch, TensorView, WeightPart, WeightRole};
+    use pie_driver::ir::{ActivationFn, GluAttrs, LinearAttrs};
+    use pie_driver::{DType, Driver, TensorView, WeightPart, WeightRole};
     use pie_driver_cuda::CudaWeight;
     let random = |n: usize, salt: u64| -> Vec<u8> {
         let mut seed = 0x2545_f491_4f6c_dd1du64 ^ salt;
@@ -505,7 +495,12 @@ fn gpu_joined_weights_multiply_as_one() {
     let d = gpu();
     let k = 256;
     let widths = [512usize, 128, 128];
-    let bits: Vec<Vec<u8>> = widths.iter().map(|&n| random(n * k, n as u64)).collect();
+    // Distinct weights per part (a seed each), so a misplaced split shows.
+    let bits: Vec<Vec<u8>> = widths
+        .iter()
+        .zip(1u64..)
+        .map(|(&n, seed)| random(n * k, seed))
+        .collect();
     let shapes: Vec<[usize; 2]> = widths.iter().map(|&n| [n, k]).collect();
     let parts: Vec<WeightPart<'_>> = bits
         .iter()
@@ -552,26 +547,7 @@ fn gpu_joined_weights_multiply_as_one() {
         limit: None,
     };
     for m in [3usize, 8, 64] {
-        let x_bits = random(m * k, m as u64);
-        let table = TensorView {
-            dtype: DType::BF16,
-            shape: &[m, k],
-            data: &x_bits,
-        };
-        let table = d
-            .load_weight("x", &table, &[m, k], WeightRole::Matrix)
-            .unwrap();
-        let batch = ForwardBatch::new(vec![((0..m as u32).collect(), 0, vec![])]);
-        let x = d
-            .embedding(
-                &table,
-                &batch,
-                &EmbeddingAttrs {
-                    vocab: m,
-                    hidden: k,
-                },
-            )
-            .unwrap();
+        let x = activation(&d, DType::BF16, &random(m * k, 100 + m as u64), m, k);
         let rows: Vec<usize> = (0..m).collect();
         let read = |a: &_| d.read_rows(a, &rows).unwrap();
         let close = |what: &str, got: &[f32], want: &[f32]| {
@@ -613,8 +589,7 @@ fn gpu_joined_weights_multiply_as_one() {
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn gpu_greedy_rows_over_a_large_vocabulary() {
-    use pie_driver::ir::EmbeddingAttrs;
-    use pie_driver::{DType, Driver, ForwardBatch, TensorView, WeightRole};
+    use pie_driver::{DType, Driver};
     let d = gpu();
     let (rows, width) = (3usize, 151_936usize);
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
@@ -633,20 +608,7 @@ fn gpu_greedy_rows_over_a_large_vocabulary() {
     values[width + 5] = 9.0;
     values[2 * width..].fill(0.25);
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let table = TensorView {
-        dtype: DType::F32,
-        shape: &[rows, width],
-        data: &bytes,
-    };
-    let table = d
-        .load_weight("logits", &table, &[rows, width], WeightRole::Matrix)
-        .unwrap();
-    let batch = ForwardBatch::new(vec![((0..rows as u32).collect(), 0, vec![])]);
-    let hidden = EmbeddingAttrs {
-        vocab: rows,
-        hidden: width,
-    };
-    let logits = d.embedding(&table, &batch, &hidden).unwrap();
+    let logits = activation(&d, DType::F32, &bytes, rows, width);
     let picked = [2usize, 0, 1];
     let got = d.greedy_rows(&logits, &picked).unwrap();
     for (&r, (token, logprob)) in picked.iter().zip(got) {
