@@ -26,6 +26,7 @@ use pie_driver::{DriverError, ForwardBatch, Result, SeqChunk};
 use std::sync::atomic::Ordering;
 
 use crate::kv::CudaKv;
+use crate::step_timing::StepTiming;
 use crate::tensor::CudaAct;
 use crate::CudaDriver;
 
@@ -186,6 +187,8 @@ pub struct GraphCache {
     pub off: bool,
     /// Replays so far (for tests and reports).
     pub replays: u64,
+    /// Device time per replay (`PIE_CUDA_STEP_TIMING=1`).
+    timing: Option<StepTiming>,
 }
 
 /// What a staged pass should do for its bucket.
@@ -202,6 +205,7 @@ impl GraphCache {
     pub fn new() -> Self {
         GraphCache {
             off: std::env::var("PIE_CUDA_GRAPHS").is_ok_and(|v| v == "0"),
+            timing: StepTiming::from_env(),
             ..Default::default()
         }
     }
@@ -235,11 +239,15 @@ impl GraphCache {
         rows: usize,
     ) -> Result<CudaAct> {
         self.replays += 1;
+        let start = self.timing.as_mut().map(|t| t.start(stream)).transpose()?;
         let r = &self.recorded[&bucket];
         r.graph
             .0
             .launch()
             .map_err(|e| DriverError::Invalid(format!("CUDA: replaying a decode graph: {e}")))?;
+        if let (Some(timing), Some(start)) = (self.timing.as_mut(), start) {
+            timing.finish(bucket, start, stream)?;
+        }
         // SAFETY: `logits` is the graph's allocation of `len` f32, live
         // from this launch until the returned activation is dropped.
         let data = unsafe { stream.upgrade_device_ptr::<f32>(r.logits, r.len) };

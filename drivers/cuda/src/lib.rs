@@ -23,6 +23,7 @@ mod mamba2;
 mod mla;
 mod moe;
 mod rows;
+mod step_timing;
 mod tensor;
 
 use std::sync::atomic::{AtomicBool, Ordering};
