@@ -73,6 +73,19 @@ pub struct WeightPart<'a> {
     pub expected: &'a [usize],
 }
 
+/// `parts` loaded one by one with [`Driver::load_weight`]: the default of
+/// [`Driver::load_weights_together`], and a driver's fallback for parts it
+/// cannot store side by side.
+pub fn load_each<D: Driver + ?Sized>(
+    driver: &D,
+    parts: &[WeightPart<'_>],
+) -> Result<Vec<D::Weight>> {
+    parts
+        .iter()
+        .map(|p| driver.load_weight(p.name, &p.view, p.expected, WeightRole::Matrix))
+        .collect()
+}
+
 /// The op set generated code calls. One method per IR op; composite ops a
 /// driver has not implemented yet default to [`DriverError::Unsupported`],
 /// and the runtime checks [`Driver::supports`] at model load so users see
@@ -136,10 +149,7 @@ pub trait Driver: Send + Sync {
     /// A driver that can run such a call as one product stores them next
     /// to each other in this order; the default loads them one by one.
     fn load_weights_together(&self, parts: &[WeightPart<'_>]) -> Result<Vec<Self::Weight>> {
-        parts
-            .iter()
-            .map(|p| self.load_weight(p.name, &p.view, p.expected, WeightRole::Matrix))
-            .collect()
+        load_each(self, parts)
     }
 
     fn new_kv(&self, layout: &KvLayout) -> Result<Self::Kv>;

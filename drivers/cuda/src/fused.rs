@@ -142,8 +142,12 @@ impl CudaDriver {
         let (mut out, shadow) = self.act_with_bf16_copy(x.rows, x.width)?;
         let groups = x.rows * (x.width / norm.group);
         let g = int(norm.group, "group")?;
-        let (kernel, cfg) = norm_launch("pie_add_rms_norm", groups, norm.group);
-        let mut b = self.stream.launch_builder(self.kernels.get(&kernel));
+        let (kernel, cfg) = norm_launch(
+            ["pie_add_rms_norm", "pie_add_rms_norm4"],
+            groups,
+            norm.group,
+        );
+        let mut b = self.stream.launch_builder(self.kernels.get(kernel));
         b.arg(&mut sum.data)
             .arg(&mut out.data)
             .arg(&shadow)
@@ -154,7 +158,7 @@ impl CudaDriver {
             .arg(&g)
             .arg(&norm.eps)
             .arg(&norm.offset);
-        unsafe { b.launch(cfg) }.map_err(cuda_err("pie_add_rms_norm"))?;
+        unsafe { b.launch(cfg) }.map_err(cuda_err(kernel))?;
         Ok(Some((sum, out)))
     }
 
@@ -285,17 +289,17 @@ pub(crate) fn norm_grid(groups: usize, group: usize) -> LaunchConfig {
 /// float4s, `kernels/cuda/norm_rope.cu`).
 const NORM4_PER_THREAD: usize = 16;
 
-/// The launch of `pie_rms_norm4` / `pie_add_rms_norm4` (the kernel name
-/// gets the `4`), or the strided kernel's where the group does not fit
-/// them: one block per group, enough threads that each holds at most
-/// 16 features.
+/// Which of a norm's two kernels `[strided, registers]` runs, and its
+/// launch: the register-held one (`pie_rms_norm4`, `pie_add_rms_norm4`)
+/// with enough threads that each holds at most 16 features, or the strided
+/// one where the group does not fit it; one block per group either way.
 pub(crate) fn norm_launch(
-    kernel: &'static str,
+    [strided, registers]: [&'static str; 2],
     groups: usize,
     group: usize,
-) -> (String, LaunchConfig) {
+) -> (&'static str, LaunchConfig) {
     if !group.is_multiple_of(4) || group > NORM4_PER_THREAD * 1024 {
-        return (kernel.to_string(), norm_grid(groups, group));
+        return (strided, norm_grid(groups, group));
     }
     let threads = group
         .div_ceil(NORM4_PER_THREAD)
@@ -306,5 +310,5 @@ pub(crate) fn norm_launch(
         block_dim: (threads as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    (format!("{kernel}4"), cfg)
+    (registers, cfg)
 }

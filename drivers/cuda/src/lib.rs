@@ -453,15 +453,15 @@ impl CudaDriver {
         Ok(freqs.last().expect("pushed above"))
     }
 
-    /// A new `[rows, width]` output of a kernel that can also write it
-    /// rounded to bf16, with the address of that copy (0: none). The copy
-    /// is made where a cuBLAS GEMM will read the output: bf16 weights, more
-    /// rows than the GEMV takes, fused kernels on.
     /// A bf16 matrix was loaded: GEMM inputs may want bf16 copies.
     pub(crate) fn note_bf16_matrices(&self) {
         self.bf16_matrices.store(true, Ordering::Relaxed);
     }
 
+    /// A new `[rows, width]` output of a kernel that can also write it
+    /// rounded to bf16, with the address of that copy (0: none). The copy
+    /// is made where a cuBLAS GEMM will read the output: bf16 weights, more
+    /// rows than the GEMV takes, fused kernels on.
     pub(crate) fn act_with_bf16_copy(&self, rows: usize, width: usize) -> Result<(CudaAct, u64)> {
         let mut out = self.act(rows, width)?;
         let wanted = self.fuse
@@ -610,13 +610,10 @@ impl Driver for CudaDriver {
     }
 
     fn load_weights_together(&self, parts: &[WeightPart<'_>]) -> Result<Vec<CudaWeight>> {
-        if let Some(weights) = self.upload_together(parts)? {
-            return Ok(weights);
+        match self.upload_together(parts)? {
+            Some(weights) => Ok(weights),
+            None => pie_driver::load_each(self, parts),
         }
-        parts
-            .iter()
-            .map(|p| self.load_weight(p.name, &p.view, p.expected, WeightRole::Matrix))
-            .collect()
     }
 
     fn load_weight(
@@ -774,8 +771,8 @@ impl Driver for CudaDriver {
         let (weight, has) = weight_or_null(w);
         let groups = x.rows * (x.width / a.group);
         let g = int(a.group, "group")?;
-        let (kernel, cfg) = fused::norm_launch("pie_rms_norm", groups, a.group);
-        let mut b = self.stream.launch_builder(self.kernels.get(&kernel));
+        let (kernel, cfg) = fused::norm_launch(["pie_rms_norm", "pie_rms_norm4"], groups, a.group);
+        let mut b = self.stream.launch_builder(self.kernels.get(kernel));
         b.arg(&mut out.data)
             .arg(&shadow)
             .arg(&x.data)
@@ -784,7 +781,7 @@ impl Driver for CudaDriver {
             .arg(&g)
             .arg(&a.eps)
             .arg(&a.offset);
-        unsafe { b.launch(cfg) }.map_err(cuda_err("pie_rms_norm"))?;
+        unsafe { b.launch(cfg) }.map_err(cuda_err(kernel))?;
         Ok(out)
     }
 
