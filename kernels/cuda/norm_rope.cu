@@ -69,7 +69,7 @@ __device__ __forceinline__ void pie_norm_store4(float4 (&v)[PIE_NORM_CHUNKS], fl
     }
 }
 
-// pie_rms_norm for groups the register path takes (pie_norm4_fits).
+// pie_rms_norm for groups the register path takes (`norm_launch`, drivers/cuda/src/fused.rs).
 extern "C" __global__ void pie_rms_norm4(float* out, pie_u16* out_bf16, const float* x, const float* w,
                                          int has_weight, int group, float eps, float offset) {
     long long base = (long long)blockIdx.x * group;
