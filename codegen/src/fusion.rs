@@ -32,6 +32,19 @@ pub enum Step {
     /// `linear` whose output only the next op, an `add` rebinding the other
     /// operand (the residual), reads: the residual moves into the call.
     LinearAdd { linear: usize, add: usize },
+    /// An `rms_norm` whose output only the [`Step::LinearMany`] right
+    /// after it reads (a layer's input norm and q/k/v).
+    NormLinearMany { norm: usize, group: Vec<usize> },
+    /// A [`Step::AddRmsNorm`] whose normed output only the
+    /// [`Step::GatedLinear`] right after it reads (post-attention norm and
+    /// the MLP's gate/up).
+    AddNormGatedLinear {
+        add: usize,
+        norm: usize,
+        gate: usize,
+        up: usize,
+        glu: usize,
+    },
 }
 
 /// The calls that run `ops` in order; `result` is the activation the
@@ -69,7 +82,54 @@ pub fn plan(ops: &[OpDecl], result: &str) -> Vec<Step> {
             at += 1;
         }
     }
-    pair_norm_ropes(ops, steps)
+    norms_into_products(ops, pair_norm_ropes(ops, steps), result)
+}
+
+/// Moves a norm into the products after it where they alone read the
+/// normed activation ([`Step::NormLinearMany`], [`Step::AddNormGatedLinear`]).
+fn norms_into_products(ops: &[OpDecl], steps: Vec<Step>, result: &str) -> Vec<Step> {
+    let mut out: Vec<Step> = Vec::with_capacity(steps.len());
+    for step in steps {
+        let merged = match (out.last(), &step) {
+            (Some(&Step::Op(norm)), Step::LinearMany(group))
+                if fusable(&ops[norm], OpKind::RmsNorm)
+                    && group
+                        .last()
+                        .is_some_and(|&last| feeds_only(ops, norm, group[0], last, result)) =>
+            {
+                Some(Step::NormLinearMany {
+                    norm,
+                    group: group.clone(),
+                })
+            }
+            (Some(&Step::AddRmsNorm { add, norm }), &Step::GatedLinear { gate, up, glu })
+                if feeds_only(ops, norm, gate, glu, result) =>
+            {
+                Some(Step::AddNormGatedLinear {
+                    add,
+                    norm,
+                    gate,
+                    up,
+                    glu,
+                })
+            }
+            _ => None,
+        };
+        match merged {
+            Some(m) => *out.last_mut().expect("matched above") = m,
+            None => out.push(step),
+        }
+    }
+    out
+}
+
+/// Whether the output of op `norm` is the input of op `first` and read by
+/// nothing after op `last` (the steps from `first` to `last` read it).
+fn feeds_only(ops: &[OpDecl], norm: usize, first: usize, last: usize, result: &str) -> bool {
+    let normed = output(&ops[norm]);
+    input(&ops[first], "in", 0) == Some(normed)
+        && input(&ops[norm], "in", 0) != Some(normed)
+        && !read_after(ops, last, normed, result)
 }
 
 /// Merges adjacent norm + rope steps where the second does not read what
@@ -308,15 +368,18 @@ ops = [{{ op = "linear", in = "x", out = "logits", features = "vocab", weight = 
         assert_eq!(
             plan_of(&ops),
             vec![
-                Step::Op(0),
-                Step::LinearMany(vec![1, 2, 3]),
+                Step::NormLinearMany {
+                    norm: 0,
+                    group: vec![1, 2, 3]
+                },
                 Step::RmsNormRope2 {
                     first: (4, 6),
                     second: (5, 7)
                 },
                 Step::Op(8),
-                Step::AddRmsNorm { add: 9, norm: 10 },
-                Step::GatedLinear {
+                Step::AddNormGatedLinear {
+                    add: 9,
+                    norm: 10,
                     gate: 11,
                     up: 12,
                     glu: 13
@@ -374,8 +437,10 @@ ops = [{{ op = "linear", in = "x", out = "logits", features = "vocab", weight = 
         assert_eq!(
             plan_of(&ops),
             vec![
-                Step::Op(0),
-                Step::LinearMany(vec![1, 2]),
+                Step::NormLinearMany {
+                    norm: 0,
+                    group: vec![1, 2]
+                },
                 Step::Op(3),
                 Step::Op(4),
                 Step::Op(5),
@@ -429,6 +494,37 @@ ops = [{{ op = "linear", in = "x", out = "logits", features = "vocab", weight = 
                 Step::LinearAdd { linear: 1, add: 2 },
                 Step::Op(3),
                 Step::Op(4)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_normed_input_read_after_its_products_keeps_its_norm_apart() {
+        let ops = r#"
+  { op = "rms_norm", in = "x", out = "h", weight = "n", eps = 1e-6 },
+  { op = "linear", in = "h", out = "q", features = "hidden", weight = "q" },
+  { op = "linear", in = "h", out = "k", features = "hidden", weight = "k" },
+  { op = "add", in = ["h", "q"], out = "x" },
+  { op = "add", in = ["x", "k"], out = "s" },
+  { op = "rms_norm", in = "s", out = "h", weight = "n2", eps = 1e-6 },
+  { op = "linear", in = "h", out = "g", features = 32, weight = "g" },
+  { op = "linear", in = "h", out = "u", features = 32, weight = "u" },
+  { op = "glu", gate = "g", up = "u", out = "m", act = "silu" },
+  { op = "add", in = ["m", "h"], out = "x" },"#;
+        // h is read by an add after q/k, and the second h after the glu.
+        assert_eq!(
+            plan_of(ops),
+            vec![
+                Step::Op(0),
+                Step::LinearMany(vec![1, 2]),
+                Step::Op(3),
+                Step::AddRmsNorm { add: 4, norm: 5 },
+                Step::GatedLinear {
+                    gate: 6,
+                    up: 7,
+                    glu: 8
+                },
+                Step::Op(9)
             ]
         );
     }

@@ -155,8 +155,10 @@ impl<'a> SectionGen<'a> {
         });
         let together = self.plan().into_iter().filter_map(|step| {
             let group = match step {
-                Step::LinearMany(group) => group,
-                Step::GatedLinear { gate, up, .. } => vec![gate, up],
+                Step::LinearMany(group) | Step::NormLinearMany { group, .. } => group,
+                Step::GatedLinear { gate, up, .. } | Step::AddNormGatedLinear { gate, up, .. } => {
+                    vec![gate, up]
+                }
                 _ => return None,
             };
             let idx = group.iter().map(|&i| self.ops[i].index);
@@ -222,22 +224,44 @@ impl<'a> SectionGen<'a> {
             Step::Op(i) => self.op_call(op(*i)),
             Step::LinearMany(group) => {
                 let x = op(group[0]).input("in", 0);
-                let ws = group.iter().map(|&i| op(i).required("weight"));
-                let bs = group.iter().map(|&i| op(i).weight("bias"));
-                let attrs = group.iter().map(|&i| op(i).attrs());
-                let outs = group.iter().map(|&i| op(i).output());
+                let (ws, bs, attrs, outs) = self.products(group);
                 quote! {
                     let mut outs = d.linear_many(#x, &[#(#ws),*], &[#(#bs),*], &[#(#attrs),*])?.into_iter();
                     #( let #outs = loader::next_part(&mut outs)?; )*
                 }
             }
+            Step::NormLinearMany { norm, group } => {
+                let n = op(*norm);
+                let (x, w, na) = (n.input("in", 0), n.weight("weight"), n.attrs());
+                let (ws, bs, attrs, outs) = self.products(group);
+                quote! {
+                    let mut outs = d
+                        .norm_linear_many(#x, (#w, #na), &[#(#ws),*], &[#(#bs),*], &[#(#attrs),*])?
+                        .into_iter();
+                    #( let #outs = loader::next_part(&mut outs)?; )*
+                }
+            }
             Step::GatedLinear { gate, up, glu } => {
-                let (g, u, m) = (op(*gate), op(*up), op(*glu));
-                let x = g.input("in", 0);
-                let (gw, gb, ga) = (g.required("weight"), g.weight("bias"), g.attrs());
-                let (uw, ub, ua) = (u.required("weight"), u.weight("bias"), u.attrs());
-                let (a, out) = (m.attrs(), m.output());
-                quote!(let #out = d.gated_linear(#x, (#gw, #gb, #ga), (#uw, #ub, #ua), #a)?;)
+                let x = op(*gate).input("in", 0);
+                let (g, u, a, out) = self.gate_up(*gate, *up, *glu);
+                quote!(let #out = d.gated_linear(#x, #g, #u, #a)?;)
+            }
+            Step::AddNormGatedLinear {
+                add,
+                norm,
+                gate,
+                up,
+                glu,
+            } => {
+                let (s, n) = (op(*add), op(*norm));
+                let (x, y, aa) = (s.input("in", 0), s.input("in", 1), s.attrs());
+                let (w, na) = (n.weight("weight"), n.attrs());
+                let (g, u, a, out) = self.gate_up(*gate, *up, *glu);
+                let sum = s.output();
+                quote! {
+                    let (sum, #out) = d.add_norm_gated_linear(#x, #y, #aa, (#w, #na), #g, #u, #a)?;
+                    let #sum = sum;
+                }
             }
             Step::AddRmsNorm { add, norm } => {
                 let (s, n) = (op(*add), op(*norm));
@@ -286,6 +310,42 @@ impl<'a> SectionGen<'a> {
                 quote!(let #out = d.rms_norm_rope(#x, #w, #na, batch, #ra)?;)
             }
         }
+    }
+
+    /// Weights, biases, attributes and outputs of a group of `linear` ops.
+    fn products(
+        &self,
+        group: &[usize],
+    ) -> (
+        Vec<TokenStream>,
+        Vec<TokenStream>,
+        Vec<TokenStream>,
+        Vec<Ident>,
+    ) {
+        let ops = group.iter().map(|&i| &self.ops[i]);
+        (
+            ops.clone().map(|o| o.required("weight")).collect(),
+            ops.clone().map(|o| o.weight("bias")).collect(),
+            ops.clone().map(|o| o.attrs()).collect(),
+            ops.map(|o| o.output()).collect(),
+        )
+    }
+
+    /// The gate and up operands `(weight, bias, attrs)`, the glu's
+    /// attributes and its output.
+    fn gate_up(
+        &self,
+        gate: usize,
+        up: usize,
+        glu: usize,
+    ) -> (TokenStream, TokenStream, TokenStream, Ident) {
+        let operand = |i: usize| {
+            let o = &self.ops[i];
+            let (w, b, a) = (o.required("weight"), o.weight("bias"), o.attrs());
+            quote!((#w, #b, #a))
+        };
+        let m = &self.ops[glu];
+        (operand(gate), operand(up), m.attrs(), m.output())
     }
 
     /// `let out = d.op(inputs, weights, &attrs)?;` for one op.

@@ -16,6 +16,21 @@ pie_gemv_glu_bf16(float* __restrict__ out, const float* __restrict__ x, const un
     pie_gemv_store(out, pie_glu_value(fn, limit, g, u), m, n, f0);
 }
 
+// pie_gemv_glu_bf16 of rms_norm(x + y) · (offset + g) (y, g optional:
+// has_y, has_g), writing x + y to `sum` (has_y only): a residual add, the
+// norm after it and the MLP's gate/up in one launch (PieGemvNorm, gemv.cu).
+extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS)
+pie_gemv_glu_norm_bf16(float* __restrict__ out, float* sum, const float* __restrict__ x, const float* y, int has_y,
+                       const float* g, int has_g, float eps, float offset, const unsigned short* __restrict__ wg,
+                       const unsigned short* __restrict__ wu, int m, int n, int k, int fn, float limit) {
+    int f0 = blockIdx.x * PIE_GEMV_FEATS;
+    PieGemvNorm nm = {has_y ? y : nullptr, has_g ? g : nullptr, offset, eps, has_y ? sum : nullptr};
+    float gate = pie_gemv_block_t<true>(x, wg, m, n, k, f0, nm);
+    nm.sum = nullptr;  // the gate pass wrote it
+    float up = pie_gemv_block_t<true>(x, wu, m, n, k, f0, nm);
+    pie_gemv_store(out, pie_glu_value(fn, limit, gate, up), m, n, f0);
+}
+
 // sum = x + y, out = rms_norm(sum) over each group of `group` features:
 // one block per group (blockDim.x a multiple of 32). Each thread
 // normalizes the elements it summed, so no other thread's writes are read.

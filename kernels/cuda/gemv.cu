@@ -21,17 +21,35 @@ __device__ __forceinline__ void pie_unpack_bf16x8(uint4 raw, float* out) {
     }
 }
 
+// A GEMV input with its RMS norm folded in (the _norm kernels): row r of
+// the product's input is rms_norm(x[r] + y[r]) · (offset + g), y and g
+// optional. 1 / rms is a factor of every output, so the block sums
+// w · x · (offset + g) and x² in the same pass over x and scales once at
+// the end: the normalized row never goes through memory. Block 0 writes
+// x + y to `sum` when set (the residual stream after the add).
+struct PieGemvNorm {
+    const float* y;
+    const float* g;
+    float offset, eps;
+    float* sum;
+};
+
 // The block's share of out = x · Wᵀ: features f0 .. f0 + PIE_GEMV_FEATS
 // of every row. Thread t < m · PIE_GEMV_FEATS gets the sum for row
 // t / PIE_GEMV_FEATS, feature f0 + t % PIE_GEMV_FEATS; the others get 0.
-// Every thread of the block must call it (it synchronizes).
-__device__ __forceinline__ float pie_gemv_block(const float* __restrict__ x, const unsigned short* __restrict__ w,
-                                                int m, int n, int k, int f0) {
+// NORM: x is normalized on the way in (PieGemvNorm). Every thread of the
+// block must call it (it synchronizes).
+template <bool NORM>
+__device__ __forceinline__ float pie_gemv_block_t(const float* __restrict__ x, const unsigned short* __restrict__ w,
+                                                  int m, int n, int k, int f0, PieGemvNorm nm) {
     float acc[PIE_GEMV_MAX_ROWS][PIE_GEMV_FEATS];
+    float squares[PIE_GEMV_MAX_ROWS];
 #pragma unroll
-    for (int r = 0; r < PIE_GEMV_MAX_ROWS; r++)
+    for (int r = 0; r < PIE_GEMV_MAX_ROWS; r++) {
+        squares[r] = 0.0f;
 #pragma unroll
         for (int f = 0; f < PIE_GEMV_FEATS; f++) acc[r][f] = 0.0f;
+    }
 
     // Unrolled so the next chunk's weight loads issue before this one's FMAs.
 #pragma unroll 2
@@ -47,12 +65,44 @@ __device__ __forceinline__ float pie_gemv_block(const float* __restrict__ x, con
                 for (int i = 0; i < 8; i++) wv[f][i] = 0.0f;
             }
         }
+        float scale[8];
+        if (NORM) {
+            if (nm.g) {
+                const float4* gc = (const float4*)(nm.g + c);
+                float4 a = gc[0], b = gc[1];
+                float gv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+                for (int i = 0; i < 8; i++) scale[i] = nm.offset + gv[i];
+            } else {
+#pragma unroll
+                for (int i = 0; i < 8; i++) scale[i] = 1.0f;
+            }
+        }
 #pragma unroll
         for (int r = 0; r < PIE_GEMV_MAX_ROWS; r++) {
             if (r < m) {
                 const float4* xr = (const float4*)(x + (size_t)r * k + c);
                 float4 a = xr[0], b = xr[1];
                 float xv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+                if (NORM) {
+                    if (nm.y) {
+                        const float4* yr = (const float4*)(nm.y + (size_t)r * k + c);
+                        float4 ya = yr[0], yb = yr[1];
+                        float yv[8] = {ya.x, ya.y, ya.z, ya.w, yb.x, yb.y, yb.z, yb.w};
+#pragma unroll
+                        for (int i = 0; i < 8; i++) xv[i] += yv[i];
+                    }
+                    if (nm.sum && blockIdx.x == 0) {
+                        float4* sr = (float4*)(nm.sum + (size_t)r * k + c);
+                        sr[0] = make_float4(xv[0], xv[1], xv[2], xv[3]);
+                        sr[1] = make_float4(xv[4], xv[5], xv[6], xv[7]);
+                    }
+#pragma unroll
+                    for (int i = 0; i < 8; i++) {
+                        squares[r] += xv[i] * xv[i];
+                        xv[i] *= scale[i];
+                    }
+                }
 #pragma unroll
                 for (int f = 0; f < PIE_GEMV_FEATS; f++)
 #pragma unroll
@@ -61,16 +111,18 @@ __device__ __forceinline__ float pie_gemv_block(const float* __restrict__ x, con
         }
     }
 
-    // Warp sums, then the 4 warps' partial sums through shared memory.
-    __shared__ float partial[PIE_GEMV_THREADS / 32][PIE_GEMV_MAX_ROWS][PIE_GEMV_FEATS];
+    // Warp sums, then the 4 warps' partial sums through shared memory
+    // (slot PIE_GEMV_FEATS: the row's squares, NORM only).
+    __shared__ float partial[PIE_GEMV_THREADS / 32][PIE_GEMV_MAX_ROWS][PIE_GEMV_FEATS + 1];
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     __syncthreads();  // a previous call's readers are done with `partial`
 #pragma unroll
     for (int r = 0; r < PIE_GEMV_MAX_ROWS; r++) {
         if (r >= m) break;  // uniform: rows past m hold nothing
 #pragma unroll
-        for (int f = 0; f < PIE_GEMV_FEATS; f++) {
-            float v = acc[r][f];
+        for (int f = 0; f <= PIE_GEMV_FEATS; f++) {
+            if (f == PIE_GEMV_FEATS && !NORM) break;
+            float v = f < PIE_GEMV_FEATS ? acc[r][f] : squares[r];
             for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
             if (lane == 0) partial[warp][r][f] = v;
         }
@@ -79,10 +131,22 @@ __device__ __forceinline__ float pie_gemv_block(const float* __restrict__ x, con
     int t = threadIdx.x;
     float v = 0.0f;
     if (t < m * PIE_GEMV_FEATS) {
+        int r = t / PIE_GEMV_FEATS;
+        float sq = 0.0f;
 #pragma unroll
-        for (int wi = 0; wi < PIE_GEMV_THREADS / 32; wi++) v += partial[wi][t / PIE_GEMV_FEATS][t % PIE_GEMV_FEATS];
+        for (int wi = 0; wi < PIE_GEMV_THREADS / 32; wi++) {
+            v += partial[wi][r][t % PIE_GEMV_FEATS];
+            sq += partial[wi][r][PIE_GEMV_FEATS];
+        }
+        // The same 1 / rms as pie_rms_norm.
+        if (NORM) v *= rsqrtf(sq / (float)k + nm.eps);
     }
     return v;
+}
+
+__device__ __forceinline__ float pie_gemv_block(const float* __restrict__ x, const unsigned short* __restrict__ w,
+                                                int m, int n, int k, int f0) {
+    return pie_gemv_block_t<false>(x, w, m, n, k, f0, PieGemvNorm{});
 }
 
 // Writes the block's sums (from pie_gemv_block) into out [m, n].
@@ -101,11 +165,10 @@ pie_gemv_bf16(float* __restrict__ out, const float* __restrict__ x, const unsign
 // Up to three products of one x in one launch (q/k/v projections): the
 // first ceil(n0 / FEATS) blocks compute out0, the next out1, then out2
 // (n2 = 0: two products).
-extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS)
-pie_gemv3_bf16(float* out0, const unsigned short* __restrict__ w0, int n0,
-               float* out1, const unsigned short* __restrict__ w1, int n1,
-               float* out2, const unsigned short* __restrict__ w2, int n2,
-               const float* __restrict__ x, int m, int k) {
+template <bool NORM>
+__device__ __forceinline__ void pie_gemv3(float* out0, const unsigned short* w0, int n0, float* out1,
+                                          const unsigned short* w1, int n1, float* out2, const unsigned short* w2,
+                                          int n2, const float* x, int m, int k, PieGemvNorm nm) {
     int b = blockIdx.x;
     int b0 = (n0 + PIE_GEMV_FEATS - 1) / PIE_GEMV_FEATS, b1 = (n1 + PIE_GEMV_FEATS - 1) / PIE_GEMV_FEATS;
     float* out = out0;
@@ -117,7 +180,25 @@ pie_gemv3_bf16(float* out0, const unsigned short* __restrict__ w0, int n0,
         out = out1, w = w1, n = n1, b -= b0;
     }
     int f0 = b * PIE_GEMV_FEATS;
-    pie_gemv_store(out, pie_gemv_block(x, w, m, n, k, f0), m, n, f0);
+    pie_gemv_store(out, pie_gemv_block_t<NORM>(x, w, m, n, k, f0, nm), m, n, f0);
+}
+
+extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS)
+pie_gemv3_bf16(float* out0, const unsigned short* __restrict__ w0, int n0,
+               float* out1, const unsigned short* __restrict__ w1, int n1,
+               float* out2, const unsigned short* __restrict__ w2, int n2,
+               const float* __restrict__ x, int m, int k) {
+    pie_gemv3<false>(out0, w0, n0, out1, w1, n1, out2, w2, n2, x, m, k, PieGemvNorm{});
+}
+
+// pie_gemv3_bf16 of rms_norm(x) · (offset + g) (g optional: has_g).
+extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS)
+pie_gemv3_norm_bf16(float* out0, const unsigned short* __restrict__ w0, int n0,
+                    float* out1, const unsigned short* __restrict__ w1, int n1,
+                    float* out2, const unsigned short* __restrict__ w2, int n2,
+                    const float* __restrict__ x, const float* g, int has_g, float eps, float offset, int m, int k) {
+    PieGemvNorm nm = {nullptr, has_g ? g : nullptr, offset, eps, nullptr};
+    pie_gemv3<true>(out0, w0, n0, out1, w1, n1, out2, w2, n2, x, m, k, nm);
 }
 
 // out += x · Wᵀ: a projection added into the residual stream in place

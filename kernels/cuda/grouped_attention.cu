@@ -98,13 +98,44 @@ __device__ __forceinline__ void pie_gqa_row(const unsigned short* cache, long lo
     }
 }
 
+// A cache element from an f32 value: stored as is, or rounded to bf16 bits.
+__device__ __forceinline__ void pie_kv_store(float* cache, long long i, float v) { cache[i] = v; }
+__device__ __forceinline__ void pie_kv_store(unsigned short* cache, long long i, float v) {
+    cache[i] = pie_kv_bf16_bits(v);
+}
+
+// The row's own new key and value (kv head kvh) into its cache slot, what
+// pie_kv_write(_bf16) does, by the warp whose share of keys holds the
+// row's position (decode folds, k_new set). Each lane writes exactly the
+// dims it later reads for that key (pie_gqa_dim), so its key loop sees
+// its own stores and waits on no other thread. The driver folds the write
+// only where no row reads another row's new key (one new token per
+// sequence).
+template <typename T, bool CONTIG>
+__device__ __forceinline__ void pie_gqa_store_new(T* k_cache, T* v_cache, const float* k_new, const float* v_new,
+                                                  long long slot, int row, int kvh, int lane, int k_width,
+                                                  int head_dim, int v_head_dim, int v_width) {
+#pragma unroll
+    for (int i = 0; i < PIE_GQA_MAX_DPL; i++) {
+        int d = pie_gqa_dim<CONTIG>(lane, i);
+        if (d < head_dim)
+            pie_kv_store(k_cache, slot * k_width + (long long)kvh * head_dim + d,
+                         k_new[(long long)row * k_width + (long long)kvh * head_dim + d]);
+        if (d < v_head_dim)
+            pie_kv_store(v_cache, slot * v_width + (long long)kvh * v_head_dim + d,
+                         v_new[(long long)row * v_width + (long long)kvh * v_head_dim + d]);
+    }
+}
+
 // The partial pass over a cache of element type T (float or bf16 bits);
 // one instantiation per type and dim layout so the hot loop has no tests.
 template <typename T, bool CONTIG>
 __device__ __forceinline__ void pie_gqa_partial(float* part_ml, float* part_acc, const float* q, const T* k_cache,
                                                 const T* v_cache, const int* positions, const int* table,
                                                 const int* table_off, int heads, int kv_heads, int head_dim,
-                                                int v_head_dim, int v_stride, float scale, int window, float softcap) {
+                                                int v_head_dim, int v_stride, float scale, int window, float softcap,
+                                                const float* k_new = nullptr, const float* v_new = nullptr,
+                                                const int* new_slots = nullptr) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int rk = blockIdx.x;  // row * kv_heads + kv head
     int row = rk / kv_heads, kvh = rk % kv_heads;
@@ -130,6 +161,10 @@ __device__ __forceinline__ void pie_gqa_partial(float* part_ml, float* part_acc,
             acc[g][i] = 0.0f;
         }
     }
+
+    if (k_new && (pos - first) % splits == split)
+        pie_gqa_store_new<T, CONTIG>((T*)k_cache, (T*)v_cache, k_new, v_new, new_slots[row], row, kvh, lane, k_width,
+                                     head_dim, v_head_dim, v_stride);
 
     for (int t0 = first + split; t0 <= pos; t0 += splits * PIE_GQA_UNROLL) {
         long long kbase[PIE_GQA_UNROLL], vbase[PIE_GQA_UNROLL];
@@ -292,15 +327,19 @@ PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_c128, float, true)
 PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_bf16_c128, unsigned short, true)
 
 // Both passes in one launch (decode: a grid small enough for the driver's
-// counters); the _fold names of the entry points above.
+// counters); the _fold names of the entry points above. With k_new set
+// (null: the cache holds them already), each row's new key and value are
+// written to the cache by the launch itself (pie_gqa_store_new).
 #define PIE_GQA_FOLDED_KERNEL(NAME, T, CONTIG)                                                                 \
     extern "C" __global__ void __launch_bounds__(PIE_GQA_WARPS * 32)                                           \
         NAME(float* part_ml, float* part_acc, const float* q, const T* k_cache, const T* v_cache,              \
              const int* positions, const int* table, const int* table_off, int heads, int kv_heads,            \
              int head_dim, int v_head_dim, int v_stride, float scale, int window, float softcap, float* out,   \
-             unsigned short* out_bf16, const float* sinks, int has_sinks, unsigned int* counters) {            \
+             unsigned short* out_bf16, const float* sinks, int has_sinks, unsigned int* counters,              \
+             const float* k_new, const float* v_new, const int* new_slots) {                                   \
         pie_gqa_partial<T, CONTIG>(part_ml, part_acc, q, k_cache, v_cache, positions, table, table_off, heads, \
-                                   kv_heads, head_dim, v_head_dim, v_stride, scale, window, softcap);          \
+                                   kv_heads, head_dim, v_head_dim, v_stride, scale, window, softcap, k_new,    \
+                                   v_new, new_slots);                                                          \
         pie_gqa_fold(out, out_bf16, part_ml, part_acc, sinks, has_sinks, heads, kv_heads, v_head_dim,          \
                      counters);                                                                                \
     }

@@ -274,6 +274,37 @@ pub trait Driver: Send + Sync {
         self.glu(&g, &u, a)
     }
 
+    /// `linear_many(rms_norm(x))`: a layer's input norm and the products
+    /// that alone read it (q/k/v). A driver may fold the norm into the
+    /// products: its `1 / rms` is one factor of every output.
+    fn norm_linear_many(
+        &self,
+        x: &Self::Act,
+        norm: PreNorm<'_, Self>,
+        weights: &[&Self::Weight],
+        biases: &[Option<&Self::Weight>],
+        attrs: &[&LinearAttrs],
+    ) -> Result<Vec<Self::Act>> {
+        unfused::norm_linear_many(self, x, norm, weights, biases, attrs)
+    }
+
+    /// [`Driver::add_rms_norm`] of `x + y` whose normed half only the
+    /// [`Driver::gated_linear`] after it reads (residual add, post-attention
+    /// norm, MLP gate/up). Returns `(x + y, glu output)`.
+    #[allow(clippy::too_many_arguments)] // the ops' own operands, one each
+    fn add_norm_gated_linear(
+        &self,
+        x: &Self::Act,
+        y: &Self::Act,
+        add: &ElementwiseAttrs,
+        norm: PreNorm<'_, Self>,
+        gate: (&Self::Weight, Option<&Self::Weight>, &LinearAttrs),
+        up: (&Self::Weight, Option<&Self::Weight>, &LinearAttrs),
+        a: &GluAttrs,
+    ) -> Result<(Self::Act, Self::Act)> {
+        unfused::add_norm_gated_linear(self, x, y, add, norm, gate, up, a)
+    }
+
     /// `residual + linear(x)`: a projection added into the residual
     /// stream. The residual is moved in, so a driver may accumulate into
     /// its memory.
@@ -401,6 +432,10 @@ pub trait Driver: Send + Sync {
             .collect())
     }
 }
+
+/// An RMS norm a fused call applies to its input first: the norm's
+/// weight (if any) and attributes.
+pub type PreNorm<'a, D> = (Option<&'a <D as Driver>::Weight>, &'a RmsNormAttrs);
 
 /// One input of [`Driver::rms_norm_rope2`]: the activation, the norm's
 /// weight and attributes, the rope's attributes.

@@ -3,7 +3,7 @@
 //! where its kernel does not apply.
 
 use crate::ir::*;
-use crate::{Driver, ForwardBatch, NormRopePart, Result};
+use crate::{Driver, ForwardBatch, NormRopePart, PreNorm, Result};
 
 /// `residual + linear(x)`.
 pub fn linear_add<D: Driver + ?Sized>(
@@ -17,6 +17,35 @@ pub fn linear_add<D: Driver + ?Sized>(
 ) -> Result<D::Act> {
     let y = d.linear(x, w, bias, a)?;
     d.add(&residual, &y, add)
+}
+
+/// `linear_many(rms_norm(x))`.
+pub fn norm_linear_many<D: Driver + ?Sized>(
+    d: &D,
+    x: &D::Act,
+    norm: PreNorm<'_, D>,
+    weights: &[&D::Weight],
+    biases: &[Option<&D::Weight>],
+    attrs: &[&LinearAttrs],
+) -> Result<Vec<D::Act>> {
+    let h = d.rms_norm(x, norm.0, norm.1)?;
+    d.linear_many(&h, weights, biases, attrs)
+}
+
+/// `(x + y, gated_linear(rms_norm(x + y)))`.
+#[allow(clippy::too_many_arguments)] // the ops' own operands, one each
+pub fn add_norm_gated_linear<D: Driver + ?Sized>(
+    d: &D,
+    x: &D::Act,
+    y: &D::Act,
+    add: &ElementwiseAttrs,
+    norm: PreNorm<'_, D>,
+    gate: (&D::Weight, Option<&D::Weight>, &LinearAttrs),
+    up: (&D::Weight, Option<&D::Weight>, &LinearAttrs),
+    a: &GluAttrs,
+) -> Result<(D::Act, D::Act)> {
+    let (sum, h) = d.add_rms_norm(x, y, add, norm.0, norm.1)?;
+    Ok((sum, d.gated_linear(&h, gate, up, a)?))
 }
 
 /// `(x + y, rms_norm(x + y))`.

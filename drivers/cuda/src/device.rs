@@ -36,7 +36,7 @@ pub const KERNEL_SOURCES: [(&str, &str); 8] = [
 ];
 
 /// Every kernel the driver launches.
-pub const KERNELS: [&str; 64] = [
+pub const KERNELS: [&str; 66] = [
     "pie_gqa_attention_partial_bf16",
     "pie_kv_write_bf16",
     "pie_rms",
@@ -88,7 +88,9 @@ pub const KERNELS: [&str; 64] = [
     "pie_moe_down_bf16",
     "pie_moe_combine",
     "pie_gemv3_bf16",
+    "pie_gemv3_norm_bf16",
     "pie_gemv_glu_bf16",
+    "pie_gemv_glu_norm_bf16",
     "pie_add_rms_norm",
     "pie_rms_norm_rope",
     "pie_gemv_add_bf16",

@@ -89,6 +89,17 @@ impl CudaDriver {
 
     /// Attention of `q` (rows × heads × head_dim) over the cache, whose
     /// new keys and values are already written.
+    /// Whether the attention of `rows` rows runs as one launch (its
+    /// combine folded into the partial pass).
+    pub(crate) fn gqa_folds(&self, rows: usize, a: &AttentionAttrs) -> bool {
+        self.fuse && rows <= FOLD_MAX_ROWS && rows * a.kv_heads <= FOLD_PAIRS
+    }
+
+    /// Grouped attention of `q` over the cache. `new_kv`: this step's keys
+    /// and values, for the folded launch to write into the cache itself
+    /// (the caller checked [`CudaDriver::gqa_folds`] and that no row reads
+    /// another row's new key); None: the cache holds them already.
+    #[allow(clippy::too_many_arguments)] // the op's operands and its tables
     pub(crate) fn gqa_attention(
         &self,
         q: &CudaAct,
@@ -97,6 +108,7 @@ impl CudaDriver {
         slot: &KvSlotBuffers,
         sinks: Option<&CudaWeight>,
         kv_bf16: bool,
+        new_kv: Option<(&CudaAct, &CudaAct)>,
     ) -> Result<CudaAct> {
         let group = a.heads / a.kv_heads;
         let pairs = q.rows * a.kv_heads;
@@ -126,7 +138,12 @@ impl CudaDriver {
         // (one 16-byte f32 or 8-byte bf16 load) instead of 4 strided ones.
         let contiguous = a.head_dim == MAX_DIM && a.v_head_dim == MAX_DIM;
         // Small grids (decode) combine in the same launch.
-        let fold = self.fuse && q.rows <= FOLD_MAX_ROWS && pairs <= FOLD_PAIRS;
+        let fold = self.gqa_folds(q.rows, a);
+        if new_kv.is_some() && !fold {
+            return Err(DriverError::Invalid(
+                "grouped attention: new keys handed to an unfolded launch".into(),
+            ));
+        }
         let partial = match (fold, kv_bf16, contiguous) {
             (false, true, true) => "pie_gqa_attention_partial_bf16_c128",
             (false, true, false) => "pie_gqa_attention_partial_bf16",
@@ -156,12 +173,21 @@ impl CudaDriver {
             .arg(&a.scale)
             .arg(&window)
             .arg(&softcap);
+        let (k_new, v_new) = new_kv.map_or((0, 0), |(k, v)| {
+            (
+                crate::graphs::address(&k.data),
+                crate::graphs::address(&v.data),
+            )
+        });
         if fold {
             b.arg(&mut out.data)
                 .arg(&shadow)
                 .arg(&sinks_ptr)
                 .arg(&has_sinks)
-                .arg(&self.attention_counters);
+                .arg(&self.attention_counters)
+                .arg(&k_new)
+                .arg(&v_new)
+                .arg(&tables.new_slots);
         }
         unsafe { b.launch(cfg) }.map_err(cuda_err(partial))?;
         if fold {

@@ -33,8 +33,8 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use pie_driver::ir::*;
 use pie_driver::{
-    DType, Driver, DriverError, ForwardBatch, KvDType, KvLayout, NormRopePart, Result, TensorView,
-    WeightPart, WeightRole,
+    DType, Driver, DriverError, ForwardBatch, KvDType, KvLayout, NormRopePart, PreNorm, Result,
+    TensorView, WeightPart, WeightRole,
 };
 
 pub use kv::CudaKv;
@@ -910,7 +910,18 @@ impl Driver for CudaDriver {
                 a.heads, a.kv_heads
             )));
         }
-        if let (Some(k), Some(v)) = (k, v) {
+        // Decode (one new token per sequence, so no row reads another
+        // row's new key): the folded attention launch writes the keys and
+        // values itself, one launch less per layer.
+        let grouped = tables.masks.is_none() && self.gqa_fits(a);
+        let one_token_each = batch.seqs.iter().all(|s| s.len == 1);
+        let new_kv = match (k, v) {
+            (Some(k), Some(v)) if grouped && one_token_each && self.gqa_folds(q.rows, a) => {
+                Some((k, v))
+            }
+            _ => None,
+        };
+        if let (Some(k), Some(v), None) = (k, v, new_kv) {
             let write = if bf16 {
                 "pie_kv_write_bf16"
             } else {
@@ -928,8 +939,8 @@ impl Driver for CudaDriver {
             unsafe { b.launch(blocks(q.rows * (kw + vw))) }.map_err(cuda_err(write))?;
         }
         // Masked batches take the per-head kernel's masked form.
-        if tables.masks.is_none() && self.gqa_fits(a) {
-            return self.gqa_attention(q, a, &tables, slot, sinks, bf16);
+        if grouped {
+            return self.gqa_attention(q, a, &tables, slot, sinks, bf16, new_kv);
         }
         if bf16 {
             return Err(DriverError::Invalid(
@@ -1133,7 +1144,7 @@ impl Driver for CudaDriver {
         biases: &[Option<&CudaWeight>],
         attrs: &[&LinearAttrs],
     ) -> Result<Vec<CudaAct>> {
-        if let Some(outs) = self.fused_linear_many(x, weights, biases, attrs)? {
+        if let Some(outs) = self.fused_linear_many(x, None, weights, biases, attrs)? {
             return Ok(outs);
         }
         if let Some(outs) = self.joined_linear_many(x, weights, biases, attrs)? {
@@ -1147,6 +1158,36 @@ impl Driver for CudaDriver {
             .zip(attrs)
             .map(|((w, b), a)| self.linear_from(&input, w, *b, a))
             .collect()
+    }
+
+    fn norm_linear_many(
+        &self,
+        x: &CudaAct,
+        norm: PreNorm<'_, Self>,
+        weights: &[&CudaWeight],
+        biases: &[Option<&CudaWeight>],
+        attrs: &[&LinearAttrs],
+    ) -> Result<Vec<CudaAct>> {
+        match self.fused_linear_many(x, Some(norm), weights, biases, attrs)? {
+            Some(outs) => Ok(outs),
+            None => pie_driver::unfused::norm_linear_many(self, x, norm, weights, biases, attrs),
+        }
+    }
+
+    fn add_norm_gated_linear(
+        &self,
+        x: &CudaAct,
+        y: &CudaAct,
+        add: &ElementwiseAttrs,
+        norm: PreNorm<'_, Self>,
+        gate: (&CudaWeight, Option<&CudaWeight>, &LinearAttrs),
+        up: (&CudaWeight, Option<&CudaWeight>, &LinearAttrs),
+        a: &GluAttrs,
+    ) -> Result<(CudaAct, CudaAct)> {
+        match self.fused_add_norm_gated_linear(x, y, norm, gate, up, a)? {
+            Some(pair) => Ok(pair),
+            None => pie_driver::unfused::add_norm_gated_linear(self, x, y, add, norm, gate, up, a),
+        }
     }
 
     fn gated_linear(

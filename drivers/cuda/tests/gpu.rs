@@ -583,6 +583,127 @@ fn gpu_joined_weights_multiply_as_one() {
     }
 }
 
+/// A layer's norms folded into the GEMVs after them (`norm_linear_many`:
+/// input norm and q/k/v; `add_norm_gated_linear`: residual add,
+/// post-attention norm and gate/up) must give what the ops give one by
+/// one, at the GEMV's row counts and past them (where the driver runs the
+/// ops), with and without a norm weight and with Gemma's offset.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn gpu_norms_folded_into_products_match_the_ops() {
+    use pie_driver::ir::{ActivationFn, ElementwiseAttrs, GluAttrs, LinearAttrs, RmsNormAttrs};
+    use pie_driver::{unfused, DType, Driver, TensorView, WeightRole};
+    let random = |n: usize, salt: u64, f32s: bool| -> Vec<u8> {
+        let mut seed = 0x2545_f491_4f6c_dd1du64 ^ salt;
+        (0..n)
+            .flat_map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let v = (seed % 2001) as f32 / 1000.0 - 1.0;
+                if f32s {
+                    v.to_le_bytes().to_vec()
+                } else {
+                    half::bf16::from_f32(v).to_le_bytes().to_vec()
+                }
+            })
+            .collect()
+    };
+    let d = gpu();
+    let k = 1024;
+    let widths = [512usize, 256, 256];
+    let matrix = |n: usize, salt: u64| {
+        let bits = random(n * k, salt, false);
+        let view = TensorView {
+            dtype: DType::BF16,
+            shape: &[n, k],
+            data: &bits,
+        };
+        d.load_weight("w", &view, &[n, k], WeightRole::Matrix)
+            .unwrap()
+    };
+    let ws: Vec<_> = widths
+        .iter()
+        .zip(1u64..)
+        .map(|(&n, s)| matrix(n, s))
+        .collect();
+    let attrs: Vec<LinearAttrs> = widths
+        .iter()
+        .map(|&n| LinearAttrs {
+            in_features: k,
+            out_features: n,
+        })
+        .collect();
+    let attr_refs: Vec<&LinearAttrs> = attrs.iter().collect();
+    let w_refs: Vec<_> = ws.iter().collect();
+    let gain_bits = random(k, 7, true);
+    let gain = d
+        .load_weight(
+            "g",
+            &TensorView {
+                dtype: DType::F32,
+                shape: &[k],
+                data: &gain_bits,
+            },
+            &[k],
+            WeightRole::Vector,
+        )
+        .unwrap();
+    let glu = GluAttrs {
+        func: ActivationFn::Silu,
+        width: 256,
+        limit: None,
+    };
+    let add = ElementwiseAttrs { width: k };
+    for (m, offset, weighted) in [
+        (1usize, 0.0f32, true),
+        (3, 1.0, true),
+        (4, 0.0, false),
+        (8, 0.0, true),
+    ] {
+        let norm = RmsNormAttrs {
+            width: k,
+            group: k,
+            eps: 1e-6,
+            offset,
+        };
+        let g = weighted.then_some(&gain);
+        let x = activation(&d, DType::F32, &random(m * k, 100 + m as u64, true), m, k);
+        let y = activation(&d, DType::F32, &random(m * k, 200 + m as u64, true), m, k);
+        let rows: Vec<usize> = (0..m).collect();
+        let read = |a: &_| d.read_rows(a, &rows).unwrap();
+        let close = |what: &str, got: &[f32], want: &[f32]| {
+            let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let diff = got
+                .iter()
+                .zip(want)
+                .fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+            eprintln!("folded norm, {what} at {m} rows: max|diff| {diff:.3e} of {scale:.3}");
+            assert!(
+                diff <= 1e-5 * scale,
+                "{what} at {m} rows: {diff} of {scale}"
+            );
+        };
+        let fused = d
+            .norm_linear_many(&x, (g, &norm), &w_refs, &[None; 3], &attr_refs)
+            .unwrap();
+        let ops =
+            unfused::norm_linear_many(&d, &x, (g, &norm), &w_refs, &[None; 3], &attr_refs).unwrap();
+        for (i, (a, b)) in fused.iter().zip(&ops).enumerate() {
+            close(&format!("product {i}"), &read(a), &read(b));
+        }
+        let gate = (&ws[1], None, &attrs[1]);
+        let up = (&ws[2], None, &attrs[2]);
+        let (sum, out) = d
+            .add_norm_gated_linear(&x, &y, &add, (g, &norm), gate, up, &glu)
+            .unwrap();
+        let (sum_ops, out_ops) =
+            unfused::add_norm_gated_linear(&d, &x, &y, &add, (g, &norm), gate, up, &glu).unwrap();
+        close("residual sum", &read(&sum), &read(&sum_ops));
+        close("gate/up", &read(&out), &read(&out_ops));
+    }
+}
+
 /// Greedy sampling over a vocabulary as large as Qwen3's (each row split
 /// over many blocks): the first index of the maximum and
 /// -log Σ exp(x - max), as computed on the host.
