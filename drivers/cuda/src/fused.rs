@@ -104,47 +104,7 @@ impl CudaDriver {
         up: (&CudaWeight, Option<&CudaWeight>, &LinearAttrs),
         a: &GluAttrs,
     ) -> Result<Option<CudaAct>> {
-        let Some((wg, wu, n)) = self.gemv_gate_up(x, gate, up, a) else {
-            return Ok(None);
-        };
-        let mut out = self.act(x.rows, n)?;
-        let (m, ni, k) = (
-            int(x.rows, "rows")?,
-            int(n, "features")?,
-            int(x.width, "width")?,
-        );
-        let (func, limit) = (activation_code(a.func), a.limit.unwrap_or(0.0));
-        let mut b = self
-            .stream
-            .launch_builder(self.kernels.get("pie_gemv_glu_bf16"));
-        b.arg(&mut out.data)
-            .arg(&x.data)
-            .arg(&wg.ptr)
-            .arg(&wu.ptr)
-            .arg(&m)
-            .arg(&ni)
-            .arg(&k)
-            .arg(&func)
-            .arg(&limit);
-        unsafe { b.launch(gemv_grid(n.div_ceil(GEMV_FEATS))) }
-            .map_err(cuda_err("pie_gemv_glu_bf16"))?;
-        Ok(Some(out))
-    }
-
-    /// The bf16 gate and up matrices and their width, where the GLU GEMV
-    /// kernels take them.
-    fn gemv_gate_up<'w>(
-        &self,
-        x: &CudaAct,
-        gate: (&'w CudaWeight, Option<&CudaWeight>, &LinearAttrs),
-        up: (&'w CudaWeight, Option<&CudaWeight>, &LinearAttrs),
-        a: &GluAttrs,
-    ) -> Option<(&'w Bf16Matrix, &'w Bf16Matrix, usize)> {
-        let n = gate.2.out_features;
-        if up.2.out_features != n || a.width != n || !self.fusing_gemv(x, &[gate.2, up.2]) {
-            return None;
-        }
-        Some((plain_bf16(gate.0, gate.1)?, plain_bf16(up.0, up.1)?, n))
+        Ok(self.glu_gemv(x, None, gate, up, a)?.map(|(_, out)| out))
     }
 
     /// `(x + y, glu(n · Wgᵀ, n · Wuᵀ))` with `n = rms_norm(x + y)` in one
@@ -163,29 +123,58 @@ impl CudaDriver {
         if !same_shape || !whole_row_norm(x, norm.1) {
             return Ok(None);
         }
-        let Some((wg, wu, n)) = self.gemv_gate_up(x, gate, up, a) else {
+        let fused = self.glu_gemv(x, Some((y, norm)), gate, up, a)?;
+        Ok(fused.and_then(|(sum, out)| Some((sum?, out))))
+    }
+
+    /// The GLU GEMV launch: of `x`, or with `added` = (y, norm) of
+    /// `rms_norm(x + y)`, then also returning `x + y`. None where the
+    /// weights or shapes do not fit the kernels.
+    fn glu_gemv(
+        &self,
+        x: &CudaAct,
+        added: Option<(&CudaAct, PreNorm<'_, Self>)>,
+        gate: (&CudaWeight, Option<&CudaWeight>, &LinearAttrs),
+        up: (&CudaWeight, Option<&CudaWeight>, &LinearAttrs),
+        a: &GluAttrs,
+    ) -> Result<Option<(Option<CudaAct>, CudaAct)>> {
+        let n = gate.2.out_features;
+        if up.2.out_features != n || a.width != n || !self.fusing_gemv(x, &[gate.2, up.2]) {
+            return Ok(None);
+        }
+        let (Some(wg), Some(wu)) = (plain_bf16(gate.0, gate.1), plain_bf16(up.0, up.1)) else {
             return Ok(None);
         };
-        let mut sum = self.act(x.rows, x.width)?;
         let mut out = self.act(x.rows, n)?;
         let (m, ni, k) = (
             int(x.rows, "rows")?,
             int(n, "features")?,
             int(x.width, "width")?,
         );
-        let (g, has_g) = weight_or_null(norm.0);
         let (func, limit) = (activation_code(a.func), a.limit.unwrap_or(0.0));
-        let kernel = "pie_gemv_glu_norm_bf16";
+        let kernel = match added {
+            Some(_) => "pie_gemv_glu_norm_bf16",
+            None => "pie_gemv_glu_bf16",
+        };
+        let mut sum = added.map(|_| self.act(x.rows, x.width)).transpose()?;
         let mut b = self.stream.launch_builder(self.kernels.get(kernel));
-        b.arg(&mut out.data)
-            .arg(&mut sum.data)
-            .arg(&x.data)
-            .arg(&y.data)
-            .arg(&1i32)
-            .arg(&g)
-            .arg(&has_g)
-            .arg(&norm.1.eps)
-            .arg(&norm.1.offset);
+        b.arg(&mut out.data);
+        let norm_args = added.map(|(y, (w, norm))| (y, weight_or_null(w), norm));
+        match (&mut sum, &norm_args) {
+            (Some(sum), Some((y, (g, has_g), norm))) => {
+                b.arg(&mut sum.data)
+                    .arg(&x.data)
+                    .arg(&y.data)
+                    .arg(&1i32)
+                    .arg(g)
+                    .arg(has_g)
+                    .arg(&norm.eps)
+                    .arg(&norm.offset);
+            }
+            _ => {
+                b.arg(&x.data);
+            }
+        }
         b.arg(&wg.ptr)
             .arg(&wu.ptr)
             .arg(&m)

@@ -473,6 +473,37 @@ fn gpu_gemv_matches_cublas() {
     }
 }
 
+/// `n` pseudo-random values in [-1, 1] (xorshift from `salt`), as bf16 or
+/// f32 little-endian bytes.
+fn random_bytes(n: usize, salt: u64, f32s: bool) -> Vec<u8> {
+    let mut seed = 0x2545_f491_4f6c_dd1du64 ^ salt;
+    (0..n)
+        .flat_map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let v = (seed % 2001) as f32 / 1000.0 - 1.0;
+            if f32s {
+                v.to_le_bytes().to_vec()
+            } else {
+                half::bf16::from_f32(v).to_le_bytes().to_vec()
+            }
+        })
+        .collect()
+}
+
+/// Asserts `got` within 1e-5 of the largest |want| of `want` (the same
+/// sums in another order), printing the difference under `label`.
+fn assert_close(label: &str, got: &[f32], want: &[f32]) {
+    let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let diff = got
+        .iter()
+        .zip(want)
+        .fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+    eprintln!("{label}: max|diff| {diff:.3e} of {scale:.3}");
+    assert!(diff <= 1e-5 * scale, "{label}: {diff} of {scale}");
+}
+
 /// q/k/v and gate/up loaded together (one allocation) and multiplied as
 /// one GEMM past the GEMV's rows must give what each product gives alone.
 #[test]
@@ -481,17 +512,7 @@ fn gpu_joined_weights_multiply_as_one() {
     use pie_driver::ir::{ActivationFn, GluAttrs, LinearAttrs};
     use pie_driver::{DType, Driver, TensorView, WeightPart, WeightRole};
     use pie_driver_cuda::CudaWeight;
-    let random = |n: usize, salt: u64| -> Vec<u8> {
-        let mut seed = 0x2545_f491_4f6c_dd1du64 ^ salt;
-        (0..n)
-            .flat_map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                half::bf16::from_f32((seed % 2001) as f32 / 1000.0 - 1.0).to_le_bytes()
-            })
-            .collect()
-    };
+    let random = |n: usize, salt: u64| random_bytes(n, salt, false);
     let d = gpu();
     let k = 256;
     let widths = [512usize, 128, 128];
@@ -551,16 +572,7 @@ fn gpu_joined_weights_multiply_as_one() {
         let rows: Vec<usize> = (0..m).collect();
         let read = |a: &_| d.read_rows(a, &rows).unwrap();
         let close = |what: &str, got: &[f32], want: &[f32]| {
-            let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let diff = got
-                .iter()
-                .zip(want)
-                .fold(0f32, |a, (g, w)| a.max((g - w).abs()));
-            eprintln!("joined {what} at {m} rows: max|diff| {diff:.3e} of {scale:.3}");
-            assert!(
-                diff <= 1e-5 * scale,
-                "{what} at {m} rows: {diff} of {scale}"
-            );
+            assert_close(&format!("joined {what} at {m} rows"), got, want)
         };
         let ws: Vec<&CudaWeight> = joined.iter().collect();
         let many = d
@@ -593,22 +605,7 @@ fn gpu_joined_weights_multiply_as_one() {
 fn gpu_norms_folded_into_products_match_the_ops() {
     use pie_driver::ir::{ActivationFn, ElementwiseAttrs, GluAttrs, LinearAttrs, RmsNormAttrs};
     use pie_driver::{unfused, DType, Driver, TensorView, WeightRole};
-    let random = |n: usize, salt: u64, f32s: bool| -> Vec<u8> {
-        let mut seed = 0x2545_f491_4f6c_dd1du64 ^ salt;
-        (0..n)
-            .flat_map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                let v = (seed % 2001) as f32 / 1000.0 - 1.0;
-                if f32s {
-                    v.to_le_bytes().to_vec()
-                } else {
-                    half::bf16::from_f32(v).to_le_bytes().to_vec()
-                }
-            })
-            .collect()
-    };
+    let random = random_bytes;
     let d = gpu();
     let k = 1024;
     let widths = [512usize, 256, 256];
@@ -673,16 +670,7 @@ fn gpu_norms_folded_into_products_match_the_ops() {
         let rows: Vec<usize> = (0..m).collect();
         let read = |a: &_| d.read_rows(a, &rows).unwrap();
         let close = |what: &str, got: &[f32], want: &[f32]| {
-            let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let diff = got
-                .iter()
-                .zip(want)
-                .fold(0f32, |a, (g, w)| a.max((g - w).abs()));
-            eprintln!("folded norm, {what} at {m} rows: max|diff| {diff:.3e} of {scale:.3}");
-            assert!(
-                diff <= 1e-5 * scale,
-                "{what} at {m} rows: {diff} of {scale}"
-            );
+            assert_close(&format!("folded norm, {what} at {m} rows"), got, want)
         };
         let fused = d
             .norm_linear_many(&x, (g, &norm), &w_refs, &[None; 3], &attr_refs)
