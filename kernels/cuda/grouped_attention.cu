@@ -297,6 +297,58 @@ extern "C" __global__ void pie_gqa_attention_combine(float* out, unsigned short*
                          blockIdx.x / heads, blockIdx.x % heads);
 }
 
+// The fold's combine: every query head of one (row, kv head) pair at once.
+// Warp w turns the split maxima of heads w, w + PIE_GQA_WARPS, ... into
+// weights; then thread d sums dimension d of every head over the splits.
+// Those loads are all independent, so the pair costs one pass of L2 round
+// trips where pie_gqa_combine_head, once per head, costs one per head.
+__device__ __forceinline__ void pie_gqa_combine_group(float* out, unsigned short* out_bf16, const float* part_ml,
+                                                      const float* part_acc, const float* sinks, int has_sinks,
+                                                      int heads, int kv_heads, int v_head_dim, int splits, int row,
+                                                      int kvh) {
+    __shared__ float weight[PIE_GQA_MAX_GROUP][PIE_GQA_MAX_SPLITS];
+    __shared__ float denominator[PIE_GQA_MAX_GROUP];
+    int group = heads / kv_heads, rk = row * kv_heads + kvh;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int g = warp; g < group; g += PIE_GQA_WARPS) {
+        const float* ml = part_ml + ((long long)rk * splits * group + g) * 2;  // split s at s * group * 2
+        float mx = PIE_GQA_NEG_INF;
+        for (int s = lane; s < splits; s += 32) mx = fmaxf(mx, __ldcg(ml + (long long)s * group * 2));
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        float total = 0.0f;
+        for (int s = lane; s < splits; s += 32) {
+            float ms = __ldcg(ml + (long long)s * group * 2);
+            float w = ms == PIE_GQA_NEG_INF ? 0.0f : __expf(ms - mx);
+            weight[g][s] = w;
+            total += __ldcg(ml + (long long)s * group * 2 + 1) * w;
+        }
+        total = pie_warp_sum(total);
+        int h = kvh * group + g;
+        if (lane == 0) denominator[g] = total + (has_sinks ? __expf(sinks[h] - mx) : 0.0f);
+    }
+    __syncthreads();
+    int d = threadIdx.x;
+    if (d >= v_head_dim) return;
+    const float* acc = part_acc + (long long)rk * splits * group * v_head_dim + d;
+    long long stride = (long long)group * v_head_dim;  // from one split to the next
+    float value[PIE_GQA_MAX_GROUP];
+#pragma unroll
+    for (int g = 0; g < PIE_GQA_MAX_GROUP; g++) value[g] = 0.0f;
+    for (int s = 0; s < splits; s++) {
+#pragma unroll
+        for (int g = 0; g < PIE_GQA_MAX_GROUP; g++)
+            if (g < group) value[g] += __ldcg(acc + s * stride + g * v_head_dim) * weight[g][s];
+    }
+#pragma unroll
+    for (int g = 0; g < PIE_GQA_MAX_GROUP; g++) {
+        if (g >= group) break;
+        long long o = ((long long)row * heads + kvh * group + g) * v_head_dim + d;
+        float v = value[g] / denominator[g];
+        out[o] = v;
+        if (out_bf16) out_bf16[o] = pie_kv_bf16_bits(v);
+    }
+}
+
 // Pass 2 folded into pass 1 (one launch): each block of a (row, kv head)
 // pair counts itself done in counters[pair]; the last one combines the
 // pair's query heads and resets the counter for the next launch.
@@ -314,11 +366,9 @@ __device__ __forceinline__ void pie_gqa_fold(float* out, unsigned short* out_bf1
     __syncthreads();
     if (!last) return;
     __threadfence();
-    int group = heads / kv_heads, row = rk / kv_heads, kvh = rk % kv_heads;
     int splits = gridDim.y * PIE_GQA_WARPS;
-    for (int g = 0; g < group; g++)
-        pie_gqa_combine_head(out, out_bf16, part_ml, part_acc, sinks, has_sinks, heads, kv_heads, v_head_dim, splits,
-                             row, kvh * group + g);
+    pie_gqa_combine_group(out, out_bf16, part_ml, part_acc, sinks, has_sinks, heads, kv_heads, v_head_dim, splits,
+                          rk / kv_heads, rk % kv_heads);
 }
 
 PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial, float, false)
