@@ -492,6 +492,17 @@ fn random_bytes(n: usize, salt: u64, f32s: bool) -> Vec<u8> {
         .collect()
 }
 
+/// Attributes of products of `k` inputs into each of `widths` features.
+fn linear_attrs(k: usize, widths: &[usize]) -> Vec<pie_driver::ir::LinearAttrs> {
+    widths
+        .iter()
+        .map(|&n| pie_driver::ir::LinearAttrs {
+            in_features: k,
+            out_features: n,
+        })
+        .collect()
+}
+
 /// Asserts `got` within 1e-5 of the largest |want| of `want` (the same
 /// sums in another order), printing the difference under `label`.
 fn assert_close(label: &str, got: &[f32], want: &[f32]) {
@@ -509,7 +520,7 @@ fn assert_close(label: &str, got: &[f32], want: &[f32]) {
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn gpu_joined_weights_multiply_as_one() {
-    use pie_driver::ir::{ActivationFn, GluAttrs, LinearAttrs};
+    use pie_driver::ir::{ActivationFn, GluAttrs};
     use pie_driver::{DType, Driver, TensorView, WeightPart, WeightRole};
     use pie_driver_cuda::CudaWeight;
     let random = |n: usize, salt: u64| random_bytes(n, salt, false);
@@ -555,13 +566,7 @@ fn gpu_joined_weights_multiply_as_one() {
         "loaded together but not side by side"
     );
     assert!(!side_by_side(&alone));
-    let attrs: Vec<LinearAttrs> = widths
-        .iter()
-        .map(|&n| LinearAttrs {
-            in_features: k,
-            out_features: n,
-        })
-        .collect();
+    let attrs = linear_attrs(k, &widths);
     let glu = GluAttrs {
         func: ActivationFn::Silu,
         width: 128,
@@ -624,13 +629,7 @@ fn gpu_norms_folded_into_products_match_the_ops() {
         .zip(1u64..)
         .map(|(&n, s)| matrix(n, s))
         .collect();
-    let attrs: Vec<LinearAttrs> = widths
-        .iter()
-        .map(|&n| LinearAttrs {
-            in_features: k,
-            out_features: n,
-        })
-        .collect();
+    let attrs = linear_attrs(k, &widths);
     let attr_refs: Vec<&LinearAttrs> = attrs.iter().collect();
     let w_refs: Vec<_> = ws.iter().collect();
     let gain_bits = random(k, 7, true);
