@@ -87,18 +87,17 @@ impl CudaDriver {
             && a.v_head_dim <= MAX_DIM
     }
 
-    /// Attention of `q` (rows × heads × head_dim) over the cache, whose
-    /// new keys and values are already written.
     /// Whether the attention of `rows` rows runs as one launch (its
     /// combine folded into the partial pass).
     pub(crate) fn gqa_folds(&self, rows: usize, a: &AttentionAttrs) -> bool {
         self.fuse && rows <= FOLD_MAX_ROWS && rows * a.kv_heads <= FOLD_PAIRS
     }
 
-    /// Grouped attention of `q` over the cache. `new_kv`: this step's keys
-    /// and values, for the folded launch to write into the cache itself
-    /// (the caller checked [`CudaDriver::gqa_folds`] and that no row reads
-    /// another row's new key); None: the cache holds them already.
+    /// Grouped attention of `q` (rows × heads × head_dim) over the cache.
+    /// `new_kv`: this step's keys and values, for the folded launch to
+    /// write into the cache itself (the caller checked
+    /// [`CudaDriver::gqa_folds`] and that no row reads another row's new
+    /// key); None: the cache holds them already.
     #[allow(clippy::too_many_arguments)] // the op's operands and its tables
     pub(crate) fn gqa_attention(
         &self,
