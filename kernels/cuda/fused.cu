@@ -123,19 +123,7 @@ extern "C" __global__ void pie_add_rms_norm4(float* sum, float* out, pie_u16* ou
                                              float eps, float offset) {
     long long base = (long long)blockIdx.x * group;
     float4 v[PIE_NORM_CHUNKS];
-    float squares = 0.0f;
-#pragma unroll
-    for (int c = 0; c < PIE_NORM_CHUNKS; c++) {
-        int i = pie_norm_chunk(c, group);
-        if (i < 0) {
-            v[c] = make_float4(0.f, 0.f, 0.f, 0.f);
-            continue;
-        }
-        float4 a = *(const float4*)(x + base + i), b = *(const float4*)(y + base + i);
-        v[c] = make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
-        *(float4*)(sum + base + i) = v[c];
-        squares += v[c].x * v[c].x + v[c].y * v[c].y + v[c].z * v[c].z + v[c].w * v[c].w;
-    }
+    float squares = pie_norm_load4(v, x, y, sum, base, group);
     pie_norm_store4(v, squares, out + base, out_bf16 ? out_bf16 + base : nullptr, w, has_weight, group, eps, offset);
 }
 

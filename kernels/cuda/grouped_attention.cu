@@ -244,13 +244,35 @@ __device__ __forceinline__ void pie_gqa_partial(float* part_ml, float* part_acc,
                                    kv_heads, head_dim, v_head_dim, v_stride, scale, window, softcap);          \
     }
 
+// Most splits a combine takes (their weights are held in shared memory).
+#define PIE_GQA_MAX_SPLITS 64
+
+// One warp's part of a combine: the weights of one query head's splits
+// (each split's maximum against the largest, into weight[s]) and the
+// softmax denominator (plus the head's learned sink logit sinks[h] when
+// has_sinks), returned to every lane. ml: (max, sum) of the head's first
+// split, split s at s * group * 2 (__ldcg: other blocks wrote them).
+__device__ __forceinline__ float pie_gqa_split_weights(const float* ml, int splits, int group, float* weight,
+                                                       const float* sinks, int has_sinks, int h) {
+    int lane = threadIdx.x & 31;
+    float mx = PIE_GQA_NEG_INF;
+    for (int s = lane; s < splits; s += 32) mx = fmaxf(mx, __ldcg(ml + (long long)s * group * 2));
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float total = 0.0f;
+    for (int s = lane; s < splits; s += 32) {
+        float ms = __ldcg(ml + (long long)s * group * 2);
+        float w = ms == PIE_GQA_NEG_INF ? 0.0f : __expf(ms - mx);
+        weight[s] = w;
+        total += __ldcg(ml + (long long)s * group * 2 + 1) * w;
+    }
+    return pie_warp_sum(total) + (has_sinks ? __expf(sinks[h] - mx) : 0.0f);
+}
+
 // The combine of one (row, query head) by a block of 128 threads; thread
 // d owns output dimension d. The first warp turns the splits' maxima into
-// weights (in shared memory), then every thread sums its dimension over
-// the splits with independent loads (__ldcg: other blocks wrote them).
-// has_sinks: a learned per-head logit in the denominator. splits <=
-// PIE_GQA_MAX_SPLITS. Every thread of the block must call it.
-#define PIE_GQA_MAX_SPLITS 64
+// weights (pie_gqa_split_weights, in shared memory), then every thread
+// sums its dimension over the splits with independent loads (__ldcg:
+// other blocks wrote them). Every thread of the block must call it.
 __device__ __forceinline__ void pie_gqa_combine_head(float* out, unsigned short* out_bf16, const float* part_ml,
                                                      const float* part_acc, const float* sinks, int has_sinks,
                                                      int heads, int kv_heads, int v_head_dim, int splits, int row,
@@ -262,19 +284,8 @@ __device__ __forceinline__ void pie_gqa_combine_head(float* out, unsigned short*
     const float* ml = part_ml + ((long long)rk * splits * group + g) * 2;  // split s at s * group * 2
     __syncthreads();  // a previous call's readers are done with weight[]
     if (threadIdx.x < 32) {
-        int lane = threadIdx.x;
-        float mx = PIE_GQA_NEG_INF;
-        for (int s = lane; s < splits; s += 32) mx = fmaxf(mx, __ldcg(ml + (long long)s * group * 2));
-        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-        float total = 0.0f;
-        for (int s = lane; s < splits; s += 32) {
-            float ms = __ldcg(ml + (long long)s * group * 2);
-            float w = ms == PIE_GQA_NEG_INF ? 0.0f : __expf(ms - mx);
-            weight[s] = w;
-            total += __ldcg(ml + (long long)s * group * 2 + 1) * w;
-        }
-        total = pie_warp_sum(total);
-        if (lane == 0) denominator = total + (has_sinks ? __expf(sinks[h] - mx) : 0.0f);
+        float total = pie_gqa_split_weights(ml, splits, group, weight, sinks, has_sinks, h);
+        if (threadIdx.x == 0) denominator = total;
     }
     __syncthreads();
     int d = threadIdx.x;
@@ -311,20 +322,9 @@ __device__ __forceinline__ void pie_gqa_combine_group(float* out, unsigned short
     int group = heads / kv_heads, rk = row * kv_heads + kvh;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int g = warp; g < group; g += PIE_GQA_WARPS) {
-        const float* ml = part_ml + ((long long)rk * splits * group + g) * 2;  // split s at s * group * 2
-        float mx = PIE_GQA_NEG_INF;
-        for (int s = lane; s < splits; s += 32) mx = fmaxf(mx, __ldcg(ml + (long long)s * group * 2));
-        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-        float total = 0.0f;
-        for (int s = lane; s < splits; s += 32) {
-            float ms = __ldcg(ml + (long long)s * group * 2);
-            float w = ms == PIE_GQA_NEG_INF ? 0.0f : __expf(ms - mx);
-            weight[g][s] = w;
-            total += __ldcg(ml + (long long)s * group * 2 + 1) * w;
-        }
-        total = pie_warp_sum(total);
-        int h = kvh * group + g;
-        if (lane == 0) denominator[g] = total + (has_sinks ? __expf(sinks[h] - mx) : 0.0f);
+        const float* ml = part_ml + ((long long)rk * splits * group + g) * 2;
+        float total = pie_gqa_split_weights(ml, splits, group, weight[g], sinks, has_sinks, kvh * group + g);
+        if (lane == 0) denominator[g] = total;
     }
     __syncthreads();
     int d = threadIdx.x;

@@ -45,6 +45,30 @@ __device__ __forceinline__ int pie_norm_chunk(int c, int group) {
     return i < group ? i : -1;
 }
 
+// Loads the thread's chunks of the row at `base` into v: x, or x + y when
+// y is set (the sum also written to `sum`, when set). Returns the sum of
+// their squares (chunks past the group are zeros).
+__device__ __forceinline__ float pie_norm_load4(float4 (&v)[PIE_NORM_CHUNKS], const float* x, const float* y,
+                                                float* sum, long long base, int group) {
+    float squares = 0.0f;
+#pragma unroll
+    for (int c = 0; c < PIE_NORM_CHUNKS; c++) {
+        int i = pie_norm_chunk(c, group);
+        if (i < 0) {
+            v[c] = make_float4(0.f, 0.f, 0.f, 0.f);
+            continue;
+        }
+        v[c] = *(const float4*)(x + base + i);
+        if (y) {
+            float4 b = *(const float4*)(y + base + i);
+            v[c] = make_float4(v[c].x + b.x, v[c].y + b.y, v[c].z + b.z, v[c].w + b.w);
+        }
+        if (sum) *(float4*)(sum + base + i) = v[c];
+        squares += v[c].x * v[c].x + v[c].y * v[c].y + v[c].z * v[c].z + v[c].w * v[c].w;
+    }
+    return squares;
+}
+
 // Scales the thread's chunks `v` by 1 / rms (of the block's `squares`) and
 // (offset + w), writing them to og (and rounded to bf16 to ob, if set).
 __device__ __forceinline__ void pie_norm_store4(float4 (&v)[PIE_NORM_CHUNKS], float squares, float* og, pie_u16* ob,
@@ -74,13 +98,7 @@ extern "C" __global__ void pie_rms_norm4(float* out, pie_u16* out_bf16, const fl
                                          int has_weight, int group, float eps, float offset) {
     long long base = (long long)blockIdx.x * group;
     float4 v[PIE_NORM_CHUNKS];
-    float squares = 0.0f;
-#pragma unroll
-    for (int c = 0; c < PIE_NORM_CHUNKS; c++) {
-        int i = pie_norm_chunk(c, group);
-        v[c] = i < 0 ? make_float4(0.f, 0.f, 0.f, 0.f) : *(const float4*)(x + base + i);
-        squares += v[c].x * v[c].x + v[c].y * v[c].y + v[c].z * v[c].z + v[c].w * v[c].w;
-    }
+    float squares = pie_norm_load4(v, x, nullptr, nullptr, base, group);
     pie_norm_store4(v, squares, out + base, out_bf16 ? out_bf16 + base : nullptr, w, has_weight, group, eps, offset);
 }
 
