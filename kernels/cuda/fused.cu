@@ -5,14 +5,15 @@
 // and pie_block_sum (norm_rope.cu), compiled before this file.
 
 // m = glu(x · Wgᵀ, x · Wuᵀ) for a few rows: each block computes the same
-// PIE_GEMV_FEATS features of gate and up, then the activation, so neither
-// product goes through memory. With limit > 0, GPT-OSS's clamped SwiGLU.
+// PIE_GEMV_FEATS features of gate and up in one pass over x (PAIR), then
+// the activation, so neither product goes through memory. With limit > 0,
+// GPT-OSS's clamped SwiGLU.
 extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS)
 pie_gemv_glu_bf16(float* __restrict__ out, const float* __restrict__ x, const unsigned short* __restrict__ wg,
                   const unsigned short* __restrict__ wu, int m, int n, int k, int fn, float limit) {
     int f0 = blockIdx.x * PIE_GEMV_FEATS;
-    float g = pie_gemv_block(x, wg, m, n, k, f0);
-    float u = pie_gemv_block(x, wu, m, n, k, f0);
+    float u;
+    float g = pie_gemv_block_t<false, true>(x, wg, wu, m, n, k, f0, PieGemvNorm{}, &u);
     pie_gemv_store(out, pie_glu_value(fn, limit, g, u), m, n, f0);
 }
 
@@ -25,9 +26,8 @@ pie_gemv_glu_norm_bf16(float* __restrict__ out, float* sum, const float* __restr
                        const unsigned short* __restrict__ wu, int m, int n, int k, int fn, float limit) {
     int f0 = blockIdx.x * PIE_GEMV_FEATS;
     PieGemvNorm nm = {has_y ? y : nullptr, has_g ? g : nullptr, offset, eps, has_y ? sum : nullptr};
-    float gate = pie_gemv_block_t<true>(x, wg, m, n, k, f0, nm);
-    nm.sum = nullptr;  // the gate pass wrote it
-    float up = pie_gemv_block_t<true>(x, wu, m, n, k, f0, nm);
+    float up;
+    float gate = pie_gemv_block_t<true, true>(x, wg, wu, m, n, k, f0, nm, &up);
     pie_gemv_store(out, pie_glu_value(fn, limit, gate, up), m, n, f0);
 }
 

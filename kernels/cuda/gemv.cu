@@ -34,119 +34,151 @@ struct PieGemvNorm {
     float* sum;
 };
 
+// One chunk of 8 inputs (c .. c + 7) of every row into the block's sums:
+// NF features' weights (the first PIE_GEMV_FEATS rows from w, the next
+// from w2 when NF is twice that), the input rows (normalized on the way
+// in with NORM) and, with NORM, each row's sum of squares.
+template <bool NORM, int NF>
+__device__ __forceinline__ void pie_gemv_chunk(const float* __restrict__ x, const unsigned short* __restrict__ w,
+                                               const unsigned short* __restrict__ w2, int m, int n, int k, int f0,
+                                               int c, const PieGemvNorm& nm, float (&acc)[PIE_GEMV_MAX_ROWS][NF],
+                                               float (&squares)[PIE_GEMV_MAX_ROWS]) {
+    float wv[NF][8];
+#pragma unroll
+    for (int f = 0; f < NF; f++) {
+        int feat = f0 + f % PIE_GEMV_FEATS;
+        const unsigned short* src = f < PIE_GEMV_FEATS ? w : w2;
+        if (feat < n) {
+            uint4 raw = __ldg((const uint4*)(src + (size_t)feat * k + c));
+            pie_unpack_bf16x8(raw, wv[f]);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; i++) wv[f][i] = 0.0f;
+        }
+    }
+    float scale[8];
+    if (NORM) {
+        if (nm.g) {
+            const float4* gc = (const float4*)(nm.g + c);
+            float4 a = gc[0], b = gc[1];
+            float gv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+            for (int i = 0; i < 8; i++) scale[i] = nm.offset + gv[i];
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; i++) scale[i] = 1.0f;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < PIE_GEMV_MAX_ROWS; r++) {
+        if (r < m) {
+            const float4* xr = (const float4*)(x + (size_t)r * k + c);
+            float4 a = xr[0], b = xr[1];
+            float xv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+            if (NORM) {
+                if (nm.y) {
+                    const float4* yr = (const float4*)(nm.y + (size_t)r * k + c);
+                    float4 ya = yr[0], yb = yr[1];
+                    float yv[8] = {ya.x, ya.y, ya.z, ya.w, yb.x, yb.y, yb.z, yb.w};
+#pragma unroll
+                    for (int i = 0; i < 8; i++) xv[i] += yv[i];
+                }
+                if (nm.sum && blockIdx.x == 0) {
+                    float4* sr = (float4*)(nm.sum + (size_t)r * k + c);
+                    sr[0] = make_float4(xv[0], xv[1], xv[2], xv[3]);
+                    sr[1] = make_float4(xv[4], xv[5], xv[6], xv[7]);
+                }
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    squares[r] += xv[i] * xv[i];
+                    xv[i] *= scale[i];
+                }
+            }
+#pragma unroll
+            for (int f = 0; f < NF; f++)
+#pragma unroll
+                for (int i = 0; i < 8; i++) acc[r][f] += wv[f][i] * xv[i];
+        }
+    }
+}
+
 // The block's share of out = x · Wᵀ: features f0 .. f0 + PIE_GEMV_FEATS
 // of every row. Thread t < m · PIE_GEMV_FEATS gets the sum for row
 // t / PIE_GEMV_FEATS, feature f0 + t % PIE_GEMV_FEATS; the others get 0.
-// NORM: x is normalized on the way in (PieGemvNorm). Every thread of the
-// block must call it (it synchronizes).
-template <bool NORM>
+// NORM: x is normalized on the way in (PieGemvNorm). PAIR: the same
+// features of a second matrix w2 in the same pass over x (the GLU's gate
+// and up), their sum into *second; one pass keeps both matrices' loads
+// in flight together and reduces once. Every thread of the block must
+// call it (it synchronizes).
+template <bool NORM, bool PAIR>
 __device__ __forceinline__ float pie_gemv_block_t(const float* __restrict__ x, const unsigned short* __restrict__ w,
-                                                  int m, int n, int k, int f0, PieGemvNorm nm) {
-    float acc[PIE_GEMV_MAX_ROWS][PIE_GEMV_FEATS];
+                                                  const unsigned short* __restrict__ w2, int m, int n, int k,
+                                                  int f0, PieGemvNorm nm, float* second) {
+    constexpr int NF = PAIR ? 2 * PIE_GEMV_FEATS : PIE_GEMV_FEATS;
+    float acc[PIE_GEMV_MAX_ROWS][NF];
     float squares[PIE_GEMV_MAX_ROWS];
 #pragma unroll
     for (int r = 0; r < PIE_GEMV_MAX_ROWS; r++) {
         squares[r] = 0.0f;
 #pragma unroll
-        for (int f = 0; f < PIE_GEMV_FEATS; f++) acc[r][f] = 0.0f;
+        for (int f = 0; f < NF; f++) acc[r][f] = 0.0f;
     }
 
-    // Unrolled so the next chunk's weight loads issue before this one's FMAs.
+    if (PAIR) {
+        // Already twice the loads in flight per chunk: unrolling more
+        // would cost registers (and occupancy) for nothing.
+#pragma unroll 1
+        for (int c = threadIdx.x * 8; c < k; c += PIE_GEMV_THREADS * 8)
+            pie_gemv_chunk<NORM, NF>(x, w, w2, m, n, k, f0, c, nm, acc, squares);
+    } else {
+        // Unrolled so the next chunk's weight loads issue before this one's FMAs.
 #pragma unroll 2
-    for (int c = threadIdx.x * 8; c < k; c += PIE_GEMV_THREADS * 8) {
-        float wv[PIE_GEMV_FEATS][8];
-#pragma unroll
-        for (int f = 0; f < PIE_GEMV_FEATS; f++) {
-            if (f0 + f < n) {
-                uint4 raw = __ldg((const uint4*)(w + (size_t)(f0 + f) * k + c));
-                pie_unpack_bf16x8(raw, wv[f]);
-            } else {
-#pragma unroll
-                for (int i = 0; i < 8; i++) wv[f][i] = 0.0f;
-            }
-        }
-        float scale[8];
-        if (NORM) {
-            if (nm.g) {
-                const float4* gc = (const float4*)(nm.g + c);
-                float4 a = gc[0], b = gc[1];
-                float gv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-                for (int i = 0; i < 8; i++) scale[i] = nm.offset + gv[i];
-            } else {
-#pragma unroll
-                for (int i = 0; i < 8; i++) scale[i] = 1.0f;
-            }
-        }
-#pragma unroll
-        for (int r = 0; r < PIE_GEMV_MAX_ROWS; r++) {
-            if (r < m) {
-                const float4* xr = (const float4*)(x + (size_t)r * k + c);
-                float4 a = xr[0], b = xr[1];
-                float xv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-                if (NORM) {
-                    if (nm.y) {
-                        const float4* yr = (const float4*)(nm.y + (size_t)r * k + c);
-                        float4 ya = yr[0], yb = yr[1];
-                        float yv[8] = {ya.x, ya.y, ya.z, ya.w, yb.x, yb.y, yb.z, yb.w};
-#pragma unroll
-                        for (int i = 0; i < 8; i++) xv[i] += yv[i];
-                    }
-                    if (nm.sum && blockIdx.x == 0) {
-                        float4* sr = (float4*)(nm.sum + (size_t)r * k + c);
-                        sr[0] = make_float4(xv[0], xv[1], xv[2], xv[3]);
-                        sr[1] = make_float4(xv[4], xv[5], xv[6], xv[7]);
-                    }
-#pragma unroll
-                    for (int i = 0; i < 8; i++) {
-                        squares[r] += xv[i] * xv[i];
-                        xv[i] *= scale[i];
-                    }
-                }
-#pragma unroll
-                for (int f = 0; f < PIE_GEMV_FEATS; f++)
-#pragma unroll
-                    for (int i = 0; i < 8; i++) acc[r][f] += wv[f][i] * xv[i];
-            }
-        }
+        for (int c = threadIdx.x * 8; c < k; c += PIE_GEMV_THREADS * 8)
+            pie_gemv_chunk<NORM, NF>(x, w, w2, m, n, k, f0, c, nm, acc, squares);
     }
 
     // Warp sums, then the 4 warps' partial sums through shared memory
-    // (slot PIE_GEMV_FEATS: the row's squares, NORM only).
-    __shared__ float partial[PIE_GEMV_THREADS / 32][PIE_GEMV_MAX_ROWS][PIE_GEMV_FEATS + 1];
+    // (slot NF: the row's squares, NORM only).
+    __shared__ float partial[PIE_GEMV_THREADS / 32][PIE_GEMV_MAX_ROWS][NF + 1];
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     __syncthreads();  // a previous call's readers are done with `partial`
 #pragma unroll
     for (int r = 0; r < PIE_GEMV_MAX_ROWS; r++) {
         if (r >= m) break;  // uniform: rows past m hold nothing
 #pragma unroll
-        for (int f = 0; f <= PIE_GEMV_FEATS; f++) {
-            if (f == PIE_GEMV_FEATS && !NORM) break;
-            float v = f < PIE_GEMV_FEATS ? acc[r][f] : squares[r];
+        for (int f = 0; f <= NF; f++) {
+            if (f == NF && !NORM) break;
+            float v = f < NF ? acc[r][f] : squares[r];
             for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
             if (lane == 0) partial[warp][r][f] = v;
         }
     }
     __syncthreads();
     int t = threadIdx.x;
-    float v = 0.0f;
+    float v = 0.0f, v2 = 0.0f;
     if (t < m * PIE_GEMV_FEATS) {
-        int r = t / PIE_GEMV_FEATS;
+        int r = t / PIE_GEMV_FEATS, f = t % PIE_GEMV_FEATS;
         float sq = 0.0f;
 #pragma unroll
         for (int wi = 0; wi < PIE_GEMV_THREADS / 32; wi++) {
-            v += partial[wi][r][t % PIE_GEMV_FEATS];
-            sq += partial[wi][r][PIE_GEMV_FEATS];
+            v += partial[wi][r][f];
+            if (PAIR) v2 += partial[wi][r][PIE_GEMV_FEATS + f];
+            if (NORM) sq += partial[wi][r][NF];
         }
         // The same 1 / rms as pie_rms_norm.
-        if (NORM) v *= rsqrtf(sq / (float)k + nm.eps);
+        if (NORM) {
+            float inv = rsqrtf(sq / (float)k + nm.eps);
+            v *= inv;
+            v2 *= inv;
+        }
     }
+    if (PAIR) *second = v2;
     return v;
 }
 
 __device__ __forceinline__ float pie_gemv_block(const float* __restrict__ x, const unsigned short* __restrict__ w,
                                                 int m, int n, int k, int f0) {
-    return pie_gemv_block_t<false>(x, w, m, n, k, f0, PieGemvNorm{});
+    return pie_gemv_block_t<false, false>(x, w, nullptr, m, n, k, f0, PieGemvNorm{}, nullptr);
 }
 
 // Writes the block's sums (from pie_gemv_block) into out [m, n].
@@ -180,7 +212,7 @@ __device__ __forceinline__ void pie_gemv3(float* out0, const unsigned short* w0,
         out = out1, w = w1, n = n1, b -= b0;
     }
     int f0 = b * PIE_GEMV_FEATS;
-    pie_gemv_store(out, pie_gemv_block_t<NORM>(x, w, m, n, k, f0, nm), m, n, f0);
+    pie_gemv_store(out, pie_gemv_block_t<NORM, false>(x, w, nullptr, m, n, k, f0, nm, nullptr), m, n, f0);
 }
 
 extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS)

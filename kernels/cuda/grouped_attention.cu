@@ -166,14 +166,22 @@ __device__ __forceinline__ void pie_gqa_partial(float* part_ml, float* part_acc,
         pie_gqa_store_new<T, CONTIG>((T*)k_cache, (T*)v_cache, k_new, v_new, new_slots[row], row, kvh, lane, k_width,
                                      head_dim, v_head_dim, v_stride);
 
-    for (int t0 = first + split; t0 <= pos; t0 += splits * PIE_GQA_UNROLL) {
+    // Lane j holds the cache slot of the warp's key j (of the current 32),
+    // so a key's slot comes by shuffle: the loop waits on one memory round
+    // trip per step (the key and value rows), not two.
+    int lane_slot = 0;
+    for (int t0 = first + split, j0 = 0; t0 <= pos; t0 += splits * PIE_GQA_UNROLL, j0 += PIE_GQA_UNROLL) {
+        if ((j0 & 31) == 0) {  // uniform over the warp
+            int t = t0 + lane * splits;
+            lane_slot = t <= pos ? slots[t] : 0;
+        }
         long long kbase[PIE_GQA_UNROLL], vbase[PIE_GQA_UNROLL];
         bool live[PIE_GQA_UNROLL];
 #pragma unroll
         for (int u = 0; u < PIE_GQA_UNROLL; u++) {
             int t = t0 + u * splits;
             live[u] = t <= pos;
-            long long slot = live[u] ? slots[t] : 0;
+            long long slot = __shfl_sync(0xffffffffu, lane_slot, (j0 & 31) + u);
             kbase[u] = slot * k_width + (long long)kvh * head_dim;
             vbase[u] = slot * v_stride + (long long)kvh * v_head_dim;
         }
