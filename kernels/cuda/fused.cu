@@ -20,7 +20,8 @@ pie_gemv_glu_bf16(float* __restrict__ out, const float* __restrict__ x, const un
 // pie_gemv_glu_bf16 of rms_norm(x + y) · (offset + g) (y, g optional:
 // has_y, has_g), writing x + y to `sum` (has_y only): a residual add, the
 // norm after it and the MLP's gate/up in one launch (PieGemvNorm, gemv.cu).
-extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS)
+// At most 170 registers, so 3 blocks fit an SM (181 unbounded: 2).
+extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS, 3)
 pie_gemv_glu_norm_bf16(float* __restrict__ out, float* sum, const float* __restrict__ x, const float* y, int has_y,
                        const float* g, int has_g, float eps, float offset, const unsigned short* __restrict__ wg,
                        const unsigned short* __restrict__ wu, int m, int n, int k, int fn, float limit) {
@@ -65,6 +66,17 @@ __device__ __forceinline__ void pie_norm_rope_head(float* out, const float* x, c
     __shared__ float normed[512];
     const float* xh = x + head * head_dim;
     float* oh = out + head * head_dim;
+    // The rotation of this thread's first pair needs only the step's
+    // uploaded positions: computed before pie_pdl_wait (pdl.cu), while the
+    // kernel writing x may still run.
+    const double* freqs = (long_from >= 0 && seq_lens[row] > long_from) ? inv_long : inv_short;
+    int half = rotary_dim / 2;
+    float c0 = 0.0f, s0 = 0.0f;
+    if (threadIdx.x < half) {
+        double angle = (double)positions[row] * freqs[threadIdx.x];
+        c0 = (float)(cos(angle) * scale), s0 = (float)(sin(angle) * scale);
+    }
+    pie_pdl_wait();
     float squares = 0.0f;
     for (int i = threadIdx.x; i < head_dim; i += blockDim.x) squares += xh[i] * xh[i];
     float inv = rsqrtf(pie_block_sum(squares) / (float)head_dim + eps);
@@ -73,11 +85,12 @@ __device__ __forceinline__ void pie_norm_rope_head(float* out, const float* x, c
         normed[i] = has_weight ? v * (offset + w[i]) : v;
     }
     __syncthreads();
-    const double* freqs = (long_from >= 0 && seq_lens[row] > long_from) ? inv_long : inv_short;
-    int half = rotary_dim / 2;
     for (int j = threadIdx.x; j < half; j += blockDim.x) {
-        double angle = (double)positions[row] * freqs[j];
-        float c = (float)(cos(angle) * scale), s = (float)(sin(angle) * scale);
+        float c = c0, s = s0;
+        if (j != threadIdx.x) {
+            double angle = (double)positions[row] * freqs[j];
+            c = (float)(cos(angle) * scale), s = (float)(sin(angle) * scale);
+        }
         int i0 = interleaved ? 2 * j : j;
         int i1 = interleaved ? 2 * j + 1 : j + half;
         float x0 = normed[i0], x1 = normed[i1];

@@ -11,6 +11,10 @@
 #define PIE_GEMV_MAX_ROWS 4
 #define PIE_GEMV_FEATS 4
 #define PIE_GEMV_THREADS 128
+// Largest matrix whose rows a GEMV block asks L2 for before its wait
+// (pdl.cu): a larger one would evict its own prefetched rows before the
+// block reads them (H100 / H200: 50 MB of L2).
+#define PIE_GEMV_PREFETCH_MAX_BYTES (8u << 20)
 
 __device__ __forceinline__ void pie_unpack_bf16x8(uint4 raw, float* out) {
     unsigned int words[4] = {raw.x, raw.y, raw.z, raw.w};
@@ -34,28 +38,32 @@ struct PieGemvNorm {
     float* sum;
 };
 
-// One chunk of 8 inputs (c .. c + 7) of every row into the block's sums:
-// NF features' weights (the first PIE_GEMV_FEATS rows from w, the next
-// from w2 when NF is twice that), the input rows (normalized on the way
-// in with NORM) and, with NORM, each row's sum of squares.
-template <bool NORM, int NF>
-__device__ __forceinline__ void pie_gemv_chunk(const float* __restrict__ x, const unsigned short* __restrict__ w,
-                                               const unsigned short* __restrict__ w2, int m, int n, int k, int f0,
-                                               int c, const PieGemvNorm& nm, float (&acc)[PIE_GEMV_MAX_ROWS][NF],
-                                               float (&squares)[PIE_GEMV_MAX_ROWS]) {
-    float wv[NF][8];
+// One chunk's weights: for each of NF features, the 8 bf16 values at
+// c .. c + 7 of its row (the first PIE_GEMV_FEATS features from w, the
+// next from w2 when NF is twice that); features past n read nothing.
+template <int NF>
+__device__ __forceinline__ void pie_gemv_load(const unsigned short* __restrict__ w,
+                                              const unsigned short* __restrict__ w2, int n, int k, int f0, int c,
+                                              uint4 (&raw)[NF]) {
 #pragma unroll
     for (int f = 0; f < NF; f++) {
         int feat = f0 + f % PIE_GEMV_FEATS;
         const unsigned short* src = f < PIE_GEMV_FEATS ? w : w2;
-        if (feat < n) {
-            uint4 raw = __ldg((const uint4*)(src + (size_t)feat * k + c));
-            pie_unpack_bf16x8(raw, wv[f]);
-        } else {
-#pragma unroll
-            for (int i = 0; i < 8; i++) wv[f][i] = 0.0f;
-        }
+        raw[f] = feat < n ? __ldg((const uint4*)(src + (size_t)feat * k + c)) : make_uint4(0u, 0u, 0u, 0u);
     }
+}
+
+// One chunk of 8 inputs (c .. c + 7) of every row into the block's sums:
+// the chunk's weights `raw` (pie_gemv_load) times the input rows
+// (normalized on the way in with NORM) and, with NORM, each row's sum of
+// squares.
+template <bool NORM, int NF>
+__device__ __forceinline__ void pie_gemv_chunk(const uint4 (&raw)[NF], const float* __restrict__ x, int m, int k,
+                                               int c, const PieGemvNorm& nm, float (&acc)[PIE_GEMV_MAX_ROWS][NF],
+                                               float (&squares)[PIE_GEMV_MAX_ROWS]) {
+    float wv[NF][8];
+#pragma unroll
+    for (int f = 0; f < NF; f++) pie_unpack_bf16x8(raw[f], wv[f]);
     float scale[8];
     if (NORM) {
         if (nm.g) {
@@ -124,17 +132,46 @@ __device__ __forceinline__ float pie_gemv_block_t(const float* __restrict__ x, c
         for (int f = 0; f < NF; f++) acc[r][f] = 0.0f;
     }
 
+    // The weights do not depend on the kernel before this one: the first
+    // chunk's go into registers (and, for a matrix small enough to stay in
+    // L2, L2 is asked for the rest of the block's rows) before pie_pdl_wait
+    // (pdl.cu) lets x be read. Under a programmatic dependent launch that
+    // is while that kernel still runs.
+    int c0 = threadIdx.x * 8;
+    uint4 cur[NF];
+    pie_gemv_load<NF>(w, w2, n, k, f0, c0 < k ? c0 : 0, cur);
+    int rest = k - PIE_GEMV_THREADS * 8;  // elements of each row past the first chunks
+    if (rest > 0 && (size_t)n * k * 2 <= PIE_GEMV_PREFETCH_MAX_BYTES && threadIdx.x < NF &&
+        f0 + threadIdx.x % PIE_GEMV_FEATS < n) {
+        const unsigned short* src = threadIdx.x < PIE_GEMV_FEATS ? w : w2;
+        pie_prefetch_l2(src + (size_t)(f0 + threadIdx.x % PIE_GEMV_FEATS) * k + PIE_GEMV_THREADS * 8,
+                        (unsigned int)rest * 2u);
+    }
+    pie_pdl_wait();
+
     if (PAIR) {
-        // Already twice the loads in flight per chunk: unrolling more
-        // would cost registers (and occupancy) for nothing.
+        // Twice the loads in flight per chunk already: one chunk at a time
+        // (two would cost registers, and occupancy, for nothing).
+        if (c0 < k) pie_gemv_chunk<NORM, NF>(cur, x, m, k, c0, nm, acc, squares);
 #pragma unroll 1
-        for (int c = threadIdx.x * 8; c < k; c += PIE_GEMV_THREADS * 8)
-            pie_gemv_chunk<NORM, NF>(x, w, w2, m, n, k, f0, c, nm, acc, squares);
+        for (int c = c0 + PIE_GEMV_THREADS * 8; c < k; c += PIE_GEMV_THREADS * 8) {
+            pie_gemv_load<NF>(w, w2, n, k, f0, c, cur);
+            pie_gemv_chunk<NORM, NF>(cur, x, m, k, c, nm, acc, squares);
+        }
     } else {
-        // Unrolled so the next chunk's weight loads issue before this one's FMAs.
-#pragma unroll 2
-        for (int c = threadIdx.x * 8; c < k; c += PIE_GEMV_THREADS * 8)
-            pie_gemv_chunk<NORM, NF>(x, w, w2, m, n, k, f0, c, nm, acc, squares);
+        // Pipelined: the next chunk's weight loads issue before this
+        // chunk's x loads and FMAs, so two chunks are always in flight.
+#pragma unroll 1
+        for (int c = c0; c < k; c += PIE_GEMV_THREADS * 8) {
+            uint4 next[NF];
+            bool more = c + PIE_GEMV_THREADS * 8 < k;
+            if (more) pie_gemv_load<NF>(w, w2, n, k, f0, c + PIE_GEMV_THREADS * 8, next);
+            pie_gemv_chunk<NORM, NF>(cur, x, m, k, c, nm, acc, squares);
+            if (more) {
+#pragma unroll
+                for (int f = 0; f < NF; f++) cur[f] = next[f];
+            }
+        }
     }
 
     // Warp sums, then the 4 warps' partial sums through shared memory

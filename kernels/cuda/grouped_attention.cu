@@ -145,6 +145,13 @@ __device__ __forceinline__ void pie_gqa_partial(float* part_ml, float* part_acc,
     int first = window > 0 ? max(0, pos + 1 - window) : 0;
     const int* slots = table + table_off[row];
     int k_width = kv_heads * head_dim;
+    // Lane j holds the cache slot of the warp's key j (of the current 32),
+    // so a key's slot comes by shuffle: the loop waits on one memory round
+    // trip per step (the key and value rows), not two. The tables are the
+    // step's uploads: the first 32 slots load before pie_pdl_wait (pdl.cu),
+    // while the kernel before (the one writing q) may still run.
+    int lane_slot = first + split + lane * splits <= pos ? slots[first + split + lane * splits] : 0;
+    pie_pdl_wait();
 
     float qr[PIE_GQA_MAX_GROUP][PIE_GQA_MAX_DPL];
     float acc[PIE_GQA_MAX_GROUP][PIE_GQA_MAX_DPL];
@@ -166,12 +173,8 @@ __device__ __forceinline__ void pie_gqa_partial(float* part_ml, float* part_acc,
         pie_gqa_store_new<T, CONTIG>((T*)k_cache, (T*)v_cache, k_new, v_new, new_slots[row], row, kvh, lane, k_width,
                                      head_dim, v_head_dim, v_stride);
 
-    // Lane j holds the cache slot of the warp's key j (of the current 32),
-    // so a key's slot comes by shuffle: the loop waits on one memory round
-    // trip per step (the key and value rows), not two.
-    int lane_slot = 0;
     for (int t0 = first + split, j0 = 0; t0 <= pos; t0 += splits * PIE_GQA_UNROLL, j0 += PIE_GQA_UNROLL) {
-        if ((j0 & 31) == 0) {  // uniform over the warp
+        if (j0 > 0 && (j0 & 31) == 0) {  // the next 32 slots; uniform over the warp
             int t = t0 + lane * splits;
             lane_slot = t <= pos ? slots[t] : 0;
         }

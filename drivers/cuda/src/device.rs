@@ -9,7 +9,8 @@ use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use pie_driver::{DriverError, Result};
 
 /// Kernel sources, compiled together into one module.
-pub const KERNEL_SOURCES: [(&str, &str); 8] = [
+pub const KERNEL_SOURCES: [(&str, &str); 9] = [
+    ("pdl.cu", include_str!("../../../kernels/cuda/pdl.cu")),
     (
         "grouped_attention.cu",
         include_str!("../../../kernels/cuda/grouped_attention.cu"),
@@ -36,7 +37,7 @@ pub const KERNEL_SOURCES: [(&str, &str); 8] = [
 ];
 
 /// Every kernel the driver launches.
-pub const KERNELS: [&str; 66] = [
+pub const KERNELS: [&str; 67] = [
     "pie_gqa_attention_partial_bf16",
     "pie_kv_write_bf16",
     "pie_rms",
@@ -103,6 +104,7 @@ pub const KERNELS: [&str; 66] = [
     "pie_rms_norm_rope2",
     "pie_split_joined",
     "pie_glu_joined",
+    "pie_pdl_probe",
 ];
 
 /// Whether a shared library can be opened, without cudarc's panic when it
@@ -190,10 +192,16 @@ fn compile_now(ctx: &Arc<CudaContext>) -> Result<Kernels> {
                 .into(),
         ));
     }
+    // Hopper and later: compiled for compute_90, so the kernels carry
+    // their programmatic-dependent-launch waits (pdl.cu).
+    let (major, _) = ctx
+        .compute_capability()
+        .map_err(|e| cuda_error("reading the compute capability", e))?;
     let ptx = compile_ptx_with_opts(
         kernel_source(),
         CompileOptions {
             name: Some("pie_kernels.cu".into()),
+            arch: (major >= 9).then_some("compute_90"),
             ..Default::default()
         },
     )

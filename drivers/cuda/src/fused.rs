@@ -80,11 +80,11 @@ impl CudaDriver {
             Some(_) => "pie_gemv3_norm_bf16",
             None => "pie_gemv3_bf16",
         };
-        let mut b = self.stream.launch_builder(self.kernels.get(kernel));
+        let mut b = self.launch(kernel);
         b.arg(&o0).arg(&w0).arg(&ns[0]);
         b.arg(&o1).arg(&w1).arg(&ns[1]);
         b.arg(&o2).arg(&w2).arg(&ns[2]);
-        b.arg(&x.data);
+        b.buf(&x.data);
         let norm_args = norm.map(|(w, n)| (weight_or_null(w), n));
         if let Some(((g, has_g), n)) = &norm_args {
             b.arg(g).arg(has_g).arg(&n.eps).arg(&n.offset);
@@ -92,7 +92,7 @@ impl CudaDriver {
         b.arg(&m).arg(&k);
         // The outputs are passed as raw addresses (absent ones as 0): the
         // kernel picks its product by block index.
-        unsafe { b.launch(gemv_grid(blocks)) }.map_err(cuda_err(kernel))?;
+        unsafe { b.launch(gemv_grid(blocks)) }?;
         Ok(Some(outs))
     }
 
@@ -145,7 +145,7 @@ impl CudaDriver {
         let (Some(wg), Some(wu)) = (plain_bf16(gate.0, gate.1), plain_bf16(up.0, up.1)) else {
             return Ok(None);
         };
-        let mut out = self.act(x.rows, n)?;
+        let out = self.act(x.rows, n)?;
         let (m, ni, k) = (
             int(x.rows, "rows")?,
             int(n, "features")?,
@@ -156,15 +156,15 @@ impl CudaDriver {
             Some(_) => "pie_gemv_glu_norm_bf16",
             None => "pie_gemv_glu_bf16",
         };
-        let mut sum = added.map(|_| self.act(x.rows, x.width)).transpose()?;
-        let mut b = self.stream.launch_builder(self.kernels.get(kernel));
-        b.arg(&mut out.data);
+        let sum = added.map(|_| self.act(x.rows, x.width)).transpose()?;
+        let mut b = self.launch(kernel);
+        b.buf(&out.data);
         let norm_args = added.map(|(y, (w, norm))| (y, weight_or_null(w), norm));
-        match (&mut sum, &norm_args) {
+        match (&sum, &norm_args) {
             (Some(sum), Some((y, (g, has_g), norm))) => {
-                b.arg(&mut sum.data)
-                    .arg(&x.data)
-                    .arg(&y.data)
+                b.buf(&sum.data)
+                    .buf(&x.data)
+                    .buf(&y.data)
                     .arg(&1i32)
                     .arg(g)
                     .arg(has_g)
@@ -172,7 +172,7 @@ impl CudaDriver {
                     .arg(&norm.offset);
             }
             _ => {
-                b.arg(&x.data);
+                b.buf(&x.data);
             }
         }
         b.arg(&wg.ptr)
@@ -182,7 +182,7 @@ impl CudaDriver {
             .arg(&k)
             .arg(&func)
             .arg(&limit);
-        unsafe { b.launch(gemv_grid(n.div_ceil(GEMV_FEATS))) }.map_err(cuda_err(kernel))?;
+        unsafe { b.launch(gemv_grid(n.div_ceil(GEMV_FEATS))) }?;
         Ok(Some((sum, out)))
     }
 
@@ -243,18 +243,16 @@ impl CudaDriver {
         }
         let inputs = self.rope_inputs(batch, rope)?;
         let (weight, has) = weight_or_null(w);
-        let mut out = self.act(x.rows, x.width)?;
+        let out = self.act(x.rows, x.width)?;
         let (heads, hd, rd) = (
             rope.heads as i32,
             rope.head_dim as i32,
             rope.rotary_dim as i32,
         );
         let interleaved = i32::from(rope.style == RopeStyle::Interleaved);
-        let mut b = self
-            .stream
-            .launch_builder(self.kernels.get("pie_rms_norm_rope"));
-        b.arg(&mut out.data)
-            .arg(&x.data)
+        let mut b = self.launch("pie_rms_norm_rope");
+        b.buf(&out.data)
+            .buf(&x.data)
             .arg(&weight)
             .arg(&has)
             .arg(&norm.eps)
@@ -262,7 +260,7 @@ impl CudaDriver {
         inputs.push(&mut b);
         b.arg(&heads).arg(&hd).arg(&rd).arg(&interleaved);
         let cfg = norm_grid(x.rows * rope.heads, rope.head_dim);
-        unsafe { b.launch(cfg) }.map_err(cuda_err("pie_rms_norm_rope"))?;
+        unsafe { b.launch(cfg) }?;
         Ok(Some(out))
     }
 
@@ -290,24 +288,22 @@ impl CudaDriver {
         let inputs = self.rope_inputs(batch, ra)?;
         let (wa, has_a) = weight_or_null(a.1);
         let (wb, has_b) = weight_or_null(b.1);
-        let mut out_a = self.act(a.0.rows, a.0.width)?;
-        let mut out_b = self.act(b.0.rows, b.0.width)?;
+        let out_a = self.act(a.0.rows, a.0.width)?;
+        let out_b = self.act(b.0.rows, b.0.width)?;
         let rows = int(a.0.rows, "rows")?;
         let (heads_a, heads_b) = (ra.heads as i32, rb.heads as i32);
         let (hd, rd) = (ra.head_dim as i32, ra.rotary_dim as i32);
         let interleaved = i32::from(ra.style == RopeStyle::Interleaved);
-        let mut l = self
-            .stream
-            .launch_builder(self.kernels.get("pie_rms_norm_rope2"));
-        l.arg(&mut out_a.data)
-            .arg(&a.0.data)
+        let mut l = self.launch("pie_rms_norm_rope2");
+        l.buf(&out_a.data)
+            .buf(&a.0.data)
             .arg(&wa)
             .arg(&has_a)
             .arg(&a.2.eps)
             .arg(&a.2.offset)
             .arg(&heads_a);
-        l.arg(&mut out_b.data)
-            .arg(&b.0.data)
+        l.buf(&out_b.data)
+            .buf(&b.0.data)
             .arg(&wb)
             .arg(&has_b)
             .arg(&b.2.eps)
@@ -317,7 +313,7 @@ impl CudaDriver {
         inputs.push(&mut l);
         l.arg(&hd).arg(&rd).arg(&interleaved);
         let cfg = norm_grid(a.0.rows * (ra.heads + rb.heads), ra.head_dim);
-        unsafe { l.launch(cfg) }.map_err(cuda_err("pie_rms_norm_rope2"))?;
+        unsafe { l.launch(cfg) }?;
         Ok(Some((out_a, out_b)))
     }
 }

@@ -144,14 +144,14 @@ impl CudaDriver {
             true => "pie_gemv_add_bf16",
             false => "pie_gemv_bf16",
         };
-        let mut b = self.stream.launch_builder(self.kernels.get(kernel));
-        b.arg(&mut out.data)
-            .arg(&x.data)
+        let mut b = self.launch(kernel);
+        b.buf(&out.data)
+            .buf(&x.data)
             .arg(&w.ptr)
             .arg(&m)
             .arg(&ni)
             .arg(&k);
-        unsafe { b.launch(gemv_grid(n.div_ceil(GEMV_FEATS))) }.map_err(cuda_err(kernel))?;
+        unsafe { b.launch(gemv_grid(n.div_ceil(GEMV_FEATS))) }?;
         Ok(())
     }
 

@@ -114,8 +114,8 @@ impl CudaDriver {
         let blocks_per_pair = self.gqa_split.blocks_per_pair(pairs);
         let splits = blocks_per_pair * WARPS;
         let partials = pairs * splits * group;
-        let mut part_ml = self.uninit(partials * 2)?;
-        let mut part_acc = self.uninit(partials * a.v_head_dim)?;
+        let part_ml = self.uninit(partials * 2)?;
+        let part_acc = self.uninit(partials * a.v_head_dim)?;
         let (heads, kvh) = (int(a.heads, "heads")?, int(a.kv_heads, "kv heads")?);
         let (hd, vhd) = (
             int(a.head_dim, "head dim")?,
@@ -155,12 +155,12 @@ impl CudaDriver {
         };
         let (mut out, shadow) = self.act_with_bf16_copy(q.rows, a.heads * a.v_head_dim)?;
         let (sinks_ptr, has_sinks) = crate::weight_or_null(sinks);
-        let mut b = self.stream.launch_builder(self.kernels.get(partial));
-        b.arg(&mut part_ml)
-            .arg(&mut part_acc)
-            .arg(&q.data)
-            .arg(&slot.k)
-            .arg(&slot.v)
+        let mut b = self.launch(partial);
+        b.buf(&part_ml)
+            .buf(&part_acc)
+            .buf(&q.data)
+            .buf(&slot.k)
+            .buf(&slot.v)
             .arg(&tables.positions)
             .arg(&tables.table)
             .arg(&tables.table_offsets)
@@ -179,16 +179,16 @@ impl CudaDriver {
             )
         });
         if fold {
-            b.arg(&mut out.data)
+            b.buf(&out.data)
                 .arg(&shadow)
                 .arg(&sinks_ptr)
                 .arg(&has_sinks)
-                .arg(&self.attention_counters)
+                .buf(&self.attention_counters)
                 .arg(&k_new)
                 .arg(&v_new)
                 .arg(&tables.new_slots);
         }
-        unsafe { b.launch(cfg) }.map_err(cuda_err(partial))?;
+        unsafe { b.launch(cfg) }?;
         if fold {
             return Ok(out);
         }

@@ -19,6 +19,7 @@ mod grouped_attention;
 mod joined;
 pub mod kernel_build;
 mod kv;
+mod launch;
 mod mamba2;
 mod mla;
 mod moe;
@@ -80,6 +81,10 @@ pub struct CudaDriver {
     /// grouped attention (its blocks count themselves done, the last one
     /// combines and resets the counter).
     attention_counters: CudaSlice<u32>,
+    /// Whether the kernels in `launch::PDL_KERNELS` may start while the
+    /// kernel before them runs (the image carries their waits, pdl.cu;
+    /// `PIE_CUDA_PDL=0`: never).
+    pdl: bool,
     /// Whether norms, GLUs and attention write bf16 copies for cuBLAS
     /// (`PIE_CUDA_BF16_COPIES=0`: a cast before each GEMM; for A/B runs).
     bf16_copies: bool,
@@ -121,7 +126,7 @@ struct RopeInputs {
 
 impl RopeInputs {
     /// Pushes them in the order every rope kernel takes them.
-    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
+    fn push<'a>(&'a self, b: &mut launch::Launch<'a>) {
         b.arg(&self.positions)
             .arg(&self.seq_lens)
             .arg(&self.short)
@@ -235,7 +240,7 @@ impl CudaDriver {
         let attention_counters = stream
             .alloc_zeros::<u32>(grouped_attention::FOLD_PAIRS)
             .map_err(cuda_err("allocating the attention counters"))?;
-        Ok(CudaDriver {
+        CudaDriver {
             ctx,
             stream,
             blas,
@@ -257,8 +262,18 @@ impl CudaDriver {
             bf16_matrices: AtomicBool::new(false),
             attention_counters,
             bf16_copies: std::env::var("PIE_CUDA_BF16_COPIES").map_or(true, |v| v != "0"),
+            pdl: false,
             expert_tables: Default::default(),
-        })
+        }
+        .with_pdl_probed()
+    }
+
+    /// Turns overlapping launches on where the loaded kernels carry their
+    /// waits (unless `PIE_CUDA_PDL=0`).
+    fn with_pdl_probed(mut self) -> Result<Self> {
+        let wanted = std::env::var("PIE_CUDA_PDL").map_or(true, |v| v != "0");
+        self.pdl = wanted && launch::image_has_pdl(&self)?;
+        Ok(self)
     }
 
     /// This driver with CUDA graphs for decode on or off (on by default,
@@ -843,7 +858,7 @@ impl Driver for CudaDriver {
         // Every feature is rotated when rotary_dim == head_dim: the kernel
         // writes a fresh output; else it rotates a copy in place.
         let whole = a.rotary_dim == a.head_dim;
-        let mut out = match whole {
+        let out = match whole {
             true => self.act(x.rows, x.width)?,
             false => {
                 let copy = self
@@ -859,11 +874,11 @@ impl Driver for CudaDriver {
         let (heads, hd, rd) = (a.heads as i32, a.head_dim as i32, a.rotary_dim as i32);
         let interleaved = i32::from(a.style == RopeStyle::Interleaved);
         let n = x.rows * a.heads * (a.rotary_dim / 2);
-        let mut b = self.stream.launch_builder(self.kernels.get("pie_rope"));
-        b.arg(&mut out.data).arg(&src);
+        let mut b = self.launch("pie_rope");
+        b.buf(&out.data).arg(&src);
         inputs.push(&mut b);
         b.arg(&rows).arg(&heads).arg(&hd).arg(&rd).arg(&interleaved);
-        unsafe { b.launch(blocks(n)) }.map_err(cuda_err("pie_rope"))?;
+        unsafe { b.launch(blocks(n)) }?;
         Ok(out)
     }
 
