@@ -129,7 +129,10 @@ __device__ __forceinline__ void pie_gqa_store_new(T* k_cache, T* v_cache, const 
 
 // The partial pass over a cache of element type T (float or bf16 bits);
 // one instantiation per type and dim layout so the hot loop has no tests.
-template <typename T, bool CONTIG>
+// G > 0: compiled for groups of exactly G query heads (the decode folds of
+// common shapes: fewer registers and instructions than the general form,
+// G = 0, which takes any group up to PIE_GQA_MAX_GROUP).
+template <typename T, bool CONTIG, int G = 0>
 __device__ __forceinline__ void pie_gqa_partial(float* part_ml, float* part_acc, const float* q, const T* k_cache,
                                                 const T* v_cache, const int* positions, const int* table,
                                                 const int* table_off, int heads, int kv_heads, int head_dim,
@@ -140,7 +143,8 @@ __device__ __forceinline__ void pie_gqa_partial(float* part_ml, float* part_acc,
     int rk = blockIdx.x;  // row * kv_heads + kv head
     int row = rk / kv_heads, kvh = rk % kv_heads;
     int split = blockIdx.y * PIE_GQA_WARPS + warp, splits = gridDim.y * PIE_GQA_WARPS;
-    int group = heads / kv_heads;
+    constexpr int GM = G > 0 ? G : PIE_GQA_MAX_GROUP;  // the arrays' size
+    int group = G > 0 ? G : heads / kv_heads;
     int pos = positions[row];
     int first = window > 0 ? max(0, pos + 1 - window) : 0;
     const int* slots = table + table_off[row];
@@ -153,12 +157,12 @@ __device__ __forceinline__ void pie_gqa_partial(float* part_ml, float* part_acc,
     int lane_slot = first + split + lane * splits <= pos ? slots[first + split + lane * splits] : 0;
     pie_pdl_wait();
 
-    float qr[PIE_GQA_MAX_GROUP][PIE_GQA_MAX_DPL];
-    float acc[PIE_GQA_MAX_GROUP][PIE_GQA_MAX_DPL];
-    float m[PIE_GQA_MAX_GROUP], l[PIE_GQA_MAX_GROUP];
+    float qr[GM][PIE_GQA_MAX_DPL];
+    float acc[GM][PIE_GQA_MAX_DPL];
+    float m[GM], l[GM];
     const float* qrow = q + (long long)row * heads * head_dim + (long long)kvh * group * head_dim;
 #pragma unroll
-    for (int g = 0; g < PIE_GQA_MAX_GROUP; g++) {
+    for (int g = 0; g < GM; g++) {
         m[g] = PIE_GQA_NEG_INF;
         l[g] = 0.0f;
 #pragma unroll
@@ -196,7 +200,7 @@ __device__ __forceinline__ void pie_gqa_partial(float* part_ml, float* part_acc,
         for (int u = 0; u < PIE_GQA_UNROLL; u++)
             pie_gqa_row<CONTIG>(v_cache, vbase[u], lane, live[u], v_head_dim, vr[u]);
 #pragma unroll
-        for (int g = 0; g < PIE_GQA_MAX_GROUP; g++) {
+        for (int g = 0; g < GM; g++) {
             if (g >= group) break;
             float s[PIE_GQA_UNROLL];
             float mx = m[g];
@@ -324,13 +328,15 @@ extern "C" __global__ void pie_gqa_attention_combine(float* out, unsigned short*
 // weights; then thread d sums dimension d of every head over the splits.
 // Those loads are all independent, so the pair costs one pass of L2 round
 // trips where pie_gqa_combine_head, once per head, costs one per head.
+template <int G = 0>
 __device__ __forceinline__ void pie_gqa_combine_group(float* out, unsigned short* out_bf16, const float* part_ml,
                                                       const float* part_acc, const float* sinks, int has_sinks,
                                                       int heads, int kv_heads, int v_head_dim, int splits, int row,
                                                       int kvh) {
-    __shared__ float weight[PIE_GQA_MAX_GROUP][PIE_GQA_MAX_SPLITS];
-    __shared__ float denominator[PIE_GQA_MAX_GROUP];
-    int group = heads / kv_heads, rk = row * kv_heads + kvh;
+    constexpr int GM = G > 0 ? G : PIE_GQA_MAX_GROUP;  // as in pie_gqa_partial
+    __shared__ float weight[GM][PIE_GQA_MAX_SPLITS];
+    __shared__ float denominator[GM];
+    int group = G > 0 ? G : heads / kv_heads, rk = row * kv_heads + kvh;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int g = warp; g < group; g += PIE_GQA_WARPS) {
         const float* ml = part_ml + ((long long)rk * splits * group + g) * 2;
@@ -342,16 +348,16 @@ __device__ __forceinline__ void pie_gqa_combine_group(float* out, unsigned short
     if (d >= v_head_dim) return;
     const float* acc = part_acc + (long long)rk * splits * group * v_head_dim + d;
     long long stride = (long long)group * v_head_dim;  // from one split to the next
-    float value[PIE_GQA_MAX_GROUP];
+    float value[GM];
 #pragma unroll
-    for (int g = 0; g < PIE_GQA_MAX_GROUP; g++) value[g] = 0.0f;
+    for (int g = 0; g < GM; g++) value[g] = 0.0f;
     for (int s = 0; s < splits; s++) {
 #pragma unroll
-        for (int g = 0; g < PIE_GQA_MAX_GROUP; g++)
+        for (int g = 0; g < GM; g++)
             if (g < group) value[g] += __ldcg(acc + s * stride + g * v_head_dim) * weight[g][s];
     }
 #pragma unroll
-    for (int g = 0; g < PIE_GQA_MAX_GROUP; g++) {
+    for (int g = 0; g < GM; g++) {
         if (g >= group) break;
         long long o = ((long long)row * heads + kvh * group + g) * v_head_dim + d;
         float v = value[g] / denominator[g];
@@ -363,6 +369,7 @@ __device__ __forceinline__ void pie_gqa_combine_group(float* out, unsigned short
 // Pass 2 folded into pass 1 (one launch): each block of a (row, kv head)
 // pair counts itself done in counters[pair]; the last one combines the
 // pair's query heads and resets the counter for the next launch.
+template <int G = 0>
 __device__ __forceinline__ void pie_gqa_fold(float* out, unsigned short* out_bf16, const float* part_ml,
                                              const float* part_acc, const float* sinks, int has_sinks, int heads,
                                              int kv_heads, int v_head_dim, unsigned int* counters) {
@@ -378,7 +385,7 @@ __device__ __forceinline__ void pie_gqa_fold(float* out, unsigned short* out_bf1
     if (!last) return;
     __threadfence();
     int splits = gridDim.y * PIE_GQA_WARPS;
-    pie_gqa_combine_group(out, out_bf16, part_ml, part_acc, sinks, has_sinks, heads, kv_heads, v_head_dim, splits,
+    pie_gqa_combine_group<G>(out, out_bf16, part_ml, part_acc, sinks, has_sinks, heads, kv_heads, v_head_dim, splits,
                           rk / kv_heads, rk % kv_heads);
 }
 
@@ -391,20 +398,33 @@ PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_bf16_c128, unsigned short, true
 // counters); the _fold names of the entry points above. With k_new set
 // (null: the cache holds them already), each row's new key and value are
 // written to the cache by the launch itself (pie_gqa_store_new).
-#define PIE_GQA_FOLDED_KERNEL(NAME, T, CONTIG)                                                                 \
+#define PIE_GQA_FOLDED_KERNEL(NAME, T, CONTIG, G)                                                              \
     extern "C" __global__ void __launch_bounds__(PIE_GQA_WARPS * 32)                                           \
         NAME(float* part_ml, float* part_acc, const float* q, const T* k_cache, const T* v_cache,              \
              const int* positions, const int* table, const int* table_off, int heads, int kv_heads,            \
              int head_dim, int v_head_dim, int v_stride, float scale, int window, float softcap, float* out,   \
              unsigned short* out_bf16, const float* sinks, int has_sinks, unsigned int* counters,              \
              const float* k_new, const float* v_new, const int* new_slots) {                                   \
-        pie_gqa_partial<T, CONTIG>(part_ml, part_acc, q, k_cache, v_cache, positions, table, table_off, heads, \
-                                   kv_heads, head_dim, v_head_dim, v_stride, scale, window, softcap, k_new,    \
-                                   v_new, new_slots);                                                          \
-        pie_gqa_fold(out, out_bf16, part_ml, part_acc, sinks, has_sinks, heads, kv_heads, v_head_dim,          \
-                     counters);                                                                                \
+        pie_gqa_partial<T, CONTIG, G>(part_ml, part_acc, q, k_cache, v_cache, positions, table, table_off,     \
+                                      heads, kv_heads, head_dim, v_head_dim, v_stride, scale, window, softcap, \
+                                      k_new, v_new, new_slots);                                                \
+        pie_gqa_fold<G>(out, out_bf16, part_ml, part_acc, sinks, has_sinks, heads, kv_heads, v_head_dim,       \
+                        counters);                                                                             \
     }
-PIE_GQA_FOLDED_KERNEL(pie_gqa_attention_fold, float, false)
-PIE_GQA_FOLDED_KERNEL(pie_gqa_attention_fold_bf16, unsigned short, false)
-PIE_GQA_FOLDED_KERNEL(pie_gqa_attention_fold_c128, float, true)
-PIE_GQA_FOLDED_KERNEL(pie_gqa_attention_fold_bf16_c128, unsigned short, true)
+PIE_GQA_FOLDED_KERNEL(pie_gqa_attention_fold, float, false, 0)
+PIE_GQA_FOLDED_KERNEL(pie_gqa_attention_fold_bf16, unsigned short, false, 0)
+PIE_GQA_FOLDED_KERNEL(pie_gqa_attention_fold_c128, float, true, 0)
+PIE_GQA_FOLDED_KERNEL(pie_gqa_attention_fold_bf16_c128, unsigned short, true, 0)
+// The same for groups of exactly 2, 4 or 8 query heads (suffix _gG).
+PIE_GQA_FOLDED_KERNEL(pie_gqa_attention_fold_g2, float, false, 2)
+PIE_GQA_FOLDED_KERNEL(pie_gqa_attention_fold_bf16_g2, unsigned short, false, 2)
+PIE_GQA_FOLDED_KERNEL(pie_gqa_attention_fold_c128_g2, float, true, 2)
+PIE_GQA_FOLDED_KERNEL(pie_gqa_attention_fold_bf16_c128_g2, unsigned short, true, 2)
+PIE_GQA_FOLDED_KERNEL(pie_gqa_attention_fold_g4, float, false, 4)
+PIE_GQA_FOLDED_KERNEL(pie_gqa_attention_fold_bf16_g4, unsigned short, false, 4)
+PIE_GQA_FOLDED_KERNEL(pie_gqa_attention_fold_c128_g4, float, true, 4)
+PIE_GQA_FOLDED_KERNEL(pie_gqa_attention_fold_bf16_c128_g4, unsigned short, true, 4)
+PIE_GQA_FOLDED_KERNEL(pie_gqa_attention_fold_g8, float, false, 8)
+PIE_GQA_FOLDED_KERNEL(pie_gqa_attention_fold_bf16_g8, unsigned short, false, 8)
+PIE_GQA_FOLDED_KERNEL(pie_gqa_attention_fold_c128_g8, float, true, 8)
+PIE_GQA_FOLDED_KERNEL(pie_gqa_attention_fold_bf16_c128_g8, unsigned short, true, 8)

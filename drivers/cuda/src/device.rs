@@ -37,7 +37,7 @@ pub const KERNEL_SOURCES: [(&str, &str); 9] = [
 ];
 
 /// Every kernel the driver launches.
-pub const KERNELS: [&str; 67] = [
+pub const KERNELS: [&str; 79] = [
     "pie_gqa_attention_partial_bf16",
     "pie_kv_write_bf16",
     "pie_rms",
@@ -105,6 +105,18 @@ pub const KERNELS: [&str; 67] = [
     "pie_split_joined",
     "pie_glu_joined",
     "pie_pdl_probe",
+    "pie_gqa_attention_fold_g2",
+    "pie_gqa_attention_fold_c128_g2",
+    "pie_gqa_attention_fold_bf16_g2",
+    "pie_gqa_attention_fold_bf16_c128_g2",
+    "pie_gqa_attention_fold_g4",
+    "pie_gqa_attention_fold_c128_g4",
+    "pie_gqa_attention_fold_bf16_g4",
+    "pie_gqa_attention_fold_bf16_c128_g4",
+    "pie_gqa_attention_fold_g8",
+    "pie_gqa_attention_fold_c128_g8",
+    "pie_gqa_attention_fold_bf16_g8",
+    "pie_gqa_attention_fold_bf16_c128_g8",
 ];
 
 /// Whether a shared library can be opened, without cudarc's panic when it

@@ -60,6 +60,46 @@ impl GqaSplit {
     }
 }
 
+/// The folded (decode) kernel for a cache of bf16 or f32, head dims of 128
+/// (`contiguous`) or not, and `group` query heads per KV head: compiled
+/// for exactly that group where it is 2, 4 or 8 (fewer registers and
+/// instructions: 80 instead of 190 registers at 2), else the general one.
+fn fold_kernel(bf16: bool, contiguous: bool, group: usize) -> &'static str {
+    const KERNELS: [[&str; 4]; 4] = [
+        [
+            "pie_gqa_attention_fold",
+            "pie_gqa_attention_fold_g2",
+            "pie_gqa_attention_fold_g4",
+            "pie_gqa_attention_fold_g8",
+        ],
+        [
+            "pie_gqa_attention_fold_c128",
+            "pie_gqa_attention_fold_c128_g2",
+            "pie_gqa_attention_fold_c128_g4",
+            "pie_gqa_attention_fold_c128_g8",
+        ],
+        [
+            "pie_gqa_attention_fold_bf16",
+            "pie_gqa_attention_fold_bf16_g2",
+            "pie_gqa_attention_fold_bf16_g4",
+            "pie_gqa_attention_fold_bf16_g8",
+        ],
+        [
+            "pie_gqa_attention_fold_bf16_c128",
+            "pie_gqa_attention_fold_bf16_c128_g2",
+            "pie_gqa_attention_fold_bf16_c128_g4",
+            "pie_gqa_attention_fold_bf16_c128_g8",
+        ],
+    ];
+    let specialized = match group {
+        2 => 1,
+        4 => 2,
+        8 => 3,
+        _ => 0,
+    };
+    KERNELS[usize::from(bf16) * 2 + usize::from(contiguous)][specialized]
+}
+
 /// A bf16 KV cache is read only by the grouped kernels: every attention
 /// cache must have head dims they take (and even widths, two bf16 per f32
 /// element of the buffers).
@@ -148,10 +188,7 @@ impl CudaDriver {
             (false, true, false) => "pie_gqa_attention_partial_bf16",
             (false, false, true) => "pie_gqa_attention_partial_c128",
             (false, false, false) => "pie_gqa_attention_partial",
-            (true, true, true) => "pie_gqa_attention_fold_bf16_c128",
-            (true, true, false) => "pie_gqa_attention_fold_bf16",
-            (true, false, true) => "pie_gqa_attention_fold_c128",
-            (true, false, false) => "pie_gqa_attention_fold",
+            (true, bf16, contiguous) => fold_kernel(bf16, contiguous, group),
         };
         let (mut out, shadow) = self.act_with_bf16_copy(q.rows, a.heads * a.v_head_dim)?;
         let (sinks_ptr, has_sinks) = crate::weight_or_null(sinks);

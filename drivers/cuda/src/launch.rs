@@ -20,7 +20,7 @@ use crate::{cuda_err, graphs, CudaDriver};
 /// Kernels launched with the attribute: each calls one of
 /// [`WAITING_HELPERS`], which reach `pie_pdl_wait()` first thing after
 /// loading what the kernel before does not write.
-pub(crate) const PDL_KERNELS: [&str; 15] = [
+pub(crate) const PDL_KERNELS: [&str; 27] = [
     "pie_gemv_bf16",
     "pie_gemv_add_bf16",
     "pie_gemv3_bf16",
@@ -36,6 +36,18 @@ pub(crate) const PDL_KERNELS: [&str; 15] = [
     "pie_gqa_attention_fold_bf16",
     "pie_gqa_attention_fold_c128",
     "pie_gqa_attention_fold_bf16_c128",
+    "pie_gqa_attention_fold_g2",
+    "pie_gqa_attention_fold_c128_g2",
+    "pie_gqa_attention_fold_bf16_g2",
+    "pie_gqa_attention_fold_bf16_c128_g2",
+    "pie_gqa_attention_fold_g4",
+    "pie_gqa_attention_fold_c128_g4",
+    "pie_gqa_attention_fold_bf16_g4",
+    "pie_gqa_attention_fold_bf16_c128_g4",
+    "pie_gqa_attention_fold_g8",
+    "pie_gqa_attention_fold_c128_g8",
+    "pie_gqa_attention_fold_bf16_g8",
+    "pie_gqa_attention_fold_bf16_c128_g8",
 ];
 
 /// Device pointers a launch holds by value (kernel parameters point at
