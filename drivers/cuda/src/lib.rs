@@ -81,7 +81,7 @@ pub struct CudaDriver {
     /// grouped attention (its blocks count themselves done, the last one
     /// combines and resets the counter).
     attention_counters: CudaSlice<u32>,
-    /// Whether the kernels in `launch::PDL_KERNELS` may start while the
+    /// Whether the kernels `launch::overlaps` names may start while the
     /// kernel before them runs (the image carries their waits, pdl.cu;
     /// `PIE_CUDA_PDL=0`: never).
     pdl: bool,
