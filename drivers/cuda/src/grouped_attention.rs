@@ -252,3 +252,39 @@ impl CudaDriver {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::fold_kernel;
+
+    /// Every folded kernel the driver may pick is loaded with the module
+    /// (`device::KERNELS`) and defined in the sources, and groups of 2, 4
+    /// and 8 get their own.
+    #[test]
+    fn fold_kernels_exist_and_specialize_common_groups() {
+        let source = crate::device::kernel_source();
+        for bf16 in [false, true] {
+            for contiguous in [false, true] {
+                for group in 1..=8 {
+                    let name = fold_kernel(bf16, contiguous, group);
+                    assert!(
+                        crate::device::KERNELS.contains(&name),
+                        "{name} is not loaded"
+                    );
+                    assert!(
+                        source.contains(&format!("({name},")),
+                        "{name} is not defined"
+                    );
+                    let specialized = name.ends_with(&format!("_g{group}"));
+                    assert_eq!(
+                        specialized,
+                        [2, 4, 8].contains(&group),
+                        "{name} for group {group}"
+                    );
+                    assert_eq!(name.contains("_bf16"), bf16, "{name}");
+                    assert_eq!(name.contains("_c128"), contiguous, "{name}");
+                }
+            }
+        }
+    }
+}
