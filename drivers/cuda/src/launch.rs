@@ -122,7 +122,7 @@ impl<'a> Launch<'a> {
     }
 }
 
-/// Whether the loaded kernels were compiled with `PIE_PDL_ENTRY` (an image
+/// Whether the loaded kernels carry the waits of `pdl.cu` (an image
 /// for compute capability 9.0 or later).
 pub(crate) fn image_has_pdl(d: &CudaDriver) -> Result<bool> {
     let mut flag = d
