@@ -6,6 +6,8 @@
 // A block of 128 threads (4 warps) computes PIE_GEMV_FEATS consecutive
 // output features for every row; its threads split k in chunks of 8
 // (one 16-byte load of each feature's weights), then the block reduces.
+// The next chunk's weights load while this one's are used, and the first
+// chunk's load before the block waits for the kernel before it (pdl.cu).
 // Requires k % 8 == 0 and 16-byte aligned rows (the driver checks).
 
 #define PIE_GEMV_MAX_ROWS 4

@@ -7,11 +7,14 @@
 // and keeps an online softmax per head; splits take keys first + s,
 // first + s + S, ... so any context length works with a grid fixed by the
 // batch shape alone (what a recorded CUDA graph needs). Four keys per
-// step are loaded before they are used, to keep loads in flight.
+// step are loaded before they are used, to keep loads in flight; their
+// cache slots come from a per-warp preload by shuffle.
 // Pass 2, pie_gqa_attention_combine: one block per (row, query head)
 // merges the splits' (max, sum, weighted values). The _fold kernels run
 // both in one launch: the last block of each (row, kv head) to finish
-// does that pair's combine (decode grids, counters from the driver).
+// does that pair's combine (decode grids, counters from the driver);
+// they are also compiled for groups of exactly 2, 4 and 8 (_g2, _g4, _g8).
+// All wait for the kernel before (pdl.cu) only after loading their slots.
 //
 // Limits (the driver checks): group = heads / kv_heads <= 8, head_dim and
 // v_head_dim <= 128. window <= 0: full causal; softcap <= 0: none.
