@@ -1,8 +1,9 @@
 // Fused kernels: several ops of a layer in one launch, where codegen found
 // the pattern (codegen/src/fusion.rs). Each computes exactly what the ops
 // compute one by one (same formulas, f32), so results match the unfused
-// path to rounding. Uses pie_gemv_block (gemv.cu), pie_glu_value (elementwise.cu)
-// and pie_block_sum (norm_rope.cu), compiled before this file.
+// path to rounding. Uses pie_gemv_block_t (gemv.cu), pie_glu_value
+// (elementwise.cu), pie_block_sum and the rope helpers (norm_rope.cu) and
+// pie_pdl_wait (pdl.cu), compiled before this file.
 
 // m = glu(x · Wgᵀ, x · Wuᵀ) for a few rows: each block computes the same
 // PIE_GEMV_FEATS features of gate and up in one pass over x (PAIR), then
@@ -69,13 +70,10 @@ __device__ __forceinline__ void pie_norm_rope_head(float* out, const float* x, c
     // The rotation of this thread's first pair needs only the step's
     // uploaded positions: computed before pie_pdl_wait (pdl.cu), while the
     // kernel writing x may still run.
-    const double* freqs = (long_from >= 0 && seq_lens[row] > long_from) ? inv_long : inv_short;
+    const double* freqs = pie_rope_freqs(seq_lens, row, inv_short, inv_long, long_from);
     int half = rotary_dim / 2;
     float c0 = 0.0f, s0 = 0.0f;
-    if (threadIdx.x < half) {
-        double angle = (double)positions[row] * freqs[threadIdx.x];
-        c0 = (float)(cos(angle) * scale), s0 = (float)(sin(angle) * scale);
-    }
+    if (threadIdx.x < half) pie_rope_cos_sin(positions[row], freqs[threadIdx.x], scale, &c0, &s0);
     pie_pdl_wait();
     float squares = 0.0f;
     for (int i = threadIdx.x; i < head_dim; i += blockDim.x) squares += xh[i] * xh[i];
@@ -87,10 +85,7 @@ __device__ __forceinline__ void pie_norm_rope_head(float* out, const float* x, c
     __syncthreads();
     for (int j = threadIdx.x; j < half; j += blockDim.x) {
         float c = c0, s = s0;
-        if (j != threadIdx.x) {
-            double angle = (double)positions[row] * freqs[j];
-            c = (float)(cos(angle) * scale), s = (float)(sin(angle) * scale);
-        }
+        if (j != threadIdx.x) pie_rope_cos_sin(positions[row], freqs[j], scale, &c, &s);
         int i0 = interleaved ? 2 * j : j;
         int i1 = interleaved ? 2 * j + 1 : j + half;
         float x0 = normed[i0], x1 = normed[i1];

@@ -102,6 +102,19 @@ extern "C" __global__ void pie_rms_norm4(float* out, pie_u16* out_bf16, const fl
     pie_norm_store4(v, squares, out + base, out_bf16 ? out_bf16 + base : nullptr, w, has_weight, group, eps, offset);
 }
 
+// A row's inverse frequencies: the long ones when its sequence is longer
+// than `long_from` (LongRoPE; long_from < 0: never).
+__device__ __forceinline__ const double* pie_rope_freqs(const int* seq_lens, int row, const double* inv_short,
+                                                        const double* inv_long, int long_from) {
+    return (long_from >= 0 && seq_lens[row] > long_from) ? inv_long : inv_short;
+}
+
+// cos and sin, times `scale`, of the angle position · freq (in double).
+__device__ __forceinline__ void pie_rope_cos_sin(int position, double freq, double scale, float* c, float* s) {
+    double angle = (double)position * freq;
+    *c = (float)(cos(angle) * scale), *s = (float)(sin(angle) * scale);
+}
+
 // Rotates the first `rotary_dim` features of every head of every row of
 // `src` into `x` (src == x: in place; else x's other features are not
 // written, so out of place needs rotary_dim == head_dim). One thread per (row, head, pair). A row uses the long frequencies
@@ -117,9 +130,8 @@ extern "C" __global__ void pie_rope(float* x, const float* src, const int* posit
     int j = i % half;
     int h = (i / half) % heads;
     int r = i / ((long long)half * heads);
-    const double* inv = (long_from >= 0 && seq_lens[r] > long_from) ? inv_long : inv_short;
-    double angle = (double)positions[r] * inv[j];
-    float c = (float)(cos(angle) * scale), s = (float)(sin(angle) * scale);
+    float c, s;
+    pie_rope_cos_sin(positions[r], pie_rope_freqs(seq_lens, r, inv_short, inv_long, long_from)[j], scale, &c, &s);
     long long base = (long long)r * heads * head_dim + (long long)h * head_dim;
     float* head = x + base;
     int i0 = interleaved ? 2 * j : j;
