@@ -40,19 +40,24 @@ struct PieGemvNorm {
     float* sum;
 };
 
-// One chunk's weights: for each of NF features, the 8 bf16 values at
-// c .. c + 7 of its row (the first PIE_GEMV_FEATS features from w, the
-// next from w2 when NF is twice that); features past n read nothing.
+// The block's weight row f (of its NF): feature f0 + f % PIE_GEMV_FEATS
+// of w, or of w2 from f = PIE_GEMV_FEATS on (PAIR); it exists if that
+// feature is < n.
+__device__ __forceinline__ const unsigned short* pie_gemv_row(const unsigned short* w, const unsigned short* w2,
+                                                              int k, int f0, int f) {
+    return (f < PIE_GEMV_FEATS ? w : w2) + (size_t)(f0 + f % PIE_GEMV_FEATS) * k;
+}
+
+// One chunk's weights: for each of the block's NF rows (pie_gemv_row),
+// the 8 bf16 values at c .. c + 7; rows past n read nothing.
 template <int NF>
 __device__ __forceinline__ void pie_gemv_load(const unsigned short* __restrict__ w,
                                               const unsigned short* __restrict__ w2, int n, int k, int f0, int c,
                                               uint4 (&raw)[NF]) {
 #pragma unroll
-    for (int f = 0; f < NF; f++) {
-        int feat = f0 + f % PIE_GEMV_FEATS;
-        const unsigned short* src = f < PIE_GEMV_FEATS ? w : w2;
-        raw[f] = feat < n ? __ldg((const uint4*)(src + (size_t)feat * k + c)) : make_uint4(0u, 0u, 0u, 0u);
-    }
+    for (int f = 0; f < NF; f++)
+        raw[f] = f0 + f % PIE_GEMV_FEATS < n ? __ldg((const uint4*)(pie_gemv_row(w, w2, k, f0, f) + c))
+                                             : make_uint4(0u, 0u, 0u, 0u);
 }
 
 // One chunk of 8 inputs (c .. c + 7) of every row into the block's sums:
@@ -144,11 +149,8 @@ __device__ __forceinline__ float pie_gemv_block_t(const float* __restrict__ x, c
     pie_gemv_load<NF>(w, w2, n, k, f0, c0 < k ? c0 : 0, cur);
     int rest = k - PIE_GEMV_THREADS * 8;  // elements of each row past the first chunks
     if (rest > 0 && (size_t)n * k * 2 <= PIE_GEMV_PREFETCH_MAX_BYTES && threadIdx.x < NF &&
-        f0 + threadIdx.x % PIE_GEMV_FEATS < n) {
-        const unsigned short* src = threadIdx.x < PIE_GEMV_FEATS ? w : w2;
-        pie_prefetch_l2(src + (size_t)(f0 + threadIdx.x % PIE_GEMV_FEATS) * k + PIE_GEMV_THREADS * 8,
-                        (unsigned int)rest * 2u);
-    }
+        f0 + threadIdx.x % PIE_GEMV_FEATS < n)
+        pie_prefetch_l2(pie_gemv_row(w, w2, k, f0, threadIdx.x) + PIE_GEMV_THREADS * 8, (unsigned int)rest * 2u);
     pie_pdl_wait();
 
     if (PAIR) {

@@ -157,7 +157,8 @@ __device__ __forceinline__ void pie_gqa_partial(float* part_ml, float* part_acc,
     // trip per step (the key and value rows), not two. The tables are the
     // step's uploads: the first 32 slots load before pie_pdl_wait (pdl.cu),
     // while the kernel before (the one writing q) may still run.
-    int lane_slot = first + split + lane * splits <= pos ? slots[first + split + lane * splits] : 0;
+    int lane_key = first + split + lane * splits;  // the warp's key `lane`
+    int lane_slot = lane_key <= pos ? slots[lane_key] : 0;
     pie_pdl_wait();
 
     float qr[GM][PIE_GQA_MAX_DPL];
