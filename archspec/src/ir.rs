@@ -199,7 +199,7 @@ pub struct ScaleAttrs {
     pub factor: f32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ActivationFn {
     Silu,
     Gelu,
@@ -222,6 +222,20 @@ impl ActivationFn {
             "tanh" => Self::Tanh,
             _ => return None,
         })
+    }
+    /// The activation's number in the CUDA kernels (`pie_act`,
+    /// `kernels/cuda/elementwise.cu`): the drivers pass it, and codegen
+    /// bakes it into specialized kernels.
+    pub fn kernel_code(self) -> i32 {
+        match self {
+            Self::Silu => 0,
+            Self::Gelu => 1,
+            Self::GeluTanh => 2,
+            Self::Relu => 3,
+            Self::Relu2 => 4,
+            Self::Sigmoid => 5,
+            Self::Tanh => 6,
+        }
     }
     pub fn spec_name(self) -> &'static str {
         match self {

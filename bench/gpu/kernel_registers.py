@@ -2,7 +2,9 @@
 kernels/cuda/*.cu (in drivers/cuda/src/device.rs's order) with the NVRTC
 that `pie build --flavor cuda13.0` downloaded, with `ptxas -v`.
 
-Usage: python3 bench/gpu/kernel_registers.py [REGEX] [--arch sm_90]
+Usage: python3 bench/gpu/kernel_registers.py [REGEX] [--arch sm_90] [--extra FILE]
+(--extra: more source compiled after them, e.g. the specialized.cu that
+`pie build --config` writes next to the kernels it compiled.)
 Prints one line per kernel whose name matches REGEX: registers, and the
 spill bytes when there are any.
 """
@@ -28,13 +30,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("regex", nargs="?", default=".")
     ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--extra", type=pathlib.Path)
     args = ap.parse_args()
     if not (NVRTC / "libnvrtc.so.13").exists():
         sys.exit(f"no NVRTC at {NVRTC}: run `pie build --arch qwen3 --flavor cuda13.0` once")
     ctypes.CDLL(str(NVRTC / "libnvrtc-builtins.so.13.0"), mode=ctypes.RTLD_GLOBAL)
     lib = ctypes.CDLL(str(NVRTC / "libnvrtc.so.13"))
     prog = ctypes.c_void_p()
-    if lib.nvrtcCreateProgram(ctypes.byref(prog), kernel_source().encode(), b"pie_kernels.cu", 0, None, None):
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), (kernel_source() + (args.extra.read_text() if args.extra else "")).encode(), b"pie_kernels.cu", 0, None, None):
         sys.exit("nvrtcCreateProgram failed")
     opts = [f"--gpu-architecture={args.arch}".encode(), b"-Xptxas=-v"]
     rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))

@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use pie_codegen::cuda_kernels::{specialized_kernels, SpecializedKernels};
 use pie_driver_portable::PortableDriver;
 use pie_runtime::{catalog, registry};
 
@@ -32,6 +33,12 @@ pub struct BuildArgs {
     /// Pie's source tree (default: the one this `pie` was built from).
     #[arg(long)]
     source: Option<PathBuf>,
+    /// A model's `config.json` (or its directory) whose shapes the CUDA
+    /// kernels are specialized for (its GEMV widths and MLP activation baked
+    /// in); repeatable. Other models of the architecture still run, on the
+    /// generic kernels.
+    #[arg(long = "config", value_name = "CONFIG")]
+    configs: Vec<PathBuf>,
 }
 
 /// A CUDA flavor: its cargo feature and where its NVRTC comes from.
@@ -72,13 +79,21 @@ pub fn build(args: BuildArgs) -> Result<(), String> {
         ));
     }
     let source = source_tree(args.source.as_deref())?;
+    let flavor = cuda_flavor(&args.flavor);
+    if flavor.is_none() && !args.configs.is_empty() {
+        return Err(format!(
+            "--config specializes CUDA kernels; flavor `{}` has none (use cuda12.8 or cuda13.0)",
+            args.flavor
+        ));
+    }
+    let specialized = specialize(&args.arch, &args.configs)?;
     let spinner = spinner();
     let mut features = vec![format!("arch-{}", args.arch)];
     let mut env: Vec<(&str, PathBuf)> = Vec::new();
-    if let Some(flavor) = cuda_flavor(&args.flavor) {
+    if let Some(flavor) = flavor {
         let nvrtc = fetch_nvrtc(&args.flavor, &flavor, &spinner)?;
         let kernels = catalog::cache_dir().join("kernels").join(&args.flavor);
-        compile_kernels(&nvrtc, &kernels, &spinner)?;
+        compile_kernels(&nvrtc, &kernels, &specialized, &spinner)?;
         features.push(flavor.feature.to_string());
         env.push(("PIE_CUDA_KERNELS", kernels));
     }
@@ -103,10 +118,42 @@ pub fn build(args: BuildArgs) -> Result<(), String> {
         if args.flavor == "portable" {
             String::new()
         } else {
-            " (kernels: sm_80, sm_89, sm_90 cubins + compute_80 PTX)".to_string()
+            format!(
+                " (kernels: sm_80, sm_89, sm_90 cubins + compute_80 PTX; {})",
+                match specialized.names.len() {
+                    0 => "generic only: --config bakes a model's shapes in".to_string(),
+                    n => format!("{n} specialized for {} config(s)", args.configs.len()),
+                }
+            )
         }
     );
     Ok(())
+}
+
+/// The CUDA kernels codegen specializes for `configs` (each a
+/// `config.json` or a directory holding one), lowered with `arch`'s spec.
+fn specialize(arch: &str, configs: &[PathBuf]) -> Result<SpecializedKernels, String> {
+    let spec_of = registry::find_by_name::<PortableDriver>(arch)
+        .ok_or_else(|| format!("unknown architecture `{arch}`"))?;
+    let spec = pie_archspec::parse(spec_of.spec_path, spec_of.spec_text)
+        .map_err(|d| format!("{}: {d}", spec_of.spec_path))?;
+    let mut models = Vec::new();
+    for given in configs {
+        let path = if given.is_dir() {
+            given.join("config.json")
+        } else {
+            given.clone()
+        };
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(&path).map_err(|e| format!("--config {shown}: {e}"))?;
+        let config: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("--config {shown}: not JSON: {e}"))?;
+        let model = pie_archspec::lower(&spec, &config, &shown)
+            .map_err(|e| format!("--config {shown} does not fit architecture `{arch}`: {e}"))?;
+        models.push(model);
+    }
+    let refs: Vec<&pie_archspec::ir::Model> = models.iter().collect();
+    Ok(specialized_kernels(&refs))
 }
 
 fn spinner() -> ProgressBar {
@@ -184,15 +231,26 @@ fn wheel_members(wheel: &Path, dir: &Path) -> Result<Vec<String>, String> {
 }
 
 #[cfg(feature = "cuda")]
-fn compile_kernels(nvrtc: &Path, out: &Path, bar: &ProgressBar) -> Result<(), String> {
-    pie_driver_cuda::kernel_build::compile_kernels(nvrtc, out, &|arch| {
+fn compile_kernels(
+    nvrtc: &Path,
+    out: &Path,
+    specialized: &SpecializedKernels,
+    bar: &ProgressBar,
+) -> Result<(), String> {
+    let (source, names) = (&specialized.source, &specialized.names);
+    pie_driver_cuda::kernel_build::compile_kernels(nvrtc, out, source, names, &|arch| {
         bar.set_message(format!("compiling the CUDA kernels with NVRTC for {arch}…"))
     })
     .map(|_| ())
 }
 
 #[cfg(not(feature = "cuda"))]
-fn compile_kernels(_nvrtc: &Path, _out: &Path, _bar: &ProgressBar) -> Result<(), String> {
+fn compile_kernels(
+    _nvrtc: &Path,
+    _out: &Path,
+    _specialized: &SpecializedKernels,
+    _bar: &ProgressBar,
+) -> Result<(), String> {
     Err("this pie was built without the CUDA driver, so it cannot build CUDA flavors".into())
 }
 

@@ -283,3 +283,61 @@ fn spec_show_prints_the_ir() {
     assert!(out.starts_with("arch qwen3"), "{out}");
     assert!(out.contains("layers 0..=27: decoder"), "{out}");
 }
+
+/// `pie build --config` checks its configs before compiling anything.
+#[test]
+fn build_config_errors_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("config.json");
+    std::fs::write(&bad, "{ not json").unwrap();
+    fails_with(
+        &[
+            "build",
+            "--arch",
+            "qwen3",
+            "--flavor",
+            "portable",
+            "--config",
+            s(&bad),
+        ],
+        "--config specializes CUDA kernels; flavor `portable` has none",
+    );
+    fails_with(
+        &[
+            "build",
+            "--arch",
+            "qwen3",
+            "--flavor",
+            "cuda12.8",
+            "--config",
+            s(&bad),
+        ],
+        "config.json: not JSON",
+    );
+    let missing = dir.path().join("absent.json");
+    fails_with(
+        &[
+            "build",
+            "--arch",
+            "qwen3",
+            "--flavor",
+            "cuda12.8",
+            "--config",
+            s(&missing),
+        ],
+        "absent.json",
+    );
+    std::fs::write(&bad, r#"{"model_type": "qwen3", "hidden_size": 64}"#).unwrap();
+    fails_with(
+        &[
+            "build",
+            "--arch",
+            "qwen3",
+            "--flavor",
+            "cuda12.8",
+            "--config",
+            s(dir.path()),
+        ],
+        "does not fit architecture `qwen3`",
+    );
+}

@@ -6,6 +6,7 @@
 //!
 //! [`Driver`]: ../pie_driver/trait.Driver.html
 
+pub mod cuda_kernels;
 mod fusion;
 mod naming;
 mod section;

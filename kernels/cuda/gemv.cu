@@ -9,6 +9,12 @@
 // The next chunk's weights load while this one's are used, and the first
 // chunk's load before the block waits for the kernel before it (pdl.cu).
 // Requires k % 8 == 0 and 16-byte aligned rows (the driver checks).
+//
+// Every entry point's body is a template over K, the input width: K = 0
+// reads k at run time (the kernels below); K > 0 bakes it in, so the loop
+// over k has a fixed trip count and unrolls. codegen instantiates those
+// for one model's widths (codegen/src/cuda_kernels.rs: `pie build
+// --config`), as `<kernel>_k<K>` entry points the driver prefers.
 
 #define PIE_GEMV_MAX_ROWS 4
 #define PIE_GEMV_FEATS 4
@@ -125,11 +131,15 @@ __device__ __forceinline__ void pie_gemv_chunk(const uint4 (&raw)[NF], const flo
 // and up), their sum into *second; one pass keeps both matrices' loads
 // in flight together and reduces once. Every thread of the block must
 // call it (it synchronizes).
-template <bool NORM, bool PAIR>
+// K > 0: k is K (baked in, see the top of this file).
+template <bool NORM, bool PAIR, int K = 0>
 __device__ __forceinline__ float pie_gemv_block_t(const float* __restrict__ x, const unsigned short* __restrict__ w,
-                                                  const unsigned short* __restrict__ w2, int m, int n, int k,
+                                                  const unsigned short* __restrict__ w2, int m, int n, int k_arg,
                                                   int f0, PieGemvNorm nm, float* second) {
     constexpr int NF = PAIR ? 2 * PIE_GEMV_FEATS : PIE_GEMV_FEATS;
+    // A baked width unrolls the chunk loops (a known trip count).
+    constexpr int UNROLL = K > 0 ? (K + PIE_GEMV_THREADS * 8 - 1) / (PIE_GEMV_THREADS * 8) : 1;
+    const int k = K > 0 ? K : k_arg;
     float acc[PIE_GEMV_MAX_ROWS][NF];
     float squares[PIE_GEMV_MAX_ROWS];
 #pragma unroll
@@ -157,7 +167,7 @@ __device__ __forceinline__ float pie_gemv_block_t(const float* __restrict__ x, c
         // Twice the loads in flight per chunk already: one chunk at a time
         // (two would cost registers, and occupancy, for nothing).
         if (c0 < k) pie_gemv_chunk<NORM, NF>(cur, x, m, k, c0, nm, acc, squares);
-#pragma unroll 1
+#pragma unroll UNROLL
         for (int c = c0 + PIE_GEMV_THREADS * 8; c < k; c += PIE_GEMV_THREADS * 8) {
             pie_gemv_load<NF>(w, w2, n, k, f0, c, cur);
             pie_gemv_chunk<NORM, NF>(cur, x, m, k, c, nm, acc, squares);
@@ -165,7 +175,7 @@ __device__ __forceinline__ float pie_gemv_block_t(const float* __restrict__ x, c
     } else {
         // Pipelined: the next chunk's weight loads issue before this
         // chunk's x loads and FMAs, so two chunks are always in flight.
-#pragma unroll 1
+#pragma unroll UNROLL
         for (int c = c0; c < k; c += PIE_GEMV_THREADS * 8) {
             uint4 next[NF];
             bool more = c + PIE_GEMV_THREADS * 8 < k;
@@ -217,9 +227,10 @@ __device__ __forceinline__ float pie_gemv_block_t(const float* __restrict__ x, c
     return v;
 }
 
+template <int K = 0>
 __device__ __forceinline__ float pie_gemv_block(const float* __restrict__ x, const unsigned short* __restrict__ w,
                                                 int m, int n, int k, int f0) {
-    return pie_gemv_block_t<false, false>(x, w, nullptr, m, n, k, f0, PieGemvNorm{}, nullptr);
+    return pie_gemv_block_t<false, false, K>(x, w, nullptr, m, n, k, f0, PieGemvNorm{}, nullptr);
 }
 
 // Writes the block's sums (from pie_gemv_block) into out [m, n].
@@ -228,17 +239,24 @@ __device__ __forceinline__ void pie_gemv_store(float* out, float v, int m, int n
     if (t < m * PIE_GEMV_FEATS && f < n) out[(size_t)r * n + f] = v;
 }
 
+// out = x · Wᵀ (pie_gemv_bf16 and its _k<K> forms).
+template <int K>
+__device__ __forceinline__ void pie_gemv_entry(float* __restrict__ out, const float* __restrict__ x,
+                                               const unsigned short* __restrict__ w, int m, int n, int k) {
+    int f0 = blockIdx.x * PIE_GEMV_FEATS;
+    pie_gemv_store(out, pie_gemv_block<K>(x, w, m, n, k, f0), m, n, f0);
+}
+
 extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS)
 pie_gemv_bf16(float* __restrict__ out, const float* __restrict__ x, const unsigned short* __restrict__ w,
               int m, int n, int k) {
-    int f0 = blockIdx.x * PIE_GEMV_FEATS;
-    pie_gemv_store(out, pie_gemv_block(x, w, m, n, k, f0), m, n, f0);
+    pie_gemv_entry<0>(out, x, w, m, n, k);
 }
 
 // Up to three products of one x in one launch (q/k/v projections): the
 // first ceil(n0 / FEATS) blocks compute out0, the next out1, then out2
 // (n2 = 0: two products).
-template <bool NORM>
+template <bool NORM, int K = 0>
 __device__ __forceinline__ void pie_gemv3(float* out0, const unsigned short* w0, int n0, float* out1,
                                           const unsigned short* w1, int n1, float* out2, const unsigned short* w2,
                                           int n2, const float* x, int m, int k, PieGemvNorm nm) {
@@ -253,7 +271,7 @@ __device__ __forceinline__ void pie_gemv3(float* out0, const unsigned short* w0,
         out = out1, w = w1, n = n1, b -= b0;
     }
     int f0 = b * PIE_GEMV_FEATS;
-    pie_gemv_store(out, pie_gemv_block_t<NORM, false>(x, w, nullptr, m, n, k, f0, nm, nullptr), m, n, f0);
+    pie_gemv_store(out, pie_gemv_block_t<NORM, false, K>(x, w, nullptr, m, n, k, f0, nm, nullptr), m, n, f0);
 }
 
 extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS)
@@ -265,22 +283,37 @@ pie_gemv3_bf16(float* out0, const unsigned short* __restrict__ w0, int n0,
 }
 
 // pie_gemv3_bf16 of rms_norm(x) · (offset + g) (g optional: has_g).
+template <int K>
+__device__ __forceinline__ void pie_gemv3_norm_entry(float* out0, const unsigned short* __restrict__ w0, int n0,
+                                                     float* out1, const unsigned short* __restrict__ w1, int n1,
+                                                     float* out2, const unsigned short* __restrict__ w2, int n2,
+                                                     const float* __restrict__ x, const float* g, int has_g,
+                                                     float eps, float offset, int m, int k) {
+    PieGemvNorm nm = {nullptr, has_g ? g : nullptr, offset, eps, nullptr};
+    pie_gemv3<true, K>(out0, w0, n0, out1, w1, n1, out2, w2, n2, x, m, k, nm);
+}
+
 extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS)
 pie_gemv3_norm_bf16(float* out0, const unsigned short* __restrict__ w0, int n0,
                     float* out1, const unsigned short* __restrict__ w1, int n1,
                     float* out2, const unsigned short* __restrict__ w2, int n2,
                     const float* __restrict__ x, const float* g, int has_g, float eps, float offset, int m, int k) {
-    PieGemvNorm nm = {nullptr, has_g ? g : nullptr, offset, eps, nullptr};
-    pie_gemv3<true>(out0, w0, n0, out1, w1, n1, out2, w2, n2, x, m, k, nm);
+    pie_gemv3_norm_entry<0>(out0, w0, n0, out1, w1, n1, out2, w2, n2, x, g, has_g, eps, offset, m, k);
 }
 
 // out += x · Wᵀ: a projection added into the residual stream in place
 // (each output element is read and written by one thread).
+template <int K>
+__device__ __forceinline__ void pie_gemv_add_entry(float* out, const float* __restrict__ x,
+                                                   const unsigned short* __restrict__ w, int m, int n, int k) {
+    int f0 = blockIdx.x * PIE_GEMV_FEATS;
+    float v = pie_gemv_block<K>(x, w, m, n, k, f0);
+    int t = threadIdx.x, r = t / PIE_GEMV_FEATS, f = f0 + t % PIE_GEMV_FEATS;
+    if (t < m * PIE_GEMV_FEATS && f < n) out[(size_t)r * n + f] += v;
+}
+
 extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS)
 pie_gemv_add_bf16(float* out, const float* __restrict__ x, const unsigned short* __restrict__ w, int m, int n,
                   int k) {
-    int f0 = blockIdx.x * PIE_GEMV_FEATS;
-    float v = pie_gemv_block(x, w, m, n, k, f0);
-    int t = threadIdx.x, r = t / PIE_GEMV_FEATS, f = f0 + t % PIE_GEMV_FEATS;
-    if (t < m * PIE_GEMV_FEATS && f < n) out[(size_t)r * n + f] += v;
+    pie_gemv_add_entry<0>(out, x, w, m, n, k);
 }

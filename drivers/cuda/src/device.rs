@@ -189,7 +189,7 @@ pub fn build_kernels(ctx: &Arc<CudaContext>) -> Result<Kernels> {
         let module = ctx
             .load_module(image)
             .map_err(|e| cuda_error("loading the embedded kernels", e))?;
-        return Kernels::load(module);
+        return Kernels::load(module, true);
     }
     compile_now(ctx)
 }
@@ -221,7 +221,7 @@ fn compile_now(ctx: &Arc<CudaContext>) -> Result<Kernels> {
     let module = ctx
         .load_module(ptx)
         .map_err(|e| cuda_error("loading the kernel module", e))?;
-    Kernels::load(module)
+    Kernels::load(module, false)
 }
 
 /// Small kernels used by the driver itself.
@@ -233,15 +233,29 @@ extern "C" __global__ void pie_fill(float* out, float v, int n) {
 }
 "#;
 
+/// Entry points `pie build --config` specialized for one model's shapes
+/// (codegen/src/cuda_kernels.rs), embedded with the images that hold them.
+mod specialized {
+    include!(concat!(env!("OUT_DIR"), "/specialized.rs"));
+}
+
 pub struct Kernels {
     _module: Arc<CudaModule>,
     functions: Vec<(&'static str, CudaFunction)>,
 }
 
 impl Kernels {
-    fn load(module: Arc<CudaModule>) -> Result<Self> {
+    /// The generic kernels, and the specialized ones where the module is
+    /// the embedded image that holds them.
+    fn load(module: Arc<CudaModule>, with_specialized: bool) -> Result<Self> {
+        let extra: &[&'static str] = if with_specialized {
+            specialized::SPECIALIZED
+        } else {
+            &[]
+        };
         let functions = KERNELS
             .iter()
+            .chain(extra)
             .map(|&name| {
                 module
                     .load_function(name)
@@ -253,6 +267,15 @@ impl Kernels {
             _module: module,
             functions,
         })
+    }
+
+    /// The loaded entry point named `name`, if any (a specialized kernel
+    /// exists only for the shapes `pie build --config` baked in).
+    pub fn find(&self, name: &str) -> Option<&'static str> {
+        self.functions
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(n, _)| *n)
     }
 
     pub fn get(&self, name: &str) -> &CudaFunction {

@@ -11,10 +11,7 @@ use pie_driver::ir::*;
 use pie_driver::{DriverError, ForwardBatch, NormRopePart, PreNorm, Result};
 
 use crate::gemm::{gemv_grid, GEMV_FEATS};
-use crate::{
-    activation_code, cuda_err, graphs, int, weight_or_null, Bf16Matrix, CudaAct, CudaDriver,
-    CudaWeight,
-};
+use crate::{cuda_err, graphs, int, weight_or_null, Bf16Matrix, CudaAct, CudaDriver, CudaWeight};
 
 /// A bf16 matrix without a bias, or None.
 fn plain_bf16<'w>(w: &'w CudaWeight, bias: Option<&CudaWeight>) -> Option<&'w Bf16Matrix> {
@@ -76,10 +73,13 @@ impl CudaDriver {
         let (o0, o1, o2) = (addr(0), addr(1), addr(2));
         let w = |i: usize| ws.get(i).map_or(0, |w| w.ptr);
         let (w0, w1, w2) = (w(0), w(1), w(2));
-        let kernel = match norm {
-            Some(_) => "pie_gemv3_norm_bf16",
-            None => "pie_gemv3_bf16",
-        };
+        let kernel = self.gemv_kernel(
+            match norm {
+                Some(_) => "pie_gemv3_norm_bf16",
+                None => "pie_gemv3_bf16",
+            },
+            x.width,
+        );
         let mut b = self.launch(kernel);
         b.arg(&o0).arg(&w0).arg(&ns[0]);
         b.arg(&o1).arg(&w1).arg(&ns[1]);
@@ -151,11 +151,16 @@ impl CudaDriver {
             int(n, "features")?,
             int(x.width, "width")?,
         );
-        let (func, limit) = (activation_code(a.func), a.limit.unwrap_or(0.0));
-        let kernel = match added {
-            Some(_) => "pie_gemv_glu_norm_bf16",
-            None => "pie_gemv_glu_bf16",
-        };
+        let (func, limit) = (a.func.kernel_code(), a.limit.unwrap_or(0.0));
+        let kernel = self.glu_kernel(
+            match added {
+                Some(_) => "pie_gemv_glu_norm_bf16",
+                None => "pie_gemv_glu_bf16",
+            },
+            x.width,
+            a.func,
+            a.limit,
+        );
         let sum = added.map(|_| self.act(x.rows, x.width)).transpose()?;
         let mut b = self.launch(kernel);
         b.buf(&out.data);

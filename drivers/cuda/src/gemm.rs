@@ -140,10 +140,13 @@ impl CudaDriver {
         let (m, k) = (int(x.rows, "rows")?, int(x.width, "width")?);
         let n = out.width;
         let ni = int(n, "features")?;
-        let kernel = match accumulate {
-            true => "pie_gemv_add_bf16",
-            false => "pie_gemv_bf16",
-        };
+        let kernel = self.gemv_kernel(
+            match accumulate {
+                true => "pie_gemv_add_bf16",
+                false => "pie_gemv_bf16",
+            },
+            x.width,
+        );
         let mut b = self.launch(kernel);
         b.buf(&out.data)
             .buf(&x.data)

@@ -15,7 +15,7 @@ use pie_driver::{DType, Result, WeightPart};
 
 use crate::gemm::GemmInput;
 use crate::tensor::Bf16Matrix;
-use crate::{activation_code, blocks, cuda_err, graphs, int, CudaAct, CudaDriver, CudaWeight};
+use crate::{blocks, cuda_err, graphs, int, CudaAct, CudaDriver, CudaWeight};
 
 impl CudaDriver {
     /// `parts` in one allocation, in order, when all are bf16 matrices of
@@ -124,7 +124,7 @@ impl CudaDriver {
             return Ok(None);
         };
         let (mut out, shadow) = self.act_with_bf16_copy(x.rows, n)?;
-        let (f, limit) = (activation_code(a.func), a.limit.unwrap_or(0.0));
+        let (f, limit) = (a.func.kernel_code(), a.limit.unwrap_or(0.0));
         let (rows, ni) = (int(x.rows, "rows")?, int(n, "features")?);
         let mut b = self
             .stream

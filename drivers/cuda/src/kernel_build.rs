@@ -147,17 +147,31 @@ impl Nvrtc {
     }
 }
 
+/// The file listing the specialized entry points (one name per line) that
+/// `build.rs` embeds with the images.
+pub const SPECIALIZED_LIST: &str = "specialized.txt";
+/// The generated source of those entry points, kept for reading.
+pub const SPECIALIZED_SOURCE: &str = "specialized.cu";
+
 /// Compiles the kernels with the NVRTC library at `nvrtc` into `out_dir`
 /// (`sm_80.cubin`, `sm_89.cubin`, `sm_90.cubin`, `compute_80.ptx`),
-/// calling `step` before each target.
+/// calling `step` before each target. `specialized` is generated source
+/// compiled after the generic kernels (codegen's model-specialized entry
+/// points, named in `names`; empty for none): its list and source go to
+/// [`SPECIALIZED_LIST`] and [`SPECIALIZED_SOURCE`].
 pub fn compile_kernels(
     nvrtc: &Path,
     out_dir: &Path,
+    specialized: &str,
+    names: &[String],
     step: &dyn Fn(&str),
 ) -> Result<Vec<PathBuf>, String> {
     let nvrtc = Nvrtc::open(nvrtc)?;
     std::fs::create_dir_all(out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
-    let source = kernel_source();
+    let source = format!(
+        "{}\n// ---- specialized (codegen)\n{specialized}",
+        kernel_source()
+    );
     let mut written = Vec::new();
     for arch in CUBIN_ARCHS.iter().chain([&PTX_ARCH]) {
         step(arch);
@@ -169,6 +183,14 @@ pub fn compile_kernels(
         });
         std::fs::write(&file, image).map_err(|e| format!("{}: {e}", file.display()))?;
         written.push(file);
+    }
+    for (file, text) in [
+        (SPECIALIZED_LIST, names.join("\n")),
+        (SPECIALIZED_SOURCE, specialized.to_string()),
+    ] {
+        let path = out_dir.join(file);
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        written.push(path);
     }
     Ok(written)
 }

@@ -156,10 +156,15 @@ mod tests {
 
     /// The device functions through which the overlapping kernels wait: each calls
     /// `pie_pdl_wait()` or a helper before it in this list.
-    const WAITING_HELPERS: [&str; 5] = [
+    const WAITING_HELPERS: [&str; 10] = [
         "pie_gemv_block_t",
         "pie_gemv_block",
         "pie_gemv3",
+        "pie_gemv_entry",
+        "pie_gemv_add_entry",
+        "pie_gemv3_norm_entry",
+        "pie_gemv_glu_entry",
+        "pie_gemv_glu_norm_entry",
         "pie_norm_rope_head",
         "pie_gqa_partial",
     ];
@@ -220,5 +225,30 @@ mod tests {
             assert!(calls_helper, "`{name}` reaches no pie_pdl_wait(): {body}");
         }
         assert!(checked > 0, "no kernel of KERNELS is launched to overlap");
+    }
+
+    /// The same for the entry points codegen specializes for a model
+    /// (Qwen3-0.6B's shapes here): each overlaps, so each must wait.
+    #[test]
+    fn specialized_kernels_wait_for_their_predecessor() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+        let spec = pie_archspec::parse("specs/qwen3.toml", &read("specs/qwen3.toml")).unwrap();
+        let config = serde_json::from_str(&read("tests/configs/qwen3.json")).unwrap();
+        let model = pie_archspec::lower(&spec, &config, "config.json").unwrap();
+        let generated = pie_codegen::cuda_kernels::specialized_kernels(&[&model]);
+        assert!(!generated.names.is_empty());
+        for name in &generated.names {
+            assert!(overlaps(name), "`{name}` would not overlap");
+            let at = generated.source.find(&format!("\n{name}(")).unwrap();
+            let end = generated.source[at..].find("\n}").unwrap();
+            let body = &generated.source[at..at + end];
+            assert!(
+                WAITING_HELPERS
+                    .iter()
+                    .any(|h| body.contains(&format!("{h}<"))),
+                "`{name}` reaches no pie_pdl_wait(): {body}"
+            );
+        }
     }
 }

@@ -24,6 +24,7 @@ mod mamba2;
 mod mla;
 mod moe;
 mod rows;
+mod specialized;
 mod step_timing;
 mod tensor;
 
@@ -77,6 +78,10 @@ pub struct CudaDriver {
     /// Whether bf16 GEMMs of at most 4 rows use `pie_gemv_bf16`
     /// (`PIE_CUDA_GEMV=0`: cuBLAS for every shape).
     gemv: bool,
+    /// Whether the GEMVs launch the entry points `pie build --config`
+    /// specialized for the model's widths where they exist
+    /// (`PIE_CUDA_SPECIALIZED=0`: the generic ones always; for A/B runs).
+    specialized: bool,
     /// One zeroed counter per (row, kv head) pair for the one-launch
     /// grouped attention (its blocks count themselves done, the last one
     /// combines and resets the counter).
@@ -257,6 +262,7 @@ impl CudaDriver {
             gqa: std::env::var("PIE_CUDA_GQA").map_or(true, |v| v != "0"),
             gqa_split: grouped_attention::GqaSplit::from_env(),
             gemv: std::env::var("PIE_CUDA_GEMV").map_or(true, |v| v != "0"),
+            specialized: std::env::var("PIE_CUDA_SPECIALIZED").map_or(true, |v| v != "0"),
             fuse: std::env::var("PIE_CUDA_FUSE").map_or(true, |v| v != "0"),
             join: std::env::var("PIE_CUDA_JOIN").map_or(true, |v| v != "0"),
             bf16_matrices: AtomicBool::new(false),
@@ -578,18 +584,6 @@ impl CudaDriver {
         b.arg(&mut out.data).arg(&x.data).arg(&param).arg(&ni);
         unsafe { b.launch(blocks(n)) }.map_err(cuda_err(name))?;
         Ok(out)
-    }
-}
-
-pub(crate) fn activation_code(f: ActivationFn) -> i32 {
-    match f {
-        ActivationFn::Silu => 0,
-        ActivationFn::Gelu => 1,
-        ActivationFn::GeluTanh => 2,
-        ActivationFn::Relu => 3,
-        ActivationFn::Relu2 => 4,
-        ActivationFn::Sigmoid => 5,
-        ActivationFn::Tanh => 6,
     }
 }
 
@@ -1057,7 +1051,7 @@ impl Driver for CudaDriver {
         let n = gate.rows * gate.width;
         let (mut out, shadow) = self.act_with_bf16_copy(gate.rows, gate.width)?;
         let (f, limit, ni) = (
-            activation_code(a.func),
+            a.func.kernel_code(),
             a.limit.unwrap_or(0.0),
             int(n, "elements")?,
         );
@@ -1074,7 +1068,7 @@ impl Driver for CudaDriver {
     }
 
     fn activation(&self, x: &CudaAct, a: &ActivationAttrs) -> Result<CudaAct> {
-        self.map(x, "pie_activation", activation_code(a.func))
+        self.map(x, "pie_activation", a.func.kernel_code())
     }
 
     fn softcap(&self, x: &CudaAct, a: &SoftcapAttrs) -> Result<CudaAct> {

@@ -193,7 +193,7 @@ impl CudaDriver {
                 self.add_bias_to(&mut g, gate_bias)?;
                 self.glu_act(&g, &u, p)
             }
-            None => self.map(&u, "pie_activation", crate::activation_code(p.act)),
+            None => self.map(&u, "pie_activation", p.act.kernel_code()),
         }
     }
 
