@@ -29,6 +29,14 @@ pub enum Step {
         first: (usize, usize),
         second: (usize, usize),
     },
+    /// A [`Step::RmsNormRope2`] whose two results only the `attention`
+    /// right after it reads, as its queries and keys: the driver may apply
+    /// the norms and rotation inside the attention kernel.
+    NormRopeAttention {
+        first: (usize, usize),
+        second: (usize, usize),
+        attention: usize,
+    },
     /// `linear` whose output only the next op, an `add` rebinding the other
     /// operand (the residual), reads: the residual moves into the call.
     LinearAdd { linear: usize, add: usize },
@@ -82,7 +90,38 @@ pub fn plan(ops: &[OpDecl], result: &str) -> Vec<Step> {
             at += 1;
         }
     }
-    norms_into_products(ops, pair_norm_ropes(ops, steps), result)
+    let steps = norms_into_products(ops, pair_norm_ropes(ops, steps), result);
+    norm_ropes_into_attention(ops, steps, result)
+}
+
+/// Merges a [`Step::RmsNormRope2`] into the attention right after it
+/// where that attention alone reads both results, as `q` and `k` (with a
+/// `v` of its own: not a layer reading another's cache).
+fn norm_ropes_into_attention(ops: &[OpDecl], steps: Vec<Step>, result: &str) -> Vec<Step> {
+    let mut out: Vec<Step> = Vec::with_capacity(steps.len());
+    for step in steps {
+        if let (Some(&Step::RmsNormRope2 { first, second }), &Step::Op(att)) = (out.last(), &step) {
+            let attention = &ops[att];
+            let (q, k) = (output(&ops[first.1]), output(&ops[second.1]));
+            let wired = fusable(attention, OpKind::Attention)
+                && input(attention, "q", 0) == Some(q)
+                && input(attention, "k", 0) == Some(k)
+                && input(attention, "v", 0).is_some_and(|v| v != q && v != k);
+            let private = [q, k]
+                .iter()
+                .all(|name| output(attention) == *name || !read_after(ops, att, name, result));
+            if wired && private {
+                *out.last_mut().expect("matched above") = Step::NormRopeAttention {
+                    first,
+                    second,
+                    attention: att,
+                };
+                continue;
+            }
+        }
+        out.push(step);
+    }
+    out
 }
 
 /// Moves a norm into the products after it where they alone read the
@@ -372,11 +411,11 @@ ops = [{{ op = "linear", in = "x", out = "logits", features = "vocab", weight = 
                     norm: 0,
                     group: vec![1, 2, 3]
                 },
-                Step::RmsNormRope2 {
+                Step::NormRopeAttention {
                     first: (4, 6),
-                    second: (5, 7)
+                    second: (5, 7),
+                    attention: 8
                 },
-                Step::Op(8),
                 Step::AddNormGatedLinear {
                     add: 9,
                     norm: 10,
@@ -446,6 +485,30 @@ ops = [{{ op = "linear", in = "x", out = "logits", features = "vocab", weight = 
                 Step::Op(5),
                 Step::Op(6)
             ]
+        );
+    }
+
+    /// Keys read again after the attention keep their own norm + rope
+    /// call: the attention kernel's normalized copy never reaches memory.
+    #[test]
+    fn normed_keys_read_after_the_attention_stay_unmerged() {
+        let ops = format!(
+            r#"{NORM_QK}
+  {{ op = "linear", in = "h", out = "v", features = "hidden", weight = "v" }},
+  {{ op = "rms_norm", in = "q", out = "q", weight = "qn", group = 8, eps = 1e-6 }},
+  {{ op = "rms_norm", in = "k", out = "k", weight = "kn", group = 8, eps = 1e-6 }},
+  {{ op = "rope", in = "q", out = "q", head_dim = 8, theta = 1e4 }},
+  {{ op = "rope", in = "k", out = "k", head_dim = 8, theta = 1e4 }},
+  {{ op = "attention", q = "q", k = "k", v = "v", out = "a", heads = 2, kv_heads = 2, head_dim = 8 }},
+  {{ op = "add", in = ["a", "k"], out = "x" }},"#
+        );
+        let steps = plan_of(&ops);
+        assert!(
+            steps.contains(&Step::RmsNormRope2 {
+                first: (4, 6),
+                second: (5, 7)
+            }) && steps.contains(&Step::Op(8)),
+            "{steps:?}"
         );
     }
 

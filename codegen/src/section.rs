@@ -294,14 +294,24 @@ impl<'a> SectionGen<'a> {
                 quote!(let #out = d.linear_add(#x, #w, #b, #la, #residual, #aa)?;)
             }
             Step::RmsNormRope2 { first, second } => {
-                let part = |(n, r): (usize, usize)| {
-                    let (n, r) = (op(n), op(r));
-                    let (x, w, na, ra) =
-                        (n.input("in", 0), n.weight("weight"), n.attrs(), r.attrs());
-                    (quote!((#x, #w, #na, #ra)), r.output())
-                };
-                let ((a, out_a), (b, out_b)) = (part(*first), part(*second));
+                let ((a, out_a), (b, out_b)) =
+                    (self.norm_rope_part(*first), self.norm_rope_part(*second));
                 quote!(let (#out_a, #out_b) = d.rms_norm_rope2(#a, #b, batch)?;)
+            }
+            Step::NormRopeAttention {
+                first,
+                second,
+                attention,
+            } => {
+                let ((q, _), (k, _)) = (self.norm_rope_part(*first), self.norm_rope_part(*second));
+                let att = op(*attention);
+                let (v, s, aa, out) = (
+                    att.input("v", 0),
+                    att.weight("sinks"),
+                    att.attrs(),
+                    att.output(),
+                );
+                quote!(let #out = d.norm_rope_attention(#q, #k, #v, #s, kv, batch, #aa)?;)
             }
             Step::RmsNormRope { norm, rope } => {
                 let (n, r) = (op(*norm), op(*rope));
@@ -310,6 +320,14 @@ impl<'a> SectionGen<'a> {
                 quote!(let #out = d.rms_norm_rope(#x, #w, #na, batch, #ra)?;)
             }
         }
+    }
+
+    /// The `(x, weight, norm attrs, rope attrs)` operand of a norm + rope
+    /// pair, and the rope's output.
+    fn norm_rope_part(&self, (norm, rope): (usize, usize)) -> (TokenStream, Ident) {
+        let (n, r) = (&self.ops[norm], &self.ops[rope]);
+        let (x, w, na, ra) = (n.input("in", 0), n.weight("weight"), n.attrs(), r.attrs());
+        (quote!((#x, #w, #na, #ra)), r.output())
     }
 
     /// Weights, biases, attributes and outputs of a group of `linear` ops.

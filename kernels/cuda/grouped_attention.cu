@@ -130,6 +130,72 @@ __device__ __forceinline__ void pie_gqa_store_new(T* k_cache, T* v_cache, const 
     }
 }
 
+// The q/k RMS norms and rope of a layer, applied by a decode fold to the
+// raw projections it reads (the driver's norm_rope_attention: one launch
+// less per layer than pie_rms_norm_rope2 before the attention). Taken for
+// head_dim == rotary_dim == 128 (CONTIG: lane l holds dims 4l .. 4l + 3)
+// and the half-split rotation, whose partner of dim d < 64 is d + 64: the
+// same slot of lane l ^ 16. The same formulas as pie_norm_rope_head.
+struct PieQkNormRope {
+    const float *q_w, *k_w;  // (offset + w) scales; null: none
+    float q_eps, k_eps, q_offset, k_offset;
+    const int* positions;  // the rope's positions (per row)
+    const int* seq_lens;
+    const double *inv_short, *inv_long;
+    int long_from;
+    double scale;
+};
+
+// This lane's cos and sin (4 dims) of row `row`'s rotation: computed
+// before pie_pdl_wait, from the step's uploads only.
+__device__ __forceinline__ void pie_gqa_rope_angles(const PieQkNormRope& nr, int row, int lane, float (&c)[4],
+                                                    float (&s)[4]) {
+    const double* freqs = pie_rope_freqs(nr.seq_lens, row, nr.inv_short, nr.inv_long, nr.long_from);
+#pragma unroll
+    for (int i = 0; i < 4; i++) pie_rope_cos_sin(nr.positions[row], freqs[(lane * 4 + i) & 63], nr.scale, &c[i], &s[i]);
+}
+
+// rope(rms_norm(v)) of one 128-dim head held by a warp (4 dims per lane),
+// in place: w (optional) scales by offset + w.
+__device__ __forceinline__ void pie_gqa_norm_rope(float (&v)[PIE_GQA_MAX_DPL], const float* w, float eps,
+                                                  float offset, const float (&c)[4], const float (&s)[4], int lane) {
+    float squares = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 4; i++) squares += v[i] * v[i];
+    float inv = rsqrtf(pie_warp_sum(squares) / 128.0f + eps);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        v[i] *= inv;
+        if (w) v[i] *= offset + w[lane * 4 + i];
+    }
+    // x0 = dim d < 64, x1 = dim d + 64: x0' = x0 c - x1 s, x1' = x1 c + x0 s.
+    float sign = lane < 16 ? -1.0f : 1.0f;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float partner = __shfl_xor_sync(0xffffffffu, v[i], 16);
+        v[i] = v[i] * c[i] + sign * partner * s[i];
+    }
+}
+
+// pie_gqa_store_new with the new key normalized and rotated first (the
+// CONTIG layout: 4 consecutive dims per lane, head dims of 128).
+template <typename T>
+__device__ __forceinline__ void pie_gqa_store_new_normed(T* k_cache, T* v_cache, const float* k_new,
+                                                         const float* v_new, long long slot, int row, int kvh,
+                                                         int lane, int k_width, int v_width,
+                                                         const PieQkNormRope& nr, const float (&c)[4],
+                                                         const float (&s)[4]) {
+    const float* kr = k_new + (long long)row * k_width + (long long)kvh * 128 + lane * 4;
+    const float* vr = v_new + (long long)row * v_width + (long long)kvh * 128 + lane * 4;
+    float k[PIE_GQA_MAX_DPL] = {kr[0], kr[1], kr[2], kr[3]};
+    pie_gqa_norm_rope(k, nr.k_w, nr.k_eps, nr.k_offset, c, s, lane);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        pie_kv_store(k_cache, slot * k_width + (long long)kvh * 128 + lane * 4 + i, k[i]);
+        pie_kv_store(v_cache, slot * v_width + (long long)kvh * 128 + lane * 4 + i, vr[i]);
+    }
+}
+
 // The partial pass over a cache of element type T (float or bf16 bits);
 // one instantiation per type and dim layout so the hot loop has no tests.
 // G > 0: compiled for groups of exactly G query heads (the decode folds of
@@ -141,7 +207,7 @@ __device__ __forceinline__ void pie_gqa_partial(float* part_ml, float* part_acc,
                                                 const int* table_off, int heads, int kv_heads, int head_dim,
                                                 int v_head_dim, int v_stride, float scale, int window, float softcap,
                                                 const float* k_new = nullptr, const float* v_new = nullptr,
-                                                const int* new_slots = nullptr) {
+                                                const int* new_slots = nullptr, const PieQkNormRope* nr = nullptr) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int rk = blockIdx.x;  // row * kv_heads + kv head
     int row = rk / kv_heads, kvh = rk % kv_heads;
@@ -159,6 +225,11 @@ __device__ __forceinline__ void pie_gqa_partial(float* part_ml, float* part_acc,
     // while the kernel before (the one writing q) may still run.
     int lane_key = first + split + lane * splits;  // the warp's key `lane`
     int lane_slot = lane_key <= pos ? slots[lane_key] : 0;
+    // With nr (CONTIG only), q and the new key are normalized and rotated
+    // here; their angles need only the step's uploads too.
+    bool norm_rope = CONTIG && nr != nullptr;
+    float rc[4], rs[4];
+    if (norm_rope) pie_gqa_rope_angles(*nr, row, lane, rc, rs);
     pie_pdl_wait();
 
     float qr[GM][PIE_GQA_MAX_DPL];
@@ -175,11 +246,17 @@ __device__ __forceinline__ void pie_gqa_partial(float* part_ml, float* part_acc,
             qr[g][i] = (g < group && d < head_dim) ? qrow[g * head_dim + d] : 0.0f;
             acc[g][i] = 0.0f;
         }
+        if (norm_rope && g < group) pie_gqa_norm_rope(qr[g], nr->q_w, nr->q_eps, nr->q_offset, rc, rs, lane);
     }
 
-    if (k_new && (pos - first) % splits == split)
-        pie_gqa_store_new<T, CONTIG>((T*)k_cache, (T*)v_cache, k_new, v_new, new_slots[row], row, kvh, lane, k_width,
-                                     head_dim, v_head_dim, v_stride);
+    if (k_new && (pos - first) % splits == split) {
+        if (norm_rope)
+            pie_gqa_store_new_normed((T*)k_cache, (T*)v_cache, k_new, v_new, new_slots[row], row, kvh, lane,
+                                     k_width, v_stride, *nr, rc, rs);
+        else
+            pie_gqa_store_new<T, CONTIG>((T*)k_cache, (T*)v_cache, k_new, v_new, new_slots[row], row, kvh, lane,
+                                         k_width, head_dim, v_head_dim, v_stride);
+    }
 
     for (int t0 = first + split, j0 = 0; t0 <= pos; t0 += splits * PIE_GQA_UNROLL, j0 += PIE_GQA_UNROLL) {
         if (j0 > 0 && (j0 & 31) == 0) {  // the next 32 slots; uniform over the warp
@@ -401,17 +478,24 @@ PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_bf16_c128, unsigned short, true
 // Both passes in one launch (decode: a grid small enough for the driver's
 // counters); the _fold names of the entry points above. With k_new set
 // (null: the cache holds them already), each row's new key and value are
-// written to the cache by the launch itself (pie_gqa_store_new).
+// written to the cache by the launch itself (pie_gqa_store_new). With
+// norm_rope (the _c128 kernels only), q and k are the raw projections and
+// the launch applies their norms and rope itself (PieQkNormRope).
 #define PIE_GQA_FOLDED_KERNEL(NAME, T, CONTIG, G)                                                              \
     extern "C" __global__ void __launch_bounds__(PIE_GQA_WARPS * 32)                                           \
         NAME(float* part_ml, float* part_acc, const float* q, const T* k_cache, const T* v_cache,              \
              const int* positions, const int* table, const int* table_off, int heads, int kv_heads,            \
              int head_dim, int v_head_dim, int v_stride, float scale, int window, float softcap, float* out,   \
              unsigned short* out_bf16, const float* sinks, int has_sinks, unsigned int* counters,              \
-             const float* k_new, const float* v_new, const int* new_slots) {                                   \
+             const float* k_new, const float* v_new, const int* new_slots, int norm_rope, const float* q_w,    \
+             const float* k_w, float q_eps, float k_eps, float q_offset, float k_offset,                       \
+             const int* rope_positions, const int* seq_lens, const double* inv_short, const double* inv_long,  \
+             int long_from, double rope_scale) {                                                               \
+        PieQkNormRope nr = {q_w,       k_w,       q_eps,     k_eps,    q_offset,  k_offset,                    \
+                            rope_positions, seq_lens, inv_short, inv_long, long_from, rope_scale};             \
         pie_gqa_partial<T, CONTIG, G>(part_ml, part_acc, q, k_cache, v_cache, positions, table, table_off,     \
                                       heads, kv_heads, head_dim, v_head_dim, v_stride, scale, window, softcap, \
-                                      k_new, v_new, new_slots);                                                \
+                                      k_new, v_new, new_slots, norm_rope ? &nr : nullptr);                     \
         pie_gqa_fold<G>(out, out_bf16, part_ml, part_acc, sinks, has_sinks, heads, kv_heads, v_head_dim,       \
                         counters);                                                                             \
     }

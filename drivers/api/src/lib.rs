@@ -344,6 +344,23 @@ pub trait Driver: Send + Sync {
         unfused::rms_norm_rope2(self, a, b, batch)
     }
 
+    /// A layer's q/k norms and rope ([`Driver::rms_norm_rope2`]) and the
+    /// attention that alone reads their results: a driver may apply the
+    /// norms and rotation inside its attention kernel.
+    #[allow(clippy::too_many_arguments)] // the ops' own operands, one each
+    fn norm_rope_attention(
+        &self,
+        q: NormRopePart<'_, Self>,
+        k: NormRopePart<'_, Self>,
+        v: &Self::Act,
+        sinks: Option<&Self::Weight>,
+        kv: &mut Self::Kv,
+        batch: &ForwardBatch,
+        a: &AttentionAttrs,
+    ) -> Result<Self::Act> {
+        unfused::norm_rope_attention(self, q, k, v, sinks, kv, batch, a)
+    }
+
     /// `rope(rms_norm(x))`: per-head q/k norms followed by the rotation.
     fn rms_norm_rope(
         &self,

@@ -76,6 +76,22 @@ pub fn rms_norm_rope<D: Driver + ?Sized>(
 }
 
 /// Two [`Driver::rms_norm_rope`] calls.
+/// `attention(rope(rms_norm(q)), rope(rms_norm(k)), v)`, op by op.
+#[allow(clippy::too_many_arguments)] // the ops' own operands, one each
+pub fn norm_rope_attention<D: Driver + ?Sized>(
+    d: &D,
+    q: NormRopePart<'_, D>,
+    k: NormRopePart<'_, D>,
+    v: &D::Act,
+    sinks: Option<&D::Weight>,
+    kv: &mut D::Kv,
+    batch: &ForwardBatch,
+    a: &AttentionAttrs,
+) -> Result<D::Act> {
+    let (q, k) = d.rms_norm_rope2(q, k, batch)?;
+    d.attention(&q, Some(&k), Some(v), sinks, kv, batch, a)
+}
+
 pub fn rms_norm_rope2<D: Driver + ?Sized>(
     d: &D,
     a: NormRopePart<'_, D>,

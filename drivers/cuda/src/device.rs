@@ -11,10 +11,6 @@ use pie_driver::{DriverError, Result};
 /// Kernel sources, compiled together into one module.
 pub const KERNEL_SOURCES: [(&str, &str); 9] = [
     ("pdl.cu", include_str!("../../../kernels/cuda/pdl.cu")),
-    (
-        "grouped_attention.cu",
-        include_str!("../../../kernels/cuda/grouped_attention.cu"),
-    ),
     ("gemv.cu", include_str!("../../../kernels/cuda/gemv.cu")),
     (
         "elementwise.cu",
@@ -23,6 +19,11 @@ pub const KERNEL_SOURCES: [(&str, &str); 9] = [
     (
         "norm_rope.cu",
         include_str!("../../../kernels/cuda/norm_rope.cu"),
+    ),
+    // After norm_rope.cu: its folds apply the q/k norms and rope.
+    (
+        "grouped_attention.cu",
+        include_str!("../../../kernels/cuda/grouped_attention.cu"),
     ),
     (
         "attention.cu",

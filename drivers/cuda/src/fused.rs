@@ -11,6 +11,7 @@ use pie_driver::ir::*;
 use pie_driver::{DriverError, ForwardBatch, NormRopePart, PreNorm, Result};
 
 use crate::gemm::{gemv_grid, GEMV_FEATS};
+use crate::grouped_attention::QkNormRope;
 use crate::{cuda_err, graphs, int, weight_or_null, Bf16Matrix, CudaAct, CudaDriver, CudaWeight};
 
 /// A bf16 matrix without a bias, or None.
@@ -320,6 +321,61 @@ impl CudaDriver {
         let cfg = norm_grid(a.0.rows * (ra.heads + rb.heads), ra.head_dim);
         unsafe { l.launch(cfg) }?;
         Ok(Some((out_a, out_b)))
+    }
+}
+
+impl CudaDriver {
+    /// The q/k norms and rope the folded decode attention can apply itself
+    /// (`PieQkNormRope`, grouped_attention.cu), or None where that launch
+    /// would not take them: not a decode step of one token per sequence
+    /// folding its keys into the cache, head dims other than 128 (fully
+    /// rotated, halves split), or different ropes for q and k.
+    pub(crate) fn attention_norm_rope(
+        &self,
+        q: NormRopePart<'_, Self>,
+        k: NormRopePart<'_, Self>,
+        batch: &ForwardBatch,
+        a: &AttentionAttrs,
+    ) -> Result<Option<QkNormRope>> {
+        let fits = |(x, _, norm, rope): NormRopePart<'_, Self>, heads: usize| {
+            per_head_norm_rope(x, norm, rope, batch)
+                && rope.heads == heads
+                && rope.head_dim == 128
+                && rope.rotary_dim == 128
+                && rope.style != RopeStyle::Interleaved
+        };
+        let same_rope = RopeAttrs {
+            heads: k.3.heads,
+            ..q.3.clone()
+        } == *k.3;
+        let decode = batch.seqs.iter().all(|s| s.len == 1 && s.mask.is_none());
+        let folds = a.head_dim == 128
+            && a.v_head_dim == 128
+            && a.kv_from.is_none()
+            && q.0.rows == k.0.rows
+            && self.gqa_fits(a)
+            && self.gqa_folds(q.0.rows, a);
+        let takes = self.fuse
+            && self.attention_norm_rope
+            && decode
+            && folds
+            && same_rope
+            && fits(q, a.heads)
+            && fits(k, a.kv_heads);
+        if !takes {
+            return Ok(None);
+        }
+        let ((q_w, _), (k_w, _)) = (weight_or_null(q.1), weight_or_null(k.1));
+        Ok(Some(QkNormRope {
+            on: 1,
+            q_w,
+            k_w,
+            q_eps: q.2.eps,
+            k_eps: k.2.eps,
+            q_offset: q.2.offset,
+            k_offset: k.2.offset,
+            rope: self.rope_inputs(batch, q.3)?,
+        }))
     }
 }
 

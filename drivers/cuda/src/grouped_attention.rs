@@ -6,7 +6,10 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use pie_driver::ir::AttentionAttrs;
 use pie_driver::{DriverError, KvLayout, Result};
 
-use crate::{cuda_err, int, AttentionTables, CudaAct, CudaDriver, CudaWeight, KvSlotBuffers};
+use crate::launch::Launch;
+use crate::{
+    cuda_err, int, AttentionTables, CudaAct, CudaDriver, CudaWeight, KvSlotBuffers, RopeInputs,
+};
 
 /// Largest query-head group, head and value dimension the kernel takes.
 const MAX_GROUP: usize = 8;
@@ -116,6 +119,35 @@ pub(crate) fn check_bf16_cache(layout: &KvLayout) -> Result<()> {
     Ok(())
 }
 
+/// The q/k norms and rope a folded decode launch applies to raw
+/// projections (`PieQkNormRope`, grouped_attention.cu); `on` = 0: none.
+#[derive(Default)]
+pub(crate) struct QkNormRope {
+    pub on: i32,
+    /// Norm weights (offset + w scales), 0: none.
+    pub q_w: u64,
+    pub k_w: u64,
+    pub q_eps: f32,
+    pub k_eps: f32,
+    pub q_offset: f32,
+    pub k_offset: f32,
+    pub rope: RopeInputs,
+}
+
+impl QkNormRope {
+    /// Pushes them in the order the folded kernels take them, last.
+    fn push<'a>(&'a self, b: &mut Launch<'a>) {
+        b.arg(&self.on)
+            .arg(&self.q_w)
+            .arg(&self.k_w)
+            .arg(&self.q_eps)
+            .arg(&self.k_eps)
+            .arg(&self.q_offset)
+            .arg(&self.k_offset);
+        self.rope.push(b);
+    }
+}
+
 impl CudaDriver {
     /// Whether attention `a` runs on the grouped kernel.
     pub(crate) fn gqa_fits(&self, a: &AttentionAttrs) -> bool {
@@ -148,6 +180,7 @@ impl CudaDriver {
         sinks: Option<&CudaWeight>,
         kv_bf16: bool,
         new_kv: Option<(&CudaAct, &CudaAct)>,
+        norm_rope: Option<&QkNormRope>,
     ) -> Result<CudaAct> {
         let group = a.heads / a.kv_heads;
         let pairs = q.rows * a.kv_heads;
@@ -178,6 +211,17 @@ impl CudaDriver {
         let contiguous = a.head_dim == MAX_DIM && a.v_head_dim == MAX_DIM;
         // Small grids (decode) combine in the same launch.
         let fold = self.gqa_folds(q.rows, a);
+        let no_norm_rope = QkNormRope::default();
+        let norm_rope = match norm_rope {
+            Some(nr) if !fold || !contiguous => {
+                return Err(DriverError::Invalid(format!(
+                "grouped attention: q/k norms (on: {}) handed to a launch that does not fold them",
+                nr.on
+            )))
+            }
+            Some(nr) => nr,
+            None => &no_norm_rope,
+        };
         if new_kv.is_some() && !fold {
             return Err(DriverError::Invalid(
                 "grouped attention: new keys handed to an unfolded launch".into(),
@@ -224,6 +268,7 @@ impl CudaDriver {
                 .arg(&k_new)
                 .arg(&v_new)
                 .arg(&tables.new_slots);
+            norm_rope.push(&mut b);
         }
         unsafe { b.launch(cfg) }?;
         if fold {

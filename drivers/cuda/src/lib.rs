@@ -28,7 +28,7 @@ mod specialized;
 mod step_timing;
 mod tensor;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
@@ -39,6 +39,7 @@ use pie_driver::{
     TensorView, WeightPart, WeightRole,
 };
 
+use grouped_attention::QkNormRope;
 pub use kv::CudaKv;
 use kv::KvSlotBuffers;
 pub use tensor::{Bf16Matrix, CudaAct, CudaWeight};
@@ -70,6 +71,12 @@ pub struct CudaDriver {
     /// recorded) and whether any pass ran yet (so that is known).
     composite_seen: AtomicBool,
     passes_run: AtomicBool,
+    /// Attention launches that applied their q/k norms and rope themselves
+    /// (`norm_rope_attention`), for tests.
+    norm_rope_folds: AtomicU64,
+    /// Whether decode attention may apply the q/k norms and rope itself
+    /// (`PIE_CUDA_ATTENTION_NORM_ROPE=0`: a launch of its own; for A/B runs).
+    attention_norm_rope: bool,
     /// Whether attention shapes that fit use the grouped kernels
     /// (`PIE_CUDA_GQA=0`: `pie_attention` always).
     gqa: bool,
@@ -120,6 +127,7 @@ struct RopeTables {
 /// Device addresses (and constants) a rope kernel reads: positions and
 /// sequence lengths of the batch's rows, short and long inverse
 /// frequencies, the LongRoPE switch length (-1: none) and cos/sin scale.
+#[derive(Default)]
 struct RopeInputs {
     positions: u64,
     seq_lens: u64,
@@ -259,6 +267,9 @@ impl CudaDriver {
             staged: Mutex::new(None),
             composite_seen: AtomicBool::new(false),
             passes_run: AtomicBool::new(false),
+            norm_rope_folds: AtomicU64::new(0),
+            attention_norm_rope: std::env::var("PIE_CUDA_ATTENTION_NORM_ROPE")
+                .map_or(true, |v| v != "0"),
             gqa: std::env::var("PIE_CUDA_GQA").map_or(true, |v| v != "0"),
             gqa_split: grouped_attention::GqaSplit::from_env(),
             gemv: std::env::var("PIE_CUDA_GEMV").map_or(true, |v| v != "0"),
@@ -308,6 +319,12 @@ impl CudaDriver {
     pub fn with_grouped_attention(mut self, on: bool) -> Self {
         self.gqa = on;
         self
+    }
+
+    /// How many attention launches applied their q/k norms and rope
+    /// themselves (recorded ones count once).
+    pub fn norm_rope_folds(&self) -> u64 {
+        self.norm_rope_folds.load(Ordering::Relaxed)
     }
 
     /// How many decode passes were replayed from a recorded graph.
@@ -583,6 +600,153 @@ impl CudaDriver {
         let mut b = self.stream.launch_builder(self.kernels.get(name));
         b.arg(&mut out.data).arg(&x.data).arg(&param).arg(&ni);
         unsafe { b.launch(blocks(n)) }.map_err(cuda_err(name))?;
+        Ok(out)
+    }
+}
+
+impl CudaDriver {
+    /// The attention op; `norm_rope`: q and k are raw projections whose
+    /// per-head norms and rope the folded decode launch applies itself
+    /// (the caller checked [`CudaDriver::attention_norm_rope`]).
+    #[allow(clippy::too_many_arguments)] // the op's operands, one each
+    fn attention_with(
+        &self,
+        q: &CudaAct,
+        k: Option<&CudaAct>,
+        v: Option<&CudaAct>,
+        sinks: Option<&CudaWeight>,
+        kv: &mut CudaKv,
+        batch: &ForwardBatch,
+        a: &AttentionAttrs,
+        norm_rope: Option<&QkNormRope>,
+    ) -> Result<CudaAct> {
+        if a.v_head_dim > 512 || a.kv_heads == 0 || !a.heads.is_multiple_of(a.kv_heads) {
+            return Err(DriverError::Invalid(format!(
+                "attention with {} heads over {} kv heads, v_head_dim {} (at most 512) is not supported by the cuda driver",
+                a.heads, a.kv_heads, a.v_head_dim
+            )));
+        }
+        let bf16 = kv.is_bf16();
+        let staged = *self.staged.lock().expect("staged lock");
+        let (tables, slot) = match staged {
+            Some(staged) => (
+                AttentionTables::staged(&staged),
+                kv.slot_buffers(a.cache_slot, a)?,
+            ),
+            None => {
+                let (tables, slot) = kv.prepare(batch, a.cache_slot, a, |v| self.upload(v))?;
+                (AttentionTables::of(tables), slot)
+            }
+        };
+        let (kw, vw) = (a.kv_heads * a.head_dim, a.kv_heads * a.v_head_dim);
+        let (rows, kwi, vwi) = (
+            int(q.rows, "rows")?,
+            int(kw, "k width")?,
+            int(vw, "v width")?,
+        );
+        // An op reading another layer's cache (`kv_from`) writes nothing:
+        // that layer cached this step's keys and values already.
+        if bf16 && !self.gqa_fits(a) {
+            return Err(DriverError::Invalid(format!(
+                "a bf16 KV cache on the cuda driver needs grouped attention (at most 8 query heads per \
+                 KV head and head dims <= 128); this layer has {} heads over {} (use kv_cache_dtype auto)",
+                a.heads, a.kv_heads
+            )));
+        }
+        // Decode (one new token per sequence, so no row reads another
+        // row's new key): the folded attention launch writes the keys and
+        // values itself, one launch less per layer.
+        let grouped = tables.masks.is_none() && self.gqa_fits(a);
+        let one_token_each = batch.seqs.iter().all(|s| s.len == 1);
+        let new_kv = match (k, v) {
+            (Some(k), Some(v)) if grouped && one_token_each && self.gqa_folds(q.rows, a) => {
+                Some((k, v))
+            }
+            _ => None,
+        };
+        if let (Some(k), Some(v), None) = (k, v, new_kv) {
+            let write = if bf16 {
+                "pie_kv_write_bf16"
+            } else {
+                "pie_kv_write"
+            };
+            let mut b = self.stream.launch_builder(self.kernels.get(write));
+            b.arg(&mut slot.k)
+                .arg(&mut slot.v)
+                .arg(&k.data)
+                .arg(&v.data)
+                .arg(&tables.new_slots)
+                .arg(&rows)
+                .arg(&kwi)
+                .arg(&vwi);
+            unsafe { b.launch(blocks(q.rows * (kw + vw))) }.map_err(cuda_err(write))?;
+        }
+        // Masked batches take the per-head kernel's masked form.
+        if grouped {
+            if norm_rope.is_some() && new_kv.is_none() {
+                return Err(DriverError::Invalid(
+                    "attention: q/k norms handed to a launch that does not fold them".into(),
+                ));
+            }
+            return self.gqa_attention(q, a, &tables, slot, sinks, bf16, new_kv, norm_rope);
+        }
+        if bf16 {
+            return Err(DriverError::Invalid(
+                "a bf16 KV cache on the cuda driver does not take custom attention masks yet (use kv_cache_dtype auto)".into(),
+            ));
+        }
+        let (table, offsets, positions) = (&tables.table, &tables.table_offsets, &tables.positions);
+        let dummy;
+        let (sinks_d, has_sinks) = match sinks.and_then(CudaWeight::f32) {
+            Some(s) => (s, 1i32),
+            None => {
+                dummy = self.zeros(1)?;
+                (&dummy, 0i32)
+            }
+        };
+        let mut out = self.act(q.rows, a.heads * a.v_head_dim)?;
+        let cfg = LaunchConfig {
+            grid_dim: ((q.rows * a.heads).max(1) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: (a.head_dim * 4) as u32,
+        };
+        let (heads, kvh, hd, vhd) = (
+            a.heads as i32,
+            a.kv_heads as i32,
+            a.head_dim as i32,
+            a.v_head_dim as i32,
+        );
+        let v_stride = kvh * vhd;
+        let window = a.window.map_or(0, |w| w as i32);
+        let softcap = a.softcap.unwrap_or(0.0);
+        // Batches without custom masks take the causal kernel, which
+        // compiles without any mask handling.
+        let kernel = match tables.masks {
+            Some(_) => "pie_attention_masked",
+            None => "pie_attention",
+        };
+        let mut b = self.stream.launch_builder(self.kernels.get(kernel));
+        b.arg(&mut out.data)
+            .arg(&q.data)
+            .arg(&slot.k)
+            .arg(&slot.v)
+            .arg(positions)
+            .arg(table)
+            .arg(offsets)
+            .arg(sinks_d)
+            .arg(&has_sinks)
+            .arg(&heads)
+            .arg(&kvh)
+            .arg(&hd)
+            .arg(&vhd)
+            .arg(&v_stride)
+            .arg(&a.scale)
+            .arg(&window)
+            .arg(&softcap);
+        if let Some((words, offsets, key_counts)) = &tables.masks {
+            b.arg(words).arg(offsets).arg(key_counts);
+        }
+        unsafe { b.launch(cfg) }.map_err(cuda_err(kernel))?;
         Ok(out)
     }
 }
@@ -886,129 +1050,26 @@ impl Driver for CudaDriver {
         batch: &ForwardBatch,
         a: &AttentionAttrs,
     ) -> Result<CudaAct> {
-        if a.v_head_dim > 512 || a.kv_heads == 0 || !a.heads.is_multiple_of(a.kv_heads) {
-            return Err(DriverError::Invalid(format!(
-                "attention with {} heads over {} kv heads, v_head_dim {} (at most 512) is not supported by the cuda driver",
-                a.heads, a.kv_heads, a.v_head_dim
-            )));
-        }
-        let bf16 = kv.is_bf16();
-        let staged = *self.staged.lock().expect("staged lock");
-        let (tables, slot) = match staged {
-            Some(staged) => (
-                AttentionTables::staged(&staged),
-                kv.slot_buffers(a.cache_slot, a)?,
-            ),
-            None => {
-                let (tables, slot) = kv.prepare(batch, a.cache_slot, a, |v| self.upload(v))?;
-                (AttentionTables::of(tables), slot)
+        self.attention_with(q, k, v, sinks, kv, batch, a, None)
+    }
+
+    fn norm_rope_attention(
+        &self,
+        q: NormRopePart<'_, Self>,
+        k: NormRopePart<'_, Self>,
+        v: &CudaAct,
+        sinks: Option<&CudaWeight>,
+        kv: &mut CudaKv,
+        batch: &ForwardBatch,
+        a: &AttentionAttrs,
+    ) -> Result<CudaAct> {
+        match self.attention_norm_rope(q, k, batch, a)? {
+            Some(nr) => {
+                self.norm_rope_folds.fetch_add(1, Ordering::Relaxed);
+                self.attention_with(q.0, Some(k.0), Some(v), sinks, kv, batch, a, Some(&nr))
             }
-        };
-        let (kw, vw) = (a.kv_heads * a.head_dim, a.kv_heads * a.v_head_dim);
-        let (rows, kwi, vwi) = (
-            int(q.rows, "rows")?,
-            int(kw, "k width")?,
-            int(vw, "v width")?,
-        );
-        // An op reading another layer's cache (`kv_from`) writes nothing:
-        // that layer cached this step's keys and values already.
-        if bf16 && !self.gqa_fits(a) {
-            return Err(DriverError::Invalid(format!(
-                "a bf16 KV cache on the cuda driver needs grouped attention (at most 8 query heads per \
-                 KV head and head dims <= 128); this layer has {} heads over {} (use kv_cache_dtype auto)",
-                a.heads, a.kv_heads
-            )));
+            None => pie_driver::unfused::norm_rope_attention(self, q, k, v, sinks, kv, batch, a),
         }
-        // Decode (one new token per sequence, so no row reads another
-        // row's new key): the folded attention launch writes the keys and
-        // values itself, one launch less per layer.
-        let grouped = tables.masks.is_none() && self.gqa_fits(a);
-        let one_token_each = batch.seqs.iter().all(|s| s.len == 1);
-        let new_kv = match (k, v) {
-            (Some(k), Some(v)) if grouped && one_token_each && self.gqa_folds(q.rows, a) => {
-                Some((k, v))
-            }
-            _ => None,
-        };
-        if let (Some(k), Some(v), None) = (k, v, new_kv) {
-            let write = if bf16 {
-                "pie_kv_write_bf16"
-            } else {
-                "pie_kv_write"
-            };
-            let mut b = self.stream.launch_builder(self.kernels.get(write));
-            b.arg(&mut slot.k)
-                .arg(&mut slot.v)
-                .arg(&k.data)
-                .arg(&v.data)
-                .arg(&tables.new_slots)
-                .arg(&rows)
-                .arg(&kwi)
-                .arg(&vwi);
-            unsafe { b.launch(blocks(q.rows * (kw + vw))) }.map_err(cuda_err(write))?;
-        }
-        // Masked batches take the per-head kernel's masked form.
-        if grouped {
-            return self.gqa_attention(q, a, &tables, slot, sinks, bf16, new_kv);
-        }
-        if bf16 {
-            return Err(DriverError::Invalid(
-                "a bf16 KV cache on the cuda driver does not take custom attention masks yet (use kv_cache_dtype auto)".into(),
-            ));
-        }
-        let (table, offsets, positions) = (&tables.table, &tables.table_offsets, &tables.positions);
-        let dummy;
-        let (sinks_d, has_sinks) = match sinks.and_then(CudaWeight::f32) {
-            Some(s) => (s, 1i32),
-            None => {
-                dummy = self.zeros(1)?;
-                (&dummy, 0i32)
-            }
-        };
-        let mut out = self.act(q.rows, a.heads * a.v_head_dim)?;
-        let cfg = LaunchConfig {
-            grid_dim: ((q.rows * a.heads).max(1) as u32, 1, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: (a.head_dim * 4) as u32,
-        };
-        let (heads, kvh, hd, vhd) = (
-            a.heads as i32,
-            a.kv_heads as i32,
-            a.head_dim as i32,
-            a.v_head_dim as i32,
-        );
-        let v_stride = kvh * vhd;
-        let window = a.window.map_or(0, |w| w as i32);
-        let softcap = a.softcap.unwrap_or(0.0);
-        // Batches without custom masks take the causal kernel, which
-        // compiles without any mask handling.
-        let kernel = match tables.masks {
-            Some(_) => "pie_attention_masked",
-            None => "pie_attention",
-        };
-        let mut b = self.stream.launch_builder(self.kernels.get(kernel));
-        b.arg(&mut out.data)
-            .arg(&q.data)
-            .arg(&slot.k)
-            .arg(&slot.v)
-            .arg(positions)
-            .arg(table)
-            .arg(offsets)
-            .arg(sinks_d)
-            .arg(&has_sinks)
-            .arg(&heads)
-            .arg(&kvh)
-            .arg(&hd)
-            .arg(&vhd)
-            .arg(&v_stride)
-            .arg(&a.scale)
-            .arg(&window)
-            .arg(&softcap);
-        if let Some((words, offsets, key_counts)) = &tables.masks {
-            b.arg(words).arg(offsets).arg(key_counts);
-        }
-        unsafe { b.launch(cfg) }.map_err(cuda_err(kernel))?;
-        Ok(out)
     }
 
     fn add(&self, x: &CudaAct, y: &CudaAct, _a: &ElementwiseAttrs) -> Result<CudaAct> {

@@ -1206,3 +1206,148 @@ fn masked_attention_steps<D: pie_driver::Driver>(
     }
     outs
 }
+
+/// A two-layer Qwen3 with random bf16 weights and head dims of 128 (the
+/// fixtures' are smaller): the shape whose q/k norms and rope the folded
+/// decode attention applies itself.
+fn qwen3_head_dim_128() -> tempfile::TempDir {
+    use safetensors::tensor::{Dtype, TensorView};
+    let (hidden, heads, kv_heads, hd, inter, vocab, layers) = (256, 4, 2, 128, 512, 160, 2);
+    let dir = tempfile::tempdir().unwrap();
+    let config = serde_json::json!({
+        "model_type": "qwen3", "hidden_size": hidden, "intermediate_size": inter,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "head_dim": hd, "vocab_size": vocab, "rope_theta": 1_000_000.0, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": true, "max_position_embeddings": 4096
+    });
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut salt = 0u64;
+    let mut add = |name: String, shape: Vec<usize>, centre: f32, spread: f32| {
+        salt += 1;
+        let n: usize = shape.iter().product();
+        let data = random_bytes(n, salt, true)
+            .chunks_exact(4)
+            .flat_map(|c| {
+                let v = f32::from_le_bytes(c.try_into().unwrap());
+                half::bf16::from_f32(centre + spread * v).to_le_bytes()
+            })
+            .collect();
+        tensors.push((name, shape, data));
+    };
+    add(
+        "model.embed_tokens.weight".into(),
+        vec![vocab, hidden],
+        0.0,
+        1.0,
+    );
+    add("model.norm.weight".into(), vec![hidden], 1.0, 0.1);
+    for i in 0..layers {
+        let p = format!("model.layers.{i}");
+        for (name, n) in [
+            ("q", heads * hd),
+            ("k", kv_heads * hd),
+            ("v", kv_heads * hd),
+        ] {
+            add(
+                format!("{p}.self_attn.{name}_proj.weight"),
+                vec![n, hidden],
+                0.0,
+                0.08,
+            );
+        }
+        add(
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![hidden, heads * hd],
+            0.0,
+            0.05,
+        );
+        add(format!("{p}.self_attn.q_norm.weight"), vec![hd], 1.0, 0.2);
+        add(format!("{p}.self_attn.k_norm.weight"), vec![hd], 1.0, 0.2);
+        add(
+            format!("{p}.input_layernorm.weight"),
+            vec![hidden],
+            1.0,
+            0.1,
+        );
+        add(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![hidden],
+            1.0,
+            0.1,
+        );
+        add(
+            format!("{p}.mlp.gate_proj.weight"),
+            vec![inter, hidden],
+            0.0,
+            0.08,
+        );
+        add(
+            format!("{p}.mlp.up_proj.weight"),
+            vec![inter, hidden],
+            0.0,
+            0.08,
+        );
+        add(
+            format!("{p}.mlp.down_proj.weight"),
+            vec![hidden, inter],
+            0.0,
+            0.05,
+        );
+    }
+    let views: Vec<(&str, TensorView)> = tensors
+        .iter()
+        .map(|(n, s, d)| {
+            (
+                n.as_str(),
+                TensorView::new(Dtype::BF16, s.clone(), d).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, &None, &dir.path().join("model.safetensors")).unwrap();
+    dir
+}
+
+/// The q/k norms and rope applied inside the folded decode attention
+/// (`norm_rope_attention`) against one kernel per op: logits of one token
+/// per pass (eager, then replayed graphs) over 200 positions, with f32 and
+/// bf16 KV caches, and greedy tokens of batched generation.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn gpu_norm_rope_folded_into_attention_matches_the_ops() {
+    use pie_driver::KvDType;
+    let dir = qwen3_head_dim_128();
+    let prompt: Vec<u32> = (0..200u32).map(|i| (i * 37 + 11) % 160).collect();
+    for dtype in [KvDType::Auto, KvDType::Bf16] {
+        let opts = LoadOptions {
+            kv_cache_dtype: dtype,
+            ..LoadOptions::default()
+        };
+        let mut fused = Engine::load(dir.path(), gpu(), &opts, None).unwrap();
+        let mut plain = Engine::load(dir.path(), gpu().with_fusion(false), &opts, None).unwrap();
+        let a = fused.prompt_logits_chunked(&prompt, 1).unwrap();
+        let b = plain.prompt_logits_chunked(&prompt, 1).unwrap();
+        let (diff, scale) = max_error(&a, &b);
+        eprintln!(
+            "gpu norm+rope in attention ({dtype:?} cache): vs one kernel per op {:.3e} of max|logit| {scale:.3}",
+            diff / scale
+        );
+        // f32 activations both ways; the norms' sums run in another order.
+        assert!(diff <= 1e-4 * scale, "{dtype:?}: {diff} > 1e-4 × {scale}");
+        let prompts = vec![
+            prompt[..7].to_vec(),
+            prompt[50..81].to_vec(),
+            prompt[100..103].to_vec(),
+        ];
+        let greedy = Sampler::greedy();
+        let got = fused.generate(&prompts, 24, &greedy).unwrap();
+        let want = plain.generate(&prompts, 24, &greedy).unwrap();
+        assert_eq!(got, want, "{dtype:?}: greedy tokens");
+        assert!(fused.driver.graph_replays() > 0, "no decode graph replayed");
+        assert!(
+            fused.driver.norm_rope_folds() > 0,
+            "the fold never took the norms"
+        );
+        assert_eq!(plain.driver.norm_rope_folds(), 0);
+    }
+}
