@@ -146,28 +146,43 @@ struct PieQkNormRope {
     double scale;
 };
 
-// This lane's cos and sin (4 dims) of row `row`'s rotation: computed
-// before pie_pdl_wait, from the step's uploads only.
+// This lane's cos and sin (4 dims) of row `row`'s rotation, computed
+// before pie_pdl_wait from the step's uploads only. Lanes l and l ^ 16
+// rotate by the same 4 angles (dims d and d + 64): each computes two and
+// takes the other two from its partner.
 __device__ __forceinline__ void pie_gqa_rope_angles(const PieQkNormRope& nr, int row, int lane, float (&c)[4],
                                                     float (&s)[4]) {
     const double* freqs = pie_rope_freqs(nr.seq_lens, row, nr.inv_short, nr.inv_long, nr.long_from);
+    bool low = lane < 16;
+    int first = (lane * 4 + (low ? 0 : 2)) & 63;
+    float mc[2], ms[2];
 #pragma unroll
-    for (int i = 0; i < 4; i++) pie_rope_cos_sin(nr.positions[row], freqs[(lane * 4 + i) & 63], nr.scale, &c[i], &s[i]);
+    for (int t = 0; t < 2; t++) pie_rope_cos_sin(nr.positions[row], freqs[first + t], nr.scale, &mc[t], &ms[t]);
+#pragma unroll
+    for (int t = 0; t < 2; t++) {
+        float oc = __shfl_xor_sync(0xffffffffu, mc[t], 16), os = __shfl_xor_sync(0xffffffffu, ms[t], 16);
+        c[t] = low ? mc[t] : oc, s[t] = low ? ms[t] : os;
+        c[t + 2] = low ? oc : mc[t], s[t + 2] = low ? os : ms[t];
+    }
+}
+
+// This lane's 4 scales (offset + w) of a q or k norm (1 without weights):
+// the weights are constants, read before pie_pdl_wait too.
+__device__ __forceinline__ void pie_gqa_norm_scales(const float* w, float offset, int lane, float (&g)[4]) {
+#pragma unroll
+    for (int i = 0; i < 4; i++) g[i] = w ? offset + w[lane * 4 + i] : 1.0f;
 }
 
 // rope(rms_norm(v)) of one 128-dim head held by a warp (4 dims per lane),
-// in place: w (optional) scales by offset + w.
-__device__ __forceinline__ void pie_gqa_norm_rope(float (&v)[PIE_GQA_MAX_DPL], const float* w, float eps,
-                                                  float offset, const float (&c)[4], const float (&s)[4], int lane) {
+// in place; g: pie_gqa_norm_scales.
+__device__ __forceinline__ void pie_gqa_norm_rope(float (&v)[PIE_GQA_MAX_DPL], const float (&g)[4], float eps,
+                                                  const float (&c)[4], const float (&s)[4], int lane) {
     float squares = 0.0f;
 #pragma unroll
     for (int i = 0; i < 4; i++) squares += v[i] * v[i];
     float inv = rsqrtf(pie_warp_sum(squares) / 128.0f + eps);
 #pragma unroll
-    for (int i = 0; i < 4; i++) {
-        v[i] *= inv;
-        if (w) v[i] *= offset + w[lane * 4 + i];
-    }
+    for (int i = 0; i < 4; i++) v[i] = v[i] * inv * g[i];
     // x0 = dim d < 64, x1 = dim d + 64: x0' = x0 c - x1 s, x1' = x1 c + x0 s.
     float sign = lane < 16 ? -1.0f : 1.0f;
 #pragma unroll
@@ -184,11 +199,11 @@ __device__ __forceinline__ void pie_gqa_store_new_normed(T* k_cache, T* v_cache,
                                                          const float* v_new, long long slot, int row, int kvh,
                                                          int lane, int k_width, int v_width,
                                                          const PieQkNormRope& nr, const float (&c)[4],
-                                                         const float (&s)[4]) {
+                                                         const float (&s)[4], const float (&g)[4]) {
     const float* kr = k_new + (long long)row * k_width + (long long)kvh * 128 + lane * 4;
     const float* vr = v_new + (long long)row * v_width + (long long)kvh * 128 + lane * 4;
     float k[PIE_GQA_MAX_DPL] = {kr[0], kr[1], kr[2], kr[3]};
-    pie_gqa_norm_rope(k, nr.k_w, nr.k_eps, nr.k_offset, c, s, lane);
+    pie_gqa_norm_rope(k, g, nr.k_eps, c, s, lane);
 #pragma unroll
     for (int i = 0; i < 4; i++) {
         pie_kv_store(k_cache, slot * k_width + (long long)kvh * 128 + lane * 4 + i, k[i]);
@@ -228,8 +243,12 @@ __device__ __forceinline__ void pie_gqa_partial(float* part_ml, float* part_acc,
     // With nr (CONTIG only), q and the new key are normalized and rotated
     // here; their angles need only the step's uploads too.
     bool norm_rope = CONTIG && nr != nullptr;
-    float rc[4], rs[4];
-    if (norm_rope) pie_gqa_rope_angles(*nr, row, lane, rc, rs);
+    float rc[4], rs[4], qg[4], kg[4];
+    if (norm_rope) {
+        pie_gqa_rope_angles(*nr, row, lane, rc, rs);
+        pie_gqa_norm_scales(nr->q_w, nr->q_offset, lane, qg);
+        pie_gqa_norm_scales(nr->k_w, nr->k_offset, lane, kg);
+    }
     pie_pdl_wait();
 
     float qr[GM][PIE_GQA_MAX_DPL];
@@ -246,13 +265,13 @@ __device__ __forceinline__ void pie_gqa_partial(float* part_ml, float* part_acc,
             qr[g][i] = (g < group && d < head_dim) ? qrow[g * head_dim + d] : 0.0f;
             acc[g][i] = 0.0f;
         }
-        if (norm_rope && g < group) pie_gqa_norm_rope(qr[g], nr->q_w, nr->q_eps, nr->q_offset, rc, rs, lane);
+        if (norm_rope && g < group) pie_gqa_norm_rope(qr[g], qg, nr->q_eps, rc, rs, lane);
     }
 
     if (k_new && (pos - first) % splits == split) {
         if (norm_rope)
             pie_gqa_store_new_normed((T*)k_cache, (T*)v_cache, k_new, v_new, new_slots[row], row, kvh, lane,
-                                     k_width, v_stride, *nr, rc, rs);
+                                     k_width, v_stride, *nr, rc, rs, kg);
         else
             pie_gqa_store_new<T, CONTIG>((T*)k_cache, (T*)v_cache, k_new, v_new, new_slots[row], row, kvh, lane,
                                          k_width, head_dim, v_head_dim, v_stride);

@@ -109,10 +109,18 @@ __device__ __forceinline__ const double* pie_rope_freqs(const int* seq_lens, int
     return (long_from >= 0 && seq_lens[row] > long_from) ? inv_long : inv_short;
 }
 
-// cos and sin, times `scale`, of the angle position · freq (in double).
+// cos and sin, times `scale`, of the angle position · freq: the angle in
+// double (positions reach 1e5 and more), reduced to [-π, π] in double,
+// then a float sincosf — float-accurate (the results are floats) at a
+// fraction of the cost of double cos and sin, which the decode attention
+// (PieQkNormRope) pays before its loop.
 __device__ __forceinline__ void pie_rope_cos_sin(int position, double freq, double scale, float* c, float* s) {
     double angle = (double)position * freq;
-    *c = (float)(cos(angle) * scale), *s = (float)(sin(angle) * scale);
+    double turns = rint(angle * 0.15915494309189533577);  // angle / 2π
+    float reduced = (float)fma(-turns, 6.28318530717958647693, angle);
+    float sr, cr;
+    sincosf(reduced, &sr, &cr);
+    *c = (float)((double)cr * scale), *s = (float)((double)sr * scale);
 }
 
 // Rotates the first `rotary_dim` features of every head of every row of
