@@ -11,14 +11,14 @@
 // GPT-OSS's clamped SwiGLU. K > 0 bakes in the input width and FN >= 0
 // the activation (the `fn` argument is then not read): the _k<K>_<act>
 // entry points codegen instantiates (gemv.cu's top comment).
-template <int K, int FN>
+template <int K, int FN, int MR = PIE_GEMV_MAX_ROWS>
 __device__ __forceinline__ void pie_gemv_glu_entry(float* __restrict__ out, const float* __restrict__ x,
                                                    const unsigned short* __restrict__ wg,
                                                    const unsigned short* __restrict__ wu, int m, int n, int k, int fn,
                                                    float limit) {
     int f0 = blockIdx.x * PIE_GEMV_FEATS;
     float u;
-    float g = pie_gemv_block_t<false, true, K>(x, wg, wu, m, n, k, f0, PieGemvNorm{}, &u);
+    float g = pie_gemv_block_t<false, true, K, MR>(x, wg, wu, m, n, k, f0, PieGemvNorm{}, &u);
     pie_gemv_store(out, pie_glu_value(FN >= 0 ? FN : fn, limit, g, u), m, n, f0);
 }
 
@@ -28,10 +28,16 @@ pie_gemv_glu_bf16(float* __restrict__ out, const float* __restrict__ x, const un
     pie_gemv_glu_entry<0, -1>(out, x, wg, wu, m, n, k, fn, limit);
 }
 
+extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS)
+pie_gemv_glu_bf16_m1(float* __restrict__ out, const float* __restrict__ x, const unsigned short* __restrict__ wg,
+                     const unsigned short* __restrict__ wu, int m, int n, int k, int fn, float limit) {
+    pie_gemv_glu_entry<0, -1, 1>(out, x, wg, wu, m, n, k, fn, limit);
+}
+
 // pie_gemv_glu_bf16 of rms_norm(x + y) · (offset + g) (y, g optional:
 // has_y, has_g), writing x + y to `sum` (has_y only): a residual add, the
 // norm after it and the MLP's gate/up in one launch (PieGemvNorm, gemv.cu).
-template <int K, int FN>
+template <int K, int FN, int MR = PIE_GEMV_MAX_ROWS>
 __device__ __forceinline__ void pie_gemv_glu_norm_entry(float* __restrict__ out, float* sum,
                                                         const float* __restrict__ x, const float* y, int has_y,
                                                         const float* g, int has_g, float eps, float offset,
@@ -41,7 +47,7 @@ __device__ __forceinline__ void pie_gemv_glu_norm_entry(float* __restrict__ out,
     int f0 = blockIdx.x * PIE_GEMV_FEATS;
     PieGemvNorm nm = {has_y ? y : nullptr, has_g ? g : nullptr, offset, eps, has_y ? sum : nullptr};
     float up;
-    float gate = pie_gemv_block_t<true, true, K>(x, wg, wu, m, n, k, f0, nm, &up);
+    float gate = pie_gemv_block_t<true, true, K, MR>(x, wg, wu, m, n, k, f0, nm, &up);
     pie_gemv_store(out, pie_glu_value(FN >= 0 ? FN : fn, limit, gate, up), m, n, f0);
 }
 
@@ -51,6 +57,14 @@ pie_gemv_glu_norm_bf16(float* __restrict__ out, float* sum, const float* __restr
                        const float* g, int has_g, float eps, float offset, const unsigned short* __restrict__ wg,
                        const unsigned short* __restrict__ wu, int m, int n, int k, int fn, float limit) {
     pie_gemv_glu_norm_entry<0, -1>(out, sum, x, y, has_y, g, has_g, eps, offset, wg, wu, m, n, k, fn, limit);
+}
+
+extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS)
+pie_gemv_glu_norm_bf16_m1(float* __restrict__ out, float* sum, const float* __restrict__ x, const float* y,
+                          int has_y, const float* g, int has_g, float eps, float offset,
+                          const unsigned short* __restrict__ wg, const unsigned short* __restrict__ wu, int m, int n,
+                          int k, int fn, float limit) {
+    pie_gemv_glu_norm_entry<0, -1, 1>(out, sum, x, y, has_y, g, has_g, eps, offset, wg, wu, m, n, k, fn, limit);
 }
 
 // sum = x + y, out = rms_norm(sum) over each group of `group` features:

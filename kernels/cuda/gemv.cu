@@ -70,10 +70,10 @@ __device__ __forceinline__ void pie_gemv_load(const unsigned short* __restrict__
 // the chunk's weights `raw` (pie_gemv_load) times the input rows
 // (normalized on the way in with NORM) and, with NORM, each row's sum of
 // squares.
-template <bool NORM, int NF>
+template <bool NORM, int NF, int MR>
 __device__ __forceinline__ void pie_gemv_chunk(const uint4 (&raw)[NF], const float* __restrict__ x, int m, int k,
-                                               int c, const PieGemvNorm& nm, float (&acc)[PIE_GEMV_MAX_ROWS][NF],
-                                               float (&squares)[PIE_GEMV_MAX_ROWS]) {
+                                               int c, const PieGemvNorm& nm, float (&acc)[MR][NF],
+                                               float (&squares)[MR]) {
     float wv[NF][8];
 #pragma unroll
     for (int f = 0; f < NF; f++) pie_unpack_bf16x8(raw[f], wv[f]);
@@ -91,7 +91,7 @@ __device__ __forceinline__ void pie_gemv_chunk(const uint4 (&raw)[NF], const flo
         }
     }
 #pragma unroll
-    for (int r = 0; r < PIE_GEMV_MAX_ROWS; r++) {
+    for (int r = 0; r < MR; r++) {
         if (r < m) {
             const float4* xr = (const float4*)(x + (size_t)r * k + c);
             float4 a = xr[0], b = xr[1];
@@ -131,8 +131,11 @@ __device__ __forceinline__ void pie_gemv_chunk(const uint4 (&raw)[NF], const flo
 // and up), their sum into *second; one pass keeps both matrices' loads
 // in flight together and reduces once. Every thread of the block must
 // call it (it synchronizes).
-// K > 0: k is K (baked in, see the top of this file).
-template <bool NORM, bool PAIR, int K = 0>
+// K > 0: k is K (baked in, see the top of this file). MR: the most rows
+// it takes (m <= MR), which sizes its sums: 1 for batch-1 decode, whose
+// kernels (_m1) then need a third of the registers and fit the GPU in one
+// wave of blocks.
+template <bool NORM, bool PAIR, int K = 0, int MR = PIE_GEMV_MAX_ROWS>
 __device__ __forceinline__ float pie_gemv_block_t(const float* __restrict__ x, const unsigned short* __restrict__ w,
                                                   const unsigned short* __restrict__ w2, int m, int n, int k_arg,
                                                   int f0, PieGemvNorm nm, float* second) {
@@ -140,10 +143,10 @@ __device__ __forceinline__ float pie_gemv_block_t(const float* __restrict__ x, c
     // A baked width unrolls the chunk loops (a known trip count).
     constexpr int UNROLL = K > 0 ? (K + PIE_GEMV_THREADS * 8 - 1) / (PIE_GEMV_THREADS * 8) : 1;
     const int k = K > 0 ? K : k_arg;
-    float acc[PIE_GEMV_MAX_ROWS][NF];
-    float squares[PIE_GEMV_MAX_ROWS];
+    float acc[MR][NF];
+    float squares[MR];
 #pragma unroll
-    for (int r = 0; r < PIE_GEMV_MAX_ROWS; r++) {
+    for (int r = 0; r < MR; r++) {
         squares[r] = 0.0f;
 #pragma unroll
         for (int f = 0; f < NF; f++) acc[r][f] = 0.0f;
@@ -166,11 +169,11 @@ __device__ __forceinline__ float pie_gemv_block_t(const float* __restrict__ x, c
     if (PAIR) {
         // Twice the loads in flight per chunk already: one chunk at a time
         // (two would cost registers, and occupancy, for nothing).
-        if (c0 < k) pie_gemv_chunk<NORM, NF>(cur, x, m, k, c0, nm, acc, squares);
+        if (c0 < k) pie_gemv_chunk<NORM, NF, MR>(cur, x, m, k, c0, nm, acc, squares);
 #pragma unroll UNROLL
         for (int c = c0 + PIE_GEMV_THREADS * 8; c < k; c += PIE_GEMV_THREADS * 8) {
             pie_gemv_load<NF>(w, w2, n, k, f0, c, cur);
-            pie_gemv_chunk<NORM, NF>(cur, x, m, k, c, nm, acc, squares);
+            pie_gemv_chunk<NORM, NF, MR>(cur, x, m, k, c, nm, acc, squares);
         }
     } else {
         // Pipelined: the next chunk's weight loads issue before this
@@ -180,7 +183,7 @@ __device__ __forceinline__ float pie_gemv_block_t(const float* __restrict__ x, c
             uint4 next[NF];
             bool more = c + PIE_GEMV_THREADS * 8 < k;
             if (more) pie_gemv_load<NF>(w, w2, n, k, f0, c + PIE_GEMV_THREADS * 8, next);
-            pie_gemv_chunk<NORM, NF>(cur, x, m, k, c, nm, acc, squares);
+            pie_gemv_chunk<NORM, NF, MR>(cur, x, m, k, c, nm, acc, squares);
             if (more) {
 #pragma unroll
                 for (int f = 0; f < NF; f++) cur[f] = next[f];
@@ -190,11 +193,11 @@ __device__ __forceinline__ float pie_gemv_block_t(const float* __restrict__ x, c
 
     // Warp sums, then the 4 warps' partial sums through shared memory
     // (slot NF: the row's squares, NORM only).
-    __shared__ float partial[PIE_GEMV_THREADS / 32][PIE_GEMV_MAX_ROWS][NF + 1];
+    __shared__ float partial[PIE_GEMV_THREADS / 32][MR][NF + 1];
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     __syncthreads();  // a previous call's readers are done with `partial`
 #pragma unroll
-    for (int r = 0; r < PIE_GEMV_MAX_ROWS; r++) {
+    for (int r = 0; r < MR; r++) {
         if (r >= m) break;  // uniform: rows past m hold nothing
 #pragma unroll
         for (int f = 0; f <= NF; f++) {
@@ -227,10 +230,10 @@ __device__ __forceinline__ float pie_gemv_block_t(const float* __restrict__ x, c
     return v;
 }
 
-template <int K = 0>
+template <int K = 0, int MR = PIE_GEMV_MAX_ROWS>
 __device__ __forceinline__ float pie_gemv_block(const float* __restrict__ x, const unsigned short* __restrict__ w,
                                                 int m, int n, int k, int f0) {
-    return pie_gemv_block_t<false, false, K>(x, w, nullptr, m, n, k, f0, PieGemvNorm{}, nullptr);
+    return pie_gemv_block_t<false, false, K, MR>(x, w, nullptr, m, n, k, f0, PieGemvNorm{}, nullptr);
 }
 
 // Writes the block's sums (from pie_gemv_block) into out [m, n].
@@ -239,12 +242,12 @@ __device__ __forceinline__ void pie_gemv_store(float* out, float v, int m, int n
     if (t < m * PIE_GEMV_FEATS && f < n) out[(size_t)r * n + f] = v;
 }
 
-// out = x · Wᵀ (pie_gemv_bf16 and its _k<K> forms).
-template <int K>
+// out = x · Wᵀ (pie_gemv_bf16 and its _m1 and _k<K> forms).
+template <int K, int MR = PIE_GEMV_MAX_ROWS>
 __device__ __forceinline__ void pie_gemv_entry(float* __restrict__ out, const float* __restrict__ x,
                                                const unsigned short* __restrict__ w, int m, int n, int k) {
     int f0 = blockIdx.x * PIE_GEMV_FEATS;
-    pie_gemv_store(out, pie_gemv_block<K>(x, w, m, n, k, f0), m, n, f0);
+    pie_gemv_store(out, pie_gemv_block<K, MR>(x, w, m, n, k, f0), m, n, f0);
 }
 
 extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS)
@@ -253,10 +256,16 @@ pie_gemv_bf16(float* __restrict__ out, const float* __restrict__ x, const unsign
     pie_gemv_entry<0>(out, x, w, m, n, k);
 }
 
+extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS)
+pie_gemv_bf16_m1(float* __restrict__ out, const float* __restrict__ x, const unsigned short* __restrict__ w,
+                 int m, int n, int k) {
+    pie_gemv_entry<0, 1>(out, x, w, m, n, k);
+}
+
 // Up to three products of one x in one launch (q/k/v projections): the
 // first ceil(n0 / FEATS) blocks compute out0, the next out1, then out2
 // (n2 = 0: two products).
-template <bool NORM, int K = 0>
+template <bool NORM, int K = 0, int MR = PIE_GEMV_MAX_ROWS>
 __device__ __forceinline__ void pie_gemv3(float* out0, const unsigned short* w0, int n0, float* out1,
                                           const unsigned short* w1, int n1, float* out2, const unsigned short* w2,
                                           int n2, const float* x, int m, int k, PieGemvNorm nm) {
@@ -271,7 +280,7 @@ __device__ __forceinline__ void pie_gemv3(float* out0, const unsigned short* w0,
         out = out1, w = w1, n = n1, b -= b0;
     }
     int f0 = b * PIE_GEMV_FEATS;
-    pie_gemv_store(out, pie_gemv_block_t<NORM, false, K>(x, w, nullptr, m, n, k, f0, nm, nullptr), m, n, f0);
+    pie_gemv_store(out, pie_gemv_block_t<NORM, false, K, MR>(x, w, nullptr, m, n, k, f0, nm, nullptr), m, n, f0);
 }
 
 extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS)
@@ -282,15 +291,23 @@ pie_gemv3_bf16(float* out0, const unsigned short* __restrict__ w0, int n0,
     pie_gemv3<false>(out0, w0, n0, out1, w1, n1, out2, w2, n2, x, m, k, PieGemvNorm{});
 }
 
+extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS)
+pie_gemv3_bf16_m1(float* out0, const unsigned short* __restrict__ w0, int n0,
+                  float* out1, const unsigned short* __restrict__ w1, int n1,
+                  float* out2, const unsigned short* __restrict__ w2, int n2,
+                  const float* __restrict__ x, int m, int k) {
+    pie_gemv3<false, 0, 1>(out0, w0, n0, out1, w1, n1, out2, w2, n2, x, m, k, PieGemvNorm{});
+}
+
 // pie_gemv3_bf16 of rms_norm(x) · (offset + g) (g optional: has_g).
-template <int K>
+template <int K, int MR = PIE_GEMV_MAX_ROWS>
 __device__ __forceinline__ void pie_gemv3_norm_entry(float* out0, const unsigned short* __restrict__ w0, int n0,
                                                      float* out1, const unsigned short* __restrict__ w1, int n1,
                                                      float* out2, const unsigned short* __restrict__ w2, int n2,
                                                      const float* __restrict__ x, const float* g, int has_g,
                                                      float eps, float offset, int m, int k) {
     PieGemvNorm nm = {nullptr, has_g ? g : nullptr, offset, eps, nullptr};
-    pie_gemv3<true, K>(out0, w0, n0, out1, w1, n1, out2, w2, n2, x, m, k, nm);
+    pie_gemv3<true, K, MR>(out0, w0, n0, out1, w1, n1, out2, w2, n2, x, m, k, nm);
 }
 
 extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS)
@@ -301,13 +318,22 @@ pie_gemv3_norm_bf16(float* out0, const unsigned short* __restrict__ w0, int n0,
     pie_gemv3_norm_entry<0>(out0, w0, n0, out1, w1, n1, out2, w2, n2, x, g, has_g, eps, offset, m, k);
 }
 
+extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS)
+pie_gemv3_norm_bf16_m1(float* out0, const unsigned short* __restrict__ w0, int n0,
+                       float* out1, const unsigned short* __restrict__ w1, int n1,
+                       float* out2, const unsigned short* __restrict__ w2, int n2,
+                       const float* __restrict__ x, const float* g, int has_g, float eps, float offset, int m,
+                       int k) {
+    pie_gemv3_norm_entry<0, 1>(out0, w0, n0, out1, w1, n1, out2, w2, n2, x, g, has_g, eps, offset, m, k);
+}
+
 // out += x · Wᵀ: a projection added into the residual stream in place
 // (each output element is read and written by one thread).
-template <int K>
+template <int K, int MR = PIE_GEMV_MAX_ROWS>
 __device__ __forceinline__ void pie_gemv_add_entry(float* out, const float* __restrict__ x,
                                                    const unsigned short* __restrict__ w, int m, int n, int k) {
     int f0 = blockIdx.x * PIE_GEMV_FEATS;
-    float v = pie_gemv_block<K>(x, w, m, n, k, f0);
+    float v = pie_gemv_block<K, MR>(x, w, m, n, k, f0);
     int t = threadIdx.x, r = t / PIE_GEMV_FEATS, f = f0 + t % PIE_GEMV_FEATS;
     if (t < m * PIE_GEMV_FEATS && f < n) out[(size_t)r * n + f] += v;
 }
@@ -316,4 +342,10 @@ extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS)
 pie_gemv_add_bf16(float* out, const float* __restrict__ x, const unsigned short* __restrict__ w, int m, int n,
                   int k) {
     pie_gemv_add_entry<0>(out, x, w, m, n, k);
+}
+
+extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS)
+pie_gemv_add_bf16_m1(float* out, const float* __restrict__ x, const unsigned short* __restrict__ w, int m, int n,
+                     int k) {
+    pie_gemv_add_entry<0, 1>(out, x, w, m, n, k);
 }

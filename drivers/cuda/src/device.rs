@@ -38,7 +38,7 @@ pub const KERNEL_SOURCES: [(&str, &str); 9] = [
 ];
 
 /// Every kernel the driver launches.
-pub const KERNELS: [&str; 79] = [
+pub const KERNELS: [&str; 85] = [
     "pie_gqa_attention_partial_bf16",
     "pie_kv_write_bf16",
     "pie_rms",
@@ -49,6 +49,12 @@ pub const KERNELS: [&str; 79] = [
     "pie_gqa_attention_partial",
     "pie_gqa_attention_combine",
     "pie_gemv_bf16",
+    "pie_gemv_bf16_m1",
+    "pie_gemv_add_bf16_m1",
+    "pie_gemv3_bf16_m1",
+    "pie_gemv3_norm_bf16_m1",
+    "pie_gemv_glu_bf16_m1",
+    "pie_gemv_glu_norm_bf16_m1",
     "pie_add",
     "pie_mul",
     "pie_scale",

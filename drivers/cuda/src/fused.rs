@@ -80,6 +80,7 @@ impl CudaDriver {
                 None => "pie_gemv3_bf16",
             },
             x.width,
+            x.rows,
         );
         let mut b = self.launch(kernel);
         b.arg(&o0).arg(&w0).arg(&ns[0]);
@@ -159,6 +160,7 @@ impl CudaDriver {
                 None => "pie_gemv_glu_bf16",
             },
             x.width,
+            x.rows,
             a.func,
             a.limit,
         );

@@ -146,6 +146,7 @@ impl CudaDriver {
                 false => "pie_gemv_bf16",
             },
             x.width,
+            x.rows,
         );
         let mut b = self.launch(kernel);
         b.buf(&out.data)

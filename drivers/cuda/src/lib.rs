@@ -85,9 +85,10 @@ pub struct CudaDriver {
     /// Whether bf16 GEMMs of at most 4 rows use `pie_gemv_bf16`
     /// (`PIE_CUDA_GEMV=0`: cuBLAS for every shape).
     gemv: bool,
-    /// Whether the GEMVs launch the entry points `pie build --config`
-    /// specialized for the model's widths where they exist
-    /// (`PIE_CUDA_SPECIALIZED=0`: the generic ones always; for A/B runs).
+    /// Whether the GEMVs launch specialized forms where they exist: those
+    /// `pie build --config` baked for the model's widths, and single-row
+    /// ones for one row (`PIE_CUDA_SPECIALIZED=0`: the generic kernels
+    /// always; for A/B runs).
     specialized: bool,
     /// One zeroed counter per (row, kv head) pair for the one-launch
     /// grouped attention (its blocks count themselves done, the last one
