@@ -287,57 +287,28 @@ fn spec_show_prints_the_ir() {
 /// `pie build --config` checks its configs before compiling anything.
 #[test]
 fn build_config_errors_name_the_problem() {
+    let build_fails = |flavor: &str, config: &Path, needle: &str| {
+        let args = [
+            "build",
+            "--arch",
+            "qwen3",
+            "--flavor",
+            flavor,
+            "--config",
+            s(config),
+        ];
+        fails_with(&args, needle)
+    };
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("config.json");
     std::fs::write(&bad, "{ not json").unwrap();
-    fails_with(
-        &[
-            "build",
-            "--arch",
-            "qwen3",
-            "--flavor",
-            "portable",
-            "--config",
-            s(&bad),
-        ],
+    build_fails(
+        "portable",
+        &bad,
         "--config specializes CUDA kernels; flavor `portable` has none",
     );
-    fails_with(
-        &[
-            "build",
-            "--arch",
-            "qwen3",
-            "--flavor",
-            "cuda12.8",
-            "--config",
-            s(&bad),
-        ],
-        "config.json: not JSON",
-    );
-    let missing = dir.path().join("absent.json");
-    fails_with(
-        &[
-            "build",
-            "--arch",
-            "qwen3",
-            "--flavor",
-            "cuda12.8",
-            "--config",
-            s(&missing),
-        ],
-        "absent.json",
-    );
+    build_fails("cuda12.8", &bad, "config.json: not JSON");
+    build_fails("cuda12.8", &dir.path().join("absent.json"), "absent.json");
     std::fs::write(&bad, r#"{"model_type": "qwen3", "hidden_size": 64}"#).unwrap();
-    fails_with(
-        &[
-            "build",
-            "--arch",
-            "qwen3",
-            "--flavor",
-            "cuda12.8",
-            "--config",
-            s(dir.path()),
-        ],
-        "does not fit architecture `qwen3`",
-    );
+    build_fails("cuda12.8", dir.path(), "does not fit architecture `qwen3`");
 }

@@ -386,17 +386,20 @@ ops = [{{ op = "linear", in = "x", out = "logits", features = "vocab", weight = 
   { op = "linear", in = "h", out = "k", features = "hidden", weight = "k" },
 "#;
 
+    /// A Qwen3 layer's attention half after [`NORM_QK`]: v, per-head q/k
+    /// norms, ropes, attention into `a` (ops 3 to 8).
+    const ATTENTION: &str = r#"  { op = "linear", in = "h", out = "v", features = "hidden", weight = "v" },
+  { op = "rms_norm", in = "q", out = "q", weight = "qn", group = 8, eps = 1e-6 },
+  { op = "rms_norm", in = "k", out = "k", weight = "kn", group = 8, eps = 1e-6 },
+  { op = "rope", in = "q", out = "q", head_dim = 8, theta = 1e4 },
+  { op = "rope", in = "k", out = "k", head_dim = 8, theta = 1e4 },
+  { op = "attention", q = "q", k = "k", v = "v", out = "a", heads = 2, kv_heads = 2, head_dim = 8 },
+"#;
+
     #[test]
     fn qwen3_layer_fuses_every_pattern() {
         let ops = format!(
-            r#"{NORM_QK}
-  {{ op = "linear", in = "h", out = "v", features = "hidden", weight = "v" }},
-  {{ op = "rms_norm", in = "q", out = "q", weight = "qn", group = 8, eps = 1e-6 }},
-  {{ op = "rms_norm", in = "k", out = "k", weight = "kn", group = 8, eps = 1e-6 }},
-  {{ op = "rope", in = "q", out = "q", head_dim = 8, theta = 1e4 }},
-  {{ op = "rope", in = "k", out = "k", head_dim = 8, theta = 1e4 }},
-  {{ op = "attention", q = "q", k = "k", v = "v", out = "a", heads = 2, kv_heads = 2, head_dim = 8 }},
-  {{ op = "add", in = ["x", "a"], out = "x" }},
+            r#"{NORM_QK}{ATTENTION}  {{ op = "add", in = ["x", "a"], out = "x" }},
   {{ op = "rms_norm", in = "x", out = "h", weight = "n2", eps = 1e-6 }},
   {{ op = "linear", in = "h", out = "g", features = 32, weight = "g" }},
   {{ op = "linear", in = "h", out = "u", features = 32, weight = "u" }},
@@ -492,16 +495,7 @@ ops = [{{ op = "linear", in = "x", out = "logits", features = "vocab", weight = 
     /// call: the attention kernel's normalized copy never reaches memory.
     #[test]
     fn normed_keys_read_after_the_attention_stay_unmerged() {
-        let ops = format!(
-            r#"{NORM_QK}
-  {{ op = "linear", in = "h", out = "v", features = "hidden", weight = "v" }},
-  {{ op = "rms_norm", in = "q", out = "q", weight = "qn", group = 8, eps = 1e-6 }},
-  {{ op = "rms_norm", in = "k", out = "k", weight = "kn", group = 8, eps = 1e-6 }},
-  {{ op = "rope", in = "q", out = "q", head_dim = 8, theta = 1e4 }},
-  {{ op = "rope", in = "k", out = "k", head_dim = 8, theta = 1e4 }},
-  {{ op = "attention", q = "q", k = "k", v = "v", out = "a", heads = 2, kv_heads = 2, head_dim = 8 }},
-  {{ op = "add", in = ["a", "k"], out = "x" }},"#
-        );
+        let ops = format!(r#"{NORM_QK}{ATTENTION}  {{ op = "add", in = ["a", "k"], out = "x" }},"#);
         let steps = plan_of(&ops);
         assert!(
             steps.contains(&Step::RmsNormRope2 {

@@ -736,7 +736,6 @@ fn gpu_greedy_rows_over_a_large_vocabulary() {
 /// A bf16 copy of f32 fixture `name` (configs and every tensor, one
 /// safetensors file) in a temporary directory.
 fn bf16_copy(name: &str) -> (tempfile::TempDir, Vec<Prompt>) {
-    use safetensors::tensor::{Dtype, TensorView};
     let (dir, prompts) = fixture(name);
     let out = tempfile::tempdir().unwrap();
     for entry in std::fs::read_dir(&dir).unwrap() {
@@ -765,6 +764,13 @@ fn bf16_copy(name: &str) -> (tempfile::TempDir, Vec<Prompt>) {
             tensors.push((tname, view.shape().to_vec(), data));
         }
     }
+    write_bf16_safetensors(out.path(), &tensors);
+    (out, prompts)
+}
+
+/// `model.safetensors` in `dir` holding `(name, shape, bf16 bytes)` tensors.
+fn write_bf16_safetensors(dir: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)]) {
+    use safetensors::tensor::{Dtype, TensorView};
     let views: Vec<(&str, TensorView)> = tensors
         .iter()
         .map(|(n, s, d)| {
@@ -774,8 +780,7 @@ fn bf16_copy(name: &str) -> (tempfile::TempDir, Vec<Prompt>) {
             )
         })
         .collect();
-    safetensors::serialize_to_file(views, &None, &out.path().join("model.safetensors")).unwrap();
-    (out, prompts)
+    safetensors::serialize_to_file(views, &None, &dir.join("model.safetensors")).unwrap();
 }
 
 /// bf16 copies of f32 fixtures: the bf16 GEMM path.
@@ -1211,7 +1216,6 @@ fn masked_attention_steps<D: pie_driver::Driver>(
 /// fixtures' are smaller): the shape whose q/k norms and rope the folded
 /// decode attention applies itself.
 fn qwen3_head_dim_128() -> tempfile::TempDir {
-    use safetensors::tensor::{Dtype, TensorView};
     let (hidden, heads, kv_heads, hd, inter, vocab, layers) = (256, 4, 2, 128, 512, 160, 2);
     let dir = tempfile::tempdir().unwrap();
     let config = serde_json::json!({
@@ -1295,16 +1299,7 @@ fn qwen3_head_dim_128() -> tempfile::TempDir {
             0.05,
         );
     }
-    let views: Vec<(&str, TensorView)> = tensors
-        .iter()
-        .map(|(n, s, d)| {
-            (
-                n.as_str(),
-                TensorView::new(Dtype::BF16, s.clone(), d).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, &None, &dir.path().join("model.safetensors")).unwrap();
+    write_bf16_safetensors(dir.path(), &tensors);
     dir
 }
 
