@@ -141,9 +141,15 @@ pub fn specialized_kernels(models: &[&ir::Model]) -> SpecializedKernels {
             let call = body
                 .replace("{K}", &k.to_string())
                 .replace("{MR}", &rows.to_string());
+            // The single-row multi-product forms are bounded as gemv.cu's.
+            let bounds = if rows == 1 && generic.starts_with("pie_gemv3") {
+                "PIE_GEMV_THREADS, PIE_GEMV3_M1_BLOCKS"
+            } else {
+                "PIE_GEMV_THREADS"
+            };
             let _ = writeln!(
                 source,
-                "extern \"C\" __global__ void __launch_bounds__(PIE_GEMV_THREADS)\n{name}({params}) {{\n    {call};\n}}"
+                "extern \"C\" __global__ void __launch_bounds__({bounds})\n{name}({params}) {{\n    {call};\n}}"
             );
             names.push(name);
         }

@@ -23,6 +23,10 @@
 // (pdl.cu): a larger one would evict its own prefetched rows before the
 // block reads them (H100 / H200: 50 MB of L2).
 #define PIE_GEMV_PREFETCH_MAX_BYTES (8u << 20)
+// Blocks per SM the single-row q/k/v GEMVs are bounded to (at most 64
+// registers, none spilled): Qwen3-0.6B's 1,024 blocks then run in one wave
+// on 132 SMs instead of two (77 registers unbounded: 6 blocks per SM).
+#define PIE_GEMV3_M1_BLOCKS 8
 
 __device__ __forceinline__ void pie_unpack_bf16x8(uint4 raw, float* out) {
     unsigned int words[4] = {raw.x, raw.y, raw.z, raw.w};
@@ -291,7 +295,7 @@ pie_gemv3_bf16(float* out0, const unsigned short* __restrict__ w0, int n0,
     pie_gemv3<false>(out0, w0, n0, out1, w1, n1, out2, w2, n2, x, m, k, PieGemvNorm{});
 }
 
-extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS)
+extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS, PIE_GEMV3_M1_BLOCKS)
 pie_gemv3_bf16_m1(float* out0, const unsigned short* __restrict__ w0, int n0,
                   float* out1, const unsigned short* __restrict__ w1, int n1,
                   float* out2, const unsigned short* __restrict__ w2, int n2,
@@ -318,7 +322,7 @@ pie_gemv3_norm_bf16(float* out0, const unsigned short* __restrict__ w0, int n0,
     pie_gemv3_norm_entry<0>(out0, w0, n0, out1, w1, n1, out2, w2, n2, x, g, has_g, eps, offset, m, k);
 }
 
-extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS)
+extern "C" __global__ void __launch_bounds__(PIE_GEMV_THREADS, PIE_GEMV3_M1_BLOCKS)
 pie_gemv3_norm_bf16_m1(float* out0, const unsigned short* __restrict__ w0, int n0,
                        float* out1, const unsigned short* __restrict__ w1, int n1,
                        float* out2, const unsigned short* __restrict__ w2, int n2,
