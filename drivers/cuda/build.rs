@@ -14,7 +14,9 @@ const FILES: [&str; 4] = [
 ];
 
 /// The specialized entry points' list (`pie build --config`; absent or
-/// empty: none), embedded as `SPECIALIZED`.
+/// empty: none), embedded as `SPECIALIZED`; the name
+/// `kernel_build::SPECIALIZED_LIST` writes (a build script cannot use the
+/// crate it builds).
 const SPECIALIZED_LIST: &str = "specialized.txt";
 
 fn main() {

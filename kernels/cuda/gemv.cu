@@ -10,11 +10,12 @@
 // chunk's load before the block waits for the kernel before it (pdl.cu).
 // Requires k % 8 == 0 and 16-byte aligned rows (the driver checks).
 //
-// Every entry point's body is a template over K, the input width: K = 0
-// reads k at run time (the kernels below); K > 0 bakes it in, so the loop
-// over k has a fixed trip count and unrolls. codegen instantiates those
-// for one model's widths (codegen/src/cuda_kernels.rs: `pie build
-// --config`), as `<kernel>_k<K>` entry points the driver prefers.
+// Every entry point's body is a template over K, the input width, and MR,
+// the most rows: K = 0 reads k at run time (the kernels below); K > 0
+// bakes it in, so the loop over k has a fixed trip count and unrolls.
+// MR = 1 gives the single-row `_m1` kernels. codegen instantiates both for
+// one model's widths (codegen/src/cuda_kernels.rs: `pie build --config`),
+// as `<kernel>_k<K>[_m1]` entry points the driver prefers.
 
 #define PIE_GEMV_MAX_ROWS 4
 #define PIE_GEMV_FEATS 4

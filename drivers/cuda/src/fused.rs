@@ -11,7 +11,7 @@ use pie_driver::ir::*;
 use pie_driver::{DriverError, ForwardBatch, NormRopePart, PreNorm, Result};
 
 use crate::gemm::{gemv_grid, GEMV_FEATS};
-use crate::grouped_attention::QkNormRope;
+use crate::grouped_attention::{contiguous_heads, QkNormRope};
 use crate::{cuda_err, graphs, int, weight_or_null, Bf16Matrix, CudaAct, CudaDriver, CudaWeight};
 
 /// A bf16 matrix without a bias, or None.
@@ -286,11 +286,7 @@ impl CudaDriver {
                 && rope.rotary_dim.is_multiple_of(2)
         };
         let (ra, rb) = (a.3, b.3);
-        let same_rope = RopeAttrs {
-            heads: rb.heads,
-            ..ra.clone()
-        } == *rb;
-        if !self.fuse || !fits(a) || !fits(b) || !same_rope || a.0.rows != b.0.rows {
+        if !self.fuse || !fits(a) || !fits(b) || !same_rope(ra, rb) || a.0.rows != b.0.rows {
             return Ok(None);
         }
         let inputs = self.rope_inputs(batch, ra)?;
@@ -339,20 +335,16 @@ impl CudaDriver {
         batch: &ForwardBatch,
         a: &AttentionAttrs,
     ) -> Result<Option<QkNormRope>> {
+        // The rope turns the attention's whole (128-dim) heads.
         let fits = |(x, _, norm, rope): NormRopePart<'_, Self>, heads: usize| {
             per_head_norm_rope(x, norm, rope, batch)
                 && rope.heads == heads
-                && rope.head_dim == 128
-                && rope.rotary_dim == 128
+                && rope.head_dim == a.head_dim
+                && rope.rotary_dim == a.head_dim
                 && rope.style != RopeStyle::Interleaved
         };
-        let same_rope = RopeAttrs {
-            heads: k.3.heads,
-            ..q.3.clone()
-        } == *k.3;
         let decode = batch.seqs.iter().all(|s| s.len == 1 && s.mask.is_none());
-        let folds = a.head_dim == 128
-            && a.v_head_dim == 128
+        let folds = contiguous_heads(a)
             && a.kv_from.is_none()
             && q.0.rows == k.0.rows
             && self.gqa_fits(a)
@@ -361,7 +353,7 @@ impl CudaDriver {
             && self.attention_norm_rope
             && decode
             && folds
-            && same_rope
+            && same_rope(q.3, k.3)
             && fits(q, a.heads)
             && fits(k, a.kv_heads);
         if !takes {
@@ -379,6 +371,15 @@ impl CudaDriver {
             rope: self.rope_inputs(batch, q.3)?,
         }))
     }
+}
+
+/// Whether two ropes are the same but for their head counts (queries and
+/// keys rotated in one launch).
+fn same_rope(a: &RopeAttrs, b: &RopeAttrs) -> bool {
+    RopeAttrs {
+        heads: b.heads,
+        ..a.clone()
+    } == *b
 }
 
 /// Widest input the GEMVs take a norm into. Each block re-reads the whole

@@ -103,6 +103,13 @@ fn fold_kernel(bf16: bool, contiguous: bool, group: usize) -> &'static str {
     KERNELS[usize::from(bf16) * 2 + usize::from(contiguous)][specialized]
 }
 
+/// Whether `a`'s heads take the `_c128` kernels: head dims of 128, where
+/// each lane reads 4 consecutive dims per row (one 16-byte f32 or 8-byte
+/// bf16 load) instead of 4 strided ones.
+pub(crate) fn contiguous_heads(a: &AttentionAttrs) -> bool {
+    a.head_dim == MAX_DIM && a.v_head_dim == MAX_DIM
+}
+
 /// A bf16 KV cache is read only by the grouped kernels: every attention
 /// cache must have head dims they take (and even widths, two bf16 per f32
 /// element of the buffers).
@@ -206,9 +213,7 @@ impl CudaDriver {
             block_dim: ((WARPS * 32) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        // Head dims of 128: each lane reads 4 consecutive dims per row
-        // (one 16-byte f32 or 8-byte bf16 load) instead of 4 strided ones.
-        let contiguous = a.head_dim == MAX_DIM && a.v_head_dim == MAX_DIM;
+        let contiguous = contiguous_heads(a);
         // Small grids (decode) combine in the same launch.
         let fold = self.gqa_folds(q.rows, a);
         let no_norm_rope = QkNormRope::default();
