@@ -211,6 +211,24 @@ __device__ __forceinline__ void pie_gqa_store_new_normed(T* k_cache, T* v_cache,
     }
 }
 
+// Asks L2 for one key's K and V rows of kv head kvh, before pie_pdl_wait:
+// at batch 1 the key loop is a few dependent loads per warp, each an HBM
+// round trip (the step's weight traffic has evicted the cache), and the
+// kernel before leaves a few microseconds to fetch them. Keys older than
+// this step are written by no kernel of it; the new key's row may be (a
+// prefetch only moves lines into L2, the point of coherence, so a later
+// read still sees the write). Rows whose address or size is not a
+// multiple of 16 bytes are left to the loop.
+template <typename T>
+__device__ __forceinline__ void pie_gqa_prefetch_rows(const T* k_cache, const T* v_cache, long long slot, int kvh,
+                                                      int k_width, int head_dim, int v_stride, int v_head_dim) {
+    const T* k = k_cache + slot * k_width + (long long)kvh * head_dim;
+    const T* v = v_cache + slot * v_stride + (long long)kvh * v_head_dim;
+    unsigned int kb = head_dim * sizeof(T), vb = v_head_dim * sizeof(T);
+    if ((((unsigned long long)k | kb) & 15) == 0) pie_prefetch_l2(k, kb);
+    if ((((unsigned long long)v | vb) & 15) == 0) pie_prefetch_l2(v, vb);
+}
+
 // The partial pass over a cache of element type T (float or bf16 bits);
 // one instantiation per type and dim layout so the hot loop has no tests.
 // G > 0: compiled for groups of exactly G query heads (the decode folds of
@@ -240,6 +258,7 @@ __device__ __forceinline__ void pie_gqa_partial(float* part_ml, float* part_acc,
     // while the kernel before (the one writing q) may still run.
     int lane_key = first + split + lane * splits;  // the warp's key `lane`
     int lane_slot = lane_key <= pos ? slots[lane_key] : 0;
+    if (lane_key <= pos) pie_gqa_prefetch_rows(k_cache, v_cache, lane_slot, kvh, k_width, head_dim, v_stride, v_head_dim);
     // With nr (CONTIG only), q and the new key are normalized and rotated
     // here; their angles need only the step's uploads too.
     bool norm_rope = CONTIG && nr != nullptr;

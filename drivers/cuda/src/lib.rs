@@ -15,6 +15,7 @@ mod fused;
 mod gdn;
 mod gemm;
 mod graphs;
+mod greedy;
 mod grouped_attention;
 mod joined;
 pub mod kernel_build;
@@ -112,6 +113,8 @@ pub struct CudaDriver {
     /// all of them past the GEMV's rows (`joined.rs`; `PIE_CUDA_JOIN=0`:
     /// one GEMM per weight; for A/B runs).
     join: bool,
+    /// Row indices and a host buffer greedy sampling reuses (`greedy.rs`).
+    greedy_buffers: Mutex<greedy::GreedyBuffers>,
     /// Device address tables of expert weights (grouped MoE kernels),
     /// keyed by the first expert's address and the offset into each.
     expert_tables: moe::ExpertTables,
@@ -224,11 +227,6 @@ pub(crate) fn cuda_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -
     move |e| DriverError::Invalid(format!("CUDA: {what}: {e}"))
 }
 
-/// Threads per block and logits per block of the greedy reduction
-/// (`pie_greedy_partial`, `kernels/cuda/attention.cu`).
-const GREEDY_THREADS: u32 = 256;
-const GREEDY_SLICE: usize = 2048;
-
 pub(crate) fn blocks(n: usize) -> LaunchConfig {
     LaunchConfig::for_num_elems(n.max(1) as u32)
 }
@@ -281,6 +279,7 @@ impl CudaDriver {
             attention_counters,
             bf16_copies: std::env::var("PIE_CUDA_BF16_COPIES").map_or(true, |v| v != "0"),
             pdl: false,
+            greedy_buffers: Default::default(),
             expert_tables: Default::default(),
         }
         .with_pdl_probed()
@@ -1345,55 +1344,7 @@ impl Driver for CudaDriver {
     }
 
     fn greedy_rows(&self, x: &CudaAct, rows: &[usize]) -> Result<Vec<(u32, f32)>> {
-        if let Some(&bad) = rows.iter().find(|&&r| r >= x.rows) {
-            return Err(DriverError::Invalid(format!(
-                "row {bad} requested from an activation of {} rows",
-                x.rows
-            )));
-        }
-        if rows.is_empty() {
-            return Ok(Vec::new());
-        }
-        let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
-        let idx = self.upload(&idx)?;
-        let mut ids = unsafe { self.stream.alloc::<u32>(rows.len()) }
-            .map_err(cuda_err("allocating GPU memory"))?;
-        let mut logprobs = self.uninit(rows.len())?;
-        let width = int(x.width, "width")?;
-        // Slices of ~2k logits, so a large vocabulary is read by many blocks.
-        let slices = x.width.div_ceil(GREEDY_SLICE).clamp(1, 128);
-        let mut parts = self.uninit(rows.len() * slices * 3)?;
-        let block = (GREEDY_THREADS, 1, 1);
-        let cfg = LaunchConfig {
-            grid_dim: (rows.len() as u32, slices as u32, 1),
-            block_dim: block,
-            shared_mem_bytes: 0,
-        };
-        let mut b = self
-            .stream
-            .launch_builder(self.kernels.get("pie_greedy_partial"));
-        b.arg(&mut parts).arg(&x.data).arg(&idx).arg(&width);
-        unsafe { b.launch(cfg) }.map_err(cuda_err("pie_greedy_partial"))?;
-        let cfg = LaunchConfig {
-            grid_dim: (rows.len() as u32, 1, 1),
-            block_dim: block,
-            shared_mem_bytes: 0,
-        };
-        let slices = slices as i32;
-        let mut b = self
-            .stream
-            .launch_builder(self.kernels.get("pie_greedy_finish"));
-        b.arg(&mut ids).arg(&mut logprobs).arg(&parts).arg(&slices);
-        unsafe { b.launch(cfg) }.map_err(cuda_err("pie_greedy_finish"))?;
-        let ids = self
-            .stream
-            .clone_dtoh(&ids)
-            .map_err(cuda_err("copying token ids to the host"))?;
-        let logprobs = self
-            .stream
-            .clone_dtoh(&logprobs)
-            .map_err(cuda_err("copying log-probabilities to the host"))?;
-        Ok(ids.into_iter().zip(logprobs).take(rows.len()).collect())
+        self.greedy(x, rows)
     }
 
     fn argmax_rows(&self, x: &CudaAct, rows: &[usize]) -> Result<Vec<u32>> {
