@@ -15,6 +15,8 @@ use crate::registry::{self, Arch};
 use crate::sampling::{self, Rng, Sampler};
 use crate::tokenizer::Tokenizer;
 
+mod greedy;
+
 /// A requested logits row as [`Engine::forward_outputs`] returns it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RowOutput {
@@ -249,6 +251,11 @@ impl<D: Driver + 'static> Engine<D> {
         max_tokens: usize,
         sampler: &Sampler,
     ) -> Result<Vec<Vec<u32>>, PieError> {
+        if sampler.is_greedy() {
+            // Only the ids leave the device, and the next step can be
+            // queued before they do.
+            return self.generate_greedy(prompts, max_tokens);
+        }
         let (mut batch, pages) = self.prefill_batch(prompts, max_tokens)?;
         let mut rngs: Vec<Rng> = (0..prompts.len())
             .map(|i| Rng::new(sampler.seed.wrapping_add(i as u64)))
@@ -258,23 +265,14 @@ impl<D: Driver + 'static> Engine<D> {
         let vocab = self.ir.vocab;
         while !live.is_empty() && max_tokens > 0 {
             let rows = batch.last_rows();
-            let tokens: Vec<u32> = if sampler.is_greedy() {
-                // Greedy: only the ids leave the device.
-                let (logits, read) = self.forward(&batch, &rows)?;
-                self.driver.argmax_rows(&logits, &read)?
-            } else {
-                let logits = self.run(&batch, &rows)?;
-                live.iter()
-                    .enumerate()
-                    .map(|(k, &seq)| {
-                        sampling::sample(
-                            &logits[k * vocab..(k + 1) * vocab],
-                            sampler,
-                            &mut rngs[seq],
-                        )
-                    })
-                    .collect()
-            };
+            let logits = self.run(&batch, &rows)?;
+            let tokens: Vec<u32> = live
+                .iter()
+                .enumerate()
+                .map(|(k, &seq)| {
+                    sampling::sample(&logits[k * vocab..(k + 1) * vocab], sampler, &mut rngs[seq])
+                })
+                .collect();
             let mut next = Vec::new();
             for (k, &seq) in live.iter().enumerate() {
                 let token = tokens[k];

@@ -42,6 +42,11 @@ pub struct ForwardBatch {
     /// token. Decode needs one row per sequence, so the vocabulary
     /// projection skips the rest of the prompt.
     pub outputs: Option<Vec<usize>>,
+    /// `tokens` are placeholders: row i's token is id i of the driver's
+    /// last [`crate::Driver::argmax_start`], still on the device. Set only
+    /// for drivers that [`crate::Driver::feeds_tokens`], so that a decode
+    /// step is queued before the host has read the step before it.
+    pub fed_tokens: bool,
 }
 
 impl ForwardBatch {

@@ -431,6 +431,20 @@ pub trait Driver: Send + Sync {
         Ok(flat.chunks_exact(width.max(1)).map(argmax).collect())
     }
 
+    /// [`Driver::argmax_rows`] without waiting for the ids: they come from
+    /// [`PendingIds::wait`]. A driver that [`Driver::feeds_tokens`] also
+    /// keeps them on the device for the next pass to read as its tokens.
+    fn argmax_start(&self, x: &Self::Act, rows: &[usize]) -> Result<PendingIds> {
+        self.argmax_rows(x, rows).map(PendingIds::ready)
+    }
+
+    /// Whether a batch with [`ForwardBatch::fed_tokens`] runs on the ids of
+    /// the last [`Driver::argmax_start`] (so the engine can queue decode
+    /// step n + 1 before it reads step n's tokens).
+    fn feeds_tokens(&self) -> bool {
+        false
+    }
+
     /// Greedy sampling with its log-probability for each given row:
     /// `(argmax, logit[argmax] − log Σ exp(logits))`. Drivers with device
     /// memory override it so a vocabulary row never crosses to the host.
@@ -447,6 +461,34 @@ pub trait Driver: Send + Sync {
                 (token, row[token as usize] - math::log_sum_exp(row))
             })
             .collect())
+    }
+}
+
+/// Greedy token ids on their way from the device ([`Driver::argmax_start`]).
+pub struct PendingIds(Pending);
+
+enum Pending {
+    Ready(Vec<u32>),
+    Later(Box<dyn FnOnce() -> Result<Vec<u32>> + Send>),
+}
+
+impl PendingIds {
+    /// Ids the host has already.
+    pub fn ready(ids: Vec<u32>) -> Self {
+        PendingIds(Pending::Ready(ids))
+    }
+
+    /// Ids that `wait` waits for.
+    pub fn later(wait: impl FnOnce() -> Result<Vec<u32>> + Send + 'static) -> Self {
+        PendingIds(Pending::Later(Box::new(wait)))
+    }
+
+    /// The ids, one per requested row, once they are on the host.
+    pub fn wait(self) -> Result<Vec<u32>> {
+        match self.0 {
+            Pending::Ready(ids) => Ok(ids),
+            Pending::Later(wait) => wait(),
+        }
     }
 }
 

@@ -129,7 +129,7 @@ pub fn stage_image(kv: &CudaKv, padded: &ForwardBatch, real_rows: usize) -> Resu
         tokens: padded.tokens[..real_rows].to_vec(),
         positions: padded.positions[..real_rows].to_vec(),
         seqs: padded.seqs[..real_rows].to_vec(),
-        outputs: None,
+        ..ForwardBatch::default()
     };
     let mut plan = kv.plan(&real)?;
     let scratch_entry = plan.table.len() as i32;
@@ -357,7 +357,10 @@ impl CudaDriver {
         let bucket = bucket_for(batch.num_tokens()).filter(|_| recordable);
         let mut cache = self.graphs.lock().expect("graph cache lock");
         let Some(bucket) = bucket.filter(|_| !cache.off) else {
-            return pass(kv, batch);
+            return match batch.fed_tokens {
+                true => pass(kv, &self.with_fed_tokens(batch)?),
+                false => pass(kv, batch),
+            };
         };
         let padded = pad(batch, bucket, kv.scratch_page());
         let image = stage_image(kv, &padded, batch.num_tokens())?;
@@ -366,6 +369,9 @@ impl CudaDriver {
             upload_image(&self.stream, &mut staging, &image)?;
             StagedInputs::new(staging.as_ref().expect("uploaded above"))
         };
+        if batch.fed_tokens {
+            self.feed_staged_tokens(staged.tokens(), batch.num_tokens())?;
+        }
         cache.check_addresses(staged.base, kv.identity());
         *self.staged.lock().expect("staged lock") = Some(staged);
         let result = self.staged_step(&mut cache, kv, &padded, batch.num_tokens(), pass);

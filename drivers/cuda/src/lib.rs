@@ -113,7 +113,11 @@ pub struct CudaDriver {
     /// all of them past the GEMV's rows (`joined.rs`; `PIE_CUDA_JOIN=0`:
     /// one GEMM per weight; for A/B runs).
     join: bool,
-    /// Row indices and a host buffer greedy sampling reuses (`greedy.rs`).
+    /// Whether decode batches may take their tokens from the last greedy
+    /// step on the device (`PIE_CUDA_FEED=0`: the engine reads every
+    /// step's ids before it queues the next; for A/B runs).
+    feed_tokens: bool,
+    /// Buffers greedy sampling reuses and the ids it feeds (`greedy.rs`).
     greedy_buffers: Mutex<greedy::GreedyBuffers>,
     /// Device address tables of expert weights (grouped MoE kernels),
     /// keyed by the first expert's address and the offset into each.
@@ -279,6 +283,7 @@ impl CudaDriver {
             attention_counters,
             bf16_copies: std::env::var("PIE_CUDA_BF16_COPIES").map_or(true, |v| v != "0"),
             pdl: false,
+            feed_tokens: std::env::var("PIE_CUDA_FEED").map_or(true, |v| v != "0"),
             greedy_buffers: Default::default(),
             expert_tables: Default::default(),
         }
@@ -1355,6 +1360,14 @@ impl Driver for CudaDriver {
             .into_iter()
             .map(|(token, _)| token)
             .collect())
+    }
+
+    fn argmax_start(&self, x: &CudaAct, rows: &[usize]) -> Result<pie_driver::PendingIds> {
+        self.greedy_start(x, rows)
+    }
+
+    fn feeds_tokens(&self) -> bool {
+        self.feed_tokens
     }
 
     fn read_rows(&self, x: &CudaAct, rows: &[usize]) -> Result<Vec<f32>> {

@@ -192,6 +192,42 @@ fn gpu_parity_with_transformers_and_the_portable_driver() {
     }
 }
 
+/// Greedy generation queues step n + 1 on the ids of step n still on the
+/// GPU (`fed_tokens`): with a stop token that ends some sequences of a
+/// batch while a step is queued, every sequence ends as on the portable
+/// driver, through CUDA graphs and op by op.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn gpu_queued_greedy_steps_stop_like_the_portable_driver() {
+    use pie_driver::Driver;
+    let (dir, prompts) = fixture("qwen3");
+    let inputs: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+    let opts = LoadOptions::default();
+    let mut cpu = Engine::load(&dir, PortableDriver::new(), &opts, None).unwrap();
+    cpu.stop_ids.clear();
+    let full = cpu.generate(&inputs, 24, &Sampler::greedy()).unwrap();
+    // Every token some sequence makes after its third: most end a
+    // sequence while the others go on.
+    let mut stops: Vec<u32> = full.iter().flat_map(|s| s[3..].iter().copied()).collect();
+    stops.sort_unstable();
+    stops.dedup();
+    for graphs in [true, false] {
+        let mut engine = Engine::load(&dir, gpu().with_graphs(graphs), &opts, None).unwrap();
+        assert!(engine.driver.feeds_tokens());
+        for &stop in stops.iter().take(6) {
+            engine.stop_ids = vec![stop];
+            cpu.stop_ids = vec![stop];
+            let want = cpu.generate(&inputs, 24, &Sampler::greedy()).unwrap();
+            let got = engine.generate(&inputs, 24, &Sampler::greedy()).unwrap();
+            assert_eq!(got, want, "stop token {stop}, graphs {graphs}");
+        }
+    }
+    eprintln!(
+        "gpu queued greedy steps: {} stop tokens, graphs on and off",
+        stops.len().min(6)
+    );
+}
+
 /// GLM-MoE-DSA's sparse indexer past its top-k (5, under prompts of 12
 /// and 7 tokens; layer 1 reuses layer 0's picks): logits, a 3-token
 /// chunked prefill and 10 greedy tokens (batched and alone) as

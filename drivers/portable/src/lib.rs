@@ -38,6 +38,20 @@ pub struct PortableDriver {
     /// When Gated DeltaNet and Mamba2 take their chunked forms.
     delta_rule_scan: ChunkedScan,
     ssd_scan: ChunkedScan,
+    /// The ids of the last `argmax_start`: the tokens of a batch with
+    /// `fed_tokens`. Nothing is in flight on the CPU, but feeding runs the
+    /// engine's queued-step decoding (and its tests) here too.
+    fed: FedTokens,
+}
+
+/// A driver's last greedy ids; a clone of the driver starts without any.
+#[derive(Default)]
+struct FedTokens(std::sync::Mutex<Vec<u32>>);
+
+impl Clone for FedTokens {
+    fn clone(&self) -> Self {
+        FedTokens::default()
+    }
 }
 
 /// Quantization applied at load to float (f32/bf16/f16) weight matrices.
@@ -73,6 +87,7 @@ impl PortableDriver {
             runtime_quant: None,
             delta_rule_scan: ChunkedScan::DELTA_RULE,
             ssd_scan: ChunkedScan::SSD,
+            fed: FedTokens::default(),
         }
     }
 
@@ -120,6 +135,41 @@ impl Driver for PortableDriver {
 
     fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         self.pool.install(f)
+    }
+
+    fn run_pass(
+        &self,
+        kv: &mut KvCache,
+        batch: &ForwardBatch,
+        pass: &mut pie_driver::Pass<'_, Self>,
+    ) -> Result<Act> {
+        if !batch.fed_tokens {
+            return pass(kv, batch);
+        }
+        let fed = self.fed.0.lock().expect("fed tokens lock").clone();
+        if fed.len() != batch.num_tokens() {
+            return Err(DriverError::Invalid(format!(
+                "a batch of {} rows takes its tokens from the last greedy step, which chose {}",
+                batch.num_tokens(),
+                fed.len()
+            )));
+        }
+        let batch = ForwardBatch {
+            tokens: fed,
+            fed_tokens: false,
+            ..batch.clone()
+        };
+        pass(kv, &batch)
+    }
+
+    fn argmax_start(&self, x: &Act, rows: &[usize]) -> Result<pie_driver::PendingIds> {
+        let ids = self.argmax_rows(x, rows)?;
+        *self.fed.0.lock().expect("fed tokens lock") = ids.clone();
+        Ok(pie_driver::PendingIds::ready(ids))
+    }
+
+    fn feeds_tokens(&self) -> bool {
+        true
     }
 
     /// `auto` caches f16 for checkpoints stored narrower than f32 (GGUF
