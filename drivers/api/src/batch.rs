@@ -95,6 +95,21 @@ impl ForwardBatch {
     pub fn last_rows(&self) -> Vec<usize> {
         self.seqs.iter().map(|s| s.start + s.len - 1).collect()
     }
+
+    /// For a batch with `fed_tokens`: whether the driver's last greedy step,
+    /// which chose `chosen` ids (None: no step ran), covers it row for row.
+    pub fn check_fed(&self, chosen: Option<usize>) -> crate::Result<()> {
+        let rows = self.num_tokens();
+        match chosen {
+            Some(n) if n == rows => Ok(()),
+            Some(n) => Err(crate::DriverError::Invalid(format!(
+                "a batch of {rows} rows takes its tokens from the last greedy step, which chose {n}"
+            ))),
+            None => Err(crate::DriverError::Invalid(
+                "a batch takes its tokens from a greedy step, but none ran".into(),
+            )),
+        }
+    }
 }
 
 /// Shape of one attention op's cache.
@@ -176,7 +191,7 @@ pub struct KvLayout {
 
 #[cfg(test)]
 mod tests {
-    use super::KvDType;
+    use super::{ForwardBatch, KvDType};
 
     #[test]
     fn kv_dtype_names_round_trip() {
@@ -185,5 +200,18 @@ mod tests {
             assert_eq!(KvDType::from_name(name), Some(dtype));
         }
         assert_eq!(KvDType::from_name("f8"), None);
+    }
+
+    #[test]
+    fn fed_tokens_must_cover_the_batch_row_for_row() {
+        let batch = ForwardBatch::new(vec![(vec![0], 5, vec![0]), (vec![0], 9, vec![1])]);
+        assert!(batch.check_fed(Some(2)).is_ok());
+        let short = batch.check_fed(Some(1)).unwrap_err().to_string();
+        assert!(
+            short.contains("a batch of 2 rows") && short.contains("chose 1"),
+            "{short}"
+        );
+        let none = batch.check_fed(None).unwrap_err().to_string();
+        assert!(none.contains("none ran"), "{none}");
     }
 }

@@ -357,10 +357,10 @@ impl CudaDriver {
         let bucket = bucket_for(batch.num_tokens()).filter(|_| recordable);
         let mut cache = self.graphs.lock().expect("graph cache lock");
         let Some(bucket) = bucket.filter(|_| !cache.off) else {
-            return match batch.fed_tokens {
-                true => pass(kv, &self.with_fed_tokens(batch)?),
-                false => pass(kv, batch),
-            };
+            if batch.fed_tokens {
+                return pass(kv, &self.with_fed_tokens(batch)?);
+            }
+            return pass(kv, batch);
         };
         let padded = pad(batch, bucket, kv.scratch_page());
         let image = stage_image(kv, &padded, batch.num_tokens())?;
@@ -370,7 +370,7 @@ impl CudaDriver {
             StagedInputs::new(staging.as_ref().expect("uploaded above"))
         };
         if batch.fed_tokens {
-            self.feed_staged_tokens(staged.tokens(), batch.num_tokens())?;
+            self.feed_staged_tokens(staged.tokens(), batch)?;
         }
         cache.check_addresses(staged.base, kv.identity());
         *self.staged.lock().expect("staged lock") = Some(staged);

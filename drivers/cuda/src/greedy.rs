@@ -111,9 +111,10 @@ impl CudaDriver {
 
     /// Row i's token := id i of the last `argmax_start`, over the staged
     /// tokens at `tokens` (a device address), queued on the stream.
-    pub(crate) fn feed_staged_tokens(&self, tokens: u64, rows: usize) -> Result<()> {
+    pub(crate) fn feed_staged_tokens(&self, tokens: u64, batch: &ForwardBatch) -> Result<()> {
         let buffers = self.greedy_buffers.lock().expect("greedy buffers lock");
-        let ids = fed_ids(&buffers, rows)?;
+        let ids = fed_ids(&buffers, batch)?;
+        let rows = batch.num_tokens();
         let from = crate::graphs::address(ids);
         // SAFETY: both ranges hold `rows` 4-byte values on this stream's
         // device; the copy is ordered after the kernels that wrote `ids`.
@@ -132,8 +133,8 @@ impl CudaDriver {
     /// not staged uploads its own tokens).
     pub(crate) fn with_fed_tokens(&self, batch: &ForwardBatch) -> Result<ForwardBatch> {
         let buffers = self.greedy_buffers.lock().expect("greedy buffers lock");
+        let ids = fed_ids(&buffers, batch)?;
         let rows = batch.num_tokens();
-        let ids = fed_ids(&buffers, rows)?;
         let tokens = self
             .stream
             .clone_dtoh(&ids.slice(0..rows))
@@ -208,15 +209,8 @@ impl CudaDriver {
     }
 }
 
-/// The ids of the last `argmax_start`, if it chose exactly `rows`.
-fn fed_ids(buffers: &GreedyBuffers, rows: usize) -> Result<&CudaSlice<u32>> {
-    match &buffers.fed {
-        Some((ids, n)) if *n == rows => Ok(ids),
-        Some((_, n)) => Err(DriverError::Invalid(format!(
-            "a batch of {rows} rows takes its tokens from the last greedy step, which chose {n}"
-        ))),
-        None => Err(DriverError::Invalid(
-            "a batch takes its tokens from a greedy step, but none ran".into(),
-        )),
-    }
+/// The ids of the last `argmax_start`, if they cover `batch` row for row.
+fn fed_ids<'b>(buffers: &'b GreedyBuffers, batch: &ForwardBatch) -> Result<&'b CudaSlice<u32>> {
+    batch.check_fed(buffers.fed.as_ref().map(|(_, n)| *n))?;
+    Ok(&buffers.fed.as_ref().expect("checked above").0)
 }

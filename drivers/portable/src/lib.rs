@@ -46,7 +46,7 @@ pub struct PortableDriver {
 
 /// A driver's last greedy ids; a clone of the driver starts without any.
 #[derive(Default)]
-struct FedTokens(std::sync::Mutex<Vec<u32>>);
+struct FedTokens(std::sync::Mutex<Option<Vec<u32>>>);
 
 impl Clone for FedTokens {
     fn clone(&self) -> Self {
@@ -147,15 +147,9 @@ impl Driver for PortableDriver {
             return pass(kv, batch);
         }
         let fed = self.fed.0.lock().expect("fed tokens lock").clone();
-        if fed.len() != batch.num_tokens() {
-            return Err(DriverError::Invalid(format!(
-                "a batch of {} rows takes its tokens from the last greedy step, which chose {}",
-                batch.num_tokens(),
-                fed.len()
-            )));
-        }
+        batch.check_fed(fed.as_ref().map(Vec::len))?;
         let batch = ForwardBatch {
-            tokens: fed,
+            tokens: fed.unwrap_or_default(),
             fed_tokens: false,
             ..batch.clone()
         };
@@ -164,7 +158,7 @@ impl Driver for PortableDriver {
 
     fn argmax_start(&self, x: &Act, rows: &[usize]) -> Result<pie_driver::PendingIds> {
         let ids = self.argmax_rows(x, rows)?;
-        *self.fed.0.lock().expect("fed tokens lock") = ids.clone();
+        *self.fed.0.lock().expect("fed tokens lock") = Some(ids.clone());
         Ok(pie_driver::PendingIds::ready(ids))
     }
 
