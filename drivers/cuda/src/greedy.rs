@@ -46,6 +46,14 @@ struct HostIds {
     copied: CudaEvent,
 }
 
+impl Drop for HostIds {
+    /// Waits for the copy before the memory is freed (a step whose ids
+    /// are never waited for: an error ended the generation).
+    fn drop(&mut self) {
+        let _ = self.copied.synchronize();
+    }
+}
+
 impl CudaDriver {
     /// The argmax of each of `rows` of `x` and its log-probability.
     pub(crate) fn greedy(&self, x: &CudaAct, rows: &[usize]) -> Result<Vec<(u32, f32)>> {
