@@ -74,11 +74,15 @@ fn a_sequence_stopping_mid_batch_ends_at_its_stop_token_and_the_others_go_on() {
 }
 
 #[test]
-fn zero_and_one_token_requests_stop_without_a_queued_step() {
+fn zero_token_one_token_and_empty_requests_stop_without_a_queued_step() {
     let (mut engine, prompts) = engine();
     engine.stop_ids.clear();
     let none = engine.generate(&prompts, 0, &Sampler::greedy()).unwrap();
     assert!(none.iter().all(|s| s.is_empty()));
+    assert!(engine
+        .generate(&[], 5, &Sampler::greedy())
+        .unwrap()
+        .is_empty());
     let one = engine.generate(&prompts, 1, &Sampler::greedy()).unwrap();
     let full = engine
         .generate(&prompts, MAX_TOKENS, &Sampler::greedy())

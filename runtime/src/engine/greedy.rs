@@ -33,7 +33,7 @@ impl<D: Driver + 'static> Engine<D> {
     ) -> Result<Vec<Vec<u32>>, PieError> {
         let (batch, pages) = self.prefill_batch(prompts, max_tokens)?;
         let mut out = vec![Vec::new(); prompts.len()];
-        if max_tokens == 0 {
+        if max_tokens == 0 || prompts.is_empty() {
             return Ok(out);
         }
         let mut finished = vec![false; prompts.len()];
@@ -43,6 +43,7 @@ impl<D: Driver + 'static> Engine<D> {
             // Queue the next step on the device-held ids if every row of
             // this one will want another token unless its id is a stop.
             let speculate = self.driver.feeds_tokens()
+                && !step.seqs.is_empty()
                 && step
                     .seqs
                     .iter()
