@@ -282,13 +282,11 @@ impl<D: Driver + 'static> Engine<D> {
                 }
             }
             live = next.iter().map(|(s, _)| *s).collect();
-            batch = ForwardBatch::default();
-            for &(seq, token) in &next {
-                let pos = prompts[seq].len() + out[seq].len() - 1;
-                // Recurrent state row = the sequence's index, stable as
-                // other sequences finish.
-                batch.push(&[token], pos, pages[seq].clone(), seq as u32);
-            }
+            batch = decode_batch(
+                next.iter()
+                    .map(|&(seq, token)| (seq, token, prompts[seq].len() + out[seq].len() - 1)),
+                &pages,
+            );
         }
         Ok(out)
     }
@@ -541,6 +539,20 @@ impl<D: Driver + 'static> Engine<D> {
         })?;
         Ok((logits, read))
     }
+}
+
+/// A decode step of `(sequence, token, position)` rows, each sequence with
+/// its pages; recurrent state row = the sequence's index, stable as other
+/// sequences finish.
+fn decode_batch(
+    rows: impl IntoIterator<Item = (usize, u32, usize)>,
+    pages: &[Vec<u32>],
+) -> ForwardBatch {
+    let mut batch = ForwardBatch::default();
+    for (seq, token, pos) in rows {
+        batch.push(&[token], pos, pages[seq].clone(), seq as u32);
+    }
+    batch
 }
 
 /// Refuses, before loading any weight, a model whose spec uses an op the

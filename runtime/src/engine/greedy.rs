@@ -15,10 +15,11 @@
 
 use pie_driver::{Driver, ForwardBatch, PendingIds};
 
-use super::Engine;
+use super::{decode_batch, Engine};
 use crate::error::PieError;
 
-/// A decode step in flight: its ids, and the sequence of each row.
+/// A decode step in flight: its ids, and the sequence of each row (never
+/// none: a generation without prompts returns before its first step).
 struct InFlight {
     ids: PendingIds,
     seqs: Vec<usize>,
@@ -43,19 +44,16 @@ impl<D: Driver + 'static> Engine<D> {
             // Queue the next step on the device-held ids if every row of
             // this one will want another token unless its id is a stop.
             let speculate = self.driver.feeds_tokens()
-                && !step.seqs.is_empty()
                 && step
                     .seqs
                     .iter()
                     .all(|&s| !finished[s] && out[s].len() + 1 < max_tokens);
             let queued = if speculate {
-                let mut next = ForwardBatch {
+                let rows = step.seqs.iter().map(|&seq| (seq, 0, position(&out, seq)));
+                let next = ForwardBatch {
                     fed_tokens: true,
-                    ..ForwardBatch::default()
+                    ..decode_batch(rows, &pages)
                 };
-                for &seq in &step.seqs {
-                    next.push(&[0], position(&out, seq), pages[seq].clone(), seq as u32);
-                }
                 Some(self.start_step(&next, step.seqs.clone())?)
             } else {
                 None
@@ -77,17 +75,10 @@ impl<D: Driver + 'static> Engine<D> {
                 Some(next) => Some(next),
                 None if running.is_empty() => None,
                 None => {
-                    let mut next = ForwardBatch::default();
-                    for &(seq, token) in &running {
-                        // Recurrent state row = the sequence's index,
-                        // stable as other sequences finish.
-                        next.push(
-                            &[token],
-                            position(&out, seq) - 1,
-                            pages[seq].clone(),
-                            seq as u32,
-                        );
-                    }
+                    let rows = running
+                        .iter()
+                        .map(|&(seq, token)| (seq, token, position(&out, seq) - 1));
+                    let next = decode_batch(rows, &pages);
                     let seqs = running.iter().map(|&(s, _)| s).collect();
                     Some(self.start_step(&next, seqs)?)
                 }
