@@ -96,6 +96,15 @@ impl ForwardBatch {
         self.seqs.iter().map(|s| s.start + s.len - 1).collect()
     }
 
+    /// This batch with `tokens` in place of its fed placeholders.
+    pub fn with_tokens_fed(&self, tokens: Vec<u32>) -> ForwardBatch {
+        ForwardBatch {
+            tokens,
+            fed_tokens: false,
+            ..self.clone()
+        }
+    }
+
     /// For a batch with `fed_tokens`: whether the driver's last greedy step,
     /// which chose `chosen` ids (None: no step ran), covers it row for row.
     pub fn check_fed(&self, chosen: Option<usize>) -> crate::Result<()> {

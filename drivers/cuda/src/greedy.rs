@@ -147,11 +147,7 @@ impl CudaDriver {
             .stream
             .clone_dtoh(&ids.slice(0..rows))
             .map_err(cuda_err("copying token ids to the host"))?;
-        Ok(ForwardBatch {
-            tokens,
-            fed_tokens: false,
-            ..batch.clone()
-        })
+        Ok(batch.with_tokens_fed(tokens))
     }
 
     /// Launches the greedy kernels over `rows` of `x`: a device buffer of

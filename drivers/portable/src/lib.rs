@@ -148,12 +148,7 @@ impl Driver for PortableDriver {
         }
         let fed = self.fed.0.lock().expect("fed tokens lock").clone();
         batch.check_fed(fed.as_ref().map(Vec::len))?;
-        let batch = ForwardBatch {
-            tokens: fed.unwrap_or_default(),
-            fed_tokens: false,
-            ..batch.clone()
-        };
-        pass(kv, &batch)
+        pass(kv, &batch.with_tokens_fed(fed.unwrap_or_default()))
     }
 
     fn argmax_start(&self, x: &Act, rows: &[usize]) -> Result<pie_driver::PendingIds> {
