@@ -39,10 +39,13 @@ impl StepTiming {
             })
     }
 
-    /// Marks the start of a replay on `stream`; earlier replays, finished
-    /// by now (their tokens were read), are added up first.
+    /// Marks the start of a replay on `stream`; earlier replays that have
+    /// finished are added up first. Without waiting for the others: greedy
+    /// generation queues a step before the one before it has run, and a
+    /// wait here would hold the host back until it had (timing would slow
+    /// down what it times).
     pub fn start(&mut self, stream: &Arc<CudaStream>) -> Result<CudaEvent> {
-        self.settle()?;
+        self.settle(false)?;
         stream
             .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
             .map_err(event_err)
@@ -62,9 +65,17 @@ impl StepTiming {
         Ok(())
     }
 
-    /// Adds the pending replays' times (waits for them to finish).
-    fn settle(&mut self) -> Result<()> {
-        for (bucket, start, end) in self.pending.drain(..) {
+    /// Adds up the pending replays that have finished, or (`wait`) all of
+    /// them once they have. One stream runs them in order, so the finished
+    /// ones come first.
+    fn settle(&mut self, wait: bool) -> Result<()> {
+        let finished = if wait {
+            self.pending.len()
+        } else {
+            let done = |(_, _, end): &&(usize, CudaEvent, CudaEvent)| end.is_complete();
+            self.pending.iter().take_while(done).count()
+        };
+        for (bucket, start, end) in self.pending.drain(..finished) {
             let ms = f64::from(start.elapsed_ms(&end).map_err(event_err)?);
             let t = self.totals.entry(bucket).or_default();
             t.min_ms = if t.replays == 0 { ms } else { t.min_ms.min(ms) };
@@ -76,7 +87,7 @@ impl StepTiming {
 
     /// One line per bucket: replays, mean and fastest device time.
     pub fn report(&mut self) -> String {
-        if let Err(e) = self.settle() {
+        if let Err(e) = self.settle(true) {
             return format!("cuda step timing: {e}");
         }
         self.totals
