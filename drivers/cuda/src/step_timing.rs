@@ -72,8 +72,10 @@ impl StepTiming {
         let finished = if wait {
             self.pending.len()
         } else {
-            let done = |(_, _, end): &&(usize, CudaEvent, CudaEvent)| end.is_complete();
-            self.pending.iter().take_while(done).count()
+            self.pending
+                .iter()
+                .take_while(|(_, _, end)| end.is_complete())
+                .count()
         };
         for (bucket, start, end) in self.pending.drain(..finished) {
             let ms = f64::from(start.elapsed_ms(&end).map_err(event_err)?);
