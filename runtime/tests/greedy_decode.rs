@@ -3,7 +3,7 @@
 //! chose): a sequence that stops while a step is queued must end exactly
 //! where it would have without the queued step, and the others go on.
 
-use std::path::Path;
+mod common;
 
 use pie_driver::Driver;
 use pie_driver_portable::PortableDriver;
@@ -13,17 +13,9 @@ use pie_runtime::{Engine, LoadOptions};
 const MAX_TOKENS: usize = 10;
 
 fn engine() -> (Engine<PortableDriver>, Vec<Vec<u32>>) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3");
-    let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let prompts = v["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| serde_json::from_value(p["ids"].clone()).unwrap())
-        .collect();
+    let (dir, prompts) = common::fixture("qwen3");
     let engine = Engine::load(&dir, PortableDriver::new(), &LoadOptions::default(), None).unwrap();
-    (engine, prompts)
+    (engine, prompts.into_iter().map(|p| p.ids).collect())
 }
 
 /// `tokens` up to and including the first `stop`.

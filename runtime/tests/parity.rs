@@ -3,45 +3,16 @@
 //! reference logits of every prompt position and 10 greedy tokens
 //! (`tests/fixtures/make_fixtures.py`, pinned versions). No Python needed here.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use pie_driver_portable::{ChunkedScan, PortableDriver};
 use pie_runtime::sampling::Sampler;
 use pie_runtime::{Engine, LoadOptions};
 
+use common::{fixture, Prompt};
+
 /// Relative tolerance on logits for float32 models: max|diff| ≤ 1e-3 · max|ref|.
 const REL_TOL: f32 = 1e-3;
-
-struct Prompt {
-    ids: Vec<u32>,
-    logits: Vec<Vec<f32>>,
-    greedy: Vec<u32>,
-    /// transformers' `generate` (KV cache) agreed with repeated full
-    /// forwards. Phi-3 LongRoPE is the exception: crossing the original
-    /// context there changes the rope of every cached key.
-    cache_consistent: bool,
-}
-
-fn fixture(name: &str) -> (PathBuf, Vec<Prompt>) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name);
-    let text = std::fs::read_to_string(dir.join("reference.json"))
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let prompts = v["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| Prompt {
-            ids: serde_json::from_value(p["ids"].clone()).unwrap(),
-            logits: serde_json::from_value(p["logits"].clone()).unwrap(),
-            greedy: serde_json::from_value(p["greedy"].clone()).unwrap(),
-            cache_consistent: p["cache_consistent"].as_bool().unwrap_or(true),
-        })
-        .collect();
-    (dir, prompts)
-}
 
 /// The largest |ours - ref| over all positions, and max |ref|.
 fn max_error(ours: &[Vec<f32>], reference: &[Vec<f32>]) -> (f32, f32) {

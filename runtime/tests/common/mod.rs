@@ -1,6 +1,8 @@
-//! Helpers shared by the end-to-end tests (inferlets, Python inferlets,
-//! server): the tiny llama fixture, the compiled example components, and
-//! the greedy reply the chat inferlets and endpoints must reproduce.
+//! Helpers shared by the runtime's tests: the fixtures' reference prompts
+//! (parity, greedy decoding), and for the end-to-end tests (inferlets,
+//! Python inferlets, server) the tiny llama fixture, the compiled example
+//! components, and the greedy reply the chat inferlets and endpoints must
+//! reproduce.
 
 // Each test crate uses a different subset of these.
 #![allow(dead_code)]
@@ -15,6 +17,41 @@ use pie_runtime::{Engine, LoadOptions};
 
 pub const PROMPT: &str = "What is the capital of France?";
 pub const MAX_TOKENS: usize = 24;
+
+/// One prompt of a fixture's `reference.json` (`tests/fixtures/make_fixtures.py`).
+pub struct Prompt {
+    pub ids: Vec<u32>,
+    /// transformers' logits at every position.
+    pub logits: Vec<Vec<f32>>,
+    /// transformers' greedy tokens after the prompt.
+    pub greedy: Vec<u32>,
+    /// transformers' `generate` (KV cache) agreed with repeated full
+    /// forwards. Phi-3 LongRoPE is the exception: crossing the original
+    /// context there changes the rope of every cached key.
+    pub cache_consistent: bool,
+}
+
+/// Fixture `name`'s directory and reference prompts.
+pub fn fixture(name: &str) -> (PathBuf, Vec<Prompt>) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name);
+    let text = std::fs::read_to_string(dir.join("reference.json"))
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let prompts = v["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| Prompt {
+            ids: serde_json::from_value(p["ids"].clone()).unwrap(),
+            logits: serde_json::from_value(p["logits"].clone()).unwrap(),
+            greedy: serde_json::from_value(p["greedy"].clone()).unwrap(),
+            cache_consistent: p["cache_consistent"].as_bool().unwrap_or(true),
+        })
+        .collect();
+    (dir, prompts)
+}
 
 pub fn llama() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llama")
