@@ -17,15 +17,11 @@ use pie_driver_portable::PortableDriver;
 use pie_runtime::sampling::Sampler;
 use pie_runtime::{Engine, LoadOptions};
 
+mod common;
 mod gguf_writer;
 
+use common::{fixture, fixture_dir, Prompt};
 use gguf_writer::{gguf_bytes, gguf_name, q8_0_round_trip, Encoding, Meta, Tensor};
-
-fn fixture_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
-}
 
 /// How the fixture's matrices (2-D, rows of whole 32-value blocks) go into
 /// the file.
@@ -111,27 +107,6 @@ fn fixture_gguf(arch: &str, matrices: Matrices) -> Vec<u8> {
     gguf_bytes(&meta, &tensors(&dir, matrices))
 }
 
-struct Prompt {
-    ids: Vec<u32>,
-    logits: Vec<Vec<f32>>,
-    greedy: Vec<u32>,
-}
-
-fn reference(arch: &str) -> Vec<Prompt> {
-    let text = std::fs::read_to_string(fixture_dir(arch).join("reference.json")).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    v["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| Prompt {
-            ids: serde_json::from_value(p["ids"].clone()).unwrap(),
-            logits: serde_json::from_value(p["logits"].clone()).unwrap(),
-            greedy: serde_json::from_value(p["greedy"].clone()).unwrap(),
-        })
-        .collect()
-}
-
 /// The fixture as GGUF, with an f32 KV cache: these tests compare weight
 /// formats, so cache rounding (f16 under `auto` for Q8_0) stays out.
 fn load(arch: &str, matrices: Matrices, dir: &Path) -> Engine<PortableDriver> {
@@ -186,7 +161,7 @@ fn assert_close(what: &str, got: &[Vec<f32>], want: &[Vec<f32>], tolerance: f32)
 fn check_f32(arch: &str) {
     let dir = tempfile::tempdir().unwrap();
     let mut engine = load(arch, Matrices::F32, dir.path());
-    let prompts = reference(arch);
+    let (_, prompts) = fixture(arch);
     for (i, (got, p)) in logits(&mut engine, &prompts)
         .iter()
         .zip(&prompts)
@@ -209,7 +184,7 @@ fn check_q8_0(arch: &str) {
     let dir = tempfile::tempdir().unwrap();
     let mut quant = load(arch, Matrices::Q8_0, dir.path());
     let mut decoded = load(arch, Matrices::Q8_0Decoded, dir.path());
-    let prompts = reference(arch);
+    let (_, prompts) = fixture(arch);
     let want = logits(&mut decoded, &prompts);
     for (i, (got, p)) in logits(&mut quant, &prompts)
         .iter()
@@ -237,6 +212,7 @@ fn check_q8_0(arch: &str) {
             ids: p.ids[..3].to_vec(),
             logits: Vec::new(),
             greedy: Vec::new(),
+            cache_consistent: p.cache_consistent,
         })
         .collect();
     let want = logits(&mut decoded, &short);
@@ -285,7 +261,7 @@ fn auto_kv_cache_follows_the_checkpoint_dtype() {
     let mut auto = load_with("qwen3", Matrices::Q8_0, dir.path(), KvDType::Auto);
     assert_eq!(auto.kv_cache_dtype(), KvDType::F16);
     let mut exact = load("qwen3", Matrices::Q8_0, dir.path());
-    let prompts = reference("qwen3");
+    let (_, prompts) = fixture("qwen3");
     let want = logits(&mut exact, &prompts);
     for (i, got) in logits(&mut auto, &prompts).iter().enumerate() {
         assert_close(

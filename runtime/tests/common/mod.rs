@@ -31,11 +31,16 @@ pub struct Prompt {
     pub cache_consistent: bool,
 }
 
+/// Fixture `name`'s directory (`tests/fixtures/<name>`).
+pub fn fixture_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
 /// Fixture `name`'s directory and reference prompts.
 pub fn fixture(name: &str) -> (PathBuf, Vec<Prompt>) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name);
+    let dir = fixture_dir(name);
     let text = std::fs::read_to_string(dir.join("reference.json"))
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
