@@ -194,7 +194,10 @@ __device__ __forceinline__ void pie_greedy_block(float& m, int& i, float& s) {
 // + 0, 1, 2] = max, argmax (int bits), sum over its slice of row rows[r].
 extern "C" __global__ void __launch_bounds__(PIE_GREEDY_THREADS)
 pie_greedy_partial(float* part, const float* x, const int* rows, int width) {
+    // The row indices are not a step's output: read before the logits'
+    // kernel ends (pdl.cu).
     const float* r = x + (long long)rows[blockIdx.x] * width;
+    pie_pdl_wait();
     int per = (width + gridDim.y - 1) / gridDim.y;
     int begin = blockIdx.y * per, end = min(width, begin + per);
     float m = PIE_NEG_INF, s = 0.0f;
@@ -212,6 +215,7 @@ pie_greedy_partial(float* part, const float* x, const int* rows, int width) {
 extern "C" __global__ void __launch_bounds__(PIE_GREEDY_THREADS)
 pie_greedy_finish(unsigned int* ids, float* logprobs, const float* part, int slices) {
     const float* p = part + (long long)blockIdx.x * slices * 3;
+    pie_pdl_wait();
     float m = PIE_NEG_INF, s = 0.0f;
     int i = 0x7fffffff;
     for (int j = threadIdx.x; j < slices; j += blockDim.x)

@@ -32,7 +32,7 @@ use crate::CudaDriver;
 
 /// Row counts decode batches are padded to.
 pub const BUCKETS: [usize; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
-const MAX_ROWS: usize = 256;
+pub const MAX_ROWS: usize = 256;
 
 /// Offsets (in i32 elements) of each input inside the staging buffer.
 mod at {
@@ -84,23 +84,32 @@ pub fn pad(batch: &ForwardBatch, bucket: usize, scratch_page: u32) -> ForwardBat
 
 /// Where the ops of a staged pass read their batch inputs: addresses
 /// inside the staging buffer (passed to kernels as plain pointers), valid
-/// while the buffer lives — it is only replaced between passes.
+/// while the buffer lives — it is only replaced between passes. A fed
+/// pass with the argmax in its graph reads its tokens from the greedy
+/// tail buffer instead (`greedy.rs`).
 #[derive(Clone, Copy)]
 pub struct StagedInputs {
     base: CUdeviceptr,
+    tokens: CUdeviceptr,
 }
 
 impl StagedInputs {
     pub fn new(buffer: &CudaSlice<i32>) -> Self {
+        let base = address(buffer);
         StagedInputs {
-            base: address(buffer),
+            base,
+            tokens: base + (at::TOKENS * std::mem::size_of::<i32>()) as u64,
         }
+    }
+    /// These inputs with the tokens read at `tokens` instead.
+    pub fn with_tokens_at(self, tokens: CUdeviceptr) -> Self {
+        StagedInputs { tokens, ..self }
     }
     fn at(&self, offset: usize) -> CUdeviceptr {
         self.base + (offset * std::mem::size_of::<i32>()) as u64
     }
     pub fn tokens(&self) -> CUdeviceptr {
-        self.at(at::TOKENS)
+        self.tokens
     }
     pub fn rope_positions(&self) -> CUdeviceptr {
         self.at(at::ROPE_POSITIONS)
@@ -175,12 +184,21 @@ struct OwnedGraph(CudaGraph);
 // SAFETY: see `OwnedGraph`: access is serialized by the cache's mutex.
 unsafe impl Send for OwnedGraph {}
 
+/// What a decode graph is recorded for: its bucket, and whether its
+/// tokens are the last greedy step's ids in the tail buffer, with the
+/// argmax of its own rows into that buffer as its last kernels (`fed`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct GraphKey {
+    pub bucket: usize,
+    pub fed: bool,
+}
+
 /// Recorded graphs per bucket, valid for one staging buffer and KV cache.
 #[derive(Default)]
 pub struct GraphCache {
-    recorded: HashMap<usize, Recorded>,
-    /// Buckets that ran once eagerly (the next pass records).
-    warmed: HashSet<usize>,
+    recorded: HashMap<GraphKey, Recorded>,
+    /// Graphs whose pass ran once eagerly (the next pass records).
+    warmed: HashSet<GraphKey>,
     /// Addresses the graphs were recorded against (staging buffer, KV).
     recorded_for: (u64, u64),
     /// Set when recording failed or graphs are off: run eagerly.
@@ -220,27 +238,28 @@ impl GraphCache {
         }
     }
 
-    pub fn step(&mut self, bucket: usize) -> Step {
-        match self.recorded.get(&bucket) {
+    pub fn step(&mut self, key: GraphKey) -> Step {
+        match self.recorded.get(&key) {
             _ if self.off => Step::Eager,
             Some(r) if Arc::strong_count(&r.lease) == 1 => Step::Replay,
             // The last replay's logits are still held: run eagerly.
             Some(_) => Step::Eager,
-            None if self.warmed.insert(bucket) => Step::Eager,
+            None if self.warmed.insert(key) => Step::Eager,
             None => Step::Record,
         }
     }
 
-    /// Replays `bucket`'s graph and returns its logits (first `rows` rows).
+    /// Replays `key`'s graph and returns its logits (first `rows` rows).
     pub fn replay(
         &mut self,
         stream: &Arc<CudaStream>,
-        bucket: usize,
+        key: GraphKey,
         rows: usize,
     ) -> Result<CudaAct> {
         self.replays += 1;
+        let bucket = key.bucket;
         let start = self.timing.as_mut().map(|t| t.start(stream)).transpose()?;
-        let r = &self.recorded[&bucket];
+        let r = &self.recorded[&key];
         r.graph
             .0
             .launch()
@@ -260,12 +279,12 @@ impl GraphCache {
         })
     }
 
-    /// Records `pass` as `bucket`'s graph. On failure, graphs are turned
+    /// Records `pass` as `key`'s graph. On failure, graphs are turned
     /// off and the error says why (the caller then runs eagerly).
     pub fn record(
         &mut self,
         stream: &Arc<CudaStream>,
-        bucket: usize,
+        key: GraphKey,
         pass: impl FnOnce() -> Result<CudaAct>,
     ) -> Result<()> {
         let capture_err = |e: cudarc::driver::DriverError| {
@@ -295,7 +314,7 @@ impl GraphCache {
         };
         let (len, width) = (out.data.len(), out.width);
         self.recorded.insert(
-            bucket,
+            key,
             Recorded {
                 graph: OwnedGraph(graph),
                 logits: out.data.leak(),
@@ -348,6 +367,7 @@ impl CudaDriver {
         batch: &ForwardBatch,
         pass: &mut Pass<'_>,
     ) -> Result<CudaAct> {
+        self.clear_tail_ready();
         // The first pass shows whether the model runs composite ops.
         let after_first = self.passes_run.swap(true, Ordering::Relaxed);
         let recordable = after_first
@@ -364,44 +384,67 @@ impl CudaDriver {
         };
         let padded = pad(batch, bucket, kv.scratch_page());
         let image = stage_image(kv, &padded, batch.num_tokens())?;
-        let staged = {
+        let mut staged = {
             let mut staging = self.staging.lock().expect("staging lock");
             upload_image(&self.stream, &mut staging, &image)?;
             StagedInputs::new(staging.as_ref().expect("uploaded above"))
         };
+        let key = GraphKey {
+            bucket,
+            fed: batch.fed_tokens && self.graph_argmax,
+        };
+        if key.fed {
+            staged = staged.with_tokens_at(self.tail_address(bucket)?);
+        }
         if batch.fed_tokens {
             self.feed_staged_tokens(staged.tokens(), batch)?;
         }
         cache.check_addresses(staged.base, kv.identity());
         *self.staged.lock().expect("staged lock") = Some(staged);
-        let result = self.staged_step(&mut cache, kv, &padded, batch.num_tokens(), pass);
+        let result = self.staged_step(&mut cache, kv, &padded, key, batch.num_tokens(), pass);
         *self.staged.lock().expect("staged lock") = None;
         result
     }
 
     /// One staged pass of `padded` (a bucket's rows): eager, recorded or
-    /// replayed; the logits of the first `rows` rows come back.
+    /// replayed; the logits of the first `rows` rows come back. A fed
+    /// pass ends with the argmax of its rows into the tail buffer.
     fn staged_step(
         &self,
         cache: &mut GraphCache,
         kv: &mut CudaKv,
         padded: &ForwardBatch,
+        key: GraphKey,
         rows: usize,
         pass: &mut Pass<'_>,
     ) -> Result<CudaAct> {
-        let bucket = padded.num_tokens();
         let first_rows = |mut out: CudaAct| {
             out.rows = rows;
             out
         };
-        match cache.step(bucket) {
-            Step::Replay => cache.replay(&self.stream, bucket, rows),
-            Step::Eager => pass(kv, padded).map(first_rows),
-            Step::Record => match cache.record(&self.stream, bucket, || pass(kv, padded)) {
-                Ok(()) => cache.replay(&self.stream, bucket, rows),
+        let mut run = || {
+            let out = pass(kv, padded)?;
+            if key.fed {
+                self.argmax_into_tail(&out, rows)?;
+            }
+            Ok(out)
+        };
+        let replay = |cache: &mut GraphCache| {
+            let out = cache.replay(&self.stream, key, rows)?;
+            if key.fed {
+                self.set_tail_ready(&out, rows);
+            }
+            Ok(out)
+        };
+        match cache.step(key) {
+            Step::Replay => replay(cache),
+            Step::Eager => run().map(first_rows),
+            Step::Record => match cache.record(&self.stream, key, &mut run) {
+                Ok(()) => replay(cache),
                 Err(e) => {
                     eprintln!("warning: CUDA graphs off, decode runs op by op: {e}");
-                    pass(kv, padded).map(first_rows)
+                    self.clear_tail_ready();
+                    run().map(first_rows)
                 }
             },
         }

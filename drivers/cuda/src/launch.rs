@@ -27,10 +27,19 @@ const PDL_FAMILIES: [&str; 3] = [
     "pie_gqa_attention_fold",
 ];
 
+/// Single kernels launched with the attribute: the q/k norm + rope and
+/// greedy sampling's two passes (which wait before they read anything
+/// but their row indices).
+const PDL_KERNELS: [&str; 3] = [
+    "pie_rms_norm_rope2",
+    "pie_greedy_partial",
+    "pie_greedy_finish",
+];
+
 /// Whether kernel `name` is launched to overlap its predecessor: the
-/// [`PDL_FAMILIES`] and the q/k norm + rope.
+/// [`PDL_FAMILIES`] and [`PDL_KERNELS`].
 pub(crate) fn overlaps(name: &str) -> bool {
-    name == "pie_rms_norm_rope2" || PDL_FAMILIES.iter().any(|f| name.starts_with(f))
+    PDL_KERNELS.contains(&name) || PDL_FAMILIES.iter().any(|f| name.starts_with(f))
 }
 
 /// Device pointers a launch holds by value (kernel parameters point at
@@ -221,7 +230,8 @@ mod tests {
                 }
                 None => definition(&source, name),
             };
-            let calls_helper = WAITING_HELPERS.iter().any(|h| body.contains(h));
+            let calls_helper = body.contains("pie_pdl_wait();")
+                || WAITING_HELPERS.iter().any(|h| body.contains(h));
             assert!(calls_helper, "`{name}` reaches no pie_pdl_wait(): {body}");
         }
         assert!(checked > 0, "no kernel of KERNELS is launched to overlap");

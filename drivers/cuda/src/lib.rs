@@ -117,6 +117,11 @@ pub struct CudaDriver {
     /// step on the device (`PIE_CUDA_FEED=0`: the engine reads every
     /// step's ids before it queues the next; for A/B runs).
     feed_tokens: bool,
+    /// Whether fed decode graphs read their tokens from the greedy tail
+    /// buffer and end with the argmax into it (`greedy.rs`;
+    /// `PIE_CUDA_GRAPH_ARGMAX=0`: a copy of the ids before the graph and
+    /// the argmax launched after it; for A/B runs).
+    graph_argmax: bool,
     /// Buffers greedy sampling reuses and the ids it feeds (`greedy.rs`).
     greedy_buffers: Mutex<greedy::GreedyBuffers>,
     /// Device address tables of expert weights (grouped MoE kernels),
@@ -284,6 +289,7 @@ impl CudaDriver {
             bf16_copies: std::env::var("PIE_CUDA_BF16_COPIES").map_or(true, |v| v != "0"),
             pdl: false,
             feed_tokens: std::env::var("PIE_CUDA_FEED").map_or(true, |v| v != "0"),
+            graph_argmax: std::env::var("PIE_CUDA_GRAPH_ARGMAX").map_or(true, |v| v != "0"),
             greedy_buffers: Default::default(),
             expert_tables: Default::default(),
         }
@@ -302,6 +308,13 @@ impl CudaDriver {
     /// unless `PIE_CUDA_GRAPHS=0`).
     pub fn with_graphs(self, on: bool) -> Self {
         self.graphs.lock().expect("graph cache lock").off = !on;
+        self
+    }
+
+    /// This driver with the argmax inside fed decode graphs on or off
+    /// (on by default, unless `PIE_CUDA_GRAPH_ARGMAX=0`).
+    pub fn with_graph_argmax(mut self, on: bool) -> Self {
+        self.graph_argmax = on;
         self
     }
 

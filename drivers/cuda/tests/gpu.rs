@@ -275,7 +275,8 @@ fn gpu_glm_moe_dsa_sparse_indexer() {
 
 /// Decode replayed from CUDA graphs gives the tokens op-by-op decode
 /// gives, for batches that fill a bucket and batches padded up to one,
-/// and the graphs are really replayed.
+/// and the graphs are really replayed; with the greedy argmax inside the
+/// fed graphs (the default) and launched after them.
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn gpu_graph_decode_matches_op_by_op_decode() {
@@ -289,12 +290,14 @@ fn gpu_graph_decode_matches_op_by_op_decode() {
     ] {
         let (dir, prompts) = fixture(name);
         let opts = LoadOptions::default();
-        let load = |graphs: bool| {
-            let mut e = Engine::load(&dir, gpu().with_graphs(graphs), &opts, None).unwrap();
+        let load = |graphs: bool, graph_argmax: bool| {
+            let driver = gpu().with_graphs(graphs).with_graph_argmax(graph_argmax);
+            let mut e = Engine::load(&dir, driver, &opts, None).unwrap();
             e.stop_ids.clear();
             e
         };
-        let (mut graphed, mut eager) = (load(true), load(false));
+        let mut eager = load(false, true);
+        let (mut graphed, mut launched) = (load(true, true), load(true, false));
         let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
         for n in 1..=5 {
             // n prompts: buckets 1, 2, 4, 4, 8 (the last three padded).
@@ -302,11 +305,22 @@ fn gpu_graph_decode_matches_op_by_op_decode() {
             let want = eager.generate(&inputs, 24, &Sampler::greedy()).unwrap();
             let got = graphed.generate(&inputs, 24, &Sampler::greedy()).unwrap();
             assert_eq!(got, want, "{name}: {n} sequences");
+            let got = launched.generate(&inputs, 24, &Sampler::greedy()).unwrap();
+            assert_eq!(got, want, "{name}: {n} sequences, argmax after the graph");
         }
         let replays = graphed.driver.graph_replays();
         assert!(replays >= 5 * 20, "{name}: only {replays} graph replays");
         assert_eq!(eager.driver.graph_replays(), 0);
-        eprintln!("gpu {name}: graph decode = op-by-op decode ({replays} replays)");
+        // Every step but the first of each generation is fed; all but the
+        // first two passes of each bucket replay a fed graph.
+        let tails = graphed.driver.graph_argmaxes();
+        assert!(
+            tails >= 5 * 18,
+            "{name}: only {tails} argmaxes inside graphs"
+        );
+        assert_eq!(launched.driver.graph_argmaxes(), 0);
+        assert_eq!(eager.driver.graph_argmaxes(), 0);
+        eprintln!("gpu {name}: graph decode = op-by-op decode ({replays} replays, {tails} in-graph argmaxes)");
     }
 }
 
