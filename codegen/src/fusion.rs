@@ -53,6 +53,19 @@ pub enum Step {
         up: usize,
         glu: usize,
     },
+    /// An [`Step::AddNormGatedLinear`] whose GLU output only the
+    /// [`Step::LinearAdd`] right after it reads, adding the down projection
+    /// into the sum: a pre-norm block's whole MLP half. The add's second
+    /// operand is read nowhere after it (it moves into the call).
+    AddNormMlp {
+        add: usize,
+        norm: usize,
+        gate: usize,
+        up: usize,
+        glu: usize,
+        down: usize,
+        add_down: usize,
+    },
 }
 
 /// The calls that run `ops` in order; `result` is the activation the
@@ -91,7 +104,69 @@ pub fn plan(ops: &[OpDecl], result: &str) -> Vec<Step> {
         }
     }
     let steps = norms_into_products(ops, pair_norm_ropes(ops, steps), result);
+    let steps = mlps_joined(ops, steps, result);
     norm_ropes_into_attention(ops, steps, result)
+}
+
+/// Merges an [`Step::AddNormGatedLinear`] and the [`Step::LinearAdd`]
+/// after it into [`Step::AddNormMlp`] where the down projection reads the
+/// GLU output (read nowhere else) and adds into the sum, and the add's
+/// second operand dies at the add.
+fn mlps_joined(ops: &[OpDecl], steps: Vec<Step>, result: &str) -> Vec<Step> {
+    let mut out: Vec<Step> = Vec::with_capacity(steps.len());
+    for step in steps {
+        if let (
+            Some(&Step::AddNormGatedLinear {
+                add,
+                norm,
+                gate,
+                up,
+                glu,
+            }),
+            &Step::LinearAdd {
+                linear,
+                add: add_down,
+            },
+        ) = (out.last(), &step)
+        {
+            if mlp_wired(ops, add, glu, linear, add_down, result) {
+                *out.last_mut().expect("matched above") = Step::AddNormMlp {
+                    add,
+                    norm,
+                    gate,
+                    up,
+                    glu,
+                    down: linear,
+                    add_down,
+                };
+                continue;
+            }
+        }
+        out.push(step);
+    }
+    out
+}
+
+/// Whether the down projection `linear` reads the GLU's output and
+/// nothing after it does, `add_down` adds into the sum of `add`, and the
+/// second operand of `add` is distinct from the first and dead after it.
+fn mlp_wired(
+    ops: &[OpDecl],
+    add: usize,
+    glu: usize,
+    linear: usize,
+    add_down: usize,
+    result: &str,
+) -> bool {
+    let m = output(&ops[glu]);
+    let private = output(&ops[linear]) == m || !read_after(ops, linear, m, result);
+    let sum = output(&ops[add]);
+    let into_sum = ops[add_down].input("in").iter().any(|n| n.value == sum);
+    let (Some(x), Some(y)) = (input(&ops[add], "in", 0), input(&ops[add], "in", 1)) else {
+        return false;
+    };
+    let y_dies = x != y && (sum == y || !read_after(ops, add, y, result));
+    input(&ops[linear], "in", 0) == Some(m) && private && into_sum && y_dies
 }
 
 /// Merges a [`Step::RmsNormRope2`] into the attention right after it
@@ -419,19 +494,58 @@ ops = [{{ op = "linear", in = "x", out = "logits", features = "vocab", weight = 
                     second: (5, 7),
                     attention: 8
                 },
-                Step::AddNormGatedLinear {
+                Step::AddNormMlp {
                     add: 9,
                     norm: 10,
                     gate: 11,
                     up: 12,
-                    glu: 13
-                },
-                Step::LinearAdd {
-                    linear: 14,
-                    add: 15
+                    glu: 13,
+                    down: 14,
+                    add_down: 15
                 },
             ]
         );
+    }
+
+    /// The MLP half stays two calls where the attention output is read
+    /// after the add (it cannot move in) or the GLU output after the down
+    /// projection.
+    #[test]
+    fn an_mlp_whose_operands_live_on_stays_two_calls() {
+        let mlp = |tail: &str| {
+            format!(
+                r#"  {{ op = "linear", in = "x", out = "a", features = "hidden", weight = "o" }},
+  {{ op = "add", in = ["x", "a"], out = "x" }},
+  {{ op = "rms_norm", in = "x", out = "h", weight = "n2", eps = 1e-6 }},
+  {{ op = "linear", in = "h", out = "g", features = 32, weight = "g" }},
+  {{ op = "linear", in = "h", out = "u", features = 32, weight = "u" }},
+  {{ op = "glu", gate = "g", up = "u", out = "m", act = "silu" }},
+  {{ op = "linear", in = "m", out = "d", features = "hidden", weight = "d" }},
+  {{ op = "add", in = ["x", "d"], out = "x" }},{tail}"#
+            )
+        };
+        let joined = Step::AddNormMlp {
+            add: 1,
+            norm: 2,
+            gate: 3,
+            up: 4,
+            glu: 5,
+            down: 6,
+            add_down: 7,
+        };
+        assert!(plan_of(&mlp("")).contains(&joined));
+        for tail in [
+            r#"  { op = "add", in = ["x", "a"], out = "x" },"#,
+            r#"  { op = "add", in = ["x", "m"], out = "x" },"#,
+        ] {
+            let steps = plan_of(&mlp(tail));
+            assert!(
+                steps
+                    .iter()
+                    .any(|s| matches!(s, Step::AddNormGatedLinear { .. })),
+                "{tail}: {steps:?}"
+            );
+        }
     }
 
     #[test]

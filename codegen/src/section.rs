@@ -156,7 +156,9 @@ impl<'a> SectionGen<'a> {
         let together = self.plan().into_iter().filter_map(|step| {
             let group = match step {
                 Step::LinearMany(group) | Step::NormLinearMany { group, .. } => group,
-                Step::GatedLinear { gate, up, .. } | Step::AddNormGatedLinear { gate, up, .. } => {
+                Step::GatedLinear { gate, up, .. }
+                | Step::AddNormGatedLinear { gate, up, .. }
+                | Step::AddNormMlp { gate, up, .. } => {
                     vec![gate, up]
                 }
                 _ => return None,
@@ -261,6 +263,26 @@ impl<'a> SectionGen<'a> {
                 quote! {
                     let (sum, #out) = d.add_norm_gated_linear(#x, #y, #aa, (#w, #na), #g, #u, #a)?;
                     let #sum = sum;
+                }
+            }
+            Step::AddNormMlp {
+                add,
+                norm,
+                gate,
+                up,
+                glu,
+                down,
+                add_down,
+            } => {
+                let (s, n, l) = (op(*add), op(*norm), op(*down));
+                let (x, aa) = (s.input("in", 0), s.attrs());
+                let y = format_ident!("{}", s.decl.input("in")[1].value);
+                let (w, na) = (n.weight("weight"), n.attrs());
+                let (g, u, a, _) = self.gate_up(*gate, *up, *glu);
+                let (dw, db, da) = (l.required("weight"), l.weight("bias"), l.attrs());
+                let (ad, out) = (op(*add_down).attrs(), op(*add_down).output());
+                quote! {
+                    let #out = d.add_norm_mlp(#x, #y, #aa, (#w, #na), #g, #u, #a, (#dw, #db, #da), #ad)?;
                 }
             }
             Step::AddRmsNorm { add, norm } => {

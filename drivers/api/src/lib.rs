@@ -305,6 +305,27 @@ pub trait Driver: Send + Sync {
         unfused::add_norm_gated_linear(self, x, y, add, norm, gate, up, a)
     }
 
+    /// A pre-norm block's MLP half in one call: `s = x + y`, then
+    /// `s + down(glu(gate(n), up(n)))` with `n = rms_norm(s)`
+    /// ([`Driver::add_norm_gated_linear`] then [`Driver::linear_add`]).
+    /// `y` (the attention's projected output) is moved in, so a driver may
+    /// accumulate the result into its memory.
+    #[allow(clippy::too_many_arguments)] // the ops' own operands, one each
+    fn add_norm_mlp(
+        &self,
+        x: &Self::Act,
+        y: Self::Act,
+        add: &ElementwiseAttrs,
+        norm: PreNorm<'_, Self>,
+        gate: (&Self::Weight, Option<&Self::Weight>, &LinearAttrs),
+        up: (&Self::Weight, Option<&Self::Weight>, &LinearAttrs),
+        glu: &GluAttrs,
+        down: (&Self::Weight, Option<&Self::Weight>, &LinearAttrs),
+        add_down: &ElementwiseAttrs,
+    ) -> Result<Self::Act> {
+        unfused::add_norm_mlp(self, x, y, add, norm, gate, up, glu, down, add_down)
+    }
+
     /// `residual + linear(x)`: a projection added into the residual
     /// stream. The residual is moved in, so a driver may accumulate into
     /// its memory.

@@ -48,6 +48,26 @@ pub fn add_norm_gated_linear<D: Driver + ?Sized>(
     Ok((sum, d.gated_linear(&h, gate, up, a)?))
 }
 
+/// `s + down(gated_linear(rms_norm(s)))` with `s = x + y`: the calls
+/// [`Driver::add_norm_mlp`] stands for.
+#[allow(clippy::too_many_arguments)] // the ops' own operands, one each
+pub fn add_norm_mlp<D: Driver + ?Sized>(
+    d: &D,
+    x: &D::Act,
+    y: D::Act,
+    add: &ElementwiseAttrs,
+    norm: PreNorm<'_, D>,
+    gate: (&D::Weight, Option<&D::Weight>, &LinearAttrs),
+    up: (&D::Weight, Option<&D::Weight>, &LinearAttrs),
+    glu: &GluAttrs,
+    down: (&D::Weight, Option<&D::Weight>, &LinearAttrs),
+    add_down: &ElementwiseAttrs,
+) -> Result<D::Act> {
+    let (sum, m) = d.add_norm_gated_linear(x, &y, add, norm, gate, up, glu)?;
+    drop(y);
+    d.linear_add(&m, down.0, down.1, down.2, sum, add_down)
+}
+
 /// `(x + y, rms_norm(x + y))`.
 pub fn add_rms_norm<D: Driver + ?Sized>(
     d: &D,

@@ -38,7 +38,7 @@ pub const KERNEL_SOURCES: [(&str, &str); 9] = [
 ];
 
 /// Every kernel the driver launches.
-pub const KERNELS: [&str; 85] = [
+pub const KERNELS: [&str; 88] = [
     "pie_gqa_attention_partial_bf16",
     "pie_kv_write_bf16",
     "pie_rms",
@@ -99,6 +99,9 @@ pub const KERNELS: [&str; 85] = [
     "pie_gemv3_norm_bf16",
     "pie_gemv_glu_bf16",
     "pie_gemv_glu_norm_bf16",
+    "pie_mlp_fold_bf16_m1",
+    "pie_mlp_fold_t_bf16_m1",
+    "pie_transpose_bf16",
     "pie_add_rms_norm",
     "pie_rms_norm_rope",
     "pie_gemv_add_bf16",

@@ -27,11 +27,13 @@ const PDL_FAMILIES: [&str; 3] = [
     "pie_gqa_attention_fold",
 ];
 
-/// Single kernels launched with the attribute: the q/k norm + rope and
-/// greedy sampling's two passes (which wait before they read anything
-/// but their row indices).
-const PDL_KERNELS: [&str; 3] = [
+/// Single kernels launched with the attribute: the q/k norm + rope, the
+/// one-launch MLP halves, and greedy sampling's two passes (which wait
+/// before they read anything but their row indices).
+const PDL_KERNELS: [&str; 5] = [
     "pie_rms_norm_rope2",
+    "pie_mlp_fold_bf16_m1",
+    "pie_mlp_fold_t_bf16_m1",
     "pie_greedy_partial",
     "pie_greedy_finish",
 ];

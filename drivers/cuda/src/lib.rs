@@ -23,6 +23,7 @@ mod kv;
 mod launch;
 mod mamba2;
 mod mla;
+mod mlp_fold;
 mod moe;
 mod rows;
 mod specialized;
@@ -122,6 +123,8 @@ pub struct CudaDriver {
     /// `PIE_CUDA_GRAPH_ARGMAX=0`: a copy of the ids before the graph and
     /// the argmax launched after it; for A/B runs).
     graph_argmax: bool,
+    /// The one-launch MLP half at batch 1 (`mlp_fold.rs`).
+    mlp_fold: mlp_fold::MlpFold,
     /// Buffers greedy sampling reuses and the ids it feeds (`greedy.rs`).
     greedy_buffers: Mutex<greedy::GreedyBuffers>,
     /// Device address tables of expert weights (grouped MoE kernels),
@@ -258,6 +261,7 @@ impl CudaDriver {
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| DriverError::Invalid(format!("CUDA: creating the cuBLAS handle: {e}")))?;
         let workspace = blas_workspace(&stream, &blas)?;
+        let mlp_fold = mlp_fold::MlpFold::new(&ctx)?;
         let attention_counters = stream
             .alloc_zeros::<u32>(grouped_attention::FOLD_PAIRS)
             .map_err(cuda_err("allocating the attention counters"))?;
@@ -290,6 +294,7 @@ impl CudaDriver {
             pdl: false,
             feed_tokens: std::env::var("PIE_CUDA_FEED").map_or(true, |v| v != "0"),
             graph_argmax: std::env::var("PIE_CUDA_GRAPH_ARGMAX").map_or(true, |v| v != "0"),
+            mlp_fold,
             greedy_buffers: Default::default(),
             expert_tables: Default::default(),
         }
@@ -1275,6 +1280,26 @@ impl Driver for CudaDriver {
         match self.fused_add_norm_gated_linear(x, y, norm, gate, up, a)? {
             Some(pair) => Ok(pair),
             None => pie_driver::unfused::add_norm_gated_linear(self, x, y, add, norm, gate, up, a),
+        }
+    }
+
+    fn add_norm_mlp(
+        &self,
+        x: &CudaAct,
+        y: CudaAct,
+        add: &ElementwiseAttrs,
+        norm: PreNorm<'_, Self>,
+        gate: (&CudaWeight, Option<&CudaWeight>, &LinearAttrs),
+        up: (&CudaWeight, Option<&CudaWeight>, &LinearAttrs),
+        glu: &GluAttrs,
+        down: (&CudaWeight, Option<&CudaWeight>, &LinearAttrs),
+        add_down: &ElementwiseAttrs,
+    ) -> Result<CudaAct> {
+        match self.fused_add_norm_mlp(x, y, norm, gate, up, glu, down)? {
+            Ok(out) => Ok(out),
+            Err(y) => pie_driver::unfused::add_norm_mlp(
+                self, x, y, add, norm, gate, up, glu, down, add_down,
+            ),
         }
     }
 

@@ -652,7 +652,8 @@ fn gpu_joined_weights_multiply_as_one() {
 
 /// A layer's norms folded into the GEMVs after them (`norm_linear_many`:
 /// input norm and q/k/v; `add_norm_gated_linear`: residual add,
-/// post-attention norm and gate/up) must give what the ops give one by
+/// post-attention norm and gate/up; `add_norm_mlp`: that and the down
+/// projection, one launch at one row) must give what the ops give one by
 /// one, at the GEMV's row counts and past them (where the driver runs the
 /// ops), with and without a norm weight and with Gemma's offset.
 #[test]
@@ -661,7 +662,7 @@ fn gpu_norms_folded_into_products_match_the_ops() {
     use pie_driver::ir::{ActivationFn, ElementwiseAttrs, GluAttrs, LinearAttrs, RmsNormAttrs};
     use pie_driver::{unfused, DType, Driver, TensorView, WeightRole};
     let random = random_bytes;
-    let d = gpu();
+    let d = gpu().with_mlp_fold(true);
     let k = 1024;
     let widths = [512usize, 256, 256];
     let matrix = |n: usize, salt: u64| {
@@ -700,6 +701,20 @@ fn gpu_norms_folded_into_products_match_the_ops() {
         width: 256,
         limit: None,
     };
+    // The down projection [k, 256] of the GLU's 256 features.
+    let down_bits = random(k * 256, 9, false);
+    let down_w = d
+        .load_weight(
+            "down",
+            &TensorView {
+                dtype: DType::BF16,
+                shape: &[k, 256],
+                data: &down_bits,
+            },
+            &[k, 256],
+            WeightRole::Matrix,
+        )
+        .unwrap();
     let add = ElementwiseAttrs { width: k };
     for (m, offset, weighted) in [
         (1usize, 0.0f32, true),
@@ -738,6 +753,31 @@ fn gpu_norms_folded_into_products_match_the_ops() {
             unfused::add_norm_gated_linear(&d, &x, &y, &add, (g, &norm), gate, up, &glu).unwrap();
         close("residual sum", &read(&sum), &read(&sum_ops));
         close("gate/up", &read(&out), &read(&out_ops));
+        // The whole MLP half (one launch at one row) against its two
+        // calls; y is moved in, so each side gets its own copy.
+        let y_copy = || activation(&d, DType::F32, &random(m * k, 200 + m as u64, true), m, k);
+        let down_attrs = linear_attrs(256, &[k]);
+        let down = (&down_w, None, &down_attrs[0]);
+        let folds = d.mlp_folds();
+        let mlp = d
+            .add_norm_mlp(&x, y_copy(), &add, (g, &norm), gate, up, &glu, down, &add)
+            .unwrap();
+        let folded = d.mlp_folds() - folds;
+        assert_eq!(folded, u64::from(m == 1), "MLP folds at {m} rows");
+        let mlp_ops = unfused::add_norm_mlp(
+            &d,
+            &x,
+            y_copy(),
+            &add,
+            (g, &norm),
+            gate,
+            up,
+            &glu,
+            down,
+            &add,
+        )
+        .unwrap();
+        close("MLP half", &read(&mlp), &read(&mlp_ops));
     }
 }
 
@@ -866,7 +906,8 @@ fn gpu_fused_kernels_match_one_kernel_per_op() {
     for name in ["llama", "qwen3"] {
         let (dir, prompts) = bf16_copy(name);
         let opts = LoadOptions::default();
-        let mut fused = Engine::load(dir.path(), gpu(), &opts, None).unwrap();
+        let driver = gpu().with_mlp_fold(true);
+        let mut fused = Engine::load(dir.path(), driver, &opts, None).unwrap();
         let mut plain = Engine::load(dir.path(), gpu().with_fusion(false), &opts, None).unwrap();
         let ids = &prompts[0].ids;
         // The whole prompt in one pass: the cuBLAS path, where the fused
@@ -899,6 +940,9 @@ fn gpu_fused_kernels_match_one_kernel_per_op() {
             ref_diff <= BF16_TOL * ref_scale,
             "{name}: fused vs transformers {ref_diff} > {BF16_TOL} × {ref_scale}"
         );
+        // One token per pass: every layer's MLP half was one launch.
+        assert!(fused.driver.mlp_folds() > 0, "{name}: no MLP half folded");
+        assert_eq!(plain.driver.mlp_folds(), 0);
     }
 }
 
@@ -1368,7 +1412,8 @@ fn gpu_norm_rope_folded_into_attention_matches_the_ops() {
             kv_cache_dtype: dtype,
             ..LoadOptions::default()
         };
-        let mut fused = Engine::load(dir.path(), gpu(), &opts, None).unwrap();
+        let driver = gpu().with_mlp_fold(true);
+        let mut fused = Engine::load(dir.path(), driver, &opts, None).unwrap();
         let mut plain = Engine::load(dir.path(), gpu().with_fusion(false), &opts, None).unwrap();
         let a = fused.prompt_logits_chunked(&prompt, 1).unwrap();
         let b = plain.prompt_logits_chunked(&prompt, 1).unwrap();
