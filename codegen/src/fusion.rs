@@ -161,7 +161,17 @@ fn mlp_wired(
     let m = output(&ops[glu]);
     let private = output(&ops[linear]) == m || !read_after(ops, linear, m, result);
     let sum = output(&ops[add]);
-    let into_sum = ops[add_down].input("in").iter().any(|n| n.value == sum);
+    // The residual add_down adds the product into: the operand that is
+    // not the product (a product reusing the sum's name is no residual).
+    let product = output(&ops[linear]);
+    let residual = match (
+        input(&ops[add_down], "in", 0),
+        input(&ops[add_down], "in", 1),
+    ) {
+        (Some(r), Some(o)) | (Some(o), Some(r)) if o == product && r != product => Some(r),
+        _ => None,
+    };
+    let into_sum = residual == Some(sum);
     let (Some(x), Some(y)) = (input(&ops[add], "in", 0), input(&ops[add], "in", 1)) else {
         return false;
     };
@@ -546,6 +556,32 @@ ops = [{{ op = "linear", in = "x", out = "logits", features = "vocab", weight = 
                 "{tail}: {steps:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_down_projection_named_like_the_sum_is_not_its_residual() {
+        // The down projection's output reuses the name `x` of the first
+        // add's sum, and adds into `b`: the MLP does not end in that sum.
+        let ops = r#"
+  { op = "linear", in = "x", out = "a", features = "hidden", weight = "o" },
+  { op = "linear", in = "x", out = "b", features = "hidden", weight = "p" },
+  { op = "add", in = ["x", "a"], out = "x" },
+  { op = "rms_norm", in = "x", out = "h", weight = "n2", eps = 1e-6 },
+  { op = "linear", in = "h", out = "g", features = 32, weight = "g" },
+  { op = "linear", in = "h", out = "u", features = 32, weight = "u" },
+  { op = "glu", gate = "g", up = "u", out = "m", act = "silu" },
+  { op = "linear", in = "m", out = "x", features = "hidden", weight = "d" },
+  { op = "add", in = ["b", "x"], out = "b" },
+  { op = "add", in = ["b", "b"], out = "x" },"#;
+        let steps = plan_of(ops);
+        assert!(
+            steps.contains(&Step::LinearAdd { linear: 7, add: 8 }),
+            "{steps:?}"
+        );
+        assert!(
+            !steps.iter().any(|s| matches!(s, Step::AddNormMlp { .. })),
+            "{steps:?}"
+        );
     }
 
     #[test]

@@ -244,9 +244,40 @@ __device__ __forceinline__ void pie_red_add4(float* p, float a, float b, float c
 }
 
 // 16 bytes from global to shared memory without going through registers.
+// Before sm_80 (no cp.async) it is a plain copy through registers, so the
+// module still compiles for every arch NVRTC may be asked for at start.
 __device__ __forceinline__ void pie_copy_async16(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     unsigned int to = (unsigned int)__cvta_generic_to_shared(smem);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(to), "l"(gmem) : "memory");
+#else
+    *(uint4*)smem = __ldg((const uint4*)gmem);
+#endif
+}
+
+__device__ __forceinline__ void pie_copy_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    pie_copy_async_commit();
+#endif
+}
+
+__device__ __forceinline__ void pie_copy_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    pie_copy_async_wait_all();
+#endif
+}
+
+// A load that later reads of other blocks' writes are ordered after.
+__device__ __forceinline__ unsigned long long pie_load_acquire(const unsigned long long* p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+    unsigned long long v;
+    asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+#else
+    unsigned long long v = *(volatile const unsigned long long*)p;
+    __threadfence();
+    return v;
+#endif
 }
 
 // Gate/up row i (of the block's 2 · PIE_MLP_FEATS): gate rows first.
@@ -357,7 +388,7 @@ __device__ __forceinline__ void pie_mlp_wait_all(const unsigned long long* arriv
     if (threadIdx.x == 0) {
         unsigned long long seen;
         do {
-            asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(seen) : "l"(arrivals) : "memory");
+            seen = pie_load_acquire(arrivals);
         } while (seen < all_in);
     }
     __syncthreads();
@@ -425,13 +456,13 @@ pie_mlp_fold_t_bf16_m1(float* y, const float* __restrict__ x, const float* __res
     // The block's rows are contiguous: PIE_MLP_FEATS · k values.
     const pie_u16* rows = wdt + (size_t)f0 * k;
     for (int i = t; i < PIE_MLP_FEATS * k / 8; i += PIE_GEMV_THREADS) pie_copy_async16(tile + 8 * i, rows + 8 * i);
-    asm volatile("cp.async.commit_group;" ::: "memory");
+    pie_copy_async_commit();
     uint4 cur[PIE_MLP_GROUP];
     pie_mlp_prologue(wg, wu, k, cur);
     pie_pdl_wait();
     __shared__ float glu[PIE_MLP_FEATS];
     unsigned long long all_in = pie_mlp_glu(y, x, g, has_g, eps, offset, wg, wu, n, k, fn, limit, arrivals, cur, glu);
-    asm volatile("cp.async.wait_all;" ::: "memory");
+    pie_copy_async_wait_all();
     pie_mlp_wait_all(arrivals, all_in);  // its __syncthreads also publishes the tile
     float m[PIE_MLP_FEATS];
 #pragma unroll

@@ -37,8 +37,12 @@ const GREEDY_SLICE: usize = 2048;
 /// Buffers greedy sampling keeps between calls.
 #[derive(Default)]
 pub(crate) struct GreedyBuffers {
-    /// 0, 1, 2, ...: the row indices of a request for a whole batch.
+    /// 0, 1, .., MAX_ROWS - 1: the row indices of a request for a whole
+    /// batch. Allocated once: fed decode graphs hold its address.
     identity: Option<CudaSlice<i32>>,
+    /// The same for requests of more than `MAX_ROWS` rows (never part of
+    /// a graph), grown as needed.
+    wide_identity: Option<CudaSlice<i32>>,
     /// Where the ids of the last `argmax_start` are.
     fed: Option<Fed>,
     /// The tail buffer: ids (first `MAX_ROWS` values), then their
@@ -109,6 +113,7 @@ impl CudaDriver {
         let n = rows.len();
         let mut buffers = self.greedy_buffers.lock().expect("greedy buffers lock");
         let from_tail = !rows.is_empty()
+            && n <= x.rows
             && buffers.tail_ready == Some((graphs::address(&x.data), x.rows))
             && rows.iter().enumerate().all(|(i, &r)| i == r);
         let fed = if from_tail {
@@ -234,6 +239,13 @@ impl CudaDriver {
     /// its bucket's rows) into the tail buffer; `rows` of them are real.
     /// Part of the pass: recorded with it into its graph.
     pub(crate) fn argmax_into_tail(&self, x: &CudaAct, rows: usize) -> Result<()> {
+        if x.rows > graphs::MAX_ROWS {
+            return Err(DriverError::Invalid(format!(
+                "an argmax into the tail of {} rows (at most {})",
+                x.rows,
+                graphs::MAX_ROWS
+            )));
+        }
         let mut buffers = self.greedy_buffers.lock().expect("greedy buffers lock");
         let idx = graphs::address(self.identity_rows(&mut buffers, x.rows)?);
         let tail = graphs::address(tail(&buffers)?);
@@ -330,18 +342,24 @@ impl CudaDriver {
         }
     }
 
-    /// The device buffer 0, 1, .., n - 1 (grown to a power of two).
+    /// A device buffer starting 0, 1, .., n - 1. Up to `MAX_ROWS` rows it
+    /// is the one allocated once (recorded graphs keep its address);
+    /// beyond, one grown to a power of two.
     fn identity_rows<'b>(
         &self,
         buffers: &'b mut GreedyBuffers,
         n: usize,
     ) -> Result<&'b CudaSlice<i32>> {
-        if buffers.identity.as_ref().is_none_or(|b| b.len() < n) {
-            let len = n.next_power_of_two().max(256);
+        let (slot, len) = if n <= graphs::MAX_ROWS {
+            (&mut buffers.identity, graphs::MAX_ROWS)
+        } else {
+            (&mut buffers.wide_identity, n.next_power_of_two())
+        };
+        if slot.as_ref().is_none_or(|b| b.len() < n) {
             let values: Vec<i32> = (0..len as i32).collect();
-            buffers.identity = Some(self.upload(&values)?);
+            *slot = Some(self.upload(&values)?);
         }
-        Ok(buffers.identity.as_ref().expect("set above"))
+        Ok(slot.as_ref().expect("set above"))
     }
 }
 

@@ -261,7 +261,7 @@ impl CudaDriver {
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| DriverError::Invalid(format!("CUDA: creating the cuBLAS handle: {e}")))?;
         let workspace = blas_workspace(&stream, &blas)?;
-        let mlp_fold = mlp_fold::MlpFold::new(&ctx)?;
+        let mlp_fold = mlp_fold::MlpFold::new(&ctx, &kernels)?;
         let attention_counters = stream
             .alloc_zeros::<u32>(grouped_attention::FOLD_PAIRS)
             .map_err(cuda_err("allocating the attention counters"))?;

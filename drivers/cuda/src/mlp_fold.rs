@@ -25,7 +25,7 @@
 //! runs the A/B).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUstreamCaptureStatus};
@@ -33,6 +33,7 @@ use cudarc::driver::{CudaContext, CudaSlice, LaunchConfig};
 use pie_driver::ir::{GluAttrs, LinearAttrs};
 use pie_driver::{PreNorm, Result};
 
+use crate::device::Kernels;
 use crate::gemm::gemv_grid;
 use crate::{cuda_err, graphs, int, weight_or_null, Bf16Matrix, CudaAct, CudaDriver, CudaWeight};
 
@@ -41,8 +42,8 @@ const FEATS: usize = 16;
 /// The widest row one launch normalizes: one chunk of 8 features for
 /// each of a block's 128 threads.
 const MAX_WIDTH: usize = 128 * 8;
-/// Blocks of the kernel an SM holds at once (its `__launch_bounds__`).
-const BLOCKS_PER_SM: usize = 2;
+/// Threads per block (`PIE_GEMV_THREADS`).
+const THREADS: u32 = 128;
 
 /// What the fold keeps between calls.
 pub(crate) struct MlpFold {
@@ -51,11 +52,13 @@ pub(crate) struct MlpFold {
     pub(crate) on: bool,
     /// Whether the kernel reads transposed down matrices
     /// (`PIE_CUDA_MLP_FOLD=rows`: as stored).
-    transposed: bool,
+    transposed: AtomicBool,
     /// The transposed copy of each down matrix, by its address.
     copies: Mutex<HashMap<u64, CudaSlice<u16>>>,
-    /// The most blocks one launch may have (all resident at once).
-    max_blocks: usize,
+    /// The most blocks one launch may have (all resident at once, or the
+    /// blocks waiting for the others never end), of the stored form and
+    /// of the transposed one.
+    max_blocks: [usize; 2],
     /// The blocks' arrival counter, one per grid size (a counter only
     /// grows; each launch waits for the next multiple of its grid size).
     arrivals: Mutex<HashMap<usize, CudaSlice<u64>>>,
@@ -64,19 +67,38 @@ pub(crate) struct MlpFold {
 }
 
 impl MlpFold {
-    pub(crate) fn new(ctx: &CudaContext) -> Result<Self> {
+    pub(crate) fn new(ctx: &CudaContext, kernels: &Kernels) -> Result<Self> {
         let sms = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(cuda_err("reading the multiprocessor count"))?;
         let setting = std::env::var("PIE_CUDA_MLP_FOLD").unwrap_or_default();
+        // What each compiled kernel fits per SM (its registers and shared
+        // memory), not what its launch bounds ask for.
+        let resident = |transposed: bool| -> Result<usize> {
+            let per_sm = kernels
+                .get(kernel_name(transposed))
+                .occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None)
+                .map_err(cuda_err("reading the MLP fold's occupancy"))?;
+            Ok(sms.max(0) as usize * per_sm as usize)
+        };
         Ok(MlpFold {
             on: setting == "1" || setting == "rows",
-            transposed: setting != "rows",
+            transposed: AtomicBool::new(setting != "rows"),
             copies: Mutex::new(HashMap::new()),
-            max_blocks: sms.max(0) as usize * BLOCKS_PER_SM,
+            max_blocks: [resident(false)?, resident(true)?],
             arrivals: Mutex::new(HashMap::new()),
             launches: AtomicU64::new(0),
         })
+    }
+}
+
+/// The kernel of the form that reads the down matrix transposed, or as
+/// stored.
+fn kernel_name(transposed: bool) -> &'static str {
+    if transposed {
+        "pie_mlp_fold_t_bf16_m1"
+    } else {
+        "pie_mlp_fold_bf16_m1"
     }
 }
 
@@ -108,6 +130,7 @@ impl CudaDriver {
         down: (&CudaWeight, Option<&CudaWeight>, &LinearAttrs),
     ) -> Result<std::result::Result<CudaAct, CudaAct>> {
         let (k, n) = (x.width, glu.width);
+        let transposed = self.mlp_fold.transposed.load(Ordering::Relaxed);
         let shapes = x.rows == 1
             && y.rows == 1
             && y.width == k
@@ -116,7 +139,7 @@ impl CudaDriver {
             && n.is_multiple_of(FEATS)
             && norm.1.width == k
             && norm.1.group == k
-            && n / FEATS <= self.mlp_fold.max_blocks;
+            && n / FEATS <= self.mlp_fold.max_blocks[usize::from(transposed)];
         let weights = (
             plain_matrix(gate, n, k),
             plain_matrix(up, n, k),
@@ -129,6 +152,14 @@ impl CudaDriver {
             return Ok(Err(y));
         }
         let blocks = n / FEATS;
+        // What a first call makes (a counter, a transposed copy) cannot be
+        // made while a graph is being recorded: two launches there (never
+        // in practice: the first pass of every decode bucket runs eagerly).
+        let recording = self
+            .stream
+            .capture_status()
+            .map_err(cuda_err("reading the stream's capture status"))?
+            != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
         let mut counters = self
             .mlp_fold
             .arrivals
@@ -136,19 +167,21 @@ impl CudaDriver {
             .expect("arrival counters lock");
         let arrivals = match counters.entry(blocks) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(_) if recording => return Ok(Err(y)),
             std::collections::hash_map::Entry::Vacant(e) => e.insert(
                 self.stream
                     .alloc_zeros::<u64>(1)
                     .map_err(cuda_err("allocating the MLP fold's counter"))?,
             ),
         };
-        let (kernel, wd) = if self.mlp_fold.transposed {
-            let Some(copy) = self.transposed_copy(wd, k, n)? else {
+        let kernel = kernel_name(transposed);
+        let wd = if transposed {
+            let Some(copy) = self.transposed_copy(wd, k, n, recording)? else {
                 return Ok(Err(y));
             };
-            ("pie_mlp_fold_t_bf16_m1", copy)
+            copy
         } else {
-            ("pie_mlp_fold_bf16_m1", wd.ptr)
+            wd.ptr
         };
         let ((g, has_g), nm) = (weight_or_null(norm.0), norm.1);
         let (ni, ki) = (int(n, "features")?, int(k, "width")?);
@@ -182,19 +215,20 @@ impl CudaDriver {
     }
 
     /// The device address of `w` ([rows, cols]) transposed, made on the
-    /// first call for `w`; None while a graph is being recorded and there
-    /// is no copy yet (never in practice: the first pass of every decode
-    /// bucket runs eagerly).
-    fn transposed_copy(&self, w: &Bf16Matrix, rows: usize, cols: usize) -> Result<Option<u64>> {
+    /// first call for `w`; None while a graph is being `recording` and
+    /// there is no copy yet.
+    fn transposed_copy(
+        &self,
+        w: &Bf16Matrix,
+        rows: usize,
+        cols: usize,
+        recording: bool,
+    ) -> Result<Option<u64>> {
         let mut copies = self.mlp_fold.copies.lock().expect("transposed copies lock");
         if let Some(copy) = copies.get(&w.ptr) {
             return Ok(Some(graphs::address(copy)));
         }
-        let status = self
-            .stream
-            .capture_status()
-            .map_err(cuda_err("reading the stream's capture status"))?;
-        if status != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+        if recording {
             return Ok(None);
         }
         let copy = unsafe { self.stream.alloc::<u16>(rows * cols) }.map_err(cuda_err(
@@ -215,6 +249,11 @@ impl CudaDriver {
                 .arg(&c)
                 .launch(cfg)?;
         }
+        // The fold copies its tile before it waits for the kernel before
+        // it (PDL): the copy must be complete before the first fold starts.
+        self.stream
+            .synchronize()
+            .map_err(cuda_err("transposing a down matrix"))?;
         let address = graphs::address(&copy);
         copies.insert(w.ptr, copy);
         Ok(Some(address))
@@ -223,6 +262,15 @@ impl CudaDriver {
     /// How many MLP halves ran as one launch (recorded ones count once).
     pub fn mlp_folds(&self) -> u64 {
         self.mlp_fold.launches.load(Ordering::Relaxed)
+    }
+
+    /// Whether the one-launch MLP reads a transposed copy of each down
+    /// matrix (the default) or the matrix as stored (for tests and A/B
+    /// runs; `PIE_CUDA_MLP_FOLD=rows` at start).
+    pub fn set_mlp_fold_transposed(&self, transposed: bool) {
+        self.mlp_fold
+            .transposed
+            .store(transposed, Ordering::Relaxed);
     }
 
     /// This driver with the one-launch MLP on or off (off by default,

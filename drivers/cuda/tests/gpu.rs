@@ -758,12 +758,6 @@ fn gpu_norms_folded_into_products_match_the_ops() {
         let y_copy = || activation(&d, DType::F32, &random(m * k, 200 + m as u64, true), m, k);
         let down_attrs = linear_attrs(256, &[k]);
         let down = (&down_w, None, &down_attrs[0]);
-        let folds = d.mlp_folds();
-        let mlp = d
-            .add_norm_mlp(&x, y_copy(), &add, (g, &norm), gate, up, &glu, down, &add)
-            .unwrap();
-        let folded = d.mlp_folds() - folds;
-        assert_eq!(folded, u64::from(m == 1), "MLP folds at {m} rows");
         let mlp_ops = unfused::add_norm_mlp(
             &d,
             &x,
@@ -777,7 +771,27 @@ fn gpu_norms_folded_into_products_match_the_ops() {
             &add,
         )
         .unwrap();
-        close("MLP half", &read(&mlp), &read(&mlp_ops));
+        // Both forms of the one-launch kernel: down matrix transposed
+        // (the default), and as stored.
+        for transposed in [true, false] {
+            d.set_mlp_fold_transposed(transposed);
+            let folds = d.mlp_folds();
+            let mlp = d
+                .add_norm_mlp(&x, y_copy(), &add, (g, &norm), gate, up, &glu, down, &add)
+                .unwrap();
+            let folded = d.mlp_folds() - folds;
+            assert_eq!(
+                folded,
+                u64::from(m == 1),
+                "MLP folds at {m} rows (transposed: {transposed})"
+            );
+            close(
+                &format!("MLP half (transposed: {transposed})"),
+                &read(&mlp),
+                &read(&mlp_ops),
+            );
+        }
+        d.set_mlp_fold_transposed(true);
     }
 }
 
@@ -940,8 +954,19 @@ fn gpu_fused_kernels_match_one_kernel_per_op() {
             ref_diff <= BF16_TOL * ref_scale,
             "{name}: fused vs transformers {ref_diff} > {BF16_TOL} × {ref_scale}"
         );
-        // One token per pass: every layer's MLP half was one launch.
-        assert!(fused.driver.mlp_folds() > 0, "{name}: no MLP half folded");
+        // One token per pass: every layer's MLP half was one launch (each
+        // pass ran every layer's; graph replays count nothing).
+        let layers = serde_json::from_str::<serde_json::Value>(
+            &std::fs::read_to_string(dir.path().join("config.json")).unwrap(),
+        )
+        .unwrap()["num_hidden_layers"]
+            .as_u64()
+            .unwrap();
+        let folds = fused.driver.mlp_folds();
+        assert!(
+            folds > 0 && folds % layers == 0,
+            "{name}: {folds} MLP halves folded over {layers} layers"
+        );
         assert_eq!(plain.driver.mlp_folds(), 0);
     }
 }
