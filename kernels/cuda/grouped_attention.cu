@@ -368,14 +368,16 @@ __device__ __forceinline__ void pie_gqa_partial(float* part_ml, float* part_acc,
 }
 
 // The partial pass's entry points: f32 or bf16 cache, strided dims or (the
-// _c128 ones, head_dim == v_head_dim == 128) 4 consecutive dims per lane.
-#define PIE_GQA_PARTIAL_KERNEL(NAME, T, CONTIG)                                                                \
+// _c128 ones, head_dim == v_head_dim == 128) 4 consecutive dims per lane;
+// G as in pie_gqa_partial (the general form holds 8 heads' state: 194
+// registers, where _g4 needs 126 and _g2 72, so more warps fit an SM).
+#define PIE_GQA_PARTIAL_KERNEL(NAME, T, CONTIG, G)                                                             \
     extern "C" __global__ void __launch_bounds__(PIE_GQA_WARPS * 32)                                           \
         NAME(float* part_ml, float* part_acc, const float* q, const T* k_cache, const T* v_cache,              \
              const int* positions, const int* table, const int* table_off, int heads, int kv_heads,            \
              int head_dim, int v_head_dim, int v_stride, float scale, int window, float softcap) {             \
-        pie_gqa_partial<T, CONTIG>(part_ml, part_acc, q, k_cache, v_cache, positions, table, table_off, heads, \
-                                   kv_heads, head_dim, v_head_dim, v_stride, scale, window, softcap);          \
+        pie_gqa_partial<T, CONTIG, G>(part_ml, part_acc, q, k_cache, v_cache, positions, table, table_off,     \
+                                      heads, kv_heads, head_dim, v_head_dim, v_stride, scale, window, softcap); \
     }
 
 // Most splits a combine takes (their weights are held in shared memory).
@@ -508,10 +510,23 @@ __device__ __forceinline__ void pie_gqa_fold(float* out, unsigned short* out_bf1
                           rk / kv_heads, rk % kv_heads);
 }
 
-PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial, float, false)
-PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_bf16, unsigned short, false)
-PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_c128, float, true)
-PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_bf16_c128, unsigned short, true)
+PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial, float, false, 0)
+PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_bf16, unsigned short, false, 0)
+PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_c128, float, true, 0)
+PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_bf16_c128, unsigned short, true, 0)
+// The same for groups of exactly 2, 4 or 8 query heads (suffix _gG).
+PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_g2, float, false, 2)
+PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_bf16_g2, unsigned short, false, 2)
+PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_c128_g2, float, true, 2)
+PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_bf16_c128_g2, unsigned short, true, 2)
+PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_g4, float, false, 4)
+PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_bf16_g4, unsigned short, false, 4)
+PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_c128_g4, float, true, 4)
+PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_bf16_c128_g4, unsigned short, true, 4)
+PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_g8, float, false, 8)
+PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_bf16_g8, unsigned short, false, 8)
+PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_c128_g8, float, true, 8)
+PIE_GQA_PARTIAL_KERNEL(pie_gqa_attention_partial_bf16_c128_g8, unsigned short, true, 8)
 
 // Both passes in one launch (decode: a grid small enough for the driver's
 // counters); the _fold names of the entry points above. With k_new set

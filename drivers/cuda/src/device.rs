@@ -38,7 +38,7 @@ pub const KERNEL_SOURCES: [(&str, &str); 9] = [
 ];
 
 /// Every kernel the driver launches.
-pub const KERNELS: [&str; 88] = [
+pub const KERNELS: [&str; 100] = [
     "pie_gqa_attention_partial_bf16",
     "pie_kv_write_bf16",
     "pie_rms",
@@ -127,6 +127,18 @@ pub const KERNELS: [&str; 88] = [
     "pie_gqa_attention_fold_c128_g8",
     "pie_gqa_attention_fold_bf16_g8",
     "pie_gqa_attention_fold_bf16_c128_g8",
+    "pie_gqa_attention_partial_g2",
+    "pie_gqa_attention_partial_c128_g2",
+    "pie_gqa_attention_partial_bf16_g2",
+    "pie_gqa_attention_partial_bf16_c128_g2",
+    "pie_gqa_attention_partial_g4",
+    "pie_gqa_attention_partial_c128_g4",
+    "pie_gqa_attention_partial_bf16_g4",
+    "pie_gqa_attention_partial_bf16_c128_g4",
+    "pie_gqa_attention_partial_g8",
+    "pie_gqa_attention_partial_c128_g8",
+    "pie_gqa_attention_partial_bf16_g8",
+    "pie_gqa_attention_partial_bf16_c128_g8",
 ];
 
 /// Whether a shared library can be opened, without cudarc's panic when it

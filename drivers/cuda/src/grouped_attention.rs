@@ -6,6 +6,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use pie_driver::ir::AttentionAttrs;
 use pie_driver::{DriverError, KvLayout, Result};
 
+use crate::graphs::MAX_ROWS;
 use crate::launch::Launch;
 use crate::{
     cuda_err, int, AttentionTables, CudaAct, CudaDriver, CudaWeight, KvSlotBuffers, RopeInputs,
@@ -22,9 +23,10 @@ const TARGET_BLOCKS: usize = 264;
 /// (row, kv head) pairs the one-launch (folded) form takes: one counter
 /// each, allocated with the driver.
 pub(crate) const FOLD_PAIRS: usize = 4096;
-/// Rows up to which attention folds its combine into the partial pass.
-/// Measured (H200, Qwen3): a launch saved per layer at batch 1, but at 64
-/// and 256 rows the kernel carrying both passes ran slower than two.
+/// Rows up to which attention folds its combine into the partial pass
+/// (`PIE_CUDA_GQA_FOLD_ROWS` overrides it, for A/B runs). Measured (H200,
+/// Qwen3): a launch saved per layer at batch 1, but at 64 and 256 rows
+/// the kernel carrying both passes ran slower than two.
 const FOLD_MAX_ROWS: usize = 16;
 /// At most 8 × 4 = 32 splits (`PIE_CUDA_GQA_BLOCKS` overrides it, up to
 /// 16: the combine takes 64 splits). Measured (H200, Qwen3-0.6B batch 1,
@@ -39,6 +41,8 @@ const MAX_BLOCKS_PER_HEAD: usize = 8;
 pub(crate) struct GqaSplit {
     target_blocks: usize,
     max_blocks_per_head: usize,
+    /// Rows up to which the combine folds into the partial pass.
+    fold_max_rows: usize,
 }
 
 impl GqaSplit {
@@ -53,6 +57,7 @@ impl GqaSplit {
         GqaSplit {
             target_blocks: read("PIE_CUDA_GQA_TARGET", TARGET_BLOCKS, 1 << 16),
             max_blocks_per_head: read("PIE_CUDA_GQA_BLOCKS", MAX_BLOCKS_PER_HEAD, 16),
+            fold_max_rows: read("PIE_CUDA_GQA_FOLD_ROWS", FOLD_MAX_ROWS, MAX_ROWS),
         }
     }
 
@@ -66,35 +71,64 @@ impl GqaSplit {
     }
 }
 
-/// The folded (decode) kernel for a cache of bf16 or f32, head dims of 128
-/// (`contiguous`) or not, and `group` query heads per KV head: compiled
-/// for exactly that group where it is 2, 4 or 8 (fewer registers and
-/// instructions: 80 instead of 190 registers at 2), else the general one.
-fn fold_kernel(bf16: bool, contiguous: bool, group: usize) -> &'static str {
-    const KERNELS: [[&str; 4]; 4] = [
+/// The partial pass (`fold` false) or the folded one-launch kernel
+/// (decode) for a cache of bf16 or f32, head dims of 128 (`contiguous`)
+/// or not, and `group` query heads per KV head: compiled for exactly that
+/// group where it is 2, 4 or 8 (fewer registers: 126 instead of 194 at 4,
+/// so twice the warps fit an SM), else the general one.
+fn gqa_kernel(fold: bool, bf16: bool, contiguous: bool, group: usize) -> &'static str {
+    const KERNELS: [[[&str; 4]; 4]; 2] = [
         [
-            "pie_gqa_attention_fold",
-            "pie_gqa_attention_fold_g2",
-            "pie_gqa_attention_fold_g4",
-            "pie_gqa_attention_fold_g8",
+            [
+                "pie_gqa_attention_partial",
+                "pie_gqa_attention_partial_g2",
+                "pie_gqa_attention_partial_g4",
+                "pie_gqa_attention_partial_g8",
+            ],
+            [
+                "pie_gqa_attention_partial_c128",
+                "pie_gqa_attention_partial_c128_g2",
+                "pie_gqa_attention_partial_c128_g4",
+                "pie_gqa_attention_partial_c128_g8",
+            ],
+            [
+                "pie_gqa_attention_partial_bf16",
+                "pie_gqa_attention_partial_bf16_g2",
+                "pie_gqa_attention_partial_bf16_g4",
+                "pie_gqa_attention_partial_bf16_g8",
+            ],
+            [
+                "pie_gqa_attention_partial_bf16_c128",
+                "pie_gqa_attention_partial_bf16_c128_g2",
+                "pie_gqa_attention_partial_bf16_c128_g4",
+                "pie_gqa_attention_partial_bf16_c128_g8",
+            ],
         ],
         [
-            "pie_gqa_attention_fold_c128",
-            "pie_gqa_attention_fold_c128_g2",
-            "pie_gqa_attention_fold_c128_g4",
-            "pie_gqa_attention_fold_c128_g8",
-        ],
-        [
-            "pie_gqa_attention_fold_bf16",
-            "pie_gqa_attention_fold_bf16_g2",
-            "pie_gqa_attention_fold_bf16_g4",
-            "pie_gqa_attention_fold_bf16_g8",
-        ],
-        [
-            "pie_gqa_attention_fold_bf16_c128",
-            "pie_gqa_attention_fold_bf16_c128_g2",
-            "pie_gqa_attention_fold_bf16_c128_g4",
-            "pie_gqa_attention_fold_bf16_c128_g8",
+            [
+                "pie_gqa_attention_fold",
+                "pie_gqa_attention_fold_g2",
+                "pie_gqa_attention_fold_g4",
+                "pie_gqa_attention_fold_g8",
+            ],
+            [
+                "pie_gqa_attention_fold_c128",
+                "pie_gqa_attention_fold_c128_g2",
+                "pie_gqa_attention_fold_c128_g4",
+                "pie_gqa_attention_fold_c128_g8",
+            ],
+            [
+                "pie_gqa_attention_fold_bf16",
+                "pie_gqa_attention_fold_bf16_g2",
+                "pie_gqa_attention_fold_bf16_g4",
+                "pie_gqa_attention_fold_bf16_g8",
+            ],
+            [
+                "pie_gqa_attention_fold_bf16_c128",
+                "pie_gqa_attention_fold_bf16_c128_g2",
+                "pie_gqa_attention_fold_bf16_c128_g4",
+                "pie_gqa_attention_fold_bf16_c128_g8",
+            ],
         ],
     ];
     let specialized = match group {
@@ -103,7 +137,7 @@ fn fold_kernel(bf16: bool, contiguous: bool, group: usize) -> &'static str {
         8 => 3,
         _ => 0,
     };
-    KERNELS[usize::from(bf16) * 2 + usize::from(contiguous)][specialized]
+    KERNELS[usize::from(fold)][usize::from(bf16) * 2 + usize::from(contiguous)][specialized]
 }
 
 /// Whether `a`'s heads take the `_c128` kernels: head dims of 128, where
@@ -172,7 +206,7 @@ impl CudaDriver {
     /// Whether the attention of `rows` rows runs as one launch (its
     /// combine folded into the partial pass).
     pub(crate) fn gqa_folds(&self, rows: usize, a: &AttentionAttrs) -> bool {
-        self.fuse && rows <= FOLD_MAX_ROWS && rows * a.kv_heads <= FOLD_PAIRS
+        self.fuse && rows <= self.gqa_split.fold_max_rows && rows * a.kv_heads <= FOLD_PAIRS
     }
 
     /// Grouped attention of `q` (rows × heads × head_dim) over the cache.
@@ -235,13 +269,7 @@ impl CudaDriver {
                 "grouped attention: new keys handed to an unfolded launch".into(),
             ));
         }
-        let partial = match (fold, kv_bf16, contiguous) {
-            (false, true, true) => "pie_gqa_attention_partial_bf16_c128",
-            (false, true, false) => "pie_gqa_attention_partial_bf16",
-            (false, false, true) => "pie_gqa_attention_partial_c128",
-            (false, false, false) => "pie_gqa_attention_partial",
-            (true, bf16, contiguous) => fold_kernel(bf16, contiguous, group),
-        };
+        let partial = gqa_kernel(fold, kv_bf16, contiguous, group);
         let (mut out, shadow) = self.act_with_bf16_copy(q.rows, a.heads * a.v_head_dim)?;
         let (sinks_ptr, has_sinks) = crate::weight_or_null(sinks);
         let mut b = self.launch(partial);
@@ -308,35 +336,38 @@ impl CudaDriver {
 
 #[cfg(test)]
 mod tests {
-    use super::fold_kernel;
+    use super::gqa_kernel;
 
-    /// Every folded kernel the driver may pick is loaded with the module
-    /// (`device::KERNELS`) and defined in the sources, and groups of 2, 4
-    /// and 8 get their own.
+    /// Every partial and folded kernel the driver may pick is loaded with
+    /// the module (`device::KERNELS`) and defined in the sources, and
+    /// groups of 2, 4 and 8 get their own.
     #[test]
-    fn fold_kernels_exist_and_specialize_common_groups() {
+    fn gqa_kernels_exist_and_specialize_common_groups() {
         let source = crate::device::kernel_source();
-        for bf16 in [false, true] {
-            for contiguous in [false, true] {
-                for group in 1..=8 {
-                    let name = fold_kernel(bf16, contiguous, group);
-                    assert!(
-                        crate::device::KERNELS.contains(&name),
-                        "{name} is not loaded"
-                    );
-                    assert!(
-                        source.contains(&format!("({name},")),
-                        "{name} is not defined"
-                    );
-                    let specialized = name.ends_with(&format!("_g{group}"));
-                    assert_eq!(
-                        specialized,
-                        [2, 4, 8].contains(&group),
-                        "{name} for group {group}"
-                    );
-                    assert_eq!(name.contains("_bf16"), bf16, "{name}");
-                    assert_eq!(name.contains("_c128"), contiguous, "{name}");
-                }
+        let flags = [false, true];
+        for (fold, bf16, contiguous) in flags
+            .iter()
+            .flat_map(|&f| flags.iter().flat_map(move |&b| flags.map(|c| (f, b, c))))
+        {
+            for group in 1..=8 {
+                let name = gqa_kernel(fold, bf16, contiguous, group);
+                assert_eq!(name.contains("_fold"), fold, "{name}");
+                assert!(
+                    crate::device::KERNELS.contains(&name),
+                    "{name} is not loaded"
+                );
+                assert!(
+                    source.contains(&format!("({name},")),
+                    "{name} is not defined"
+                );
+                let specialized = name.ends_with(&format!("_g{group}"));
+                assert_eq!(
+                    specialized,
+                    [2, 4, 8].contains(&group),
+                    "{name} for group {group}"
+                );
+                assert_eq!(name.contains("_bf16"), bf16, "{name}");
+                assert_eq!(name.contains("_c128"), contiguous, "{name}");
             }
         }
     }
