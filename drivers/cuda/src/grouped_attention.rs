@@ -43,6 +43,9 @@ pub(crate) struct GqaSplit {
     max_blocks_per_head: usize,
     /// Rows up to which the combine folds into the partial pass.
     fold_max_rows: usize,
+    /// Whether the unfolded partial pass takes the kernels compiled per
+    /// group (`PIE_CUDA_GQA_PARTIAL_G=0`: the general one, for A/B runs).
+    partial_by_group: bool,
 }
 
 impl GqaSplit {
@@ -58,6 +61,7 @@ impl GqaSplit {
             target_blocks: read("PIE_CUDA_GQA_TARGET", TARGET_BLOCKS, 1 << 16),
             max_blocks_per_head: read("PIE_CUDA_GQA_BLOCKS", MAX_BLOCKS_PER_HEAD, 16),
             fold_max_rows: read("PIE_CUDA_GQA_FOLD_ROWS", FOLD_MAX_ROWS, MAX_ROWS),
+            partial_by_group: std::env::var("PIE_CUDA_GQA_PARTIAL_G").map_or(true, |v| v != "0"),
         }
     }
 
@@ -269,7 +273,8 @@ impl CudaDriver {
                 "grouped attention: new keys handed to an unfolded launch".into(),
             ));
         }
-        let partial = gqa_kernel(fold, kv_bf16, contiguous, group);
+        let by_group = fold || self.gqa_split.partial_by_group;
+        let partial = gqa_kernel(fold, kv_bf16, contiguous, if by_group { group } else { 0 });
         let (mut out, shadow) = self.act_with_bf16_copy(q.rows, a.heads * a.v_head_dim)?;
         let (sinks_ptr, has_sinks) = crate::weight_or_null(sinks);
         let mut b = self.launch(partial);
