@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# On the GPU machine, in one command: the GPU tests, then alternating A/B
+# rounds of L2 prefetch ahead (PIE_CUDA_L2_AHEAD=1/2/3 against off) at
+# Qwen3-0.6B batch 1, and of grouped attention's per-group partial kernels
+# (PIE_CUDA_GQA_PARTIAL_G=0: the general one) and the one-launch attention
+# past 16 rows (PIE_CUDA_GQA_FOLD_ROWS=64) at Qwen3-8B batch 64, the
+# full-size Qwen3-0.6B parity, then an ncu kernel summary of 8B batch 64.
+#
+# Usage: l2_gqa_ab.sh PIE_BINARY GPU_TEST_BINARY|- SHARED_BENCH_DIR
+# Writes $OUT/rows.txt, $OUT/rows.jsonl, $OUT/tests.log, the parity JSON
+# and $OUT/ncu-8b-b64.txt. About 6 minutes on an H100.
+set -uo pipefail
+bin=$1 tests=$2 shared=$3
+configs=$shared/configs
+root=$(cd "$(dirname "$0")/../.." && pwd)
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+
+# bench LABEL [VAR=VALUE ...] -- PIE_BENCH_ARGS...
+bench() {
+  local label=$1; shift
+  local envs=(); while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift
+  env "${envs[@]}" "$bin" bench --driver cuda --prompt 128 --gen 128 --reps 3 --json \
+    --kv-cache-dtype bf16 "$@" > /tmp/bench.json 2> /tmp/bench.err
+  python3 - "$label" <<'PY' | tee -a "$OUT/rows.txt"
+import json, sys
+for line in open("/tmp/bench.json"):
+    r = json.loads(line)
+    print(sys.argv[1], "batch", r["batch"], "%.4f ms/step" % r["decode_ms_per_step"],
+          "%.0f tok/s" % r["decode_tok_s"])
+PY
+  grep -E "step timing|warning" /tmp/bench.err | sed "s/^/$label: /" | tee -a "$OUT/rows.txt"
+  sed "s/^{/{\"label\":\"$label\",/" /tmp/bench.json >> "$OUT/rows.jsonl"
+}
+
+if [ "$tests" != - ]; then
+  PIE_FIXTURES=$root/tests/fixtures timeout 200 "$tests" --ignored --test-threads=1 --nocapture 2>&1 \
+    | tee "$OUT/tests.log" | grep -E "^test |test result|panicked|L2 ahead|MLP half"
+fi
+small=(--config "$configs/qwen3-0.6b.json")
+large=(--config "$configs/qwen3-8b.json")
+for round in 1 2; do
+  bench "base$round" X=1 -- "${small[@]}" --batch 1
+  bench "ahead1-$round" PIE_CUDA_L2_AHEAD=1 -- "${small[@]}" --batch 1
+  bench "ahead2-$round" PIE_CUDA_L2_AHEAD=2 -- "${small[@]}" --batch 1
+  bench "ahead3-$round" PIE_CUDA_L2_AHEAD=3 -- "${small[@]}" --batch 1
+done
+bench "ahead2-timed" PIE_CUDA_STEP_TIMING=1 PIE_CUDA_L2_AHEAD=2 -- "${small[@]}" --batch 1,64
+bench "base-timed" PIE_CUDA_STEP_TIMING=1 -- "${small[@]}" --batch 1,64
+for round in 1 2; do
+  bench "8b-base$round" X=1 -- "${large[@]}" --batch 64
+  bench "8b-partial-general$round" PIE_CUDA_GQA_PARTIAL_G=0 -- "${large[@]}" --batch 64
+done
+bench "8b-fold64" PIE_CUDA_GQA_FOLD_ROWS=64 -- "${large[@]}" --batch 64
+bench "8b-b1" X=1 -- "${large[@]}" --batch 1
+PIE_ARGS="--kv-cache-dtype bf16" timeout 200 python3 "$root/bench/parity/full_size_parity.py" \
+  "$configs/qwen3-0.6b.json" "$bin" bfloat16 2>&1 | tail -1
+ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+timeout 120 "$ncu" --clock-control none --cache-control none --metrics gpu__time_duration.sum \
+  --print-summary per-kernel --launch-skip 3000 --launch-count 330 \
+  "$bin" bench --driver cuda "${large[@]}" --batch 64 --prompt 128 --gen 16 --reps 1 \
+  --kv-cache-dtype bf16 > "$OUT/ncu-8b-b64.txt" 2>&1
+python3 "$root/bench/gpu/ncu_summary.py" "$OUT/ncu-8b-b64.txt" | tee "$OUT/ncu-8b-b64-summary.txt"
