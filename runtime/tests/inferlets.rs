@@ -71,14 +71,18 @@ fn best_of_n_forks_and_batches_the_branches() {
         msgs[..4].iter().any(|m| m.ends_with(&format!("): {best}"))),
         "{msgs:?}"
     );
-    // The prompt, then 4 branches of up to 8 tokens: branches share batches.
+    // The prompt, then 4 branches of up to 8 tokens: branches share batches
+    // (one batch per pass without sharing). Not every step of every branch:
+    // the scheduler waits at most 2 ms for answered passes to come back,
+    // and on a loaded 2-core machine a branch's next pass can take longer
+    // (17 batches for 33 passes seen there), so 1.5 passes a batch is asked.
     let stats = rt.scheduler().stats();
     let (passes, batches) = (
         stats.passes.load(Ordering::Relaxed),
         stats.batches.load(Ordering::Relaxed),
     );
     assert!(
-        passes >= 5 && batches * 2 < passes,
+        passes >= 5 && batches * 3 < passes * 2,
         "{batches} batches for {passes} passes"
     );
     let kv = rt.scheduler().kv();
