@@ -8,7 +8,7 @@
 #
 # Usage: l2_gqa_ab.sh PIE_BINARY GPU_TEST_BINARY|- SHARED_BENCH_DIR
 # Writes $OUT/rows.txt, $OUT/rows.jsonl, $OUT/tests.log, the parity JSON
-# and $OUT/ncu-8b-b64.txt. About 6 minutes on an H100.
+# and $OUT/ncu-8b-b64.txt. About 5 minutes on an H100.
 set -uo pipefail
 bin=$1 tests=$2 shared=$3
 configs=$shared/configs
@@ -39,24 +39,21 @@ if [ "$tests" != - ]; then
 fi
 small=(--config "$configs/qwen3-0.6b.json")
 large=(--config "$configs/qwen3-8b.json")
+bench "ahead1" PIE_CUDA_L2_AHEAD=1 -- "${small[@]}" --batch 1
+bench "ahead3" PIE_CUDA_L2_AHEAD=3 -- "${small[@]}" --batch 1
 for round in 1 2; do
   bench "base$round" X=1 -- "${small[@]}" --batch 1
-  bench "ahead1-$round" PIE_CUDA_L2_AHEAD=1 -- "${small[@]}" --batch 1
   bench "ahead2-$round" PIE_CUDA_L2_AHEAD=2 -- "${small[@]}" --batch 1
-  bench "ahead3-$round" PIE_CUDA_L2_AHEAD=3 -- "${small[@]}" --batch 1
 done
 bench "ahead2-timed" PIE_CUDA_STEP_TIMING=1 PIE_CUDA_L2_AHEAD=2 -- "${small[@]}" --batch 1,64
 bench "base-timed" PIE_CUDA_STEP_TIMING=1 -- "${small[@]}" --batch 1,64
-for round in 1 2; do
-  bench "8b-base$round" X=1 -- "${large[@]}" --batch 64
-  bench "8b-partial-general$round" PIE_CUDA_GQA_PARTIAL_G=0 -- "${large[@]}" --batch 64
-done
+bench "8b-base" X=1 -- "${large[@]}" --batch 1,64
+bench "8b-partial-general" PIE_CUDA_GQA_PARTIAL_G=0 -- "${large[@]}" --batch 64
 bench "8b-fold64" PIE_CUDA_GQA_FOLD_ROWS=64 -- "${large[@]}" --batch 64
-bench "8b-b1" X=1 -- "${large[@]}" --batch 1
 PIE_ARGS="--kv-cache-dtype bf16" timeout 200 python3 "$root/bench/parity/full_size_parity.py" \
   "$configs/qwen3-0.6b.json" "$bin" bfloat16 2>&1 | tail -1
 ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
-timeout 120 "$ncu" --clock-control none --cache-control none --metrics gpu__time_duration.sum \
+timeout 90 "$ncu" --clock-control none --cache-control none --metrics gpu__time_duration.sum \
   --print-summary per-kernel --launch-skip 3000 --launch-count 330 \
   "$bin" bench --driver cuda "${large[@]}" --batch 64 --prompt 128 --gen 16 --reps 1 \
   --kv-cache-dtype bf16 > "$OUT/ncu-8b-b64.txt" 2>&1
