@@ -9,34 +9,9 @@
 # Usage: l2_gqa_ab.sh PIE_BINARY GPU_TEST_BINARY|- SHARED_BENCH_DIR
 # Writes $OUT/rows.txt, $OUT/rows.jsonl, $OUT/tests.log, the parity JSON
 # and $OUT/ncu-8b-b64.txt. About 5 minutes on an H100.
-set -uo pipefail
-bin=$1 tests=$2 shared=$3
-configs=$shared/configs
-root=$(cd "$(dirname "$0")/../.." && pwd)
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/device_ab.sh"
 
-# bench LABEL [VAR=VALUE ...] -- PIE_BENCH_ARGS...
-bench() {
-  local label=$1; shift
-  local envs=(); while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift
-  env "${envs[@]}" "$bin" bench --driver cuda --prompt 128 --gen 128 --reps 3 --json \
-    --kv-cache-dtype bf16 "$@" > /tmp/bench.json 2> /tmp/bench.err
-  python3 - "$label" <<'PY' | tee -a "$OUT/rows.txt"
-import json, sys
-for line in open("/tmp/bench.json"):
-    r = json.loads(line)
-    print(sys.argv[1], "batch", r["batch"], "%.4f ms/step" % r["decode_ms_per_step"],
-          "%.0f tok/s" % r["decode_tok_s"])
-PY
-  grep -E "step timing|warning" /tmp/bench.err | sed "s/^/$label: /" | tee -a "$OUT/rows.txt"
-  sed "s/^{/{\"label\":\"$label\",/" /tmp/bench.json >> "$OUT/rows.jsonl"
-}
-
-if [ "$tests" != - ]; then
-  PIE_FIXTURES=$root/tests/fixtures timeout 200 "$tests" --ignored --test-threads=1 --nocapture 2>&1 \
-    | tee "$OUT/tests.log" | grep -E "^test |test result|panicked|L2 ahead|MLP half"
-fi
+gpu_tests "L2 ahead|MLP half"
 small=(--config "$configs/qwen3-0.6b.json")
 large=(--config "$configs/qwen3-8b.json")
 bench "ahead1" PIE_CUDA_L2_AHEAD=1 -- "${small[@]}" --batch 1

@@ -14,34 +14,9 @@
 # JSON), $OUT/tests.log, the parity JSON and, with PEERS=1, the peers'
 # JSON. About 5 minutes on an H200 (the peers add about 4: the device
 # tool's 10-minute limit fits both, barely).
-set -uo pipefail
-bin=$1 tests=$2 shared=$3
-configs=$shared/configs
-root=$(cd "$(dirname "$0")/../.." && pwd)
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/device_ab.sh"
 
-# bench LABEL [VAR=VALUE ...] -- PIE_BENCH_ARGS...
-bench() {
-  local label=$1; shift
-  local envs=(); while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift
-  env "${envs[@]}" "$bin" bench --driver cuda --prompt 128 --gen 128 --reps 3 --json \
-    --kv-cache-dtype bf16 "$@" > /tmp/bench.json 2> /tmp/bench.err
-  python3 - "$label" <<'PY' | tee -a "$OUT/rows.txt"
-import json, sys
-for line in open("/tmp/bench.json"):
-    r = json.loads(line)
-    print(sys.argv[1], "batch", r["batch"], "%.4f ms/step" % r["decode_ms_per_step"],
-          "%.0f tok/s" % r["decode_tok_s"])
-PY
-  grep "step timing" /tmp/bench.err | sed "s/^/$label: /" | tee -a "$OUT/rows.txt"
-  cat /tmp/bench.json >> "$OUT/rows.jsonl"
-}
-
-if [ "$tests" != - ]; then
-  PIE_FIXTURES=$root/tests/fixtures timeout 300 "$tests" --ignored --test-threads=1 --nocapture 2>&1 \
-    | tee "$OUT/tests.log" | grep -E "^test |test result|panicked"
-fi
+gpu_tests "MLP"
 small=(--config "$configs/qwen3-0.6b.json")
 for round in 1 2 3; do
   bench "fold-t$round" PIE_CUDA_MLP_FOLD=1 -- "${small[@]}" --batch 1
