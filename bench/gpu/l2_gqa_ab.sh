@@ -2,7 +2,7 @@
 # On the GPU machine, in one command: the GPU tests, then alternating A/B
 # rounds of L2 prefetch ahead (PIE_CUDA_L2_AHEAD=1/2 against off) at
 # Qwen3-0.6B batch 1, and of grouped attention's per-group partial kernels
-# (PIE_CUDA_GQA_PARTIAL_G=0: the general one) and the one-launch attention
+# (PIE_CUDA_GQA_PARTIAL_G=1; off by default: the general one) and the one-launch attention
 # past 16 rows (PIE_CUDA_GQA_FOLD_ROWS=64) at Qwen3-8B batch 64, the
 # full-size Qwen3-0.6B parity, then an ncu kernel summary of 8B batch 64.
 #
@@ -20,7 +20,7 @@ for round in 1 2; do
   bench "ahead2-$round" PIE_CUDA_L2_AHEAD=2 -- "${small[@]}" --batch 1
 done
 bench "8b-base" X=1 -- "${large[@]}" --batch 1,64
-bench "8b-partial-general" PIE_CUDA_GQA_PARTIAL_G=0 -- "${large[@]}" --batch 64
+bench "8b-partial-by-group" PIE_CUDA_GQA_PARTIAL_G=1 -- "${large[@]}" --batch 64
 bench "8b-fold64" PIE_CUDA_GQA_FOLD_ROWS=64 -- "${large[@]}" --batch 64
 PIE_ARGS="--kv-cache-dtype bf16" timeout 200 python3 "$root/bench/parity/full_size_parity.py" \
   "$configs/qwen3-0.6b.json" "$bin" bfloat16 2>&1 | tail -1
