@@ -12,6 +12,10 @@
 source "$(dirname "$0")/device_ab.sh"
 
 gpu_tests "L2 ahead|MLP half"
+# The attention tests again with the per-group partial kernels switched on.
+[ "$tests" = - ] || PIE_CUDA_GQA_PARTIAL_G=1 PIE_FIXTURES=$root/tests/fixtures timeout 200 \
+  "$tests" --ignored --test-threads=1 grouped_attention bf16_kv_cache graph_decode masked_attention 2>&1 \
+  | tee "$OUT/tests-partial-g.log" | grep -E "^test |test result|panicked" | sed "s/^/partial_g: /"
 small=(--config "$configs/qwen3-0.6b.json")
 large=(--config "$configs/qwen3-8b.json")
 bench "ahead1" PIE_CUDA_L2_AHEAD=1 -- "${small[@]}" --batch 1
