@@ -4,7 +4,8 @@
 # Qwen3-0.6B batch 1, and of grouped attention's per-group partial kernels
 # (PIE_CUDA_GQA_PARTIAL_G=1; off by default: the general one) and the one-launch attention
 # past 16 rows (PIE_CUDA_GQA_FOLD_ROWS=64) at Qwen3-8B batch 64, the
-# full-size Qwen3-0.6B parity, then an ncu kernel summary of 8B batch 64.
+# full-size Qwen3-0.6B parity, then ncu kernel summaries of 8B batch 64
+# and 0.6B batch 1.
 #
 # Usage: l2_gqa_ab.sh PIE_BINARY GPU_TEST_BINARY|- SHARED_BENCH_DIR
 # Writes $OUT/rows.txt, $OUT/rows.jsonl, $OUT/tests.log, the parity JSON
@@ -35,3 +36,8 @@ timeout 90 "$ncu" --clock-control none --cache-control none --metrics gpu__time_
   "$bin" bench --driver cuda "${large[@]}" --batch 64 --prompt 128 --gen 16 --reps 1 \
   --kv-cache-dtype bf16 > "$OUT/ncu-8b-b64.txt" 2>&1
 python3 "$root/bench/gpu/ncu_summary.py" "$OUT/ncu-8b-b64.txt" | tee "$OUT/ncu-8b-b64-summary.txt"
+timeout 60 "$ncu" --clock-control none --cache-control none --metrics gpu__time_duration.sum \
+  --print-summary per-kernel --launch-skip 2000 --launch-count 200 \
+  "$bin" bench --driver cuda "${small[@]}" --batch 1 --prompt 128 --gen 32 --reps 1 \
+  --kv-cache-dtype bf16 > "$OUT/ncu-0.6b-b1.txt" 2>&1
+python3 "$root/bench/gpu/ncu_summary.py" "$OUT/ncu-0.6b-b1.txt" | tee "$OUT/ncu-0.6b-b1-summary.txt"
