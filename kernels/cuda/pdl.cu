@@ -24,22 +24,6 @@ __device__ __forceinline__ void pie_pdl_wait() {}
 __device__ __forceinline__ void pie_prefetch_l2(const void*, unsigned int) {}
 #endif
 
-// Asks L2 for up to three byte ranges (16-byte aligned, multiples of 16;
-// range blockIdx.y of the grid), PIE_L2_PIECE bytes per request: the
-// weights of a later GEMV, from a side stream (l2_ahead.rs).
-#define PIE_L2_PIECE 4096
-extern "C" __global__ void pie_l2_prefetch(const char* p0, unsigned long long b0, const char* p1,
-                                           unsigned long long b1, const char* p2, unsigned long long b2) {
-    const char* p = blockIdx.y == 0 ? p0 : blockIdx.y == 1 ? p1 : p2;
-    unsigned long long bytes = blockIdx.y == 0 ? b0 : blockIdx.y == 1 ? b1 : b2;
-    unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x * PIE_L2_PIECE;
-    for (unsigned long long off = ((unsigned long long)blockIdx.x * blockDim.x + threadIdx.x) * PIE_L2_PIECE;
-         off < bytes; off += stride) {
-        unsigned long long left = bytes - off;
-        pie_prefetch_l2(p + off, (unsigned int)(left < PIE_L2_PIECE ? left : PIE_L2_PIECE));
-    }
-}
-
 // Whether this image's kernels carry the waits (compiled for sm_90+).
 extern "C" __global__ void pie_pdl_probe(int* out) {
     if (threadIdx.x == 0) out[0] = PIE_PDL_COMPILED;

@@ -38,7 +38,7 @@ pub const KERNEL_SOURCES: [(&str, &str); 9] = [
 ];
 
 /// Every kernel the driver launches.
-pub const KERNELS: [&str; 101] = [
+pub const KERNELS: [&str; 100] = [
     "pie_gqa_attention_partial_bf16",
     "pie_kv_write_bf16",
     "pie_rms",
@@ -115,7 +115,6 @@ pub const KERNELS: [&str; 101] = [
     "pie_split_joined",
     "pie_glu_joined",
     "pie_pdl_probe",
-    "pie_l2_prefetch",
     "pie_gqa_attention_fold_g2",
     "pie_gqa_attention_fold_c128_g2",
     "pie_gqa_attention_fold_bf16_g2",

@@ -82,12 +82,6 @@ impl CudaDriver {
             x.width,
             x.rows,
         );
-        self.prefetch_ahead(
-            ws.iter()
-                .zip(attrs)
-                .map(|(w, a)| (w.ptr, a.out_features * x.width * 2))
-                .collect(),
-        )?;
         let mut b = self.launch(kernel);
         b.arg(&o0).arg(&w0).arg(&ns[0]);
         b.arg(&o1).arg(&w1).arg(&ns[1]);
@@ -171,8 +165,6 @@ impl CudaDriver {
             a.limit,
         );
         let sum = added.map(|_| self.act(x.rows, x.width)).transpose()?;
-        let bytes = n * x.width * 2;
-        self.prefetch_ahead(vec![(wg.ptr, bytes), (wu.ptr, bytes)])?;
         let mut b = self.launch(kernel);
         b.buf(&out.data);
         let norm_args = added.map(|(y, (w, norm))| (y, weight_or_null(w), norm));

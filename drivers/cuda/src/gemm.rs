@@ -148,7 +148,6 @@ impl CudaDriver {
             x.width,
             x.rows,
         );
-        self.prefetch_ahead(vec![(w.ptr, n * x.width * 2)])?;
         let mut b = self.launch(kernel);
         b.buf(&out.data)
             .buf(&x.data)

@@ -427,7 +427,6 @@ impl CudaDriver {
             if key.fed {
                 self.argmax_into_tail(&out, rows)?;
             }
-            self.join_prefetches()?;
             Ok(out)
         };
         let replay = |cache: &mut GraphCache| {

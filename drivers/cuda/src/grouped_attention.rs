@@ -24,10 +24,12 @@ const TARGET_BLOCKS: usize = 264;
 /// each, allocated with the driver.
 pub(crate) const FOLD_PAIRS: usize = 4096;
 /// Rows up to which attention folds its combine into the partial pass
-/// (`PIE_CUDA_GQA_FOLD_ROWS` overrides it, for A/B runs). Measured (H200,
-/// Qwen3): a launch saved per layer at batch 1, but at 64 and 256 rows
-/// the kernel carrying both passes ran slower than two.
-const FOLD_MAX_ROWS: usize = 16;
+/// (`PIE_CUDA_GQA_FOLD_ROWS` overrides it, for A/B runs). Measured (H100,
+/// Qwen3-8B batch 64, 2026-12-05): 8.20 ms/step folded (the kernels
+/// compiled per group, the rope and KV write folded in too) against 8.46
+/// for the per-group partial pass and its combine, 9.15 for the general
+/// one. Past 64 rows it has not been measured.
+const FOLD_MAX_ROWS: usize = 64;
 /// At most 8 × 4 = 32 splits (`PIE_CUDA_GQA_BLOCKS` overrides it, up to
 /// 16: the combine takes 64 splits). Measured (H200, Qwen3-0.6B batch 1,
 /// 128 + 128 tokens, keys prefetched to L2 before the wait): device time
@@ -44,9 +46,9 @@ pub(crate) struct GqaSplit {
     /// Rows up to which the combine folds into the partial pass.
     fold_max_rows: usize,
     /// Whether the unfolded partial pass takes the kernels compiled per
-    /// group (`PIE_CUDA_GQA_PARTIAL_G=1`). Off until it has run on a GPU:
-    /// the folds run the same code per group, but this entry point has
-    /// not been measured or tested there yet.
+    /// group (`PIE_CUDA_GQA_PARTIAL_G=0` turns it off, for A/B runs).
+    /// H100, Qwen3-8B batch 64 unfolded: 8.46 ms/step against 9.15 for the
+    /// general kernel (194 registers, two waves of blocks).
     partial_by_group: bool,
 }
 
@@ -63,7 +65,7 @@ impl GqaSplit {
             target_blocks: read("PIE_CUDA_GQA_TARGET", TARGET_BLOCKS, 1 << 16),
             max_blocks_per_head: read("PIE_CUDA_GQA_BLOCKS", MAX_BLOCKS_PER_HEAD, 16),
             fold_max_rows: read("PIE_CUDA_GQA_FOLD_ROWS", FOLD_MAX_ROWS, MAX_ROWS),
-            partial_by_group: std::env::var("PIE_CUDA_GQA_PARTIAL_G").is_ok_and(|v| v == "1"),
+            partial_by_group: std::env::var("PIE_CUDA_GQA_PARTIAL_G").map_or(true, |v| v != "0"),
         }
     }
 

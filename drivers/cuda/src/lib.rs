@@ -20,7 +20,6 @@ mod grouped_attention;
 mod joined;
 pub mod kernel_build;
 mod kv;
-mod l2_ahead;
 mod launch;
 mod mamba2;
 mod mla;
@@ -126,8 +125,6 @@ pub struct CudaDriver {
     graph_argmax: bool,
     /// The one-launch MLP half at batch 1 (`mlp_fold.rs`).
     mlp_fold: mlp_fold::MlpFold,
-    /// Weights asked into L2 ahead of their GEMV (`l2_ahead.rs`).
-    l2_ahead: l2_ahead::L2Ahead,
     /// Buffers greedy sampling reuses and the ids it feeds (`greedy.rs`).
     greedy_buffers: Mutex<greedy::GreedyBuffers>,
     /// Device address tables of expert weights (grouped MoE kernels),
@@ -265,7 +262,6 @@ impl CudaDriver {
             .map_err(|e| DriverError::Invalid(format!("CUDA: creating the cuBLAS handle: {e}")))?;
         let workspace = blas_workspace(&stream, &blas)?;
         let mlp_fold = mlp_fold::MlpFold::new(&ctx, &kernels)?;
-        let l2_ahead = l2_ahead::L2Ahead::from_env(&ctx)?;
         let attention_counters = stream
             .alloc_zeros::<u32>(grouped_attention::FOLD_PAIRS)
             .map_err(cuda_err("allocating the attention counters"))?;
@@ -299,7 +295,6 @@ impl CudaDriver {
             feed_tokens: std::env::var("PIE_CUDA_FEED").map_or(true, |v| v != "0"),
             graph_argmax: std::env::var("PIE_CUDA_GRAPH_ARGMAX").map_or(true, |v| v != "0"),
             mlp_fold,
-            l2_ahead,
             greedy_buffers: Default::default(),
             expert_tables: Default::default(),
         }
