@@ -34,6 +34,6 @@ for line in open("/tmp/bench.json"):
     print(sys.argv[1], "batch", r["batch"], "%.4f ms/step" % r["decode_ms_per_step"],
           "%.0f tok/s" % r["decode_tok_s"])
 PY
-  grep -E "step timing|warning" /tmp/bench.err | sed "s/^/$label: /" | tee -a "$OUT/rows.txt"
+  grep -E "step timing|warning|gemm tune" /tmp/bench.err | sed "s/^/$label: /" | tee -a "$OUT/rows.txt"
   sed "s/^{/{\"label\":\"$label\",/" /tmp/bench.json >> "$OUT/rows.jsonl"
 }

@@ -419,9 +419,23 @@ pub(crate) fn norm_grid(groups: usize, group: usize) -> LaunchConfig {
     }
 }
 
-/// Features a thread of the register-held norms keeps (`PIE_NORM_CHUNKS`
-/// float4s, `kernels/cuda/norm_rope.cu`).
+/// Features a thread of the register-held norms keeps at most
+/// (`PIE_NORM_CHUNKS` float4s, `kernels/cuda/norm_rope.cu`).
 const NORM4_PER_THREAD: usize = 16;
+
+/// Features each thread of the register-held norms takes: 16, or 4 or 8
+/// with `PIE_CUDA_NORM_PER_THREAD` (more threads per row, more loads in
+/// flight; for A/B runs).
+fn norm_features_per_thread() -> usize {
+    static CHOSEN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        std::env::var("PIE_CUDA_NORM_PER_THREAD")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|v| [4, 8, 16].contains(v))
+            .unwrap_or(NORM4_PER_THREAD)
+    })
+}
 
 /// Which of a norm's two kernels `[strided, registers]` runs, and its
 /// launch: the register-held one (`pie_rms_norm4`, `pie_add_rms_norm4`)
@@ -436,7 +450,7 @@ pub(crate) fn norm_launch(
         return (strided, norm_grid(groups, group));
     }
     let threads = group
-        .div_ceil(NORM4_PER_THREAD)
+        .div_ceil(norm_features_per_thread())
         .next_power_of_two()
         .clamp(32, 1024);
     let cfg = LaunchConfig {

@@ -1,14 +1,17 @@
 //! Matrix products `out = x · Wᵀ` (x `[m, k]` f32, W `[n, k]`): the own
 //! bf16 GEMV (`kernels/cuda/gemv.cu`) for decode-shaped inputs of at most
-//! 4 rows, cuBLAS (`cublasGemmEx`, f32 accumulation) for the rest. cuBLAS
-//! reads bf16 weights with bf16 inputs, so x is cast once per input and
-//! the cast shared by every product of it ([`GemmInput`]).
+//! 4 rows, cuBLAS (`cublasGemmEx`, f32 accumulation) for the rest, or the
+//! cuBLASLt algorithm measured fastest for a decode-sized shape
+//! (`gemm_tuning.rs`). cuBLAS reads bf16 weights with bf16 inputs, so x is
+//! cast once per input and the cast shared by every product of it
+//! ([`GemmInput`]).
 
 use std::cell::OnceCell;
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use pie_driver::{DriverError, Result};
 
+use crate::gemm_tuning::{GemmOperands, GemmShape};
 use crate::{blocks, cuda_err, int, Bf16Matrix, CudaAct, CudaDriver, CudaWeight};
 
 /// Rows the own GEMV takes (`PIE_GEMV_MAX_ROWS`) and features per block
@@ -56,9 +59,6 @@ impl CudaDriver {
         out: &mut CudaAct,
         accumulate: bool,
     ) -> Result<()> {
-        use cudarc::cublas::sys::{
-            cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType,
-        };
         use cudarc::driver::{DevicePtr, DevicePtrMut};
         let x = input.x;
         let (m, k, n) = (x.rows, x.width, out.width);
@@ -68,42 +68,24 @@ impl CudaDriver {
                 out.rows
             )));
         }
-        let (mi, ni, ki) = (int(m, "rows")?, int(n, "features")?, int(k, "width")?);
+        for (v, what) in [(m, "rows"), (n, "features"), (k, "width")] {
+            int(v, what)?;
+        }
         if accumulate {
             out.bf16 = None; // stale once the product is added in
         }
-        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
-        // Row-major out[m, n] = x[m, k] · W[n, k]ᵀ is column-major
-        // outᵀ[n, m] = W[k, n]ᵀ · xᵀ[k, m].
-        let run = |a_ptr: u64, b_ptr: u64, dtype: cudaDataType, out_ptr: u64| unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *self.blas.handle(),
-                cublasOperation_t::CUBLAS_OP_T,
-                cublasOperation_t::CUBLAS_OP_N,
-                ni,
-                mi,
-                ki,
-                &alpha as *const f32 as *const _,
-                a_ptr as *const _,
-                dtype,
-                ki,
-                b_ptr as *const _,
-                dtype,
-                ki,
-                &beta as *const f32 as *const _,
-                out_ptr as *mut _,
-                cudaDataType::CUDA_R_32F,
-                ni,
-                cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
+        let shape = GemmShape {
+            m,
+            n,
+            k,
+            accumulate,
         };
         let result = match w {
             CudaWeight::F32(wd) => {
                 let (a, _ga) = wd.device_ptr(&self.stream);
                 let (b, _gb) = x.data.device_ptr(&self.stream);
                 let (c, _gc) = out.data.device_ptr_mut(&self.stream);
-                run(a, b, cudaDataType::CUDA_R_32F, c)
+                self.gemm_ex(shape, GemmOperands { w: a, x: b, out: c }, false)
             }
             CudaWeight::Experts(_) => {
                 return Err(DriverError::Invalid(
@@ -117,11 +99,72 @@ impl CudaDriver {
                 let xb = input.bf16(self)?;
                 let (b, _gb) = xb.device_ptr(&self.stream);
                 let (c, _gc) = out.data.device_ptr_mut(&self.stream);
-                run(wd.ptr, b, cudaDataType::CUDA_R_16BF, c)
+                let ops = GemmOperands {
+                    w: wd.ptr,
+                    x: b,
+                    out: c,
+                };
+                match self.gemm_plan(shape, ops)? {
+                    Some(plan) => return self.run_plan(&plan, ops, accumulate),
+                    None => self.gemm_ex(shape, ops, true),
+                }
             }
         };
         result
             .map_err(|e| DriverError::Invalid(format!("cuBLAS GEMM [{m}, {k}] x [{n}, {k}]ᵀ: {e}")))
+    }
+
+    /// `out (+)= x · Wᵀ` of bf16 operands through `cublasGemmEx`.
+    pub(crate) fn gemm_ex_bf16(&self, shape: GemmShape, ops: GemmOperands) -> Result<()> {
+        self.gemm_ex(shape, ops, true).map_err(|e| {
+            let GemmShape { m, n, k, .. } = shape;
+            DriverError::Invalid(format!("cuBLAS GEMM [{m}, {k}] x [{n}, {k}]ᵀ: {e}"))
+        })
+    }
+
+    /// `cublasGemmEx` on f32 or (`bf16`) bf16 operands, f32 output; the
+    /// shape's sizes were checked to fit an i32.
+    fn gemm_ex(
+        &self,
+        shape: GemmShape,
+        ops: GemmOperands,
+        bf16: bool,
+    ) -> std::result::Result<(), cudarc::cublas::result::CublasError> {
+        use cudarc::cublas::sys::{
+            cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType,
+        };
+        let (mi, ni, ki) = (shape.m as i32, shape.n as i32, shape.k as i32);
+        let dtype = if bf16 {
+            cudaDataType::CUDA_R_16BF
+        } else {
+            cudaDataType::CUDA_R_32F
+        };
+        let (alpha, beta) = (1.0f32, if shape.accumulate { 1.0f32 } else { 0.0 });
+        // Row-major out[m, n] = x[m, k] · W[n, k]ᵀ is column-major
+        // outᵀ[n, m] = W[k, n]ᵀ · xᵀ[k, m].
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                ni,
+                mi,
+                ki,
+                &alpha as *const f32 as *const _,
+                ops.w as *const _,
+                dtype,
+                ki,
+                ops.x as *const _,
+                dtype,
+                ki,
+                &beta as *const f32 as *const _,
+                ops.out as *mut _,
+                cudaDataType::CUDA_R_32F,
+                ni,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
     }
 
     /// Whether `[m, k]` inputs take the own decode kernel (`gemv.cu`).

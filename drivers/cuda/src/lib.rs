@@ -14,6 +14,7 @@ mod device;
 mod fused;
 mod gdn;
 mod gemm;
+mod gemm_tuning;
 mod graphs;
 mod greedy;
 mod grouped_attention;
@@ -60,9 +61,11 @@ pub struct CudaDriver {
     rope_tables: Mutex<Option<RopeTables>>,
     /// Frequency tables of each distinct rope op, uploaded once.
     rope_freqs: Mutex<Vec<RopeFreqs>>,
-    /// cuBLAS's workspace, ours so that GEMMs allocate nothing (a GEMM
-    /// recorded in a CUDA graph must not).
-    _blas_workspace: CudaSlice<u8>,
+    /// cuBLAS's workspace (cuBLASLt's too), ours so that GEMMs allocate
+    /// nothing (a GEMM recorded in a CUDA graph must not).
+    blas_workspace: CudaSlice<u8>,
+    /// Measured cuBLASLt algorithms for decode-sized GEMMs (`gemm_tuning.rs`).
+    gemm_tuning: gemm_tuning::GemmTuning,
     /// Decode passes recorded as CUDA graphs (see `graphs.rs`).
     graphs: Mutex<graphs::GraphCache>,
     /// The device buffer staged passes read their batch inputs from.
@@ -209,9 +212,12 @@ impl AttentionTables {
 /// frequencies, LongRoPE switch length (-1: none), cos/sin scale.
 type RopeFreqs = (String, CudaSlice<f64>, CudaSlice<f64>, i32, f64);
 
-/// Gives cuBLAS a workspace of its own (32 MiB, as for Hopper GEMMs).
+/// The GEMM workspace: 32 MiB, as for Hopper GEMMs.
+pub(crate) const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
+
+/// Gives cuBLAS a workspace of its own.
 fn blas_workspace(stream: &Arc<CudaStream>, blas: &CudaBlas) -> Result<CudaSlice<u8>> {
-    const BYTES: usize = 32 << 20;
+    const BYTES: usize = BLAS_WORKSPACE_BYTES;
     let workspace = stream
         .alloc_zeros::<u8>(BYTES)
         .map_err(cuda_err("allocating the cuBLAS workspace"))?;
@@ -273,7 +279,8 @@ impl CudaDriver {
             gpu,
             rope_tables: Mutex::new(None),
             rope_freqs: Mutex::new(Vec::new()),
-            _blas_workspace: workspace,
+            blas_workspace: workspace,
+            gemm_tuning: gemm_tuning::GemmTuning::from_env()?,
             graphs: Mutex::new(graphs::GraphCache::new()),
             staging: Mutex::new(None),
             staged: Mutex::new(None),

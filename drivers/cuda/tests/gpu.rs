@@ -523,6 +523,61 @@ fn gpu_gemv_matches_cublas() {
     }
 }
 
+/// Decode-sized GEMMs through the cuBLASLt algorithm that won their
+/// timing (`gemm_tuning.rs`; here the fastest candidate is taken even
+/// where `GemmEx` is faster) against `GemmEx`: products and products
+/// added into a residual agree up to summation order, and the tuned
+/// driver ran cuBLASLt.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn gpu_tuned_gemms_match_gemm_ex() {
+    use pie_driver::ir::{ElementwiseAttrs, LinearAttrs};
+    use pie_driver::{DType, Driver, TensorView, WeightRole};
+    let plain = gpu().with_gemm_tuning(false).unwrap();
+    let tuned = gpu().with_gemm_tuning_preferring_lt().unwrap();
+    for (m, n, k) in [(8, 1024, 512), (64, 4096, 1024), (64, 1536, 4096)] {
+        let x_bytes = random_bytes(m * k, 1, true);
+        let w_bits = random_bytes(n * k, 2, false);
+        let r_bytes = random_bytes(m * n, 3, true);
+        let run = |d: &CudaDriver, add: bool| -> Vec<f32> {
+            let x = activation(d, DType::F32, &x_bytes, m, k);
+            let view = TensorView {
+                dtype: DType::BF16,
+                shape: &[n, k],
+                data: &w_bits,
+            };
+            let w = d
+                .load_weight("w", &view, &[n, k], WeightRole::Matrix)
+                .unwrap();
+            let a = LinearAttrs {
+                in_features: k,
+                out_features: n,
+            };
+            let out = if add {
+                let residual = activation(d, DType::F32, &r_bytes, m, n);
+                d.linear_add(&x, &w, None, &a, residual, &ElementwiseAttrs { width: n })
+                    .unwrap()
+            } else {
+                d.linear(&x, &w, None, &a).unwrap()
+            };
+            d.read_rows(&out, &(0..m).collect::<Vec<_>>()).unwrap()
+        };
+        for add in [false, true] {
+            let label = format!("tuned GEMM [{m}, {k}] x [{n}, {k}]ᵀ (residual added: {add})");
+            let (got, want) = (run(&tuned, add), run(&plain, add));
+            let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let diff = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+            eprintln!("{label}: max|diff| {diff:.3e} of {scale:.3}");
+            assert!(diff <= 1e-4 * scale, "{label}: {diff} of {scale}");
+        }
+    }
+    assert_eq!(plain.tuned_gemms(), 0);
+    assert_eq!(tuned.tuned_gemms(), 6, "every shape runs cuBLASLt");
+}
+
 /// `n` pseudo-random values in [-1, 1] (xorshift from `salt`), as bf16 or
 /// f32 little-endian bytes.
 fn random_bytes(n: usize, salt: u64, f32s: bool) -> Vec<u8> {
