@@ -423,9 +423,14 @@ pub(crate) fn norm_grid(groups: usize, group: usize) -> LaunchConfig {
 /// (`PIE_NORM_CHUNKS` float4s, `kernels/cuda/norm_rope.cu`).
 const NORM4_PER_THREAD: usize = 16;
 
-/// Features each thread of the register-held norms takes: 16, or 4 or 8
-/// with `PIE_CUDA_NORM_PER_THREAD` (more threads per row, more loads in
-/// flight; for A/B runs).
+/// Features each thread of the register-held norms takes where the row
+/// allows (up to 1024 threads): one float4, so every load of the row is in
+/// flight at once. H100, Qwen3-8B (rows of 4096, 2026-12-05): 5.88 ms/step
+/// at batch 1 and 7.98 at batch 64, against 5.996 and 8.02–8.21 with 16
+/// features a thread and 5.90 / 7.89–8.04 with 8. `PIE_CUDA_NORM_PER_THREAD`
+/// = 8 or 16 for A/B runs.
+const NORM_FEATURES_PER_THREAD: usize = 4;
+
 fn norm_features_per_thread() -> usize {
     static CHOSEN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *CHOSEN.get_or_init(|| {
@@ -433,13 +438,14 @@ fn norm_features_per_thread() -> usize {
             .ok()
             .and_then(|v| v.parse().ok())
             .filter(|v| [4, 8, 16].contains(v))
-            .unwrap_or(NORM4_PER_THREAD)
+            .unwrap_or(NORM_FEATURES_PER_THREAD)
     })
 }
 
 /// Which of a norm's two kernels `[strided, registers]` runs, and its
 /// launch: the register-held one (`pie_rms_norm4`, `pie_add_rms_norm4`)
-/// with enough threads that each holds at most 16 features, or the strided
+/// with enough threads that each holds 4 features (at most 16, past 4096
+/// features), or the strided
 /// one where the group does not fit it; one block per group either way.
 pub(crate) fn norm_launch(
     [strided, registers]: [&'static str; 2],
@@ -459,4 +465,29 @@ pub(crate) fn norm_launch(
         shared_mem_bytes: 0,
     };
     (registers, cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every register-held launch covers its row with at most
+    /// `PIE_NORM_CHUNKS` (4) float4s a thread, from 32 to 1024 threads.
+    #[test]
+    fn register_norms_cover_their_rows() {
+        const KERNELS: [&str; 2] = ["strided", "registers"];
+        for group in [4, 96, 1024, 4096, 4100, 5120, 8192, 16384] {
+            let (kernel, cfg) = norm_launch(KERNELS, 3, group);
+            let threads = cfg.block_dim.0 as usize;
+            assert_eq!(kernel, "registers", "{group}");
+            assert_eq!(cfg.grid_dim.0, 3);
+            assert!((32..=1024).contains(&threads), "{group}: {threads}");
+            assert!(threads * NORM4_PER_THREAD >= group, "{group}: {threads}");
+        }
+        assert_eq!(norm_launch(KERNELS, 1, 4096).1.block_dim.0, 1024);
+        assert_eq!(norm_launch(KERNELS, 1, 1024).1.block_dim.0, 256);
+        // Past what 1024 threads hold, or groups not of whole float4s.
+        assert_eq!(norm_launch(KERNELS, 1, 16388).0, "strided");
+        assert_eq!(norm_launch(KERNELS, 1, 1026).0, "strided");
+    }
 }
