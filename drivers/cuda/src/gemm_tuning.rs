@@ -126,6 +126,10 @@ pub(crate) struct LtPlan {
     c: lt::cublasLtMatrixLayout_t,
     algo: lt::cublasLtMatmulAlgo_t,
     workspace: usize,
+    /// The operands' alignments its algorithm was chosen for
+    /// ([`GemmOperands::alignments`]): cuBLASLt's candidates may assume
+    /// as much of every later call.
+    alignments: [u32; 3],
 }
 
 // Descriptors are written once, when made, and only read after.
@@ -175,6 +179,7 @@ impl LtPlan {
             c: std::ptr::null_mut(),
             algo: lt::cublasLtMatmulAlgo_t { data: [0; 8] },
             workspace: 0,
+            alignments: [256; 3],
         };
         const TRANSPOSE: i32 = 1; // CUBLAS_OP_T
         let status = unsafe {
@@ -193,51 +198,82 @@ impl LtPlan {
     }
 
     /// Up to [`CANDIDATES`] algorithms cuBLASLt proposes, best guess first,
-    /// each needing at most `workspace` bytes.
+    /// each needing at most `workspace` bytes and operands aligned as
+    /// this plan's `alignments`.
     fn candidates(
         &self,
         handle: &LtHandle,
         workspace: usize,
     ) -> Result<Vec<lt::cublasLtMatmulHeuristicResult_t>> {
-        let mut pref = std::ptr::null_mut();
-        lt_ok(
-            unsafe { lt::cublasLtMatmulPreferenceCreate(&mut pref) },
-            "creating a preference",
-        )?;
-        let bytes = workspace as u64;
-        let status = unsafe {
-            lt::cublasLtMatmulPreferenceSetAttribute(
-                pref,
-                lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                &bytes as *const u64 as *const _,
-                std::mem::size_of::<u64>(),
-            )
+        use lt::cublasLtMatmulPreferenceAttributes_t::{
+            CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES as WORKSPACE,
+            CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES as A,
+            CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES as B,
+            CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES as C,
+            CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES as D,
         };
+        let pref = Preference::new()?;
+        pref.set(WORKSPACE, workspace as u64, "limiting the workspace")?;
+        let [w, x, out] = self.alignments;
+        for (attr, bytes) in [(A, w), (B, x), (C, out), (D, out)] {
+            pref.set(attr, bytes, "stating the operands' alignment")?;
+        }
         let mut found =
             vec![unsafe { std::mem::zeroed::<lt::cublasLtMatmulHeuristicResult_t>() }; CANDIDATES];
         let mut count = 0;
-        let result = lt_ok(status, "limiting the workspace").and_then(|()| {
-            let status = unsafe {
-                lt::cublasLtMatmulAlgoGetHeuristic(
-                    handle.0,
-                    self.desc,
-                    self.a,
-                    self.b,
-                    self.c,
-                    self.c,
-                    pref,
-                    CANDIDATES as i32,
-                    found.as_mut_ptr(),
-                    &mut count,
-                )
-            };
-            lt_ok(status, "asking for algorithms")
-        });
-        unsafe { lt::cublasLtMatmulPreferenceDestroy(pref) };
-        result?;
+        let status = unsafe {
+            lt::cublasLtMatmulAlgoGetHeuristic(
+                handle.0,
+                self.desc,
+                self.a,
+                self.b,
+                self.c,
+                self.c,
+                pref.0,
+                CANDIDATES as i32,
+                found.as_mut_ptr(),
+                &mut count,
+            )
+        };
+        lt_ok(status, "asking for algorithms")?;
         found.truncate(count.max(0) as usize);
         found.retain(|r| r.state == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS);
         Ok(found)
+    }
+}
+
+/// A heuristic search's preferences, destroyed when dropped.
+struct Preference(lt::cublasLtMatmulPreference_t);
+
+impl Preference {
+    fn new() -> Result<Self> {
+        let mut p = std::ptr::null_mut();
+        let status = unsafe { lt::cublasLtMatmulPreferenceCreate(&mut p) };
+        lt_ok(status, "creating a preference")?;
+        Ok(Preference(p))
+    }
+
+    fn set<T: Copy>(
+        &self,
+        attr: lt::cublasLtMatmulPreferenceAttributes_t,
+        value: T,
+        what: &str,
+    ) -> Result<()> {
+        let status = unsafe {
+            lt::cublasLtMatmulPreferenceSetAttribute(
+                self.0,
+                attr,
+                &value as *const T as *const _,
+                std::mem::size_of::<T>(),
+            )
+        };
+        lt_ok(status, what)
+    }
+}
+
+impl Drop for Preference {
+    fn drop(&mut self) {
+        unsafe { lt::cublasLtMatmulPreferenceDestroy(self.0) };
     }
 }
 
@@ -248,6 +284,22 @@ pub(crate) struct GemmOperands {
     pub w: u64,
     pub x: u64,
     pub out: u64,
+}
+
+impl GemmOperands {
+    /// Each address's alignment in bytes (the largest power of two that
+    /// divides it, up to 256: what cuBLASLt asks about).
+    fn alignments(&self) -> [u32; 3] {
+        [self.w, self.x, self.out].map(|a| 1 << a.trailing_zeros().min(8))
+    }
+
+    /// Whether a plan chosen for `alignments` may run on these operands.
+    fn aligned_for(&self, alignments: [u32; 3]) -> bool {
+        self.alignments()
+            .iter()
+            .zip(alignments)
+            .all(|(&have, need)| have >= need)
+    }
 }
 
 impl CudaDriver {
@@ -272,7 +324,8 @@ impl CudaDriver {
             .expect("GEMM plans lock")
             .get(&shape)
         {
-            return Ok(plan.clone());
+            // A later call less aligned than the one tuned takes GemmEx.
+            return Ok(plan.clone().filter(|p| ops.aligned_for(p.alignments)));
         }
         let recording = self
             .stream
@@ -369,6 +422,7 @@ impl CudaDriver {
         };
         let gemm_ex = self.time_runs(&mut flush, || self.gemm_ex_bf16(shape, trial))?;
         let mut plan = LtPlan::describe(shape)?;
+        plan.alignments = ops.alignments();
         let mut best: Option<(f32, usize, lt::cublasLtMatmulHeuristicResult_t)> = None;
         let candidates = plan.candidates(handle, crate::BLAS_WORKSPACE_BYTES)?;
         for (i, c) in candidates.iter().enumerate() {
@@ -450,6 +504,20 @@ impl CudaDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plans_run_only_on_operands_aligned_as_tuned() {
+        let ops = GemmOperands {
+            w: 0x7f00_0000_0000,
+            x: 0x7f00_0000_0010,
+            out: 0x7f00_0000_0104,
+        };
+        assert_eq!(ops.alignments(), [256, 16, 4]);
+        assert!(ops.aligned_for([256, 16, 4]));
+        assert!(ops.aligned_for([16, 16, 4]));
+        assert!(!ops.aligned_for([256, 256, 4]));
+        assert!(!ops.aligned_for([256, 16, 16]));
+    }
 
     #[test]
     fn only_bucket_sized_row_counts_are_tuned() {
