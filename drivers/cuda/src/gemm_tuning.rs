@@ -335,7 +335,17 @@ impl CudaDriver {
         if recording {
             return Ok(None);
         }
-        let plan = self.tune(handle, shape, ops)?.map(Arc::new);
+        // Tuning only speeds GEMMs up: where it fails, the shape keeps GemmEx.
+        let plan = match self.tune(handle, shape, ops) {
+            Ok(plan) => plan.map(Arc::new),
+            Err(e) => {
+                eprintln!(
+                    "warning: GEMM tuning failed, GemmEx kept for [{}, {}] x [{}, {}]ᵀ: {e}",
+                    shape.m, shape.k, shape.n, shape.k
+                );
+                None
+            }
+        };
         if plan.is_some() {
             self.gemm_tuning.taken.fetch_add(1, Ordering::Relaxed);
         }
