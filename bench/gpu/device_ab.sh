@@ -1,4 +1,4 @@
-# Sourced by the device A/B scripts (qwen3_decode_ab.sh, l2_gqa_ab.sh)
+# Sourced by the device A/B scripts (qwen3_decode_ab.sh, gemm_tune_final.sh)
 # with their arguments PIE_BINARY GPU_TEST_BINARY|- SHARED_BENCH_DIR: sets
 # bin, tests, configs and root, writes $OUT/gpu.txt, and defines
 # `gpu_tests` and `bench`.
