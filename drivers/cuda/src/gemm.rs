@@ -80,21 +80,17 @@ impl CudaDriver {
             k,
             accumulate,
         };
-        let result = match w {
+        match w {
             CudaWeight::F32(wd) => {
                 let (a, _ga) = wd.device_ptr(&self.stream);
                 let (b, _gb) = x.data.device_ptr(&self.stream);
                 let (c, _gc) = out.data.device_ptr_mut(&self.stream);
                 self.gemm_ex(shape, GemmOperands { w: a, x: b, out: c }, false)
             }
-            CudaWeight::Experts(_) => {
-                return Err(DriverError::Invalid(
-                    "expert weights are used one expert at a time".into(),
-                ))
-            }
-            CudaWeight::Bf16(wd) if self.gemv_fits(m, k) => {
-                return self.gemv_bf16(x, wd, out, accumulate);
-            }
+            CudaWeight::Experts(_) => Err(DriverError::Invalid(
+                "expert weights are used one expert at a time".into(),
+            )),
+            CudaWeight::Bf16(wd) if self.gemv_fits(m, k) => self.gemv_bf16(x, wd, out, accumulate),
             CudaWeight::Bf16(wd) => {
                 let xb = input.bf16(self)?;
                 let (b, _gb) = xb.device_ptr(&self.stream);
@@ -105,31 +101,16 @@ impl CudaDriver {
                     out: c,
                 };
                 match self.gemm_plan(shape, ops)? {
-                    Some(plan) => return self.run_plan(&plan, ops, accumulate),
+                    Some(plan) => self.run_plan(&plan, ops, accumulate),
                     None => self.gemm_ex(shape, ops, true),
                 }
             }
-        };
-        result
-            .map_err(|e| DriverError::Invalid(format!("cuBLAS GEMM [{m}, {k}] x [{n}, {k}]ᵀ: {e}")))
-    }
-
-    /// `out (+)= x · Wᵀ` of bf16 operands through `cublasGemmEx`.
-    pub(crate) fn gemm_ex_bf16(&self, shape: GemmShape, ops: GemmOperands) -> Result<()> {
-        self.gemm_ex(shape, ops, true).map_err(|e| {
-            let GemmShape { m, n, k, .. } = shape;
-            DriverError::Invalid(format!("cuBLAS GEMM [{m}, {k}] x [{n}, {k}]ᵀ: {e}"))
-        })
+        }
     }
 
     /// `cublasGemmEx` on f32 or (`bf16`) bf16 operands, f32 output; the
     /// shape's sizes were checked to fit an i32.
-    fn gemm_ex(
-        &self,
-        shape: GemmShape,
-        ops: GemmOperands,
-        bf16: bool,
-    ) -> std::result::Result<(), cudarc::cublas::result::CublasError> {
+    pub(crate) fn gemm_ex(&self, shape: GemmShape, ops: GemmOperands, bf16: bool) -> Result<()> {
         use cudarc::cublas::sys::{
             cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType,
         };
@@ -165,6 +146,10 @@ impl CudaDriver {
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
+        .map_err(|e| {
+            let GemmShape { m, n, k, .. } = shape;
+            DriverError::Invalid(format!("cuBLAS GEMM [{m}, {k}] x [{n}, {k}]ᵀ: {e}"))
+        })
     }
 
     /// Whether `[m, k]` inputs take the own decode kernel (`gemv.cu`).

@@ -430,7 +430,7 @@ impl CudaDriver {
             out: graphs::address(&scratch),
             ..ops
         };
-        let gemm_ex = self.time_runs(&mut flush, || self.gemm_ex_bf16(shape, trial))?;
+        let gemm_ex = self.time_runs(&mut flush, || self.gemm_ex(shape, trial, true))?;
         let mut plan = LtPlan::describe(shape)?;
         plan.alignments = ops.alignments();
         let mut best: Option<(f32, usize, lt::cublasLtMatmulHeuristicResult_t)> = None;
